@@ -1,0 +1,442 @@
+//! knockd's XDP guard.
+//!
+//! For every frame on an attached interface it decides, in this order:
+//! 1. not IP, or IP but neither TCP nor UDP: pass untouched;
+//! 2. a port with no policy: pass untouched (the host's own firewall rules);
+//! 3. TCP that is not a bare SYN: pass, so conntrack keeps established flows
+//!    alive across port rotations and grant expiry;
+//! 4. a knock port: rate-limit per source, send the knock to userspace over
+//!    the ring buffer, drop;
+//! 5. a protected port: pass if the exact (source, port, protocol) holds a
+//!    live grant in the allow map, else drop silently (no RST, no ICMP).
+//!
+//! Errors fail closed: an IP packet whose headers cannot be parsed far enough
+//! to prove it is not bound for a protected port is dropped. The network
+//! stack would drop a truncated packet anyway, and an over-long IPv6
+//! extension-header chain, which the stack *would* deliver, must not become a
+//! way around the guard.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_ns, generated::bpf_xdp_load_bytes},
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::XdpContext,
+};
+use aya_log_ebpf::debug;
+use knockd_common::{
+    ALLOW_MAX_ENTRIES, AllowKey, AllowValue, Counter, IPPROTO_TCP, IPPROTO_UDP, KNOCK_EVENTS_BYTES,
+    KNOCK_PAYLOAD_MAX, KNOCK_RATE_MAX_ENTRIES, KnockEvent, PORT_POLICY_ENTRIES, Settings,
+    TOKEN_SCALE, TokenBucket, policy, port_policy_index,
+};
+
+#[map]
+static PORT_POLICY: Array<u8> = Array::with_max_entries(PORT_POLICY_ENTRIES, 0);
+#[map]
+static ALLOW: HashMap<AllowKey, AllowValue> = HashMap::with_max_entries(ALLOW_MAX_ENTRIES, 0);
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+#[map]
+static KNOCK_RATE: LruHashMap<[u8; 16], TokenBucket> =
+    LruHashMap::with_max_entries(KNOCK_RATE_MAX_ENTRIES, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+#[map]
+static KNOCK_EVENTS: RingBuf = RingBuf::with_byte_size(KNOCK_EVENTS_BYTES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// VLAN tags we look through: one 802.1Q tag, or an 802.1ad outer tag with
+/// an 802.1Q inner one.
+const MAX_VLAN_TAGS: usize = 2;
+
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// IPv6 extension headers we skip before giving up (and dropping). Real
+/// traffic carries one or two; the bound keeps the verifier's work finite.
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const UDP_HLEN: u16 = 8;
+
+/// A refill gap longer than this is treated as this long: the bucket is full
+/// by then for any sane rate, and it keeps `elapsed * rate` far from overflow.
+const MAX_REFILL_NS: u64 = 10_000_000_000;
+
+/// A header could not be read: the packet is shorter than its headers claim,
+/// or a field is out of range.
+struct Malformed;
+
+#[xdp]
+pub fn knockd(ctx: XdpContext) -> u32 {
+    let reason = try_knockd(&ctx).unwrap_or_else(|Malformed| {
+        debug!(&ctx, "malformed packet dropped");
+        Counter::DropMalformed
+    });
+    count(reason);
+    if reason.passes() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, and XDP programs do not preempt each other
+        // on one CPU, so nothing else writes it concurrently.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The one place that reads packet bytes: returns a pointer to a `T` at
+/// `offset`, or `Malformed` if the packet does not hold all of it.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(Malformed);
+    }
+    Ok((start + offset) as *const T)
+}
+
+/// The two bytes at `offset`.
+///
+/// There is deliberately no single-byte reader: LLVM folds a one-byte bounds
+/// check (`p + 1 > end`) into `p >= end`, which the verifier cannot use for a
+/// pointer with a variable offset. Every byte we need sits inside a header
+/// longer than two bytes, so reading the pair that holds it is always valid.
+#[inline(always)]
+fn bytes2_at(ctx: &XdpContext, offset: usize) -> Result<[u8; 2], Malformed> {
+    // SAFETY: ptr_at checked both bytes are inside the packet; packet data
+    // has no alignment guarantee, hence the unaligned read.
+    Ok(unsafe { ptr_at::<[u8; 2]>(ctx, offset)?.read_unaligned() })
+}
+
+/// A big-endian (network order) `u16` at `offset`, in host order.
+#[inline(always)]
+fn be16_at(ctx: &XdpContext, offset: usize) -> Result<u16, Malformed> {
+    Ok(u16::from_be_bytes(bytes2_at(ctx, offset)?))
+}
+
+#[inline(always)]
+fn addr16_at(ctx: &XdpContext, offset: usize) -> Result<[u8; 16], Malformed> {
+    // SAFETY: ptr_at checked all 16 bytes are inside the packet.
+    Ok(unsafe { ptr_at::<[u8; 16]>(ctx, offset)?.read_unaligned() })
+}
+
+/// An IPv4 address at `offset`, as an IPv4-mapped IPv6 address.
+#[inline(always)]
+fn addr4_mapped_at(ctx: &XdpContext, offset: usize) -> Result<[u8; 16], Malformed> {
+    // SAFETY: ptr_at checked all 4 bytes are inside the packet.
+    let v4 = unsafe { ptr_at::<[u8; 4]>(ctx, offset)?.read_unaligned() };
+    Ok([
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ])
+}
+
+/// What the IP layer tells the transport layer.
+struct Ip {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    /// 4 or 6.
+    family: u8,
+    proto: u8,
+    /// Offset of the TCP or UDP header.
+    l4_offset: usize,
+    /// This is the first fragment of a fragmented datagram.
+    first_fragment: bool,
+}
+
+fn try_knockd(ctx: &XdpContext) -> Result<Counter, Malformed> {
+    let mut ethertype = be16_at(ctx, ETH_HLEN - 2)?;
+    let mut offset = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        // A tag is 2 bytes of TCI, then the inner ethertype.
+        ethertype = be16_at(ctx, offset + 2)?;
+        offset += 4;
+    }
+    let ip = match ethertype {
+        ETH_P_IP => ipv4(ctx, offset)?,
+        ETH_P_IPV6 => ipv6(ctx, offset)?,
+        _ => return Ok(Counter::PassNotIp),
+    };
+    match ip {
+        IpVerdict::Transport(ip) => transport(ctx, &ip),
+        IpVerdict::Done(reason) => Ok(reason),
+    }
+}
+
+enum IpVerdict {
+    /// A TCP or UDP header follows.
+    Transport(Ip),
+    /// Decided at the IP layer.
+    Done(Counter),
+}
+
+fn ipv4(ctx: &XdpContext, offset: usize) -> Result<IpVerdict, Malformed> {
+    let [version_ihl, _tos] = bytes2_at(ctx, offset)?;
+    if version_ihl >> 4 != 4 {
+        return Err(Malformed);
+    }
+    // IHL counts 32-bit words and covers options; the mask bounds it to 60
+    // bytes, which the verifier needs to see.
+    let header_len = ((version_ihl & 0x0f) as usize) * 4;
+    if header_len < 20 {
+        return Err(Malformed);
+    }
+    let frag = be16_at(ctx, offset + 6)?;
+    let more_fragments = frag & 0x2000 != 0;
+    let fragment_offset = frag & 0x1fff;
+    let [_ttl, proto] = bytes2_at(ctx, offset + 8)?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(IpVerdict::Done(Counter::PassOtherProto));
+    }
+    // Check the fragment offset before reading ports: a non-first fragment
+    // has no transport header, and its bytes would be read as ports.
+    if fragment_offset != 0 {
+        return Ok(IpVerdict::Done(Counter::PassFragment));
+    }
+    Ok(IpVerdict::Transport(Ip {
+        saddr: addr4_mapped_at(ctx, offset + 12)?,
+        daddr: addr4_mapped_at(ctx, offset + 16)?,
+        family: 4,
+        proto,
+        l4_offset: offset + header_len,
+        first_fragment: more_fragments,
+    }))
+}
+
+fn ipv6(ctx: &XdpContext, offset: usize) -> Result<IpVerdict, Malformed> {
+    if bytes2_at(ctx, offset)?[0] >> 4 != 6 {
+        return Err(Malformed);
+    }
+    let saddr = addr16_at(ctx, offset + 8)?;
+    let daddr = addr16_at(ctx, offset + 24)?;
+    let [mut next, _hop_limit] = bytes2_at(ctx, offset + 6)?;
+    let mut cursor = offset + IPV6_HLEN;
+    let mut first_fragment = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        // Every extension header starts with (next header, length).
+        let [following, len_field] = match next {
+            IPPROTO_TCP | IPPROTO_UDP => [0, 0],
+            _ => bytes2_at(ctx, cursor)?,
+        };
+        let header_len = match next {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                return Ok(IpVerdict::Transport(Ip {
+                    saddr,
+                    daddr,
+                    family: 6,
+                    proto: next,
+                    l4_offset: cursor,
+                    first_fragment,
+                }));
+            }
+            // Length in 8-octet units, not counting the first 8.
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => (len_field as usize + 1) * 8,
+            // Length in 4-octet units, not counting the first 2.
+            NEXTHDR_AUTH => (len_field as usize + 2) * 4,
+            NEXTHDR_FRAGMENT => {
+                let offset_flags = be16_at(ctx, cursor + 2)?;
+                if offset_flags >> 3 != 0 {
+                    return Ok(IpVerdict::Done(Counter::PassFragment));
+                }
+                first_fragment = offset_flags & 1 != 0;
+                8
+            }
+            // ICMPv6, ESP, no-next-header, …: not ours to judge.
+            _ => return Ok(IpVerdict::Done(Counter::PassOtherProto)),
+        };
+        next = following;
+        cursor += header_len;
+    }
+    // Still inside extension headers: the stack would find the transport
+    // header, we did not, so fail closed.
+    Err(Malformed)
+}
+
+fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
+    let l4 = ip.l4_offset;
+    let dport = be16_at(ctx, l4 + 2)?;
+    let Some(index) = port_policy_index(ip.proto, dport) else {
+        return Ok(Counter::PassOtherProto);
+    };
+    let flags = PORT_POLICY.get(index).copied().unwrap_or(0);
+    if flags == 0 {
+        return Ok(Counter::PassUnprotected);
+    }
+    let mut tcp_flags = 0;
+    if ip.proto == IPPROTO_TCP {
+        // Data offset, then the flags byte.
+        [_, tcp_flags] = bytes2_at(ctx, l4 + 12)?;
+        // Only a bare SYN opens a connection. Everything else belongs to a
+        // flow conntrack already knows (or will reject): established flows
+        // must survive rotation and expiry, and SYN-ACKs answer connections
+        // this host made from a port that happens to be protected.
+        if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
+            return Ok(Counter::PassNotSyn);
+        }
+    }
+    // A fragmented knock is never legitimate (knocks are tiny); treat it as
+    // a packet to a protected port.
+    if flags & policy::KNOCK != 0 && !ip.first_fragment {
+        return knock(ctx, ip, dport, tcp_flags);
+    }
+    let key = AllowKey {
+        addr: ip.saddr,
+        port: dport,
+        proto: ip.proto,
+        _pad: [0],
+    };
+    // SAFETY: the value is copied out at once; a concurrent update can at
+    // worst give a stale expiry, which the next packet corrects.
+    if let Some(grant) = unsafe { ALLOW.get(&key) } {
+        let expires = grant.expires_ns;
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        if expires == 0 || unsafe { bpf_ktime_get_ns() } < expires {
+            return Ok(Counter::PassGranted);
+        }
+    }
+    Ok(Counter::DropProtected)
+}
+
+/// Takes one token from the source's bucket; `false` means over the limit.
+fn take_token(saddr: &[u8; 16], now: u64) -> bool {
+    let Some(settings) = SETTINGS.get(0) else {
+        return false;
+    };
+    let rate = settings.knock_rate_per_sec as u64;
+    let burst = settings.knock_burst as u64;
+    if rate == 0 || burst == 0 {
+        return false;
+    }
+    let capacity = burst * TOKEN_SCALE;
+    match KNOCK_RATE.get_ptr_mut(saddr) {
+        Some(bucket) => {
+            // SAFETY: the pointer is valid for this program run. Two CPUs may
+            // race on one source's bucket; the loser's update is lost, which
+            // at worst lets a few extra knocks through. Userspace applies its
+            // own limits, so that approximation is deliberate.
+            let bucket = unsafe { &mut *bucket };
+            let elapsed = now.saturating_sub(bucket.last_ns).min(MAX_REFILL_NS);
+            let tokens = (bucket.tokens + elapsed * rate).min(capacity);
+            bucket.last_ns = now;
+            if tokens >= TOKEN_SCALE {
+                bucket.tokens = tokens - TOKEN_SCALE;
+                true
+            } else {
+                bucket.tokens = tokens;
+                false
+            }
+        }
+        None => {
+            let bucket = TokenBucket {
+                tokens: capacity - TOKEN_SCALE,
+                last_ns: now,
+            };
+            // If the insert fails the knock still goes through once; the
+            // LRU map evicts rather than fills, so this is not a bypass.
+            let _ = KNOCK_RATE.insert(saddr, &bucket, 0);
+            true
+        }
+    }
+}
+
+fn knock(ctx: &XdpContext, ip: &Ip, dport: u16, tcp_flags: u8) -> Result<Counter, Malformed> {
+    let l4 = ip.l4_offset;
+    let sport = be16_at(ctx, l4)?;
+    // UDP's length field is authoritative: Ethernet may pad short frames.
+    // TCP knocks are bare SYNs whose payload does not matter.
+    let payload_len = if ip.proto == IPPROTO_UDP {
+        be16_at(ctx, l4 + 4)?
+            .checked_sub(UDP_HLEN)
+            .ok_or(Malformed)?
+    } else {
+        0
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !take_token(&ip.saddr, now) {
+        return Ok(Counter::KnockRateLimited);
+    }
+    let Some(mut entry) = KNOCK_EVENTS.reserve::<KnockEvent>(0) else {
+        debug!(ctx, "knock ring buffer full, event lost");
+        return Ok(Counter::KnockEventLost);
+    };
+    let captured = (payload_len as usize).min(KNOCK_PAYLOAD_MAX);
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at reserved ring-buffer memory the size of a
+    // KnockEvent, which we own until submit or discard.
+    unsafe {
+        event.write(KnockEvent {
+            ts_ns: now,
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport,
+            dport,
+            ifindex: ctx.ingress_ifindex() as u32,
+            proto: ip.proto,
+            family: ip.family,
+            tcp_flags,
+            _pad: 0,
+            payload_len,
+            captured_len: captured as u16,
+            payload: [0; KNOCK_PAYLOAD_MAX],
+        });
+    }
+    // Copy the payload in power-of-two chunks so every helper call has a
+    // constant length the verifier can bound. bpf_xdp_load_bytes also reads
+    // multi-buffer frames.
+    let payload_offset = l4 + UDP_HLEN as usize;
+    let mut copied = 0usize;
+    let mut chunk = KNOCK_PAYLOAD_MAX;
+    while chunk > 0 {
+        if captured & chunk != 0 && copied + chunk <= KNOCK_PAYLOAD_MAX {
+            // SAFETY: copied + chunk <= KNOCK_PAYLOAD_MAX, so the
+            // destination stays inside `payload`; the helper checks the
+            // packet side and fails rather than reading past it.
+            let ret = unsafe {
+                bpf_xdp_load_bytes(
+                    ctx.ctx,
+                    (payload_offset + copied) as u32,
+                    (&raw mut (*event).payload).cast::<u8>().add(copied).cast(),
+                    chunk as u32,
+                )
+            };
+            if ret != 0 {
+                entry.discard(0);
+                return Err(Malformed);
+            }
+            copied += chunk;
+        }
+        chunk >>= 1;
+    }
+    entry.submit(0);
+    Ok(Counter::KnockForwarded)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

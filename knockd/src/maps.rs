@@ -1,0 +1,455 @@
+//! The one module that reads and writes the XDP program's maps.
+//!
+//! Everything the daemon tells the kernel fast path goes through
+//! [`GuardMaps`]: which ports are protected or knock ports, who holds a grant,
+//! the knock rate limit; and everything it learns back: the counters. The
+//! knock ring buffer is handed out once, to the event reader.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    pin::PinError,
+};
+use knockd_common::{
+    AllowKey, AllowValue, Counter, IPPROTO_TCP, IPPROTO_UDP, PORT_POLICY_ENTRIES, Settings,
+    map_names, policy, port_policy_index,
+};
+use serde::Serialize;
+
+use crate::config::{Config, PortRange};
+
+/// An error from a map operation, naming the map.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The loaded object lacks a map: the daemon and the XDP program are out
+    /// of step (a build problem, not a runtime one).
+    #[error("the eBPF object has no map {0}")]
+    Missing(&'static str),
+    /// A lookup, update or type conversion failed.
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// Pinning a map into bpffs failed.
+    #[error("pinning map {name} at {path}")]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    /// The pin directory could not be prepared.
+    #[error("{path} (is bpffs mounted there?)")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// Transport protocol of a port rule or grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    /// The protocol with IP protocol number `n`, if it is one we handle.
+    pub const fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// `addr` as the kernel side stores it: 16 bytes, IPv4 mapped into IPv6.
+pub fn addr_to_key(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The inverse of [`addr_to_key`]: mapped addresses come back as IPv4.
+pub fn addr_from_key(key: [u8; 16]) -> IpAddr {
+    Ipv6Addr::from(key).to_canonical()
+}
+
+/// Nanoseconds on `CLOCK_MONOTONIC`, the clock `bpf_ktime_get_ns` reads, so
+/// expiry times written to maps mean the same thing on both sides.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The desired content of the port-policy array, computed from the config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortPolicy(Vec<u8>);
+
+impl PortPolicy {
+    /// No port has a policy: everything passes.
+    pub fn empty() -> Self {
+        PortPolicy(vec![0; PORT_POLICY_ENTRIES as usize])
+    }
+
+    /// Protected ports and knock ports (which are protected too) from `config`.
+    pub fn from_config(config: &Config) -> Self {
+        let mut table = PortPolicy::empty();
+        let rules: [(Proto, &[PortRange], u8); 4] = [
+            (Proto::Tcp, &config.protect.tcp, policy::PROTECTED),
+            (Proto::Udp, &config.protect.udp, policy::PROTECTED),
+            (
+                Proto::Tcp,
+                &config.knock.tcp,
+                policy::KNOCK | policy::PROTECTED,
+            ),
+            (
+                Proto::Udp,
+                &config.knock.udp,
+                policy::KNOCK | policy::PROTECTED,
+            ),
+        ];
+        for (proto, ranges, flags) in rules {
+            for port in ranges.iter().flat_map(|r| r.ports()) {
+                table.set(proto, port, flags);
+            }
+        }
+        table
+    }
+
+    /// Sets the flags of one port, replacing what was there.
+    pub fn set(&mut self, proto: Proto, port: u16, flags: u8) {
+        if let Some(i) = port_policy_index(proto.number(), port) {
+            self.0[i as usize] = flags;
+        }
+    }
+
+    /// The flags of one port.
+    pub fn get(&self, proto: Proto, port: u16) -> u8 {
+        port_policy_index(proto.number(), port).map_or(0, |i| self.0[i as usize])
+    }
+}
+
+/// Counter values summed over all CPUs, in [`Counter::ALL`] order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; Counter::COUNT as usize]);
+
+impl Counters {
+    /// The value of one counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    /// Every packet the program has seen.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// (name, value) pairs in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Counter::ALL.iter().map(|c| (c.name(), self.get(*c)))
+    }
+}
+
+impl Serialize for Counters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+/// Handles to the XDP program's maps, except the knock ring buffer.
+pub struct GuardMaps {
+    /// Protected / knock flags per (protocol, port).
+    port_policy: Array<MapData, u8>,
+    /// Live grants: (source, port, protocol) → expiry.
+    allow: HashMap<MapData, AllowKey, AllowValue>,
+    /// Knock rate limit.
+    settings: Array<MapData, Settings>,
+    /// Per-CPU verdict counters.
+    counters: PerCpuArray<MapData, u64>,
+    /// What the port-policy array holds now, so an update writes only the
+    /// entries that change instead of all 131,072.
+    policy_mirror: PortPolicy,
+}
+
+/// The maps [`GuardMaps`] pins.
+const PINNED: [&str; 4] = [
+    map_names::PORT_POLICY,
+    map_names::ALLOW,
+    map_names::SETTINGS,
+    map_names::COUNTERS,
+];
+
+impl GuardMaps {
+    /// Takes the maps out of a freshly loaded object and pins them under
+    /// `pin_dir` (created if missing; stale pins from an earlier run are
+    /// replaced), so `knockd stats` and tests can reach the live maps.
+    ///
+    /// The policy mirror starts empty because a new object's arrays are zero.
+    pub fn take_and_pin(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut take = |name: &'static str| -> Result<Map, Error> {
+            let map = ebpf.take_map(name).ok_or(Error::Missing(name))?;
+            let path = pin_dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "replaced a stale pin"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(Error::PinDir { path, source }),
+            }
+            // Pin the untyped map: aya's typed maps consume themselves to pin.
+            map.pin(&path)
+                .map_err(|source| Error::Pin { name, path, source })?;
+            Ok(map)
+        };
+        Self::from_maps(
+            take(map_names::PORT_POLICY)?,
+            take(map_names::ALLOW)?,
+            take(map_names::SETTINGS)?,
+            take(map_names::COUNTERS)?,
+            PortPolicy::empty(),
+        )
+    }
+
+    /// Opens the maps a running daemon pinned under `dir`, for `knockd stats`
+    /// and for tests that act on the kernel state directly.
+    pub fn open_pinned(dir: &Path) -> Result<Self, Error> {
+        let open = |name: &'static str| {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        let port_policy = open(map_names::PORT_POLICY)?;
+        let mut maps = Self::from_maps(
+            port_policy,
+            open(map_names::ALLOW)?,
+            open(map_names::SETTINGS)?,
+            open(map_names::COUNTERS)?,
+            PortPolicy::empty(),
+        )?;
+        // Read back what the kernel holds so later updates diff against it.
+        for (i, slot) in maps.policy_mirror.0.iter_mut().enumerate() {
+            *slot = maps
+                .port_policy
+                .get(&(i as u32), 0)
+                .map_err(map_err(map_names::PORT_POLICY))?;
+        }
+        Ok(maps)
+    }
+
+    fn from_maps(
+        port_policy: Map,
+        allow: Map,
+        settings: Map,
+        counters: Map,
+        policy_mirror: PortPolicy,
+    ) -> Result<Self, Error> {
+        Ok(GuardMaps {
+            port_policy: port_policy
+                .try_into()
+                .map_err(map_err(map_names::PORT_POLICY))?,
+            allow: allow.try_into().map_err(map_err(map_names::ALLOW))?,
+            settings: settings.try_into().map_err(map_err(map_names::SETTINGS))?,
+            counters: counters.try_into().map_err(map_err(map_names::COUNTERS))?,
+            policy_mirror,
+        })
+    }
+
+    /// Removes the pins [`take_and_pin`](Self::take_and_pin) made, and `dir` if that leaves it
+    /// empty. Missing pins are not an error: this is cleanup.
+    pub fn unpin(dir: &Path) {
+        for name in PINNED {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+
+    /// Makes the kernel's port-policy array equal `desired`, writing only the
+    /// entries that differ. Returns how many were written.
+    pub fn apply_port_policy(&mut self, desired: &PortPolicy) -> Result<usize, Error> {
+        let mut written = 0;
+        for (i, (&want, have)) in desired
+            .0
+            .iter()
+            .zip(self.policy_mirror.0.iter_mut())
+            .enumerate()
+        {
+            if want != *have {
+                self.port_policy
+                    .set(i as u32, want, 0)
+                    .map_err(map_err(map_names::PORT_POLICY))?;
+                *have = want;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// The flags the kernel holds for one port.
+    pub fn port_flags(&self, proto: Proto, port: u16) -> u8 {
+        self.policy_mirror.get(proto, port)
+    }
+
+    /// Sets the per-source knock rate limit.
+    pub fn set_knock_rate(&mut self, rate_per_sec: u32, burst: u32) -> Result<(), Error> {
+        let settings = Settings {
+            knock_rate_per_sec: rate_per_sec,
+            knock_burst: burst,
+        };
+        self.settings
+            .set(0, settings, 0)
+            .map_err(map_err(map_names::SETTINGS))
+    }
+
+    /// Lets new connections from `addr` to `port` through, for `ttl` (or
+    /// until revoked when `None`). The kernel itself stops admitting new
+    /// connections once `ttl` has passed.
+    pub fn allow(
+        &mut self,
+        addr: IpAddr,
+        proto: Proto,
+        port: u16,
+        ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        let expires_ns = ttl.map_or(0, |ttl| {
+            monotonic_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64)
+        });
+        self.allow
+            .insert(allow_key(addr, proto, port), AllowValue { expires_ns }, 0)
+            .map_err(map_err(map_names::ALLOW))
+    }
+
+    /// Removes a grant. Removing one that is not there is not an error.
+    pub fn revoke(&mut self, addr: IpAddr, proto: Proto, port: u16) -> Result<(), Error> {
+        match self.allow.remove(&allow_key(addr, proto, port)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map {
+                name: map_names::ALLOW,
+                source,
+            }),
+        }
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        let mut out = Counters::default();
+        for counter in Counter::ALL {
+            let per_cpu = self
+                .counters
+                .get(&(counter as u32), 0)
+                .map_err(map_err(map_names::COUNTERS))?;
+            out.0[counter as usize] = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+fn allow_key(addr: IpAddr, proto: Proto, port: u16) -> AllowKey {
+    AllowKey {
+        addr: addr_to_key(addr),
+        port,
+        proto: proto.number(),
+        _pad: [0],
+    }
+}
+
+/// Takes the knock ring buffer out of a freshly loaded object. It can be
+/// taken once; the event reader owns it from then on.
+pub fn take_knock_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, Error> {
+    ebpf.take_map(map_names::KNOCK_EVENTS)
+        .ok_or(Error::Missing(map_names::KNOCK_EVENTS))?
+        .try_into()
+        .map_err(map_err(map_names::KNOCK_EVENTS))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_keys() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
+        let key = addr_to_key(v4);
+        assert_eq!(&key[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(&key[12..], &[198, 18, 0, 2]);
+        assert_eq!(addr_from_key(key), v4);
+        let v6: IpAddr = "2001:db8::2".parse().unwrap();
+        assert_eq!(addr_from_key(addr_to_key(v6)), v6);
+    }
+
+    #[test]
+    fn port_policy_from_config() {
+        let config = Config::parse(
+            "interfaces: [eth0]\n\
+             protect: { tcp: [22, \"40000-40002\"] }\n\
+             knock: { udp: [7000], tcp: [8000] }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let table = PortPolicy::from_config(&config);
+        assert_eq!(table.get(Proto::Tcp, 22), policy::PROTECTED);
+        assert_eq!(table.get(Proto::Tcp, 40001), policy::PROTECTED);
+        assert_eq!(table.get(Proto::Tcp, 40003), 0);
+        assert_eq!(table.get(Proto::Udp, 22), 0);
+        assert_eq!(
+            table.get(Proto::Udp, 7000),
+            policy::KNOCK | policy::PROTECTED
+        );
+        assert_eq!(
+            table.get(Proto::Tcp, 8000),
+            policy::KNOCK | policy::PROTECTED
+        );
+        let set = table.0.iter().filter(|f| **f != 0).count();
+        assert_eq!(set, 6);
+    }
+
+    #[test]
+    fn monotonic_clock_moves_forward() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+    }
+}
