@@ -231,7 +231,9 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<IpVerdict, Malformed> {
     let [mut next, _hop_limit] = bytes2_at(ctx, offset + 6)?;
     let mut cursor = offset + IPV6_HLEN;
     let mut first_fragment = false;
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
+    // One iteration per extension header, plus one to meet the transport
+    // header after the last allowed extension header.
+    for _ in 0..=MAX_IPV6_EXT_HEADERS {
         // Every extension header starts with (next header, length).
         let [following, len_field] = match next {
             IPPROTO_TCP | IPPROTO_UDP => [0, 0],

@@ -77,7 +77,7 @@ pub async fn run(
     if let Some(logger) = logger {
         tokio::spawn(guard::drain_logger(logger));
     }
-    let mut maps = GuardMaps::take_and_pin(guard.ebpf_mut(), &config.bpffs_dir)?;
+    let mut maps = GuardMaps::take(guard.ebpf_mut(), Some(&config.bpffs_dir))?;
     let _pins = Pins(config.bpffs_dir.clone());
     let ring = maps::take_knock_events(guard.ebpf_mut())?;
     maps.set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;

@@ -221,19 +221,22 @@ const PINNED: [&str; 4] = [
 ];
 
 impl GuardMaps {
-    /// Takes the maps out of a freshly loaded object and pins them under
-    /// `pin_dir` (created if missing; stale pins from an earlier run are
-    /// replaced), so `knockd stats` and tests can reach the live maps.
+    /// Takes the maps out of a freshly loaded object and, given `pin_dir`,
+    /// pins them there (created if missing; stale pins from an earlier run
+    /// are replaced), so `knockd stats` and tests can reach the live maps.
     ///
     /// The policy mirror starts empty because a new object's arrays are zero.
-    pub fn take_and_pin(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self, Error> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
-            path: pin_dir.to_owned(),
-            source,
-        })?;
+    pub fn take(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Self, Error> {
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir).map_err(|source| Error::PinDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
         let mut take = |name: &'static str| -> Result<Map, Error> {
             let map = ebpf.take_map(name).ok_or(Error::Missing(name))?;
-            let path = pin_dir.join(name);
+            let Some(dir) = pin_dir else { return Ok(map) };
+            let path = dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => tracing::info!(path = %path.display(), "replaced a stale pin"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -296,7 +299,7 @@ impl GuardMaps {
         })
     }
 
-    /// Removes the pins [`take_and_pin`](Self::take_and_pin) made, and `dir` if that leaves it
+    /// Removes the pins [`take`](Self::take) made, and `dir` if that leaves it
     /// empty. Missing pins are not an error: this is cleanup.
     pub fn unpin(dir: &Path) {
         for name in PINNED {

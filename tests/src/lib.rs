@@ -1,1 +1,459 @@
+//! Harness for knockd's privileged tests.
+//!
+//! - [`privileged`] gates every test: without root it skips loudly, and under
+//!   `CI=true` it fails instead, so CI can never pass on skipped tests.
+//! - [`NetNs`] and [`Testbed`] build uniquely named network namespaces joined
+//!   by a veth pair, and tear them down on drop, panics included.
+//! - [`Daemon`] runs the real `knockd` binary inside a namespace and collects
+//!   its JSON log.
+//! - [`probe`] makes real TCP and UDP attempts from inside a namespace.
+//! - [`frames`] builds Ethernet frames for `BPF_PROG_TEST_RUN`.
+//!
+//! Tests `unwrap()` rather than return `Result`, so a failure shows its line.
 
+pub mod frames;
+pub mod probe;
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader},
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// True when privileged tests can run. Without root: under `CI=true` this
+/// panics, because a CI run that skips is a CI run that proves nothing;
+/// elsewhere it prints that the test is skipped and returns false.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("this privileged test cannot run: not root (CI=true forbids skipping)");
+    }
+    eprintln!("SKIPPED: this test needs root (set CI=true to make that a failure)");
+    false
+}
+
+/// Returns from the test early, loudly, when [`privileged`] says so.
+#[macro_export]
+macro_rules! require_privileges {
+    () => {
+        if !$crate::privileged() {
+            return;
+        }
+    };
+}
+
+/// A name no other test, in this process or another, is using: the pid plus
+/// a per-process counter. Short enough for an interface name (15 bytes).
+pub fn unique_name(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = format!("kd{tag}{}x{n}", std::process::id() % 1_000_000);
+    assert!(name.len() <= 15, "name {name} too long for an interface");
+    name
+}
+
+/// Runs `cmd`, panicking with its output if it fails.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates a namespace with a unique name and its loopback up.
+    pub fn new(tag: &str) -> NetNs {
+        let name = unique_name(tag);
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace's bind mount, for `setns` and `nsenter`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n NAME ARGS…`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        sh(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs `program` inside the namespace. It uses
+    /// `nsenter --net` rather than `ip netns exec`, because the latter
+    /// remounts /sys and so hides bpffs from the program.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has entered the namespace, so the sockets
+    /// it opens live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let ns = File::open(&path).unwrap();
+                    // SAFETY: a valid namespace fd; setns affects only this
+                    // thread, which exists just to run `f`.
+                    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(
+                        rc,
+                        0,
+                        "setns {}: {}",
+                        path.display(),
+                        std::io::Error::last_os_error()
+                    );
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Never panic here: we may already be unwinding from a failed test.
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(status, Ok(s) if s.success()) && !std::thread::panicking() {
+            eprintln!("warning: could not delete netns {}", self.name);
+        }
+    }
+}
+
+/// Server-side and client-side addresses of a [`Testbed`].
+pub mod addrs {
+    use std::net::IpAddr;
+
+    pub const SERVER_V4: &str = "198.18.0.1";
+    pub const CLIENT_V4: &str = "198.18.0.2";
+    /// A second client address on the same link, to tell sources apart.
+    pub const OTHER_V4: &str = "198.18.0.3";
+    pub const SERVER_V6: &str = "2001:db8::1";
+    pub const CLIENT_V6: &str = "2001:db8::2";
+    pub const OTHER_V6: &str = "2001:db8::3";
+
+    /// (server, client, other client) for one address family.
+    pub fn family(v6: bool) -> (IpAddr, IpAddr, IpAddr) {
+        let parse = |s: &str| s.parse().unwrap();
+        if v6 {
+            (parse(SERVER_V6), parse(CLIENT_V6), parse(OTHER_V6))
+        } else {
+            (parse(SERVER_V4), parse(CLIENT_V4), parse(OTHER_V4))
+        }
+    }
+}
+
+/// Two namespaces, server and client, joined by a veth pair, with IPv4 and
+/// IPv6 addresses from the documentation/benchmark ranges. The client side
+/// also holds a second address, so tests can knock or connect from two
+/// sources.
+pub struct Testbed {
+    /// Dropped after `client`, but the veth lives inside the namespaces, so
+    /// deleting either one removes it: a half-built testbed cleans up too.
+    pub server: NetNs,
+    pub client: NetNs,
+    /// The server end of the veth, where the XDP guard attaches.
+    pub server_if: String,
+    pub client_if: String,
+}
+
+impl Testbed {
+    pub fn new() -> Testbed {
+        let server = NetNs::new("s");
+        let client = NetNs::new("c");
+        let server_if = unique_name("v");
+        let client_if = unique_name("v");
+        sh(Command::new("ip").args([
+            "link",
+            "add",
+            &server_if,
+            "netns",
+            server.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "netns",
+            client.name(),
+        ]));
+        server.ip(&["link", "set", &server_if, "up"]);
+        client.ip(&["link", "set", &client_if, "up"]);
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", addrs::SERVER_V4),
+            "dev",
+            &server_if,
+        ]);
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", addrs::SERVER_V6),
+            "dev",
+            &server_if,
+            "nodad",
+        ]);
+        for addr in [addrs::CLIENT_V4, addrs::OTHER_V4] {
+            client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &client_if]);
+        }
+        for addr in [addrs::CLIENT_V6, addrs::OTHER_V6] {
+            client.ip(&[
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                &client_if,
+                "nodad",
+            ]);
+        }
+        Testbed {
+            server,
+            client,
+            server_if,
+            client_if,
+        }
+    }
+}
+
+impl Default for Testbed {
+    fn default() -> Self {
+        Testbed::new()
+    }
+}
+
+/// Path of the `knockd` binary: `$KNOCKD_BIN`, or the one cargo built next
+/// to this test executable.
+pub fn knockd_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("KNOCKD_BIN") {
+        return bin.into();
+    }
+    // target/<profile>/deps/<test> → target/<profile>/knockd
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("knockd");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p knockd`) or set KNOCKD_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The daemon's log, shared with the thread that reads it.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<Value>>,
+    grew: Condvar,
+}
+
+/// The real `knockd` binary running in a namespace, with its JSON log
+/// collected. Dropping it kills the daemon and removes its pins.
+pub struct Daemon {
+    child: Option<Child>,
+    log: Arc<Log>,
+    bpffs_dir: PathBuf,
+    /// Holds the config file for as long as the daemon runs.
+    _dir: tempfile::TempDir,
+}
+
+/// How long a daemon may take to attach and say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Daemon {
+    /// Starts `knockd run` in `ns` with `config` (YAML; `bpffs_dir` is
+    /// appended, unique per daemon) and waits until it logs "ready".
+    pub fn start(ns: &NetNs, config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let bpffs_dir = Path::new("/sys/fs/bpf").join(unique_name("p"));
+        let config_path = dir.path().join("knockd.yaml");
+        std::fs::write(
+            &config_path,
+            format!("{config}\nbpffs_dir: {}\n", bpffs_dir.display()),
+        )
+        .unwrap();
+        let mut child = ns
+            .command(knockd_bin())
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().unwrap();
+        let reader_log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                reader_log.lines.lock().unwrap().push(value);
+                reader_log.grew.notify_all();
+            }
+        });
+        let mut daemon = Daemon {
+            child: Some(child),
+            log,
+            bpffs_dir,
+            _dir: dir,
+        };
+        daemon.wait_for("ready", READY_TIMEOUT, |_| true);
+        daemon.assert_running();
+        daemon
+    }
+
+    /// Where the daemon pinned its maps.
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    /// The live maps, opened through the daemon's pins.
+    pub fn maps(&self) -> knockd::maps::GuardMaps {
+        knockd::maps::GuardMaps::open_pinned(&self.bpffs_dir).unwrap()
+    }
+
+    /// Every log line so far.
+    pub fn log(&self) -> Vec<Value> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
+    /// Log lines with `message` that satisfy `pred`.
+    pub fn messages(&self, message: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        self.log()
+            .into_iter()
+            .filter(|v| v["message"] == message && pred(v))
+            .collect()
+    }
+
+    /// Waits for a log line with `message` that satisfies `pred`, panicking
+    /// with the whole log after `timeout`.
+    pub fn wait_for(
+        &mut self,
+        message: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        self.wait_for_count(message, 1, timeout, pred).remove(0)
+    }
+
+    /// Waits until `count` log lines with `message` satisfy `pred`.
+    pub fn wait_for_count(
+        &mut self,
+        message: &str,
+        count: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            let found: Vec<Value> = lines
+                .iter()
+                .filter(|v| v["message"] == message && pred(v))
+                .cloned()
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let dump: Vec<String> = lines.iter().map(Value::to_string).collect();
+                drop(lines);
+                panic!(
+                    "timed out waiting for {count} × {message:?} (saw {}); daemon log:\n{}",
+                    found.len(),
+                    dump.join("\n")
+                );
+            }
+            lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Panics if the daemon has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("knockd exited early ({status}); log:\n{:#?}", self.log());
+        }
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        terminate(&mut child)
+    }
+}
+
+/// SIGTERM, then SIGKILL if the process is still there after 10 s.
+fn terminate(child: &mut Child) -> ExitStatus {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().unwrap()
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+        knockd::maps::GuardMaps::unpin(&self.bpffs_dir);
+        if std::thread::panicking() {
+            eprintln!("--- knockd log ---");
+            for line in self.log.lines.lock().map(|l| l.clone()).unwrap_or_default() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// A knock log line's source address.
+pub fn knock_source(line: &Value) -> Option<IpAddr> {
+    let source: std::net::SocketAddr = line["source"].as_str()?.parse().ok()?;
+    Some(source.ip())
+}
