@@ -66,10 +66,10 @@ pub fn udp_probe(from: IpAddr, to: SocketAddr, timeout: Duration) -> Outcome {
 }
 
 /// Sends each payload as one datagram from `from` to `to`.
-pub fn udp_send(from: SocketAddr, to: SocketAddr, payloads: &[&[u8]]) {
+pub fn udp_send(from: SocketAddr, to: SocketAddr, payloads: &[impl AsRef<[u8]>]) {
     let socket = UdpSocket::bind(from).unwrap();
     for payload in payloads {
-        socket.send_to(payload, to).unwrap();
+        socket.send_to(payload.as_ref(), to).unwrap();
     }
 }
 
