@@ -308,7 +308,7 @@ fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
     };
     // SAFETY: the value is copied out at once; a concurrent update can at
     // worst give a stale expiry, which the next packet corrects.
-    if let Some(grant) = unsafe { ALLOW.get(&key) } {
+    if let Some(grant) = unsafe { ALLOW.get(key) } {
         let expires = grant.expires_ns;
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         if expires == 0 || unsafe { bpf_ktime_get_ns() } < expires {
@@ -354,7 +354,7 @@ fn take_token(saddr: &[u8; 16], now: u64) -> bool {
             };
             // If the insert fails the knock still goes through once; the
             // LRU map evicts rather than fills, so this is not a bypass.
-            let _ = KNOCK_RATE.insert(saddr, &bucket, 0);
+            let _ = KNOCK_RATE.insert(saddr, bucket, 0);
             true
         }
     }

@@ -1,1 +1,555 @@
-fn main() {}
+//! knockd's project tasks.
+//!
+//! - `cargo xtask setup`: installs, idempotently, what a fresh machine lacks.
+//! - `cargo xtask test`: what CI runs: setup, lints, unit tests, privileged tests.
+//! - `cargo xtask demo`: the daemon between two namespaces, with live traffic.
+//!
+//! xtask depends on nothing that needs the toolchain it installs, so it
+//! builds on a bare machine.
+
+use std::{
+    ffi::OsStr,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build, the tests and the demo need.
+const APT_PACKAGES: &[&str] = &[
+    // bpf-linker links against LLVM 22.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // nftables, for the grant tables.
+    "libnftnl-dev",
+    "libmnl-dev",
+    "nftables",
+    "pkg-config",
+    // Namespaces, veth, nsenter.
+    "iproute2",
+    "util-linux",
+    // Real peers for tests and the demo.
+    "nmap",
+    "netcat-openbsd",
+];
+
+/// The bpf-linker release we build; 0.13 is the one known to build with
+/// LLVM 22 here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Parser)]
+#[command(about = "knockd project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and system packages (idempotent; needs root).
+    Setup,
+    /// Setup, then fmt, clippy, unit tests and privileged tests (needs root).
+    Test {
+        /// Only run tests whose name contains this (both suites).
+        filter: Option<String>,
+    },
+    /// Run knockd between two network namespaces and show it working.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Test { filter } => test(filter.as_deref()),
+        Task::Demo => demo(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_owned()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `cmd` with inherited stdio; fails with the command line if it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout, or None if it could not run or failed.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<&'static str>) -> Result<()> {
+    let start = Instant::now();
+    let what = f().with_context(|| format!("setup step `{name}`"))?;
+    println!(
+        "setup: {name}: {what} ({:.1}s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    let start = Instant::now();
+    if !is_root() {
+        bail!("`cargo xtask setup` installs packages and mounts bpffs: run it as root");
+    }
+    step("apt packages", apt_packages)?;
+    step("nightly rust-src", nightly_rust_src)?;
+    step("bpf-linker", bpf_linker)?;
+    step("bpffs", bpffs)?;
+    println!("setup: done in {:.1}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn apt_packages() -> Result<&'static str> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", pkg]))
+                .is_none_or(|status| !status.starts_with("ii"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok("already installed");
+    }
+    println!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok("installed")
+}
+
+fn nightly_rust_src() -> Result<&'static str> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    match installed {
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok("already installed"),
+        Some(_) => {
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))?;
+            Ok("installed")
+        }
+        None => bail!(
+            "no nightly toolchain: the eBPF crate builds with nightly's -Z build-std; \
+             install one with `rustup toolchain install nightly --component rust-src`"
+        ),
+    }
+}
+
+fn bpf_linker() -> Result<&'static str> {
+    if let Some(version) = output(Command::new("bpf-linker").arg("--version"))
+        && version.contains(BPF_LINKER_VERSION)
+    {
+        return Ok("already installed");
+    }
+    ensure!(
+        Path::new(LLVM_PREFIX).join("bin/llvm-config").exists(),
+        "{LLVM_PREFIX} is missing: bpf-linker needs llvm-22-dev"
+    );
+    // The default features want a bundled LLVM, which cannot be fetched here;
+    // link against Debian's LLVM 22 instead.
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    Ok("built and installed")
+}
+
+fn bpffs() -> Result<&'static str> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        fields.nth(1) == Some(BPFFS) && fields.next() == Some("bpf")
+    });
+    if mounted {
+        return Ok("already mounted");
+    }
+    std::fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
+    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    Ok("mounted")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Passed/failed/ignored totals from `cargo test` result lines.
+#[derive(Default, Debug)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    /// Adds a line like `test result: ok. 14 passed; 0 failed; 2 ignored; …`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            if let (Some(n), Some(kind)) = (words.next(), words.next())
+                && let Ok(n) = n.parse::<u64>()
+            {
+                match kind {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    "ignored" => self.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs a `cargo test` command, echoing its output, and tallies its results.
+fn cargo_test(mut cmd: Command) -> Result<(Tally, ExitStatus)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let mut tally = Tally::default();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        tally.add_line(&line);
+    }
+    Ok((tally, child.wait()?))
+}
+
+fn test(filter: Option<&str>) -> Result<()> {
+    let start = Instant::now();
+    setup()?;
+    println!("test: rustfmt");
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    println!("test: clippy (userspace, tests, xtask)");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "knockd-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    println!("test: clippy (the XDP program, for the BPF target)");
+    // Through rustup rather than $CARGO: that is the stable toolchain's cargo.
+    run(Command::new("rustup")
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "knockd-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args(["-Z", "build-std=core", "--release", "--", "-D", "warnings"])
+        // A target dir of its own, so this nightly build does not invalidate
+        // the stable one.
+        .env(
+            "CARGO_TARGET_DIR",
+            workspace_root().join("target/ebpf-clippy"),
+        ))?;
+    println!("test: build");
+    run(cargo().args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "knockd-ebpf",
+        "--all-targets",
+    ]))?;
+
+    println!("test: unit tests");
+    let mut unit = cargo();
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "knockd-ebpf",
+        "--exclude",
+        "knockd-tests",
+    ]);
+    if let Some(filter) = filter {
+        unit.args(["--", filter]);
+    }
+    let (unit_tally, unit_status) = cargo_test(unit)?;
+
+    println!("test: privileged tests (BPF_PROG_TEST_RUN, network namespaces)");
+    let mut privileged = cargo();
+    // One at a time: each test attaches XDP programs and creates namespaces,
+    // and timing-sensitive checks ("silent for 1.2 s") want a quiet machine.
+    privileged.args([
+        "test",
+        "--package",
+        "knockd-tests",
+        "--",
+        "--test-threads=1",
+    ]);
+    if let Some(filter) = filter {
+        privileged.arg(filter);
+    }
+    let (privileged_tally, privileged_status) = cargo_test(privileged)?;
+
+    let passed = unit_tally.passed + privileged_tally.passed;
+    let failed = unit_tally.failed + privileged_tally.failed;
+    println!();
+    println!(
+        "unit: {} passed, {} failed; privileged: {} passed, {} failed; {:.0}s in all",
+        unit_tally.passed,
+        unit_tally.failed,
+        privileged_tally.passed,
+        privileged_tally.failed,
+        start.elapsed().as_secs_f64()
+    );
+    println!("{passed} passed, {failed} failed");
+    ensure!(unit_status.success(), "unit tests failed");
+    ensure!(privileged_status.success(), "privileged tests failed");
+    ensure!(
+        privileged_tally.passed > 0,
+        "no privileged test ran: the suite proves nothing"
+    );
+    Ok(())
+}
+
+/// A demo namespace, deleted on drop.
+struct DemoNs(String);
+
+impl DemoNs {
+    fn new(name: String) -> Result<DemoNs> {
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = DemoNs(name);
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<()> {
+        run(Command::new("ip").args(["-n", &self.0]).args(args))
+    }
+
+    /// `program` inside the namespace (nsenter keeps /sys, and so bpffs,
+    /// visible, which `ip netns exec` does not).
+    fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.0))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+}
+
+impl Drop for DemoNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A background process killed on drop.
+struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn banner(text: &str) {
+    println!("\n\x1b[1m== {text}\x1b[0m");
+}
+
+fn demo() -> Result<()> {
+    setup()?;
+    banner("building knockd (release)");
+    run(cargo().args(["build", "--release", "--package", "knockd"]))?;
+    let knockd = workspace_root().join("target/release/knockd");
+
+    let id = std::process::id();
+    banner("creating two network namespaces joined by a veth pair");
+    let server = DemoNs::new(format!("kd-demo-srv-{id}"))?;
+    let client = DemoNs::new(format!("kd-demo-cli-{id}"))?;
+    let (server_if, client_if) = (format!("kdds{id}"), format!("kddc{id}"));
+    run(Command::new("ip").args([
+        "link", "add", &server_if, "netns", &server.0, "type", "veth", "peer", "name", &client_if,
+        "netns", &client.0,
+    ]))?;
+    server.ip(&["addr", "add", "198.18.0.1/24", "dev", &server_if])?;
+    client.ip(&["addr", "add", "198.18.0.2/24", "dev", &client_if])?;
+    server.ip(&["link", "set", &server_if, "up"])?;
+    client.ip(&["link", "set", &client_if, "up"])?;
+    println!(
+        "server {} (198.18.0.1, {server_if}) <-> client {} (198.18.0.2)",
+        server.0, client.0
+    );
+
+    let dir = std::env::temp_dir().join(format!("knockd-demo-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    let bpffs_dir = format!("{BPFFS}/knockd-demo-{id}");
+    let example = std::fs::read_to_string(workspace_root().join("deploy/knockd.example.yaml"))?;
+    let config = example
+        .replace("  - eth0", &format!("  - {server_if}"))
+        .replace(
+            "bpffs_dir: /sys/fs/bpf/knockd",
+            &format!("bpffs_dir: {bpffs_dir}"),
+        );
+    let config_path = dir.join("knockd.yaml");
+    std::fs::write(&config_path, config)?;
+
+    banner("services in the server namespace: sshd stand-in on 22 (protected), web on 8080 (not)");
+    let _ssh = Background(
+        server
+            .command("nc")
+            .args(["-lk", "198.18.0.1", "22"])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let _web = Background(
+        server
+            .command("nc")
+            .args(["-lk", "198.18.0.1", "8080"])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+
+    banner(&format!(
+        "starting knockd with deploy/knockd.example.yaml on {server_if}"
+    ));
+    let log_path = dir.join("knockd.log");
+    let log = std::fs::File::create(&log_path)?;
+    let _daemon = Background(
+        server
+            .command(&knockd)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("NO_COLOR", "1")
+            .stderr(log)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("ready") {
+            print!("{text}");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "knockd did not become ready:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    banner("the client scans the server with nmap: protected ports are filtered, not closed");
+    run(client.command("nmap").args([
+        "-n",
+        "-Pn",
+        "-sS",
+        "--max-retries",
+        "1",
+        "-p",
+        "22,8080,40000-40002,9999",
+        "198.18.0.1",
+    ]))?;
+
+    banner("the client connects: 8080 answers, 22 gets no answer at all");
+    for port in ["8080", "22"] {
+        let status = client
+            .command("nc")
+            .args(["-z", "-w", "2", "198.18.0.1", port])
+            .status()?;
+        println!(
+            "nc -z 198.18.0.1 {port}: {}",
+            if status.success() {
+                "connected"
+            } else {
+                "no answer (dropped in XDP)"
+            }
+        );
+    }
+
+    banner("the client knocks on 7000, 7001, 7002 (UDP)");
+    for (port, payload) in [("7000", "hello"), ("7001", "from"), ("7002", "the client")] {
+        let mut nc = client
+            .command("nc")
+            .args(["-u", "-w", "0", "198.18.0.1", port])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        use std::io::Write as _;
+        nc.stdin.take().unwrap().write_all(payload.as_bytes())?;
+        nc.wait()?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let text = std::fs::read_to_string(&log_path)?;
+    for line in text.lines().filter(|l| l.contains(" knock ")) {
+        println!("{line}");
+    }
+
+    banner(&format!("knockd stats --bpffs-dir {bpffs_dir}"));
+    run(Command::new(&knockd).args(["stats", "--bpffs-dir", &bpffs_dir]))?;
+
+    banner("stopping: SIGTERM detaches the guard and removes the pins");
+    drop(_daemon);
+    let text = std::fs::read_to_string(&log_path)?;
+    if let Some(last) = text.lines().last() {
+        println!("{last}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
