@@ -6,15 +6,20 @@
 //! for the rules serde cannot express.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Deserializer, de};
 
+use crate::maps::Proto;
+
 /// Where the XDP program pins its maps unless the config says otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/knockd";
+/// Where persistent state lives unless the config says otherwise (systemd's
+/// StateDirectory=knockd).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/knockd";
 
 /// Longest interface name Linux accepts (IFNAMSIZ minus the NUL).
 const IFNAME_MAX: usize = 15;
@@ -88,10 +93,194 @@ pub struct Config {
     /// a restarted daemon can find them.
     #[serde(default = "default_bpffs_dir")]
     pub bpffs_dir: PathBuf,
+    /// Where the daemon keeps state that must survive a restart: the record
+    /// of consumed one-time sequences, so a replay after a restart fails.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// A directory of device files (`*.yaml`), so provisioning a device never
+    /// edits this file. Devices may also be listed under `devices`.
+    #[serde(default)]
+    pub devices_dir: Option<PathBuf>,
+    /// The protected services and how they are opened, by name.
+    #[serde(default)]
+    pub doors: BTreeMap<String, Door>,
+    /// Devices that may knock, by id.
+    #[serde(default)]
+    pub devices: BTreeMap<String, DeviceEntry>,
 }
 
 fn default_bpffs_dir() -> PathBuf {
     PathBuf::from(DEFAULT_BPFFS_DIR)
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+
+/// How a door is opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DoorMode {
+    /// Time-based one-time sequences keyed per device (R-AUTH-2).
+    #[default]
+    OneTime,
+    /// A fixed port sequence, compatible with classic knockd clients
+    /// (R-AUTH-1). Anyone who sees it can replay it.
+    Static,
+}
+
+/// One knock of a static sequence: a port and its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KnockPort {
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for KnockPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.port, self.proto)
+    }
+}
+
+impl std::str::FromStr for KnockPort {
+    type Err = String;
+
+    /// `7000:udp`, `7000:tcp`, or `7000` (TCP, as in classic knockd).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (port, proto) = match s.split_once(':') {
+            Some((port, "udp")) => (port, Proto::Udp),
+            Some((port, "tcp")) => (port, Proto::Tcp),
+            Some((_, other)) => return Err(format!("protocol {other:?} is not tcp or udp")),
+            None => (s, Proto::Tcp),
+        };
+        Ok(KnockPort {
+            port: parse_port(port)?,
+            proto,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for KnockPort {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = KnockPort;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a knock such as \"7000:udp\", \"7000:tcp\" or 7000")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<KnockPort, E> {
+                v.to_string().parse().map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<KnockPort, E> {
+                Err(E::custom(format!("port {v} is not in 1-65535")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KnockPort, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// Who may open a one-time door.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allow {
+    /// Devices in any of these groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// These devices, by id.
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+/// A protected service and how it is opened. Fields of the other mode are
+/// rejected, so a door never silently carries settings that do nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Door {
+    /// The TCP port of the service behind the door (sshd's 22, say). It is
+    /// protected: reachable only through a grant.
+    pub service_port: u16,
+    /// `one_time` (default) or `static`.
+    #[serde(default)]
+    pub mode: DoorMode,
+    /// How long a grant admits new connections, in seconds (default 30).
+    /// Established connections outlive it.
+    pub open_for_secs: Option<u32>,
+    /// One-time: the UDP range the derived knock ports fall in (default
+    /// 7000-7999). The whole range is protected.
+    pub knock_ports: Option<PortRange>,
+    /// One-time: knocks per sequence (default 3, at most 16).
+    pub knocks: Option<u8>,
+    /// One-time: length of a time step in seconds (default 30).
+    pub step_secs: Option<u32>,
+    /// One-time: clock skew accepted, in steps either way (default 1).
+    pub skew_steps: Option<u32>,
+    /// One-time: the devices and groups that may open the door.
+    pub allow: Option<Allow>,
+    /// Static: the port sequence.
+    pub sequence: Option<Vec<KnockPort>>,
+    /// Static: seconds a sequence may take from its first knock (default 10).
+    pub seq_timeout_secs: Option<u32>,
+}
+
+/// Defaults and bounds of door settings.
+pub mod door_defaults {
+    use super::PortRange;
+    pub const OPEN_FOR_SECS: u32 = 30;
+    pub const KNOCK_PORTS: PortRange = PortRange {
+        start: 7000,
+        end: 7999,
+    };
+    pub const KNOCKS: u8 = 3;
+    pub const STEP_SECS: u32 = 30;
+    pub const SKEW_STEPS: u32 = 1;
+    pub const SEQ_TIMEOUT_SECS: u32 = 10;
+}
+
+impl Door {
+    /// Seconds a grant admits new connections.
+    pub fn open_for_secs(&self) -> u32 {
+        self.open_for_secs.unwrap_or(door_defaults::OPEN_FOR_SECS)
+    }
+    /// One-time knock port range.
+    pub fn knock_ports(&self) -> PortRange {
+        self.knock_ports.unwrap_or(door_defaults::KNOCK_PORTS)
+    }
+    /// One-time knocks per sequence.
+    pub fn knocks(&self) -> u8 {
+        self.knocks.unwrap_or(door_defaults::KNOCKS)
+    }
+    /// One-time step length.
+    pub fn step_secs(&self) -> u32 {
+        self.step_secs.unwrap_or(door_defaults::STEP_SECS)
+    }
+    /// One-time accepted skew, in steps.
+    pub fn skew_steps(&self) -> u32 {
+        self.skew_steps.unwrap_or(door_defaults::SKEW_STEPS)
+    }
+    /// Static sequence (empty for one-time doors).
+    pub fn sequence(&self) -> &[KnockPort] {
+        self.sequence.as_deref().unwrap_or_default()
+    }
+    /// Static sequence timeout.
+    pub fn seq_timeout_secs(&self) -> u32 {
+        self.seq_timeout_secs
+            .unwrap_or(door_defaults::SEQ_TIMEOUT_SECS)
+    }
+}
+
+/// A device listed in the main file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEntry {
+    /// File holding the device's 256-bit key as 64 hex digits. It must be
+    /// owned by root and not readable by group or others.
+    pub key_file: PathBuf,
+    /// Groups the device belongs to, which doors can allow.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// Ports per transport protocol.
@@ -275,23 +464,6 @@ impl Config {
                 return Err(Error::invalid(key, format!("{name:?} is listed twice")));
             }
         }
-        for (proto, knock, protect) in [
-            ("tcp", &self.knock.tcp, &self.protect.tcp),
-            ("udp", &self.knock.udp, &self.protect.udp),
-        ] {
-            let protected: BTreeSet<u16> = protect.iter().flat_map(|r| r.ports()).collect();
-            for (i, range) in knock.iter().enumerate() {
-                if let Some(port) = range.ports().find(|p| protected.contains(p)) {
-                    return Err(Error::invalid(
-                        format!("knock.{proto}[{i}]"),
-                        format!(
-                            "port {port}/{proto} is also under protect.{proto}; \
-                             knock ports are protected already, list it once"
-                        ),
-                    ));
-                }
-            }
-        }
         for (key, value) in [
             ("knock.rate_per_sec", self.knock.rate_per_sec),
             ("knock.burst", self.knock.burst),
@@ -303,13 +475,180 @@ impl Config {
                 ));
             }
         }
-        if !self.bpffs_dir.is_absolute() {
-            return Err(Error::invalid(
-                "bpffs_dir",
-                format!("{} is not an absolute path", self.bpffs_dir.display()),
-            ));
+        for (key, path) in [
+            ("bpffs_dir", Some(&self.bpffs_dir)),
+            ("state_dir", Some(&self.state_dir)),
+            ("devices_dir", self.devices_dir.as_ref()),
+        ] {
+            if let Some(path) = path
+                && !path.is_absolute()
+            {
+                return Err(Error::invalid(
+                    key,
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        for (id, device) in &self.devices {
+            validate_name(id, DEVICE_ID_MAX, &format!("devices.{id}"))?;
+            for (i, group) in device.groups.iter().enumerate() {
+                validate_name(group, DEVICE_ID_MAX, &format!("devices.{id}.groups[{i}]"))?;
+            }
+        }
+        self.validate_doors()
+    }
+
+    fn validate_doors(&self) -> Result<(), Error> {
+        // Every (protocol, port) has one owner, so no knock is ambiguous.
+        let mut owners: BTreeMap<KnockPort, String> = BTreeMap::new();
+        let mut claim = |knock: KnockPort, key: String| -> Result<(), Error> {
+            if let Some(owner) = owners.get(&knock) {
+                return Err(Error::invalid(
+                    key,
+                    format!("{knock} is already used by {owner}"),
+                ));
+            }
+            owners.insert(knock, key);
+            Ok(())
+        };
+        for (proto, ranges, section) in [
+            (Proto::Tcp, &self.protect.tcp, "protect.tcp"),
+            (Proto::Udp, &self.protect.udp, "protect.udp"),
+            (Proto::Tcp, &self.knock.tcp, "knock.tcp"),
+            (Proto::Udp, &self.knock.udp, "knock.udp"),
+        ] {
+            // Ranges within one list may overlap; each port is claimed once.
+            let mut listed = BTreeSet::new();
+            for (i, range) in ranges.iter().enumerate() {
+                for port in range.ports() {
+                    if listed.insert(port) {
+                        claim(KnockPort { port, proto }, format!("{section}[{i}]"))?;
+                    }
+                }
+            }
+        }
+        for (name, door) in &self.doors {
+            let key = |field: &str| format!("doors.{name}.{field}");
+            validate_name(name, DOOR_NAME_MAX, &format!("doors.{name}"))?;
+            if door.service_port == 0 {
+                return Err(Error::invalid(
+                    key("service_port"),
+                    "port 0 is not in 1-65535",
+                ));
+            }
+            claim(
+                KnockPort {
+                    port: door.service_port,
+                    proto: Proto::Tcp,
+                },
+                key("service_port"),
+            )?;
+            check_bounds(&key("open_for_secs"), door.open_for_secs, 1, 86_400)?;
+            let one_time_fields = [
+                ("knock_ports", door.knock_ports.is_some()),
+                ("knocks", door.knocks.is_some()),
+                ("step_secs", door.step_secs.is_some()),
+                ("skew_steps", door.skew_steps.is_some()),
+                ("allow", door.allow.is_some()),
+            ];
+            let static_fields = [
+                ("sequence", door.sequence.is_some()),
+                ("seq_timeout_secs", door.seq_timeout_secs.is_some()),
+            ];
+            let (foreign, mode) = match door.mode {
+                DoorMode::OneTime => (static_fields.as_slice(), "static"),
+                DoorMode::Static => (one_time_fields.as_slice(), "one_time"),
+            };
+            if let Some((field, _)) = foreign.iter().find(|(_, set)| *set) {
+                return Err(Error::invalid(
+                    key(field),
+                    format!("only {mode} doors take this setting"),
+                ));
+            }
+            match door.mode {
+                DoorMode::OneTime => {
+                    check_bounds(
+                        &key("knocks"),
+                        door.knocks.map(u32::from),
+                        1,
+                        u32::from(crate::proto::MAX_KNOCKS),
+                    )?;
+                    check_bounds(&key("step_secs"), door.step_secs, 5, 3600)?;
+                    check_bounds(&key("skew_steps"), door.skew_steps, 0, 10)?;
+                    for port in door.knock_ports().ports() {
+                        claim(
+                            KnockPort {
+                                port,
+                                proto: Proto::Udp,
+                            },
+                            key("knock_ports"),
+                        )?;
+                    }
+                }
+                DoorMode::Static => {
+                    let sequence = door.sequence();
+                    if sequence.is_empty() || sequence.len() > STATIC_SEQUENCE_MAX {
+                        return Err(Error::invalid(
+                            key("sequence"),
+                            format!("a static door needs 1-{STATIC_SEQUENCE_MAX} knocks"),
+                        ));
+                    }
+                    check_bounds(&key("seq_timeout_secs"), door.seq_timeout_secs, 1, 3600)?;
+                    let mut mine = BTreeSet::new();
+                    for (i, knock) in sequence.iter().enumerate() {
+                        if i > 0 && sequence[i - 1] == *knock {
+                            return Err(Error::invalid(
+                                format!("doors.{name}.sequence[{i}]"),
+                                format!(
+                                    "{knock} repeats the knock before it; repeats are tolerated, so it could never count"
+                                ),
+                            ));
+                        }
+                        if mine.insert(*knock) {
+                            claim(*knock, format!("doors.{name}.sequence[{i}]"))?;
+                        }
+                    }
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// Longest device id or group name.
+const DEVICE_ID_MAX: usize = 64;
+/// Longest door name.
+const DOOR_NAME_MAX: usize = 32;
+/// Longest static sequence.
+pub const STATIC_SEQUENCE_MAX: usize = 256;
+
+/// Names become log fields, file names and key-derivation input: keep them
+/// to a plain alphabet.
+fn validate_name(name: &str, max: usize, key: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            key,
+            format!(
+                "{name:?} is not a valid name (1-{max} of A-Z a-z 0-9 . _ -, not starting with .)"
+            ),
+        ))
+    }
+}
+
+fn check_bounds(key: &str, value: Option<u32>, min: u32, max: u32) -> Result<(), Error> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) => {
+            Err(Error::invalid(key, format!("{v} is not in {min}-{max}")))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -423,11 +762,106 @@ mod tests {
         assert!(e.starts_with("interfaces[0]: "), "{e}");
         let e =
             err("interfaces: [eth0]\nprotect: { udp: [7001] }\nknock: { udp: [\"7000-7002\"] }\n");
-        assert!(e.starts_with("knock.udp[0]: port 7001/udp"), "{e}");
+        assert_eq!(
+            e,
+            "knock.udp[0]: 7001:udp is already used by protect.udp[0]"
+        );
         let e = err("interfaces: [eth0]\nknock: { burst: 0 }\n");
         assert!(e.starts_with("knock.burst: 0 is not in"), "{e}");
         let e = err("interfaces: [eth0]\nbpffs_dir: relative\n");
         assert!(e.starts_with("bpffs_dir: "), "{e}");
+    }
+
+    const DOORS: &str = "interfaces: [eth0]\n\
+        devices:\n  laptop: { key_file: /etc/knockd/keys/laptop.key, groups: [admins] }\n\
+        doors:\n\
+        \x20 ssh: { service_port: 22, allow: { groups: [admins] } }\n\
+        \x20 web: { service_port: 443, mode: static, sequence: [\"6000:udp\", 8000, \"9000:udp\"] }\n";
+
+    #[test]
+    fn doors_parse_with_defaults() {
+        let config = parse(DOORS).unwrap();
+        let ssh = &config.doors["ssh"];
+        assert_eq!(ssh.mode, DoorMode::OneTime);
+        assert_eq!(
+            (ssh.knocks(), ssh.step_secs(), ssh.skew_steps()),
+            (3, 30, 1)
+        );
+        assert_eq!(ssh.knock_ports(), door_defaults::KNOCK_PORTS);
+        assert_eq!(ssh.open_for_secs(), 30);
+        let web = &config.doors["web"];
+        assert_eq!(web.mode, DoorMode::Static);
+        let seq: Vec<String> = web.sequence().iter().map(ToString::to_string).collect();
+        assert_eq!(seq, ["6000:udp", "8000:tcp", "9000:udp"]);
+        assert_eq!(web.seq_timeout_secs(), 10);
+        assert_eq!(config.devices["laptop"].groups, ["admins"]);
+        assert_eq!(config.state_dir, Path::new(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn door_errors_name_their_key() {
+        let with = |extra: &str| err(&format!("{DOORS}{extra}"));
+        let e = with("  vpn: { service_port: 1194, sequence: [1] }\n");
+        assert_eq!(e, "doors.vpn.sequence: only static doors take this setting");
+        let e = with("  vpn: { service_port: 1194, mode: static, knocks: 2, sequence: [1] }\n");
+        assert_eq!(e, "doors.vpn.knocks: only one_time doors take this setting");
+        let e = with("  vpn: { service_port: 1194, mode: static }\n");
+        assert!(
+            e.starts_with("doors.vpn.sequence: a static door needs"),
+            "{e}"
+        );
+        let e = with("  vpn: { service_port: 1194, knocks: 17 }\n");
+        assert_eq!(e, "doors.vpn.knocks: 17 is not in 1-16");
+        let e = with("  vpn: { service_port: 1194, step_secs: 1 }\n");
+        assert_eq!(e, "doors.vpn.step_secs: 1 is not in 5-3600");
+        let e = with("  vpn: { service_port: 0 }\n");
+        assert_eq!(e, "doors.vpn.service_port: port 0 is not in 1-65535");
+        let e = with("  vpn: { service_port: 22, knock_ports: \"9000-9100\" }\n");
+        assert_eq!(
+            e,
+            "doors.vpn.service_port: 22:tcp is already used by doors.ssh.service_port"
+        );
+        let e = with("  vpn: { service_port: 1194, knock_ports: \"7999-8100\" }\n");
+        assert_eq!(
+            e,
+            "doors.vpn.knock_ports: 7999:udp is already used by doors.ssh.knock_ports"
+        );
+        let e = with("  vpn: { service_port: 1194, knock_ports: \"9000-9100\", mode: static }\n");
+        assert_eq!(
+            e,
+            "doors.vpn.knock_ports: only one_time doors take this setting"
+        );
+        let e = with(
+            "  vpn: { service_port: 1194, mode: static, sequence: [\"5000:udp\", \"5000:udp\"] }\n",
+        );
+        assert!(
+            e.starts_with("doors.vpn.sequence[1]: 5000:udp repeats"),
+            "{e}"
+        );
+        let e = with("  vpn: { service_port: 1194, mode: static, sequence: [\"8000:tcp\"] }\n");
+        assert_eq!(
+            e,
+            "doors.web.sequence[1]: 8000:tcp is already used by doors.vpn.sequence[0]"
+        );
+        let e = with("  vpn: { service_port: 1194, mode: static, sequence: [\"8000:sctp\"] }\n");
+        assert!(
+            e.contains("doors.vpn.sequence[0]") && e.contains("\"sctp\" is not tcp or udp"),
+            "{e}"
+        );
+        let e = with("  vpn: { service_port: 1194, colour: blue }\n");
+        assert!(
+            e.contains("doors.vpn.colour") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = with("  \"bad door\": { service_port: 1194 }\n");
+        assert!(e.starts_with("doors.bad door: "), "{e}");
+        let e = err("interfaces: [eth0]\ndevices: { laptop: { key_file: /k, group: [a] } }\n");
+        assert!(
+            e.contains("devices.laptop.group") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = err("interfaces: [eth0]\nstate_dir: var/lib\n");
+        assert_eq!(e, "state_dir: var/lib is not an absolute path");
     }
 
     #[test]

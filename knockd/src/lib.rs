@@ -11,9 +11,11 @@
 //! - [`events`]: the knock ring buffer.
 
 pub mod config;
+pub mod devices;
 pub mod events;
 pub mod guard;
 pub mod maps;
+pub mod proto;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
