@@ -10,6 +10,7 @@
 //! - [`maps`]: every read and write of the program's maps;
 //! - [`events`]: the knock ring buffer.
 
+pub mod auth;
 pub mod config;
 pub mod devices;
 pub mod events;

@@ -411,6 +411,59 @@ impl Reply {
     }
 }
 
+/// What a client must know about a one-time door to knock on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoorParams {
+    /// The UDP range knock ports fall in.
+    pub knock_ports: RangeInclusive<u16>,
+    /// Knocks per open sequence.
+    pub knocks: u8,
+    /// Time step length in seconds.
+    pub step_secs: u32,
+}
+
+/// The knocks of one sequence: (UDP port, payload) in order. Open sequences
+/// have `params.knocks` knocks; close and heartbeat messages have one.
+pub fn sequence(
+    keys: &DoorKeys,
+    params: &DoorParams,
+    kind: Kind,
+    now_ms: u64,
+    nonce: [u8; NONCE_LEN],
+    bind: Option<IpAddr>,
+) -> Vec<(u16, [u8; KNOCK_LEN])> {
+    let count = match kind {
+        Kind::Open => params.knocks.clamp(1, MAX_KNOCKS),
+        Kind::Close | Kind::Heartbeat => 1,
+    };
+    let step = step_of(now_ms, params.step_secs);
+    (0..count)
+        .map(|index| {
+            let knock = Knock {
+                kind,
+                index,
+                count,
+                step,
+                time_ms: now_ms,
+                nonce,
+                bind,
+            };
+            (
+                keys.port(step, index, &params.knock_ports),
+                knock.encode(keys),
+            )
+        })
+        .collect()
+}
+
+/// A fresh random sequence nonce.
+pub fn fresh_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0; NONCE_LEN];
+    rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut nonce)
+        .expect("the operating system's random source failed");
+    nonce
+}
+
 /// The time step a Unix time in milliseconds falls in.
 pub fn step_of(unix_ms: u64, step_secs: u32) -> u64 {
     unix_ms / (u64::from(step_secs.max(1)) * 1000)
