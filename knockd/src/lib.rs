@@ -6,29 +6,41 @@
 //!
 //! Module ownership:
 //! - [`config`]: the YAML configuration and its validation;
+//! - [`devices`]: devices and their key files;
 //! - [`guard`]: loading and attaching the XDP program;
 //! - [`maps`]: every read and write of the program's maps;
-//! - [`events`]: the knock ring buffer.
+//! - [`events`]: the knock ring buffer;
+//! - [`proto`]: the one-time knock wire protocol (`docs/PROTOCOL.md`);
+//! - [`auth`]: knock authentication, a pure state machine;
+//! - [`state`]: the consumed-sequence record;
+//! - [`daemon`]: decisions turned into grants, replies and log lines.
 
 pub mod auth;
 pub mod config;
+pub mod daemon;
 pub mod devices;
 pub mod events;
 pub mod guard;
 pub mod maps;
 pub mod proto;
+pub mod state;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
 use crate::{
     config::Config,
+    daemon::Daemon,
+    devices::Devices,
     events::KnockReader,
     guard::{Guard, KernelLogLevel},
-    maps::{GuardMaps, PortPolicy},
+    maps::GuardMaps,
+    state::StateFile,
 };
 
 /// How often the daemon logs its counters at debug level.
 const STATS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the clock moves the knock ports and expires grants.
+const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +51,10 @@ pub enum Error {
     Maps(#[from] maps::Error),
     #[error("reading knock events")]
     Events(#[source] std::io::Error),
+    #[error(transparent)]
+    State(#[from] state::Error),
+    #[error(transparent)]
+    Daemon(#[from] daemon::Error),
 }
 
 /// Options that are not part of the configuration file.
@@ -73,9 +89,14 @@ impl Drop for Pins {
 /// interface is attached.
 pub async fn run(
     config: Config,
+    devices: Devices,
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    for warning in &devices.warnings {
+        tracing::warn!("{warning}");
+    }
+    let state = StateFile::open(&config.state_dir)?;
     let (mut guard, logger) = Guard::load(options.kernel_log_level)?;
     if let Some(logger) = logger {
         tokio::spawn(guard::drain_logger(logger));
@@ -84,8 +105,7 @@ pub async fn run(
     let _pins = Pins(config.bpffs_dir.clone());
     let ring = maps::take_knock_events(guard.ebpf_mut())?;
     maps.set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
-    let written = maps.apply_port_policy(&PortPolicy::from_config(&config))?;
-    tracing::debug!(entries = written, "port policy loaded");
+    let mut daemon = Daemon::new(config.clone(), &devices, maps, state)?;
 
     for interface in &config.interfaces {
         let mode = guard.attach(interface, config.xdp_mode)?;
@@ -94,11 +114,14 @@ pub async fn run(
     let mut reader = KnockReader::new(ring).map_err(Error::Events)?;
     tracing::info!(
         interfaces = ?config.interfaces,
+        doors = ?config.doors.keys().collect::<Vec<_>>(),
+        devices = devices.by_id.len(),
         bpffs_dir = %config.bpffs_dir.display(),
         "ready"
     );
 
     let mut stats = tokio::time::interval(STATS_INTERVAL);
+    let mut tick = tokio::time::interval(TICK_INTERVAL);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -106,30 +129,33 @@ pub async fn run(
             batch = reader.read() => {
                 for knock in batch.map_err(Error::Events)? {
                     match knock {
-                        Ok(knock) => tracing::info!(
-                            source = %knock.source,
-                            destination = %knock.destination,
-                            proto = %knock.proto,
-                            ifindex = knock.ifindex,
-                            at_ns = knock.at_ns,
-                            payload_len = knock.payload_len,
-                            payload = %hex::encode(&knock.payload),
-                            "knock"
-                        ),
+                        Ok(knock) => {
+                            tracing::debug!(
+                                source = %knock.source,
+                                destination = %knock.destination,
+                                proto = %knock.proto,
+                                payload_len = knock.payload_len,
+                                payload = %hex::encode(&knock.payload),
+                                "knock"
+                            );
+                            daemon.on_knock(&knock)?;
+                        }
                         Err(e) => tracing::warn!(error = %e, "undecodable knock record"),
                     }
                 }
             }
+            _ = tick.tick() => daemon.tick()?,
             _ = stats.tick() => {
-                let counters = maps.counters()?;
+                let counters = daemon.maps().counters()?;
                 tracing::debug!(counters = %serde_json::to_string(&counters).unwrap_or_default(), "counters");
             }
         }
     }
 
-    let counters = maps.counters()?;
+    let counters = daemon.maps().counters()?;
     tracing::info!(
         counters = %serde_json::to_string(&counters).unwrap_or_default(),
+        decisions = %serde_json::to_string(daemon.tally()).unwrap_or_default(),
         "stopping; detaching the XDP guard"
     );
     // Dropping the guard detaches the program; the pins go with `_pins`.

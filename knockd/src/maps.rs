@@ -6,6 +6,7 @@
 //! knock ring buffer is handed out once, to the event reader.
 
 use std::{
+    collections::BTreeSet,
     fmt,
     net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -23,7 +24,7 @@ use knockd_common::{
 };
 use serde::Serialize;
 
-use crate::config::{Config, PortRange};
+use crate::config::{Config, DoorMode, KnockPort, PortRange};
 
 /// An error from a map operation, naming the map.
 #[derive(Debug, thiserror::Error)]
@@ -132,8 +133,12 @@ impl PortPolicy {
         PortPolicy(vec![0; PORT_POLICY_ENTRIES as usize])
     }
 
-    /// Protected ports and knock ports (which are protected too) from `config`.
-    pub fn from_config(config: &Config) -> Self {
+    /// What `config` protects, with `knocks` (the engine's current knock
+    /// ports) marked as knocks: the configured `protect` and `knock` ports,
+    /// each door's service port, each one-time door's whole knock range
+    /// (only the ports valid now are knocks; the rest just drop), and each
+    /// static door's sequence.
+    pub fn from_config(config: &Config, knocks: &BTreeSet<KnockPort>) -> Self {
         let mut table = PortPolicy::empty();
         let rules: [(Proto, &[PortRange], u8); 4] = [
             (Proto::Tcp, &config.protect.tcp, policy::PROTECTED),
@@ -153,6 +158,24 @@ impl PortPolicy {
             for port in ranges.iter().flat_map(|r| r.ports()) {
                 table.set(proto, port, flags);
             }
+        }
+        for door in config.doors.values() {
+            table.set(Proto::Tcp, door.service_port, policy::PROTECTED);
+            match door.mode {
+                DoorMode::OneTime => {
+                    for port in door.knock_ports().ports() {
+                        table.set(Proto::Udp, port, policy::PROTECTED);
+                    }
+                }
+                DoorMode::Static => {
+                    for knock in door.sequence() {
+                        table.set(knock.proto, knock.port, policy::PROTECTED);
+                    }
+                }
+            }
+        }
+        for knock in knocks {
+            table.set(knock.proto, knock.port, policy::KNOCK | policy::PROTECTED);
         }
         table
     }
@@ -432,7 +455,7 @@ mod tests {
             Path::new("t.yaml"),
         )
         .unwrap();
-        let table = PortPolicy::from_config(&config);
+        let table = PortPolicy::from_config(&config, &BTreeSet::new());
         assert_eq!(table.get(Proto::Tcp, 22), policy::PROTECTED);
         assert_eq!(table.get(Proto::Tcp, 40001), policy::PROTECTED);
         assert_eq!(table.get(Proto::Tcp, 40003), 0);

@@ -300,19 +300,31 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Daemon {
     /// Starts `knockd run` in `ns` with `config` (YAML; `bpffs_dir` is
-    /// appended, unique per daemon) and waits until it logs "ready".
+    /// appended, unique per daemon, and so is `state_dir` unless `config`
+    /// has one) and waits until it logs "ready".
     pub fn start(ns: &NetNs, config: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let bpffs_dir = Path::new("/sys/fs/bpf").join(unique_name("p"));
         let config_path = dir.path().join("knockd.yaml");
-        std::fs::write(
-            &config_path,
-            format!("{config}\nbpffs_dir: {}\n", bpffs_dir.display()),
-        )
-        .unwrap();
+        let mut text = format!("{config}\nbpffs_dir: {}\n", bpffs_dir.display());
+        if !config.contains("state_dir:") {
+            text.push_str(&format!(
+                "state_dir: {}\n",
+                dir.path().join("state").display()
+            ));
+        }
+        std::fs::write(&config_path, text).unwrap();
         let mut child = ns
             .command(knockd_bin())
-            .args(["run", "--log-format", "json", "--config"])
+            // knockd=debug: tests read the per-knock lines.
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--log-level",
+                "info,knockd=debug",
+                "--config",
+            ])
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -7,9 +7,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use knockd::{
     RunOptions,
-    config::{Config, DEFAULT_BPFFS_DIR},
+    config::{Config, DEFAULT_BPFFS_DIR, KnockPort, PortRange, STATIC_SEQUENCE_MAX},
+    devices::Devices,
     guard::KernelLogLevel,
-    maps::GuardMaps,
+    maps::{GuardMaps, Proto},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -36,12 +37,29 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Validate a configuration file and exit: 0 if valid, 1 with the
-    /// offending key if not.
+    /// Validate a configuration file, its devices and key files, and exit:
+    /// 0 if valid, 1 naming the offending key or file if not.
     CheckConfig {
         /// Configuration file.
         #[arg(default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Generate a random static knock sequence (unique ports) for a static
+    /// door, and optionally export it for clients.
+    GenSequence {
+        /// Knocks in the sequence.
+        #[arg(long, default_value_t = 20)]
+        length: usize,
+        /// Port range to draw from.
+        #[arg(long, default_value = "10000-60000")]
+        range: String,
+        /// Protocol of the knocks: udp, tcp, or mixed (each drawn at random).
+        #[arg(long, value_enum, default_value_t = SequenceProto::Udp)]
+        proto: SequenceProto,
+        /// Also write the sequence to this file, one knock per line, for
+        /// clients (`knock HOST $(cat FILE)` works too).
+        #[arg(long)]
+        export: Option<PathBuf>,
     },
     /// Print the XDP guard's counters from a running daemon's pinned maps.
     Stats {
@@ -55,6 +73,13 @@ enum Command {
         #[arg(long)]
         watch: Option<u64>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SequenceProto {
+    Udp,
+    Tcp,
+    Mixed,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,18 +102,34 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::CheckConfig { config } => {
-            Config::load(&config)?;
-            println!("{}: ok", config.display());
+        Command::CheckConfig { config: path } => {
+            let config = Config::load(&path)?;
+            let devices = Devices::load(&config, &path)?;
+            for warning in &devices.warnings {
+                println!("warning: {warning}");
+            }
+            println!(
+                "{}: ok ({} doors, {} devices)",
+                path.display(),
+                config.doors.len(),
+                devices.by_id.len()
+            );
             Ok(())
         }
+        Command::GenSequence {
+            length,
+            range,
+            proto,
+            export,
+        } => gen_sequence(length, &range, proto, export.as_deref()),
         Command::Stats {
             bpffs_dir,
             json,
             watch,
         } => stats(&bpffs_dir, json, watch),
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run { config: path } => {
+            let config = Config::load(&path)?;
+            let devices = Devices::load(&config, &path)?;
             let kernel_log_level =
                 if cli.log_level.contains("debug") || cli.log_level.contains("trace") {
                     KernelLogLevel::Debug
@@ -98,7 +139,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = shutdown_signal()?;
-                knockd::run(config, RunOptions { kernel_log_level }, shutdown).await?;
+                knockd::run(config, devices, RunOptions { kernel_log_level }, shutdown).await?;
                 Ok(())
             })
         }
@@ -152,6 +193,52 @@ fn print_table(now: &knockd::maps::Counters, since: Option<(&knockd::maps::Count
         println!("{name:<20} {value:>14} {rate:>12}");
     }
     println!("{:<20} {:>14}", "total", now.total());
+}
+
+fn gen_sequence(
+    length: usize,
+    range: &str,
+    proto: SequenceProto,
+    export: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use rand::{Rng as _, seq::index::sample};
+    let range: PortRange =
+        serde_yaml::from_str(&format!("{range:?}")).with_context(|| format!("--range {range}"))?;
+    let span = usize::from(range.end - range.start) + 1;
+    anyhow::ensure!(
+        (1..=STATIC_SEQUENCE_MAX).contains(&length) && length <= span,
+        "--length {length}: must be 1-{STATIC_SEQUENCE_MAX} and at most the {span} ports of --range"
+    );
+    // ThreadRng is a CSPRNG seeded from the operating system.
+    let mut rng = rand::rng();
+    let sequence: Vec<KnockPort> = sample(&mut rng, span, length)
+        .into_iter()
+        .map(|offset| KnockPort {
+            port: range.start + offset as u16,
+            proto: match proto {
+                SequenceProto::Udp => Proto::Udp,
+                SequenceProto::Tcp => Proto::Tcp,
+                SequenceProto::Mixed if rng.random() => Proto::Udp,
+                SequenceProto::Mixed => Proto::Tcp,
+            },
+        })
+        .collect();
+    let knocks: Vec<String> = sequence.iter().map(ToString::to_string).collect();
+    println!(
+        "sequence: [{}]",
+        knocks
+            .iter()
+            .map(|k| format!("\"{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(path) = export {
+        // Knocks only, one per line, so `knock HOST $(cat FILE)` works.
+        let text = format!("{}\n", knocks.join("\n"));
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("exported to {}", path.display());
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat, level: &str) {
