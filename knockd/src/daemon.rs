@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -20,16 +20,9 @@ use crate::{
     devices::Devices,
     events::Knock,
     maps::{self, GuardMaps, PortPolicy, Proto},
-    proto::Status,
+    proto::{Status, unix_ms},
     state::{self, StateFile},
 };
-
-/// Unix time in milliseconds: the clock one-time sequences are derived from.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Unauthenticated rejects logged per second on average, and in a burst.
 /// Past that they are only counted, so a flood cannot flood the journal.

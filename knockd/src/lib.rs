@@ -16,6 +16,7 @@
 //! - [`daemon`]: decisions turned into grants, replies and log lines.
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod devices;

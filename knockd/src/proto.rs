@@ -464,6 +464,13 @@ pub fn fresh_nonce() -> [u8; NONCE_LEN] {
     nonce
 }
 
+/// Unix time in milliseconds: the clock one-time sequences are derived from.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The time step a Unix time in milliseconds falls in.
 pub fn step_of(unix_ms: u64, step_secs: u32) -> u64 {
     unix_ms / (u64::from(step_secs.max(1)) * 1000)

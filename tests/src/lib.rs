@@ -11,6 +11,7 @@
 //!
 //! Tests `unwrap()` rather than return `Result`, so a failure shows its line.
 
+pub mod capture;
 pub mod frames;
 pub mod probe;
 

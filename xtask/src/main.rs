@@ -33,7 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     // Namespaces, veth, nsenter.
     "iproute2",
     "util-linux",
-    // Real peers for tests and the demo.
+    // Real peers for tests and the demo: knockd's stock `knock` client.
+    "knockd",
     "nmap",
     "netcat-openbsd",
 ];

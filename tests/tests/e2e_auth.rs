@@ -1,0 +1,368 @@
+//! End to end: knocks authenticated by the real daemon between two fresh
+//! namespaces. One-time knocks come from our client code; static ones from
+//! Debian's stock `knock` client. Replays are captured off the wire and sent
+//! again byte for byte.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use knockd::{
+    client::{self, Target},
+    proto::{DeviceKey, DoorKeys, DoorParams, Kind, Status},
+};
+use knockd_tests::{
+    Daemon, NetNs, Testbed, addrs,
+    capture::{Capture, udp_dport},
+    probe::{self, Outcome},
+    require_privileges,
+};
+
+const SILENCE: Duration = Duration::from_millis(1200);
+const LOG_WAIT: Duration = Duration::from_secs(10);
+const SSH: u16 = 22;
+const LEGACY_UDP: u16 = 2222;
+const LEGACY_TCP: u16 = 2223;
+const KNOCK_RANGE: std::ops::RangeInclusive<u16> = 7000..=7999;
+
+/// Keys on disk (root-owned, 0600, as the daemon demands) and the config.
+struct Setup {
+    dir: tempfile::TempDir,
+    laptop: DeviceKey,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let laptop = DeviceKey::generate();
+        for (name, key) in [("laptop", &laptop), ("intern", &DeviceKey::generate())] {
+            let path = dir.path().join(format!("{name}.key"));
+            std::fs::write(&path, key.to_hex()).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        Setup { dir, laptop }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn config(&self, testbed: &Testbed) -> String {
+        let keys = self.dir.path().display();
+        format!(
+            "interfaces: [{}]\n\
+             xdp_mode: native\n\
+             state_dir: {}\n\
+             devices:\n\
+             \x20 laptop: {{ key_file: {keys}/laptop.key, groups: [admins] }}\n\
+             \x20 intern: {{ key_file: {keys}/intern.key }}\n\
+             doors:\n\
+             \x20 ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }} }}\n\
+             \x20 legacy: {{ service_port: {LEGACY_UDP}, mode: static, sequence: [\"6000:udp\", \"6001:udp\", \"6002:udp\"] }}\n\
+             \x20 legacy_tcp: {{ service_port: {LEGACY_TCP}, mode: static, sequence: [\"6100:tcp\", \"6101:tcp\", \"6102:tcp\"] }}\n",
+            testbed.server_if,
+            self.state_dir().display(),
+        )
+    }
+
+    fn target(&self, server: IpAddr, key: &DeviceKey) -> Target {
+        Target {
+            server,
+            door: "ssh".into(),
+            params: DoorParams {
+                knock_ports: KNOCK_RANGE,
+                knocks: 3,
+                step_secs: 30,
+            },
+            key: key.clone(),
+            bind: None,
+        }
+    }
+}
+
+fn start(v6: bool) -> (Testbed, Setup, Daemon, (IpAddr, IpAddr, IpAddr)) {
+    let testbed = Testbed::new();
+    let family = addrs::family(v6);
+    let server = family.0;
+    testbed.server.run(|| {
+        for port in [SSH, LEGACY_UDP, LEGACY_TCP] {
+            probe::echo_server(SocketAddr::new(server, port));
+        }
+    });
+    let setup = Setup::new();
+    let daemon = Daemon::start(&testbed.server, &setup.config(&testbed));
+    (testbed, setup, daemon, family)
+}
+
+fn connect(ns: &NetNs, from: IpAddr, to: SocketAddr) -> Outcome {
+    ns.run(|| probe::tcp_connect(Some(from), to, SILENCE).0)
+}
+
+/// A UDP socket in the client namespace, bound to `from`.
+fn client_socket(ns: &NetNs, from: IpAddr) -> UdpSocket {
+    ns.run(|| UdpSocket::bind(SocketAddr::new(from, 0)).unwrap())
+}
+
+/// Waits `SILENCE` for any datagram on `socket`.
+fn silent(socket: &UdpSocket) -> bool {
+    socket.set_read_timeout(Some(SILENCE)).unwrap();
+    socket.recv_from(&mut [0; 512]).is_err()
+}
+
+fn decisions(daemon: &Daemon, outcome: &str, reason: Option<&str>) -> usize {
+    daemon
+        .messages("decision", |v| {
+            v["outcome"] == outcome && reason.is_none_or(|r| v["reason"] == r)
+        })
+        .len()
+}
+
+fn one_time_knock_opens_the_service_for_that_source_only(v6: bool) {
+    let (testbed, setup, mut daemon, (server, client, other)) = start(v6);
+    let ssh = SocketAddr::new(server, SSH);
+    assert_eq!(connect(&testbed.client, client, ssh), Outcome::Silent);
+
+    let socket = client_socket(&testbed.client, client);
+    let answer = client::knock_from(
+        &socket,
+        &setup.target(server, &setup.laptop),
+        Kind::Open,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(answer.reply.status, Status::Granted);
+    assert_eq!((answer.reply.port, answer.reply.expires_in_secs), (SSH, 30));
+    assert!(
+        answer.server_offset_ms.abs() < 5000,
+        "same machine, same clock"
+    );
+    assert_eq!(answer.attempts, 1);
+
+    let line = daemon.wait_for("decision", LOG_WAIT, |v| v["outcome"] == "accepted");
+    assert_eq!(line["device"], "laptop");
+    assert_eq!(line["door"], "ssh");
+    assert_eq!(line["grant_to"], client.to_string());
+
+    let (outcome, stream) = testbed
+        .client
+        .run(|| probe::tcp_connect(Some(client), ssh, SILENCE));
+    assert_eq!(outcome, Outcome::Answered);
+    assert!(probe::echo_round_trip(
+        &mut stream.unwrap(),
+        b"authenticated"
+    ));
+    assert_eq!(connect(&testbed.client, other, ssh), Outcome::Silent);
+}
+
+#[test]
+fn one_time_knock_opens_the_service_for_that_source_only_v4() {
+    require_privileges!();
+    one_time_knock_opens_the_service_for_that_source_only(false);
+}
+
+#[test]
+fn one_time_knock_opens_the_service_for_that_source_only_v6() {
+    require_privileges!();
+    one_time_knock_opens_the_service_for_that_source_only(true);
+}
+
+/// Knocks once while capturing; returns the knock socket and the frames.
+fn knock_and_capture(
+    testbed: &Testbed,
+    setup: &Setup,
+    server: IpAddr,
+    client: IpAddr,
+) -> (UdpSocket, Vec<Vec<u8>>) {
+    let capture = Capture::start(&testbed.client, &testbed.client_if);
+    let socket = client_socket(&testbed.client, client);
+    client::knock_from(
+        &socket,
+        &setup.target(server, &setup.laptop),
+        Kind::Open,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let frames = capture.outgoing(|f| udp_dport(f).is_some_and(|p| KNOCK_RANGE.contains(&p)));
+    assert_eq!(frames.len(), 3, "one attempt, three knocks on the wire");
+    (socket, frames)
+}
+
+fn a_replayed_capture_is_rejected_and_answered_with_silence(v6: bool) {
+    let (testbed, setup, mut daemon, (server, client, _)) = start(v6);
+    let (socket, frames) = knock_and_capture(&testbed, &setup, server, client);
+    daemon.wait_for("decision", LOG_WAIT, |v| v["outcome"] == "accepted");
+
+    Capture::start(&testbed.client, &testbed.client_if).replay(&frames);
+    daemon.wait_for_count("decision", 3, LOG_WAIT, |v| v["reason"] == "replay");
+    assert!(silent(&socket), "a replay gets no reply");
+    assert_eq!(decisions(&daemon, "accepted", None), 1);
+    let line = &daemon.messages("decision", |v| v["reason"] == "replay")[0];
+    assert_eq!(
+        line["device"], "laptop",
+        "a replay authenticates, so it names the device"
+    );
+}
+
+#[test]
+fn a_replayed_capture_is_rejected_and_answered_with_silence_v4() {
+    require_privileges!();
+    a_replayed_capture_is_rejected_and_answered_with_silence(false);
+}
+
+#[test]
+fn a_replayed_capture_is_rejected_and_answered_with_silence_v6() {
+    require_privileges!();
+    a_replayed_capture_is_rejected_and_answered_with_silence(true);
+}
+
+#[test]
+fn a_replay_after_a_restart_is_rejected() {
+    require_privileges!();
+    let (testbed, setup, daemon, (server, client, _)) = start(false);
+    let (socket, frames) = knock_and_capture(&testbed, &setup, server, client);
+    assert!(daemon.stop().success());
+    assert!(setup.state_dir().join("consumed.json").exists());
+
+    let mut restarted = Daemon::start(&testbed.server, &setup.config(&testbed));
+    Capture::start(&testbed.client, &testbed.client_if).replay(&frames);
+    restarted.wait_for_count("decision", 3, LOG_WAIT, |v| v["reason"] == "replay");
+    assert_eq!(decisions(&restarted, "accepted", None), 0);
+    assert!(silent(&socket));
+}
+
+#[test]
+fn forged_knocks_get_no_reply_and_open_nothing() {
+    require_privileges!();
+    let (testbed, setup, mut daemon, (server, client, _)) = start(false);
+    let socket = client_socket(&testbed.client, client);
+    // Another device's key on the laptop's ports: right ports, wrong MAC.
+    let wrong = DeviceKey::generate();
+    let laptop = DoorKeys::derive(&setup.laptop, "ssh");
+    let forger = DoorKeys::derive(&wrong, "ssh");
+    let params = setup.target(server, &setup.laptop).params;
+    let now = knockd::proto::unix_ms();
+    let real = knockd::proto::sequence(&laptop, &params, Kind::Open, now, [1; 16], None);
+    let forged = knockd::proto::sequence(&forger, &params, Kind::Open, now, [1; 16], None);
+    for ((port, _), (_, payload)) in real.iter().zip(&forged) {
+        socket
+            .send_to(payload, SocketAddr::new(server, *port))
+            .unwrap();
+    }
+    // And garbage of every length class.
+    for payload in [&[][..], &[1u8; 10][..], &[0xffu8; 68][..], &[7u8; 500][..]] {
+        socket
+            .send_to(payload, SocketAddr::new(server, real[0].0))
+            .unwrap();
+    }
+    daemon.wait_for_count("decision", 3, LOG_WAIT, |v| v["reason"] == "bad_mac");
+    daemon.wait_for_count("decision", 3, LOG_WAIT, |v| v["reason"] == "malformed");
+    assert!(
+        silent(&socket),
+        "nothing is ever sent in reply to an invalid knock"
+    );
+    assert_eq!(decisions(&daemon, "accepted", None), 0);
+    let bad = &daemon.messages("decision", |v| v["reason"] == "bad_mac")[0];
+    assert!(
+        bad["device"].is_null(),
+        "an unauthenticated knock names no device"
+    );
+    assert_eq!(
+        connect(&testbed.client, client, SocketAddr::new(server, SSH)),
+        Outcome::Silent
+    );
+}
+
+#[test]
+fn a_close_knock_ends_the_grant() {
+    require_privileges!();
+    let (testbed, setup, _daemon, (server, client, _)) = start(false);
+    let ssh = SocketAddr::new(server, SSH);
+    let target = setup.target(server, &setup.laptop);
+    let socket = client_socket(&testbed.client, client);
+    client::knock_from(&socket, &target, Kind::Open, Duration::from_secs(10)).unwrap();
+    assert_eq!(connect(&testbed.client, client, ssh), Outcome::Answered);
+    let heartbeat =
+        client::knock_from(&socket, &target, Kind::Heartbeat, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (heartbeat.reply.status, heartbeat.reply.port),
+        (Status::Granted, SSH)
+    );
+    let closed =
+        client::knock_from(&socket, &target, Kind::Close, Duration::from_secs(10)).unwrap();
+    assert_eq!(closed.reply.status, Status::Closed);
+    assert_eq!(connect(&testbed.client, client, ssh), Outcome::Silent);
+    let heartbeat =
+        client::knock_from(&socket, &target, Kind::Heartbeat, Duration::from_secs(10)).unwrap();
+    assert_eq!(heartbeat.reply.status, Status::NoGrant);
+}
+
+#[test]
+fn the_stock_knock_client_opens_static_doors_over_udp_and_tcp() {
+    require_privileges!();
+    let (testbed, _setup, daemon, (server, client, other)) = start(false);
+    assert_eq!(
+        daemon
+            .messages("door uses a static knock sequence: anyone who observes it can replay it; prefer mode: one_time", |_| true)
+            .len(),
+        2,
+        "static doors are announced as replayable"
+    );
+    for (service, args) in [
+        (LEGACY_UDP, vec!["-u", "6000", "6001", "6002"]),
+        (LEGACY_TCP, vec!["6100", "6101", "6102"]),
+    ] {
+        let to = SocketAddr::new(server, service);
+        assert_eq!(connect(&testbed.client, client, to), Outcome::Silent);
+        let status = testbed
+            .client
+            .command("knock")
+            .arg("-v")
+            .arg(server.to_string())
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(
+            connect(&testbed.client, client, to),
+            Outcome::Answered,
+            "after knock {args:?}"
+        );
+        assert_eq!(connect(&testbed.client, other, to), Outcome::Silent);
+    }
+}
+
+#[test]
+fn check_config_names_an_unsafe_key_file() {
+    require_privileges!();
+    let testbed = Testbed::new();
+    let setup = Setup::new();
+    let config = setup.dir.path().join("knockd.yaml");
+    std::fs::write(&config, setup.config(&testbed)).unwrap();
+    let check = || {
+        Command::new(knockd_tests::knockd_bin())
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let ok = check();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok (3 doors, 2 devices)"));
+    let key = setup.dir.path().join("laptop.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let bad = check();
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains(&format!("key file {}: mode 0644", key.display())),
+        "{stderr}"
+    );
+}
