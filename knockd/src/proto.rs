@@ -204,12 +204,16 @@ impl DoorKeys {
     }
 
     /// The single-use key sealing the reply to the sequence `nonce`.
-    fn reply_cipher(&self, nonce: &[u8; NONCE_LEN]) -> ChaCha20Poly1305 {
+    fn reply_key(&self, nonce: &[u8; NONCE_LEN]) -> [u8; 32] {
         let mut key = [0; 32];
         self.hkdf
             .expand(&info("reply", &self.door, nonce), &mut key)
             .expect("32 bytes is a valid HKDF-SHA256 output length");
-        ChaCha20Poly1305::new(&key.into())
+        key
+    }
+
+    fn reply_cipher(&self, nonce: &[u8; NONCE_LEN]) -> ChaCha20Poly1305 {
+        ChaCha20Poly1305::new(&self.reply_key(nonce).into())
     }
 }
 
@@ -647,6 +651,92 @@ mod tests {
         );
         assert_eq!(format!("{key:?}"), "DeviceKey(<redacted>)");
         assert_ne!(DeviceKey::generate(), key);
+    }
+
+    /// The vectors in docs/PROTOCOL.md, recomputed from their inputs.
+    #[test]
+    fn protocol_vectors() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let blocks: Vec<std::collections::HashMap<&str, &str>> = doc
+            .split("```text\n")
+            .skip(1)
+            .filter_map(|block| block.split("```").next())
+            .filter(|block| block.starts_with("vector "))
+            .map(|block| {
+                block
+                    .lines()
+                    .filter_map(|line| line.split_once(' '))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(blocks.len(), 2, "vectors in PROTOCOL.md");
+        for v in blocks {
+            let name = v["vector"];
+            let mut key = [0; KEY_LEN];
+            hex::decode_to_slice(v["key"], &mut key).unwrap();
+            let keys = DoorKeys::derive(&DeviceKey(key), v["door"]);
+            assert_eq!(hex::encode(keys.port_key), v["port_key"], "{name}");
+            assert_eq!(hex::encode(keys.mac_key), v["mac_key"], "{name}");
+            let (start, end) = v["knock_ports"].split_once('-').unwrap();
+            let count: u8 = v["count"].parse().unwrap();
+            let params = DoorParams {
+                knock_ports: start.parse().unwrap()..=end.parse().unwrap(),
+                knocks: count,
+                step_secs: v["step_secs"].parse().unwrap(),
+            };
+            let time_ms: u64 = v["time_ms"].parse().unwrap();
+            assert_eq!(
+                step_of(time_ms, params.step_secs).to_string(),
+                v["step"],
+                "{name}"
+            );
+            let kind = match v["kind"] {
+                "open" => Kind::Open,
+                "close" => Kind::Close,
+                _ => Kind::Heartbeat,
+            };
+            let mut nonce = [0; NONCE_LEN];
+            hex::decode_to_slice(v["nonce"], &mut nonce).unwrap();
+            let bind = (v["bind"] != "none").then(|| v["bind"].parse().unwrap());
+            let knocks = sequence(&keys, &params, kind, time_ms, nonce, bind);
+            assert_eq!(knocks.len(), usize::from(count), "{name}");
+            for (i, (port, payload)) in knocks.iter().enumerate() {
+                assert_eq!(
+                    port.to_string(),
+                    v[format!("port.{i}").as_str()],
+                    "{name} port {i}"
+                );
+                assert_eq!(
+                    hex::encode(payload),
+                    v[format!("knock.{i}").as_str()],
+                    "{name} knock {i}"
+                );
+                let (parsed, raw) = Knock::parse(payload).unwrap();
+                assert!(keys.verify(raw));
+                assert_eq!((parsed.index, parsed.bind), (i as u8, bind));
+            }
+            assert_eq!(
+                hex::encode(keys.reply_key(&nonce)),
+                v["reply_key"],
+                "{name}"
+            );
+            let fields: Vec<&str> = v["reply_fields"].split(' ').collect();
+            let reply = Reply {
+                kind,
+                nonce,
+                status: match fields[0] {
+                    "granted" => Status::Granted,
+                    "closed" => Status::Closed,
+                    _ => Status::NoGrant,
+                },
+                port: fields[1].parse().unwrap(),
+                expires_in_secs: fields[2].parse().unwrap(),
+                server_time_ms: fields[3].parse().unwrap(),
+            };
+            let sealed = reply.seal(&keys);
+            assert_eq!(hex::encode(sealed), v["reply"], "{name} reply");
+            assert_eq!(Reply::open(&sealed, &keys, &nonce).unwrap(), reply);
+        }
     }
 
     #[test]

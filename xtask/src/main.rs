@@ -35,6 +35,9 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     // Real peers for tests and the demo: knockd's stock `knock` client.
     "knockd",
+    // The independent Python check of the protocol's test vectors.
+    "python3",
+    "python3-cryptography",
     "nmap",
     "netcat-openbsd",
 ];
@@ -340,8 +343,18 @@ fn test(filter: Option<&str>) -> Result<()> {
     }
     let (privileged_tally, privileged_status) = cargo_test(privileged)?;
 
-    let passed = unit_tally.passed + privileged_tally.passed;
-    let failed = unit_tally.failed + privileged_tally.failed;
+    println!("test: protocol vectors, recomputed by an independent implementation");
+    // Debian's interpreter, which is the one python3-cryptography serves.
+    let vectors = Command::new("/usr/bin/python3")
+        .arg(workspace_root().join("docs/check_vectors.py"))
+        .output()
+        .context("running docs/check_vectors.py")?;
+    print!("{}", String::from_utf8_lossy(&vectors.stdout));
+    eprint!("{}", String::from_utf8_lossy(&vectors.stderr));
+    let vectors_ok = vectors.status.success();
+
+    let passed = unit_tally.passed + privileged_tally.passed + u64::from(vectors_ok);
+    let failed = unit_tally.failed + privileged_tally.failed + u64::from(!vectors_ok);
     println!();
     println!(
         "unit: {} passed, {} failed; privileged: {} passed, {} failed; {:.0}s in all",
@@ -353,6 +366,7 @@ fn test(filter: Option<&str>) -> Result<()> {
     );
     println!("{passed} passed, {failed} failed");
     ensure!(unit_status.success(), "unit tests failed");
+    ensure!(vectors_ok, "docs/check_vectors.py failed");
     ensure!(privileged_status.success(), "privileged tests failed");
     ensure!(
         privileged_tally.passed > 0,
