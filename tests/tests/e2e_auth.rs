@@ -355,7 +355,7 @@ fn check_config_names_an_unsafe_key_file() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok (3 doors, 2 devices)"));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok (doors: 3, devices: 2)"));
     let key = setup.dir.path().join("laptop.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let bad = check();

@@ -455,40 +455,71 @@ fn demo() -> Result<()> {
     );
 
     let dir = std::env::temp_dir().join(format!("knockd-demo-{id}"));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir.join("devices.d"))?;
     let bpffs_dir = format!("{BPFFS}/knockd-demo-{id}");
+    // A provisioned device: a 256-bit key, root-owned and 0600 as knockd
+    // demands, and its device file.
+    let key = random_key()?;
+    let key_path = dir.join("devices.d/laptop.key");
+    std::fs::write(&key_path, key)?;
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    std::fs::write(
+        dir.join("devices.d/laptop.yaml"),
+        "id: laptop\nkey_file: laptop.key\ngroups: [admins]\n",
+    )?;
     let example = std::fs::read_to_string(workspace_root().join("deploy/knockd.example.yaml"))?;
-    let config = example
+    let mut config = example
         .replace("  - eth0", &format!("  - {server_if}"))
         .replace(
             "bpffs_dir: /sys/fs/bpf/knockd",
             &format!("bpffs_dir: {bpffs_dir}"),
+        )
+        .replace(
+            "state_dir: /var/lib/knockd",
+            &format!("state_dir: {}", dir.join("state").display()),
+        )
+        .replace(
+            "devices_dir: /etc/knockd/devices.d",
+            &format!("devices_dir: {}", dir.join("devices.d").display()),
         );
+    // Uncomment the example's static door, for the stock knock client.
+    for line in [
+        "  # legacy:",
+        "  #   service_port: 2222",
+        "  #   mode: static",
+        "  #   sequence: [\"6000:udp\", \"6001:tcp\", \"6002:udp\"]   # knockd gen-sequence",
+        "  #   seq_timeout_secs: 10",
+    ] {
+        config = config.replace(line, &line.replacen("# ", "", 1));
+    }
     let config_path = dir.join("knockd.yaml");
     std::fs::write(&config_path, config)?;
 
-    banner("services in the server namespace: sshd stand-in on 22 (protected), web on 8080 (not)");
-    let _ssh = Background(
-        server
-            .command("nc")
-            .args(["-lk", "198.18.0.1", "22"])
-            .stdout(Stdio::null())
-            .spawn()?,
+    banner(
+        "services in the server namespace: sshd stand-ins on 22 (one-time door) and 2222 (static door), web on 8080",
     );
-    let _web = Background(
-        server
-            .command("nc")
-            .args(["-lk", "198.18.0.1", "8080"])
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let services: Vec<Background> = ["22", "2222", "8080"]
+        .into_iter()
+        .map(|port| {
+            server
+                .command("nc")
+                .args(["-lk", "198.18.0.1", port])
+                .stdout(Stdio::null())
+                .spawn()
+                .map(Background)
+        })
+        .collect::<Result<_, _>>()?;
 
     banner(&format!(
         "starting knockd with deploy/knockd.example.yaml on {server_if}"
     ));
+    run(Command::new(&knockd).arg("check-config").arg(&config_path))?;
     let log_path = dir.join("knockd.log");
     let log = std::fs::File::create(&log_path)?;
-    let _daemon = Background(
+    let daemon = Background(
         server
             .command(&knockd)
             .args(["run", "--config"])
@@ -500,7 +531,7 @@ fn demo() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if text.contains("ready") {
+        if text.contains(" ready ") {
             print!("{text}");
             break;
         }
@@ -519,12 +550,11 @@ fn demo() -> Result<()> {
         "--max-retries",
         "1",
         "-p",
-        "22,8080,40000-40002,9999",
+        "22,2222,8080,9999",
         "198.18.0.1",
     ]))?;
 
-    banner("the client connects: 8080 answers, 22 gets no answer at all");
-    for port in ["8080", "22"] {
+    let probe = |port: &str| -> Result<()> {
         let status = client
             .command("nc")
             .args(["-z", "-w", "2", "198.18.0.1", port])
@@ -537,22 +567,29 @@ fn demo() -> Result<()> {
                 "no answer (dropped in XDP)"
             }
         );
+        Ok(())
+    };
+    banner("the client connects: 8080 answers, 22 and 2222 give no answer at all");
+    for port in ["8080", "22", "2222"] {
+        probe(port)?;
     }
 
-    banner("the client knocks on 7000, 7001, 7002 (UDP)");
-    for (port, payload) in [("7000", "hello"), ("7001", "from"), ("7002", "the client")] {
-        let mut nc = client
-            .command("nc")
-            .args(["-u", "-w", "0", "198.18.0.1", port])
-            .stdin(Stdio::piped())
-            .spawn()?;
-        use std::io::Write as _;
-        nc.stdin.take().unwrap().write_all(payload.as_bytes())?;
-        nc.wait()?;
+    banner(
+        "the client knocks with Debian's stock knock client: knock -v 198.18.0.1 6000:udp 6001:tcp 6002:udp",
+    );
+    run(client
+        .command("knock")
+        .args(["-v", "198.18.0.1", "6000:udp", "6001:tcp", "6002:udp"]))?;
+    std::thread::sleep(Duration::from_millis(300));
+    banner("now 2222 answers, for this client only (22 still needs a one-time knock)");
+    for port in ["2222", "22"] {
+        probe(port)?;
     }
-    std::thread::sleep(Duration::from_millis(500));
     let text = std::fs::read_to_string(&log_path)?;
-    for line in text.lines().filter(|l| l.contains(" knock ")) {
+    for line in text
+        .lines()
+        .filter(|l| l.contains("decision") || l.contains("static"))
+    {
         println!("{line}");
     }
 
@@ -560,11 +597,20 @@ fn demo() -> Result<()> {
     run(Command::new(&knockd).args(["stats", "--bpffs-dir", &bpffs_dir]))?;
 
     banner("stopping: SIGTERM detaches the guard and removes the pins");
-    drop(_daemon);
+    drop(daemon);
+    drop(services);
     let text = std::fs::read_to_string(&log_path)?;
     if let Some(last) = text.lines().last() {
         println!("{last}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// 32 random bytes from the kernel, as the 64 hex digits of a key file.
+fn random_key() -> Result<String> {
+    use std::io::Read as _;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -109,7 +109,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!("warning: {warning}");
             }
             println!(
-                "{}: ok ({} doors, {} devices)",
+                "{}: ok (doors: {}, devices: {})",
                 path.display(),
                 config.doors.len(),
                 devices.by_id.len()
