@@ -23,6 +23,7 @@ pub mod devices;
 pub mod events;
 pub mod guard;
 pub mod maps;
+pub mod nft;
 pub mod proto;
 pub mod state;
 

@@ -1,0 +1,662 @@
+//! The one module that talks to nf_tables (through libnftnl and libmnl,
+//! never the `nft` command).
+//!
+//! knockd owns one `inet` table, `knockd`, and touches nothing else:
+//!
+//! ```text
+//! table inet knockd {
+//!   set grants4 { type ipv4_addr . inet_service; flags timeout; }
+//!   set grants6 { type ipv6_addr . inet_service; flags timeout; }
+//!   chain prerouting { type nat hook prerouting priority dstnat; policy accept;
+//!     # one pair per door:
+//!     meta nfproto ipv4 tcp dport START-END ip saddr . tcp dport @grants4 redirect to :SERVICE
+//!     meta nfproto ipv6 tcp dport START-END ip6 saddr . tcp dport @grants6 redirect to :SERVICE
+//!   }
+//!   chain input { type filter hook input priority filter; policy accept;
+//!     ct state established,related accept
+//!     # per door, unless it exposes its service port:
+//!     tcp dport SERVICE ct status & dnat == 0 drop
+//!   }
+//! }
+//! ```
+//!
+//! A grant is one set element, (source, granted port), with a kernel
+//! timeout: it expires on time even if the daemon is dead. Established
+//! connections outlive it through conntrack.
+//!
+//! Every change is one atomic batch, and every message in it is
+//! acknowledged or the change fails. The safe nftnl API has no concatenated
+//! sets, timeouts or `redirect`; those few pieces use `nftnl::sys` here, and
+//! nowhere else.
+
+use std::{
+    ffi::{CStr, CString, c_void},
+    net::IpAddr,
+    ops::RangeInclusive,
+    ptr::NonNull,
+    time::Duration,
+};
+
+use nftnl::{
+    Batch, Chain, FinalizedBatch, MsgType, NlMsg, ProtoFamily, Rule, Table,
+    expr::{Expression, Immediate, Register},
+    nft_expr,
+    nftnl_sys::{self as sys, libc},
+};
+
+/// The table knockd owns.
+pub const TABLE: &CStr = c"knockd";
+const PREROUTING: &CStr = c"prerouting";
+const INPUT: &CStr = c"input";
+const GRANTS4: &CStr = c"grants4";
+const GRANTS6: &CStr = c"grants6";
+/// Set ids tie rules to sets created in the same batch.
+const GRANTS4_ID: u32 = 4;
+const GRANTS6_ID: u32 = 6;
+/// Most grant elements per netlink message (each is under 100 bytes).
+const ELEMS_PER_MSG: usize = 256;
+/// Capacity hint for the grant sets.
+const SET_SIZE: u32 = 262_144;
+
+// Registers and data types not in the safe API.
+const NFT_REG32_00: u32 = 8;
+const TYPE_IPV4_ADDR: u32 = 7;
+const TYPE_IPV6_ADDR: u32 = 8;
+const TYPE_INET_SERVICE: u32 = 13;
+/// nft's encoding of a concatenated type: each part shifted by 6 bits.
+const fn concat_type(a: u32, b: u32) -> u32 {
+    (a << 6) | b
+}
+
+/// An error, naming the netlink step that failed and what it was for.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening a netfilter netlink socket")]
+    Open(#[source] std::io::Error),
+    #[error("sending the nftables batch ({what})")]
+    Send {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("receiving nftables acknowledgements ({what})")]
+    Receive {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nftables refused the change ({what})")]
+    Process {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the rules need to know about a door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoorRules {
+    /// The ports grants are drawn from.
+    pub grant_ports: RangeInclusive<u16>,
+    /// The service the granted ports lead to.
+    pub service_port: u16,
+    /// Leave the service port reachable without a grant.
+    pub expose_service_port: bool,
+}
+
+/// A grant element: who, on which port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrantKey {
+    pub source: IpAddr,
+    pub port: u16,
+}
+
+impl GrantKey {
+    fn set(&self) -> &'static CStr {
+        match self.source {
+            IpAddr::V4(_) => GRANTS4,
+            IpAddr::V6(_) => GRANTS6,
+        }
+    }
+
+    /// The set key: the address, then the port in network order, padded to
+    /// a 32-bit register as concatenations are.
+    fn bytes(&self) -> Vec<u8> {
+        let mut key = match self.source {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        key.extend_from_slice(&self.port.to_be_bytes());
+        key.extend_from_slice(&[0, 0]);
+        key
+    }
+
+    fn from_bytes(v6: bool, key: &[u8]) -> Option<GrantKey> {
+        let (addr_len, source) = if v6 {
+            let octets: [u8; 16] = key.get(..16)?.try_into().ok()?;
+            (16, IpAddr::from(octets))
+        } else {
+            let octets: [u8; 4] = key.get(..4)?.try_into().ok()?;
+            (4, IpAddr::from(octets))
+        };
+        let port = u16::from_be_bytes(key.get(addr_len..addr_len + 2)?.try_into().ok()?);
+        Some(GrantKey { source, port })
+    }
+}
+
+/// A payload load into any register (the safe API always uses register 1).
+struct PayloadTo {
+    base: u32,
+    offset: u32,
+    len: u32,
+    dreg: u32,
+}
+
+impl Expression for PayloadTo {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: a freshly allocated expression, given valid attributes; the
+        // rule takes ownership of it.
+        unsafe {
+            let expr =
+                NonNull::new(sys::nftnl_expr_alloc(c"payload".as_ptr())).expect("out of memory");
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_PAYLOAD_BASE as u16,
+                self.base,
+            );
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_PAYLOAD_OFFSET as u16,
+                self.offset,
+            );
+            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_PAYLOAD_LEN as u16, self.len);
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_PAYLOAD_DREG as u16,
+                self.dreg,
+            );
+            expr
+        }
+    }
+}
+
+/// A set lookup from any register, by name and (same-batch) id.
+struct LookupAt {
+    set: &'static CStr,
+    set_id: u32,
+    sreg: u32,
+}
+
+impl Expression for LookupAt {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: as for PayloadTo; the set name is a 'static C string.
+        unsafe {
+            let expr =
+                NonNull::new(sys::nftnl_expr_alloc(c"lookup".as_ptr())).expect("out of memory");
+            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SREG as u16, self.sreg);
+            sys::nftnl_expr_set_str(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_LOOKUP_SET as u16,
+                self.set.as_ptr(),
+            );
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_LOOKUP_SET_ID as u16,
+                self.set_id,
+            );
+            expr
+        }
+    }
+}
+
+/// `redirect to :PORT`, the port read from a register.
+struct Redirect {
+    port_reg: u32,
+}
+
+impl Expression for Redirect {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: as for PayloadTo.
+        unsafe {
+            let expr =
+                NonNull::new(sys::nftnl_expr_alloc(c"redir".as_ptr())).expect("out of memory");
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN as u16,
+                self.port_reg,
+            );
+            expr
+        }
+    }
+}
+
+/// A grant set, created if missing (its elements are kept when it exists).
+struct GrantSet {
+    name: &'static CStr,
+    id: u32,
+    v6: bool,
+}
+
+// SAFETY: writes one NEWSET/DELSET message into a buffer of at least
+// nft_nlmsg_maxsize() bytes, as the trait requires of its callers.
+unsafe impl NlMsg for GrantSet {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (key_len, addr_type) = if self.v6 {
+            (20, TYPE_IPV6_ADDR)
+        } else {
+            (8, TYPE_IPV4_ADDR)
+        };
+        let msg = match msg_type {
+            MsgType::Add => libc::NFT_MSG_NEWSET,
+            MsgType::Del => libc::NFT_MSG_DELSET,
+        };
+        // SAFETY: a fresh set object, filled with valid attributes, used to
+        // build the message and freed before returning.
+        unsafe {
+            let set = sys::nftnl_set_alloc();
+            assert!(!set.is_null(), "out of memory");
+            sys::nftnl_set_set_str(set, sys::NFTNL_SET_TABLE as u16, TABLE.as_ptr());
+            sys::nftnl_set_set_str(set, sys::NFTNL_SET_NAME as u16, self.name.as_ptr());
+            sys::nftnl_set_set_u32(set, sys::NFTNL_SET_FAMILY as u16, ProtoFamily::Inet as u32);
+            sys::nftnl_set_set_u32(set, sys::NFTNL_SET_ID as u16, self.id);
+            sys::nftnl_set_set_u32(set, sys::NFTNL_SET_KEY_LEN as u16, key_len);
+            sys::nftnl_set_set_u32(
+                set,
+                sys::NFTNL_SET_KEY_TYPE as u16,
+                concat_type(addr_type, TYPE_INET_SERVICE),
+            );
+            sys::nftnl_set_set_u32(
+                set,
+                sys::NFTNL_SET_FLAGS as u16,
+                libc::NFT_SET_TIMEOUT as u32,
+            );
+            sys::nftnl_set_set_u32(set, sys::NFTNL_SET_DESC_SIZE as u16, SET_SIZE);
+            let header = sys::nftnl_nlmsg_build_hdr(
+                buf.cast(),
+                msg as u16,
+                ProtoFamily::Inet as u16,
+                (libc::NLM_F_CREATE | libc::NLM_F_ACK) as u16,
+                seq,
+            );
+            sys::nftnl_set_nlmsg_build_payload(header, set);
+            sys::nftnl_set_free(set);
+        }
+    }
+}
+
+/// Elements to add to (with timeouts) or delete from one grant set.
+struct GrantElems<'a> {
+    set: &'static CStr,
+    elems: &'a [(GrantKey, Duration)],
+}
+
+// SAFETY: as for GrantSet; ELEMS_PER_MSG keeps the message within bounds.
+unsafe impl NlMsg for GrantElems<'_> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (msg, flags) = match msg_type {
+            MsgType::Add => (
+                libc::NFT_MSG_NEWSETELEM,
+                libc::NLM_F_CREATE | libc::NLM_F_ACK,
+            ),
+            MsgType::Del => (libc::NFT_MSG_DELSETELEM, libc::NLM_F_ACK),
+        };
+        // SAFETY: as for GrantSet; elements are owned by the set once added.
+        unsafe {
+            let set = sys::nftnl_set_alloc();
+            assert!(!set.is_null(), "out of memory");
+            sys::nftnl_set_set_str(set, sys::NFTNL_SET_TABLE as u16, TABLE.as_ptr());
+            sys::nftnl_set_set_str(set, sys::NFTNL_SET_NAME as u16, self.set.as_ptr());
+            for (key, timeout) in self.elems {
+                let elem = sys::nftnl_set_elem_alloc();
+                assert!(!elem.is_null(), "out of memory");
+                let bytes = key.bytes();
+                sys::nftnl_set_elem_set(
+                    elem,
+                    sys::NFTNL_SET_ELEM_KEY as u16,
+                    bytes.as_ptr().cast(),
+                    bytes.len() as u32,
+                );
+                if msg_type == MsgType::Add {
+                    // At least a millisecond: 0 would mean "the set's default".
+                    let ms = timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+                    sys::nftnl_set_elem_set_u64(elem, sys::NFTNL_SET_ELEM_TIMEOUT as u16, ms);
+                }
+                sys::nftnl_set_elem_add(set, elem);
+            }
+            let header = sys::nftnl_nlmsg_build_hdr(
+                buf.cast(),
+                msg as u16,
+                ProtoFamily::Inet as u16,
+                flags as u16,
+                seq,
+            );
+            sys::nftnl_set_elems_nlmsg_build_payload(header, set);
+            sys::nftnl_set_free(set);
+        }
+    }
+}
+
+/// Sends a batch and checks the acknowledgement of every message in it.
+fn send_and_process(batch: &FinalizedBatch, what: &'static str) -> Result<(), Error> {
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Open)?;
+    let portid = socket.portid();
+    socket
+        .send_all(batch)
+        .map_err(|source| Error::Send { what, source })?;
+    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+    let mut expected = batch.sequence_numbers();
+    while !expected.is_empty() {
+        let messages = socket
+            .recv(&mut buffer[..])
+            .map_err(|source| Error::Receive { what, source })?;
+        for message in messages {
+            let message = message.map_err(|source| Error::Receive { what, source })?;
+            let seq = expected.next().ok_or_else(|| Error::Receive {
+                what,
+                source: std::io::Error::other("an acknowledgement nobody asked for"),
+            })?;
+            // Ordering: each ACK must match the next sequence number; an
+            // error ACK fails the whole change (the batch was atomic).
+            mnl::cb_run(message, seq, portid).map_err(|source| Error::Process { what, source })?;
+        }
+    }
+    Ok(())
+}
+
+fn l4proto_tcp(rule: &mut Rule) {
+    rule.add_expr(&nft_expr!(meta l4proto));
+    rule.add_expr(&nft_expr!(cmp == libc::IPPROTO_TCP as u8));
+}
+
+fn dport_in(rule: &mut Rule, ports: &RangeInclusive<u16>) {
+    rule.add_expr(&nft_expr!(payload tcp dport));
+    let (start, end) = (ports.start().to_be_bytes(), ports.end().to_be_bytes());
+    rule.add_expr(&nft_expr!(cmp >= &start[..]));
+    rule.add_expr(&nft_expr!(cmp <= &end[..]));
+}
+
+/// `meta nfproto F tcp dport RANGE saddr . tcp dport @set redirect to :SERVICE`
+fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, v6: bool) -> Rule<'a> {
+    let mut rule = Rule::new(chain);
+    let (nfproto, set, set_id, saddr_offset, saddr_len) = if v6 {
+        (libc::NFPROTO_IPV6, GRANTS6, GRANTS6_ID, 8, 16)
+    } else {
+        (libc::NFPROTO_IPV4, GRANTS4, GRANTS4_ID, 12, 4)
+    };
+    rule.add_expr(&nft_expr!(meta nfproto));
+    rule.add_expr(&nft_expr!(cmp == nfproto as u8));
+    l4proto_tcp(&mut rule);
+    dport_in(&mut rule, &door.grant_ports);
+    // Check the network protocol (above) before loading its payload: the
+    // source address offset depends on it.
+    rule.add_expr(&PayloadTo {
+        base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+        offset: saddr_offset,
+        len: saddr_len,
+        dreg: NFT_REG32_00,
+    });
+    rule.add_expr(&PayloadTo {
+        base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
+        offset: 2,
+        len: 2,
+        dreg: NFT_REG32_00 + saddr_len / 4,
+    });
+    rule.add_expr(&LookupAt {
+        set,
+        set_id,
+        sreg: NFT_REG32_00,
+    });
+    // Immediate copies its value's in-memory bytes: hand it the port already
+    // in network order (a slice would copy the slice's pointer instead).
+    rule.add_expr(&Immediate::new(door.service_port.to_be(), Register::Reg1));
+    rule.add_expr(&Redirect {
+        port_reg: Register::Reg1.to_raw(),
+    });
+    rule
+}
+
+/// Creates the table, or brings an existing one (say, after a restart) to
+/// the rules for `doors`, keeping the grants it holds.
+pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
+    let table = Table::new(TABLE, ProtoFamily::Inet);
+    let mut prerouting = Chain::new(PREROUTING, &table);
+    prerouting.set_hook(nftnl::Hook::PreRouting, -100);
+    prerouting.set_type(nftnl::ChainType::Nat);
+    prerouting.set_policy(nftnl::Policy::Accept);
+    let mut input = Chain::new(INPUT, &table);
+    input.set_hook(nftnl::Hook::In, 0);
+    input.set_type(nftnl::ChainType::Filter);
+    input.set_policy(nftnl::Policy::Accept);
+
+    let mut batch = Batch::new();
+    batch.add(&table, MsgType::Add);
+    for (name, id, v6) in [(GRANTS4, GRANTS4_ID, false), (GRANTS6, GRANTS6_ID, true)] {
+        batch.add(&GrantSet { name, id, v6 }, MsgType::Add);
+    }
+    batch.add(&prerouting, MsgType::Add);
+    batch.add(&input, MsgType::Add);
+    // Replace the rules (deleting a chain's rules by chain flushes it), so
+    // a changed door list takes effect; the sets and their grants stay.
+    batch.add(&Rule::new(&prerouting), MsgType::Del);
+    batch.add(&Rule::new(&input), MsgType::Del);
+    for door in doors {
+        for v6 in [false, true] {
+            batch.add(&redirect_rule(&prerouting, door, v6), MsgType::Add);
+        }
+    }
+    let mut established = Rule::new(&input);
+    established.add_expr(&nft_expr!(ct state));
+    let states = nftnl::expr::ct::States::ESTABLISHED | nftnl::expr::ct::States::RELATED;
+    established.add_expr(&nft_expr!(bitwise mask states.bits(), xor 0u32));
+    established.add_expr(&nft_expr!(cmp != 0u32));
+    established.add_expr(&nft_expr!(verdict accept));
+    batch.add(&established, MsgType::Add);
+    for door in doors.iter().filter(|d| !d.expose_service_port) {
+        let mut rule = Rule::new(&input);
+        l4proto_tcp(&mut rule);
+        rule.add_expr(&nft_expr!(payload tcp dport));
+        let service = door.service_port.to_be_bytes();
+        rule.add_expr(&nft_expr!(cmp == &service[..]));
+        rule.add_expr(&nft_expr!(ct status));
+        let dnat = nftnl::expr::ct::ConntrackStatus::DST_NAT.bits();
+        rule.add_expr(&nft_expr!(bitwise mask dnat, xor 0u32));
+        rule.add_expr(&nft_expr!(cmp == 0u32));
+        rule.add_expr(&nft_expr!(verdict drop));
+        batch.add(&rule, MsgType::Add);
+    }
+    send_and_process(&batch.finalize(), "installing the knockd table")
+}
+
+/// Removes the table and everything in it.
+pub fn uninstall() -> Result<(), Error> {
+    let table = Table::new(TABLE, ProtoFamily::Inet);
+    let mut batch = Batch::new();
+    // Adding first makes the delete succeed whether or not it existed.
+    batch.add(&table, MsgType::Add);
+    batch.add(&table, MsgType::Del);
+    send_and_process(&batch.finalize(), "removing the knockd table")
+}
+
+fn change_grants(
+    add: &[(GrantKey, Duration)],
+    remove: &[GrantKey],
+    what: &'static str,
+) -> Result<(), Error> {
+    let mut batch = Batch::new();
+    let mut by_set = |elems: Vec<(GrantKey, Duration)>, msg_type| {
+        for set in [GRANTS4, GRANTS6] {
+            let mine: Vec<_> = elems
+                .iter()
+                .filter(|(k, _)| k.set() == set)
+                .copied()
+                .collect();
+            for chunk in mine.chunks(ELEMS_PER_MSG) {
+                batch.add(&GrantElems { set, elems: chunk }, msg_type);
+            }
+        }
+    };
+    by_set(
+        remove.iter().map(|k| (*k, Duration::ZERO)).collect(),
+        MsgType::Del,
+    );
+    by_set(add.to_vec(), MsgType::Add);
+    send_and_process(&batch.finalize(), what)
+}
+
+/// Adds grants, each with its kernel timeout, and removes others, in one
+/// atomic change (a rotation is exactly that).
+pub fn update_grants(add: &[(GrantKey, Duration)], remove: &[GrantKey]) -> Result<(), Error> {
+    change_grants(add, remove, "updating grants")
+}
+
+/// The grants the kernel holds, with the time each has left.
+pub fn list_grants() -> Result<Vec<(GrantKey, Duration)>, Error> {
+    let mut out = Vec::new();
+    for (set, v6) in [(GRANTS4, false), (GRANTS6, true)] {
+        list_set(set, v6, &mut out)?;
+    }
+    Ok(out)
+}
+
+struct DumpState {
+    set: *mut sys::nftnl_set,
+}
+
+fn parse_elems(header: &libc::nlmsghdr, state: &mut DumpState) -> libc::c_int {
+    // SAFETY: `header` is a valid netlink message from mnl; the set object
+    // lives until the dump is over.
+    unsafe { sys::nftnl_set_elems_nlmsg_parse(header, state.set) };
+    mnl::mnl_sys::MNL_CB_OK
+}
+
+fn list_set(
+    name: &'static CStr,
+    v6: bool,
+    out: &mut Vec<(GrantKey, Duration)>,
+) -> Result<(), Error> {
+    const WHAT: &str = "listing grants";
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Open)?;
+    let portid = socket.portid();
+    let seq = 1;
+    let mut request = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
+    // SAFETY: a fresh set object (table and name only) builds the dump
+    // request and collects the reply; it is freed below.
+    let set = unsafe {
+        let set = sys::nftnl_set_alloc();
+        assert!(!set.is_null(), "out of memory");
+        sys::nftnl_set_set_str(set, sys::NFTNL_SET_TABLE as u16, TABLE.as_ptr());
+        sys::nftnl_set_set_str(set, sys::NFTNL_SET_NAME as u16, name.as_ptr());
+        let header = sys::nftnl_nlmsg_build_hdr(
+            request.as_mut_ptr().cast(),
+            libc::NFT_MSG_GETSETELEM as u16,
+            ProtoFamily::Inet as u16,
+            (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
+            seq,
+        );
+        sys::nftnl_set_elems_nlmsg_build_payload(header, set);
+        let len = (*header).nlmsg_len as usize;
+        request.truncate(len);
+        set
+    };
+    let result = (|| {
+        socket
+            .send(&request)
+            .map_err(|source| Error::Send { what: WHAT, source })?;
+        let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+        let mut state = DumpState { set };
+        loop {
+            let len = socket
+                .recv_raw(&mut buffer)
+                .map_err(|source| Error::Receive { what: WHAT, source })?;
+            match mnl::cb_run2(&buffer[..len], seq, portid, parse_elems, &mut state) {
+                Ok(mnl::CbResult::Stop) => return Ok(()),
+                Ok(mnl::CbResult::Ok) => continue,
+                Err(source) => return Err(Error::Process { what: WHAT, source }),
+            }
+        }
+    })();
+    // SAFETY: iterating the set's parsed elements, then freeing the set once.
+    unsafe {
+        if result.is_ok() {
+            let iter = sys::nftnl_set_elems_iter_create(set);
+            if !iter.is_null() {
+                let mut elem = sys::nftnl_set_elems_iter_next(iter);
+                while !elem.is_null() {
+                    let mut len = 0u32;
+                    let key =
+                        sys::nftnl_set_elem_get(elem, sys::NFTNL_SET_ELEM_KEY as u16, &mut len);
+                    let expires =
+                        sys::nftnl_set_elem_get_u64(elem, sys::NFTNL_SET_ELEM_EXPIRATION as u16);
+                    if !key.is_null() {
+                        let bytes = std::slice::from_raw_parts(key.cast::<u8>(), len as usize);
+                        if let Some(grant) = GrantKey::from_bytes(v6, bytes) {
+                            out.push((grant, Duration::from_millis(expires)));
+                        }
+                    }
+                    elem = sys::nftnl_set_elems_iter_next(iter);
+                }
+                sys::nftnl_set_elems_iter_destroy(iter);
+            }
+        }
+        sys::nftnl_set_free(set);
+    }
+    result
+}
+
+/// Whether the knockd table exists (it is gone after a third party's
+/// `nft flush ruleset`).
+pub fn table_exists() -> Result<bool, Error> {
+    Ok(!list_tables()?.is_empty())
+}
+
+fn list_tables() -> Result<Vec<CString>, Error> {
+    const WHAT: &str = "listing tables";
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Open)?;
+    let portid = socket.portid();
+    let seq = 1;
+    let request = nftnl::table::get_tables_nlmsg(seq);
+    socket
+        .send(&request)
+        .map_err(|source| Error::Send { what: WHAT, source })?;
+    let mut tables = std::collections::HashSet::new();
+    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+    loop {
+        let len = socket
+            .recv_raw(&mut buffer)
+            .map_err(|source| Error::Receive { what: WHAT, source })?;
+        match mnl::cb_run2(
+            &buffer[..len],
+            seq,
+            portid,
+            nftnl::table::get_tables_cb,
+            &mut tables,
+        ) {
+            Ok(mnl::CbResult::Stop) => break,
+            Ok(mnl::CbResult::Ok) => continue,
+            Err(source) => return Err(Error::Process { what: WHAT, source }),
+        }
+    }
+    Ok(tables
+        .into_iter()
+        .filter(|t| t.as_c_str() == TABLE)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_keys_round_trip() {
+        for (source, v6) in [("198.18.0.2", false), ("2001:db8::2", true)] {
+            let key = GrantKey {
+                source: source.parse().unwrap(),
+                port: 40123,
+            };
+            let bytes = key.bytes();
+            assert_eq!(bytes.len(), if v6 { 20 } else { 8 });
+            assert_eq!(GrantKey::from_bytes(v6, &bytes), Some(key));
+        }
+        assert_eq!(GrantKey::from_bytes(false, &[1, 2]), None);
+    }
+}
