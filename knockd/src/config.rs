@@ -208,6 +208,21 @@ pub struct Door {
     /// How long a grant admits new connections, in seconds (default 30).
     /// Established connections outlive it.
     pub open_for_secs: Option<u32>,
+    /// The TCP range grants are drawn from (default 40000-40999): each
+    /// grant is a random free port here, redirected to the service port for
+    /// the granted source only. Doors may share a range: a port serves one
+    /// grant at a time.
+    pub grant_ports: Option<PortRange>,
+    /// Leave the service port reachable without a grant (default false: it
+    /// is dropped unless the connection came through a granted port).
+    #[serde(default)]
+    pub expose_service_port: bool,
+    /// A lease (a grant kept alive by heartbeats) ends after this many
+    /// seconds without one (default 90).
+    pub lease_idle_secs: Option<u32>,
+    /// A lease moves to a fresh random port this often, in seconds (default
+    /// 300; 0 never rotates). Established connections survive.
+    pub rotate_every_secs: Option<u32>,
     /// One-time: the UDP range the derived knock ports fall in (default
     /// 7000-7999). The whole range is protected.
     pub knock_ports: Option<PortRange>,
@@ -229,6 +244,12 @@ pub struct Door {
 pub mod door_defaults {
     use super::PortRange;
     pub const OPEN_FOR_SECS: u32 = 30;
+    pub const GRANT_PORTS: PortRange = PortRange {
+        start: 40000,
+        end: 40999,
+    };
+    pub const LEASE_IDLE_SECS: u32 = 90;
+    pub const ROTATE_EVERY_SECS: u32 = 300;
     pub const KNOCK_PORTS: PortRange = PortRange {
         start: 7000,
         end: 7999,
@@ -243,6 +264,20 @@ impl Door {
     /// Seconds a grant admits new connections.
     pub fn open_for_secs(&self) -> u32 {
         self.open_for_secs.unwrap_or(door_defaults::OPEN_FOR_SECS)
+    }
+    /// The TCP range grants are drawn from.
+    pub fn grant_ports(&self) -> PortRange {
+        self.grant_ports.unwrap_or(door_defaults::GRANT_PORTS)
+    }
+    /// Seconds without a heartbeat after which a lease ends.
+    pub fn lease_idle_secs(&self) -> u32 {
+        self.lease_idle_secs
+            .unwrap_or(door_defaults::LEASE_IDLE_SECS)
+    }
+    /// Seconds between rotations of a lease's port (0: never).
+    pub fn rotate_every_secs(&self) -> u32 {
+        self.rotate_every_secs
+            .unwrap_or(door_defaults::ROTATE_EVERY_SECS)
     }
     /// One-time knock port range.
     pub fn knock_ports(&self) -> PortRange {
@@ -527,6 +562,8 @@ impl Config {
                 }
             }
         }
+        // Grant ranges may be shared between doors, so claim each port once.
+        let mut grant_range_ports = BTreeSet::new();
         for (name, door) in &self.doors {
             let key = |field: &str| format!("doors.{name}.{field}");
             validate_name(name, DOOR_NAME_MAX, &format!("doors.{name}"))?;
@@ -544,6 +581,27 @@ impl Config {
                 key("service_port"),
             )?;
             check_bounds(&key("open_for_secs"), door.open_for_secs, 1, 86_400)?;
+            check_bounds(&key("lease_idle_secs"), door.lease_idle_secs, 1, 86_400)?;
+            check_bounds(&key("rotate_every_secs"), door.rotate_every_secs, 0, 86_400)?;
+            let grant_ports = door.grant_ports();
+            if grant_ports.end - grant_ports.start < 15 {
+                return Err(Error::invalid(
+                    key("grant_ports"),
+                    format!(
+                        "{grant_ports} is too small to draw random ports from: give it at least 16"
+                    ),
+                ));
+            }
+            for port in grant_ports.ports() {
+                let knock = KnockPort {
+                    port,
+                    proto: Proto::Tcp,
+                };
+                if !grant_range_ports.insert(port) {
+                    continue;
+                }
+                claim(knock, key("grant_ports"))?;
+            }
             let one_time_fields = [
                 ("knock_ports", door.knock_ports.is_some()),
                 ("knocks", door.knocks.is_some()),

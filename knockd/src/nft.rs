@@ -5,12 +5,13 @@
 //!
 //! ```text
 //! table inet knockd {
-//!   set grants4 { type ipv4_addr . inet_service; flags timeout; }
-//!   set grants6 { type ipv6_addr . inet_service; flags timeout; }
+//!   # per door (DOOR4, DOOR6):
+//!   set ssh4 { type ipv4_addr . inet_service; flags timeout; }
+//!   set ssh6 { type ipv6_addr . inet_service; flags timeout; }
 //!   chain prerouting { type nat hook prerouting priority dstnat; policy accept;
-//!     # one pair per door:
-//!     meta nfproto ipv4 tcp dport START-END ip saddr . tcp dport @grants4 redirect to :SERVICE
-//!     meta nfproto ipv6 tcp dport START-END ip6 saddr . tcp dport @grants6 redirect to :SERVICE
+//!     # per door:
+//!     meta nfproto ipv4 tcp dport START-END ip saddr . tcp dport @ssh4 redirect to :SERVICE
+//!     meta nfproto ipv6 tcp dport START-END ip6 saddr . tcp dport @ssh6 redirect to :SERVICE
 //!   }
 //!   chain input { type filter hook input priority filter; policy accept;
 //!     ct state established,related accept
@@ -20,9 +21,11 @@
 //! }
 //! ```
 //!
-//! A grant is one set element, (source, granted port), with a kernel
-//! timeout: it expires on time even if the daemon is dead. Established
-//! connections outlive it through conntrack.
+//! A grant is one element, (source, granted port), of its door's set, with a
+//! kernel timeout: it expires on time even if the daemon is dead.
+//! Established connections outlive it through conntrack. Sets per door let
+//! doors share a grant range and tell a restarted daemon whose grant is
+//! whose.
 //!
 //! Every change is one atomic batch, and every message in it is
 //! acknowledged or the change fails. The safe nftnl API has no concatenated
@@ -48,11 +51,6 @@ use nftnl::{
 pub const TABLE: &CStr = c"knockd";
 const PREROUTING: &CStr = c"prerouting";
 const INPUT: &CStr = c"input";
-const GRANTS4: &CStr = c"grants4";
-const GRANTS6: &CStr = c"grants6";
-/// Set ids tie rules to sets created in the same batch.
-const GRANTS4_ID: u32 = 4;
-const GRANTS6_ID: u32 = 6;
 /// Most grant elements per netlink message (each is under 100 bytes).
 const ELEMS_PER_MSG: usize = 256;
 /// Capacity hint for the grant sets.
@@ -96,6 +94,8 @@ pub enum Error {
 /// What the rules need to know about a door.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DoorRules {
+    /// The door's name; its sets are named after it.
+    pub name: String,
     /// The ports grants are drawn from.
     pub grant_ports: RangeInclusive<u16>,
     /// The service the granted ports lead to.
@@ -111,14 +111,17 @@ pub struct GrantKey {
     pub port: u16,
 }
 
-impl GrantKey {
-    fn set(&self) -> &'static CStr {
-        match self.source {
-            IpAddr::V4(_) => GRANTS4,
-            IpAddr::V6(_) => GRANTS6,
-        }
-    }
+/// The grant set of `door` for one address family.
+fn set_name(door: &str, v6: bool) -> CString {
+    CString::new(format!("{door}{}", if v6 { 6 } else { 4 })).expect("door names hold no NUL")
+}
 
+/// Set ids tie rules to sets created in the same batch.
+fn set_id(door_index: usize, v6: bool) -> u32 {
+    door_index as u32 * 2 + 1 + u32::from(v6)
+}
+
+impl GrantKey {
     /// The set key: the address, then the port in network order, padded to
     /// a 32-bit register as concatenations are.
     fn bytes(&self) -> Vec<u8> {
@@ -182,7 +185,7 @@ impl Expression for PayloadTo {
 
 /// A set lookup from any register, by name and (same-batch) id.
 struct LookupAt {
-    set: &'static CStr,
+    set: CString,
     set_id: u32,
     sreg: u32,
 }
@@ -232,7 +235,7 @@ impl Expression for Redirect {
 
 /// A grant set, created if missing (its elements are kept when it exists).
 struct GrantSet {
-    name: &'static CStr,
+    name: CString,
     id: u32,
     v6: bool,
 }
@@ -286,7 +289,7 @@ unsafe impl NlMsg for GrantSet {
 
 /// Elements to add to (with timeouts) or delete from one grant set.
 struct GrantElems<'a> {
-    set: &'static CStr,
+    set: CString,
     elems: &'a [(GrantKey, Duration)],
 }
 
@@ -376,12 +379,12 @@ fn dport_in(rule: &mut Rule, ports: &RangeInclusive<u16>) {
 }
 
 /// `meta nfproto F tcp dport RANGE saddr . tcp dport @set redirect to :SERVICE`
-fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, v6: bool) -> Rule<'a> {
+fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, index: usize, v6: bool) -> Rule<'a> {
     let mut rule = Rule::new(chain);
-    let (nfproto, set, set_id, saddr_offset, saddr_len) = if v6 {
-        (libc::NFPROTO_IPV6, GRANTS6, GRANTS6_ID, 8, 16)
+    let (nfproto, saddr_offset, saddr_len) = if v6 {
+        (libc::NFPROTO_IPV6, 8, 16)
     } else {
-        (libc::NFPROTO_IPV4, GRANTS4, GRANTS4_ID, 12, 4)
+        (libc::NFPROTO_IPV4, 12, 4)
     };
     rule.add_expr(&nft_expr!(meta nfproto));
     rule.add_expr(&nft_expr!(cmp == nfproto as u8));
@@ -402,8 +405,8 @@ fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, v6: bool) -> Rule<'
         dreg: NFT_REG32_00 + saddr_len / 4,
     });
     rule.add_expr(&LookupAt {
-        set,
-        set_id,
+        set: set_name(&door.name, v6),
+        set_id: set_id(index, v6),
         sreg: NFT_REG32_00,
     });
     // Immediate copies its value's in-memory bytes: hand it the port already
@@ -430,8 +433,15 @@ pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
 
     let mut batch = Batch::new();
     batch.add(&table, MsgType::Add);
-    for (name, id, v6) in [(GRANTS4, GRANTS4_ID, false), (GRANTS6, GRANTS6_ID, true)] {
-        batch.add(&GrantSet { name, id, v6 }, MsgType::Add);
+    for (index, door) in doors.iter().enumerate() {
+        for v6 in [false, true] {
+            let set = GrantSet {
+                name: set_name(&door.name, v6),
+                id: set_id(index, v6),
+                v6,
+            };
+            batch.add(&set, MsgType::Add);
+        }
     }
     batch.add(&prerouting, MsgType::Add);
     batch.add(&input, MsgType::Add);
@@ -439,9 +449,9 @@ pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
     // a changed door list takes effect; the sets and their grants stay.
     batch.add(&Rule::new(&prerouting), MsgType::Del);
     batch.add(&Rule::new(&input), MsgType::Del);
-    for door in doors {
+    for (index, door) in doors.iter().enumerate() {
         for v6 in [false, true] {
-            batch.add(&redirect_rule(&prerouting, door, v6), MsgType::Add);
+            batch.add(&redirect_rule(&prerouting, door, index, v6), MsgType::Add);
         }
     }
     let mut established = Rule::new(&input);
@@ -477,43 +487,59 @@ pub fn uninstall() -> Result<(), Error> {
     send_and_process(&batch.finalize(), "removing the knockd table")
 }
 
-fn change_grants(
-    add: &[(GrantKey, Duration)],
-    remove: &[GrantKey],
-    what: &'static str,
-) -> Result<(), Error> {
-    let mut batch = Batch::new();
-    let mut by_set = |elems: Vec<(GrantKey, Duration)>, msg_type| {
-        for set in [GRANTS4, GRANTS6] {
-            let mine: Vec<_> = elems
-                .iter()
-                .filter(|(k, _)| k.set() == set)
-                .copied()
-                .collect();
-            for chunk in mine.chunks(ELEMS_PER_MSG) {
-                batch.add(&GrantElems { set, elems: chunk }, msg_type);
-            }
-        }
-    };
-    by_set(
-        remove.iter().map(|k| (*k, Duration::ZERO)).collect(),
-        MsgType::Del,
-    );
-    by_set(add.to_vec(), MsgType::Add);
-    send_and_process(&batch.finalize(), what)
+/// One grant element: a door's, with its timeout when added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    pub door: String,
+    pub key: GrantKey,
+    pub timeout: Duration,
 }
 
 /// Adds grants, each with its kernel timeout, and removes others, in one
-/// atomic change (a rotation is exactly that).
-pub fn update_grants(add: &[(GrantKey, Duration)], remove: &[GrantKey]) -> Result<(), Error> {
-    change_grants(add, remove, "updating grants")
+/// atomic change (a rotation is exactly that). An element that is added
+/// while it exists is first removed, so its timeout restarts.
+pub fn update_grants(add: &[Element], remove: &[Element]) -> Result<(), Error> {
+    let mut batch = Batch::new();
+    let mut by_set = |elems: &[Element], msg_type| {
+        let mut sets: Vec<(String, bool)> = elems
+            .iter()
+            .map(|e| (e.door.clone(), e.key.source.is_ipv6()))
+            .collect();
+        sets.sort();
+        sets.dedup();
+        for (door, v6) in sets {
+            let mine: Vec<(GrantKey, Duration)> = elems
+                .iter()
+                .filter(|e| e.door == door && e.key.source.is_ipv6() == v6)
+                .map(|e| (e.key, e.timeout))
+                .collect();
+            for chunk in mine.chunks(ELEMS_PER_MSG) {
+                let msg = GrantElems {
+                    set: set_name(&door, v6),
+                    elems: chunk,
+                };
+                batch.add(&msg, msg_type);
+            }
+        }
+    };
+    by_set(remove, MsgType::Del);
+    by_set(add, MsgType::Add);
+    send_and_process(&batch.finalize(), "updating grants")
 }
 
-/// The grants the kernel holds, with the time each has left.
-pub fn list_grants() -> Result<Vec<(GrantKey, Duration)>, Error> {
+/// The grants the kernel holds for `doors`, with the time each has left.
+pub fn list_grants(doors: &[&str]) -> Result<Vec<Element>, Error> {
     let mut out = Vec::new();
-    for (set, v6) in [(GRANTS4, false), (GRANTS6, true)] {
-        list_set(set, v6, &mut out)?;
+    for door in doors {
+        for v6 in [false, true] {
+            for (key, timeout) in list_set(&set_name(door, v6), v6)? {
+                out.push(Element {
+                    door: (*door).to_owned(),
+                    key,
+                    timeout,
+                });
+            }
+        }
     }
     Ok(out)
 }
@@ -529,11 +555,8 @@ fn parse_elems(header: &libc::nlmsghdr, state: &mut DumpState) -> libc::c_int {
     mnl::mnl_sys::MNL_CB_OK
 }
 
-fn list_set(
-    name: &'static CStr,
-    v6: bool,
-    out: &mut Vec<(GrantKey, Duration)>,
-) -> Result<(), Error> {
+fn list_set(name: &CStr, v6: bool) -> Result<Vec<(GrantKey, Duration)>, Error> {
+    let mut out = Vec::new();
     const WHAT: &str = "listing grants";
     let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Open)?;
     let portid = socket.portid();
@@ -600,7 +623,7 @@ fn list_set(
         }
         sys::nftnl_set_free(set);
     }
-    result
+    result.map(|()| out)
 }
 
 /// Whether the knockd table exists (it is gone after a third party's

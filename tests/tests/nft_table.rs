@@ -3,36 +3,68 @@
 
 use std::time::Duration;
 
-use knockd::nft::{self, DoorRules, GrantKey};
+use knockd::nft::{self, DoorRules, Element, GrantKey};
 use knockd_tests::{NetNs, require_privileges, sh};
 
-fn door() -> DoorRules {
-    DoorRules {
-        grant_ports: 40000..=40999,
-        service_port: 22,
-        expose_service_port: false,
-    }
+fn doors() -> Vec<DoorRules> {
+    vec![
+        DoorRules {
+            name: "ssh".into(),
+            grant_ports: 40000..=40999,
+            service_port: 22,
+            expose_service_port: false,
+        },
+        DoorRules {
+            name: "web".into(),
+            grant_ports: 40000..=40999,
+            service_port: 443,
+            expose_service_port: true,
+        },
+    ]
 }
 
 fn ruleset(ns: &NetNs) -> String {
     sh(ns.command("nft").args(["list", "table", "inet", "knockd"]))
 }
 
+fn element(door: &str, source: &str, port: u16, secs: u64) -> Element {
+    Element {
+        door: door.into(),
+        key: GrantKey {
+            source: source.parse().unwrap(),
+            port,
+        },
+        timeout: Duration::from_secs(secs),
+    }
+}
+
+fn ports(ns: &NetNs) -> Vec<(String, u16)> {
+    let mut got: Vec<(String, u16)> = ns
+        .run(|| nft::list_grants(&["ssh", "web"]).unwrap())
+        .into_iter()
+        .map(|e| (e.door, e.key.port))
+        .collect();
+    got.sort();
+    got
+}
+
 #[test]
 fn the_table_holds_sets_rules_and_expiring_grants() {
     require_privileges!();
     let ns = NetNs::new("n");
-    ns.run(|| nft::install(&[door()]).unwrap());
+    ns.run(|| nft::install(&doors()).unwrap());
     let listed = ruleset(&ns);
     for expected in [
-        "set grants4",
+        "set ssh4",
         "type ipv4_addr . inet_service",
-        "set grants6",
+        "set ssh6",
         "type ipv6_addr . inet_service",
+        "set web4",
         "flags timeout",
         "type nat hook prerouting priority dstnat; policy accept;",
-        "tcp dport 40000-40999 ip saddr . tcp dport @grants4 redirect to :22",
-        "tcp dport 40000-40999 ip6 saddr . tcp dport @grants6 redirect to :22",
+        "tcp dport 40000-40999 ip saddr . tcp dport @ssh4 redirect to :22",
+        "tcp dport 40000-40999 ip6 saddr . tcp dport @ssh6 redirect to :22",
+        "tcp dport 40000-40999 ip saddr . tcp dport @web4 redirect to :443",
         "type filter hook input priority filter; policy accept;",
         "ct state established,related accept",
         "tcp dport 22 ct status ! dnat drop",
@@ -42,22 +74,15 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
             "missing {expected:?} in:\n{listed}"
         );
     }
+    assert!(
+        !listed.contains("tcp dport 443 ct status"),
+        "web exposes its service port"
+    );
 
-    let v4 = GrantKey {
-        source: "198.18.0.2".parse().unwrap(),
-        port: 40001,
-    };
-    let v6 = GrantKey {
-        source: "2001:db8::2".parse().unwrap(),
-        port: 40002,
-    };
-    ns.run(|| {
-        nft::update_grants(
-            &[(v4, Duration::from_secs(30)), (v6, Duration::from_secs(60))],
-            &[],
-        )
-        .unwrap()
-    });
+    let v4 = element("ssh", "198.18.0.2", 40001, 30);
+    let v6 = element("ssh", "2001:db8::2", 40002, 60);
+    let web = element("web", "198.18.0.2", 40005, 30);
+    ns.run(|| nft::update_grants(&[v4.clone(), v6.clone(), web.clone()], &[]).unwrap());
     let listed = ruleset(&ns);
     assert!(
         listed.contains("198.18.0.2 . 40001 timeout 30s"),
@@ -67,40 +92,39 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
         listed.contains("2001:db8::2 . 40002 timeout 1m"),
         "{listed}"
     );
-    let grants = ns.run(|| nft::list_grants().unwrap());
-    assert_eq!(grants.len(), 2);
-    for (key, left) in &grants {
-        let full = if *key == v4 { 30 } else { 60 };
-        assert!(
-            left.as_secs() <= full && left.as_secs() >= full - 5,
-            "{key:?} {left:?}"
-        );
+    let grants = ns.run(|| nft::list_grants(&["ssh", "web"]).unwrap());
+    assert_eq!(grants.len(), 3);
+    for grant in &grants {
+        let full = grant.timeout.as_secs();
+        let want = if grant.key.port == 40002 { 60 } else { 30 };
+        assert!(full <= want && full + 5 >= want, "{grant:?}");
     }
 
     // Reinstalling (a restart, or a changed door list) keeps the grants.
-    ns.run(|| nft::install(&[door()]).unwrap());
-    assert_eq!(ns.run(|| nft::list_grants().unwrap()).len(), 2);
+    ns.run(|| nft::install(&doors()).unwrap());
+    assert_eq!(ports(&ns).len(), 3);
 
     // A rotation: one element out, one in, atomically.
-    let rotated = GrantKey { port: 40003, ..v4 };
-    ns.run(|| nft::update_grants(&[(rotated, Duration::from_secs(30))], &[v4]).unwrap());
-    let mut ports: Vec<u16> = ns
-        .run(|| nft::list_grants().unwrap())
-        .iter()
-        .map(|(k, _)| k.port)
-        .collect();
-    ports.sort();
-    assert_eq!(ports, [40002, 40003]);
+    let rotated = element("ssh", "198.18.0.2", 40003, 30);
+    ns.run(|| nft::update_grants(&[rotated], std::slice::from_ref(&v4)).unwrap());
+    assert_eq!(
+        ports(&ns),
+        [
+            ("ssh".to_owned(), 40002),
+            ("ssh".to_owned(), 40003),
+            ("web".to_owned(), 40005)
+        ]
+    );
 
     // Kernel timeouts: a short grant disappears by itself.
-    let short = GrantKey { port: 40004, ..v4 };
-    ns.run(|| nft::update_grants(&[(short, Duration::from_millis(500))], &[]).unwrap());
+    let short = Element {
+        timeout: Duration::from_millis(500),
+        ..element("ssh", "198.18.0.2", 40004, 0)
+    };
+    ns.run(|| nft::update_grants(std::slice::from_ref(&short), &[]).unwrap());
+    assert!(ports(&ns).contains(&("ssh".to_owned(), 40004)));
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        !ns.run(|| nft::list_grants().unwrap())
-            .iter()
-            .any(|(k, _)| *k == short)
-    );
+    assert!(!ports(&ns).contains(&("ssh".to_owned(), 40004)));
 
     // Removing what is not there fails the batch, naming the step.
     let e = ns.run(|| nft::update_grants(&[], &[short]).unwrap_err());
