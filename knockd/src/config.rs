@@ -584,7 +584,7 @@ impl Config {
             check_bounds(&key("lease_idle_secs"), door.lease_idle_secs, 1, 86_400)?;
             check_bounds(&key("rotate_every_secs"), door.rotate_every_secs, 0, 86_400)?;
             let grant_ports = door.grant_ports();
-            if grant_ports.end - grant_ports.start < 15 {
+            if door.mode == DoorMode::OneTime && grant_ports.end - grant_ports.start < 15 {
                 return Err(Error::invalid(
                     key("grant_ports"),
                     format!(
@@ -592,17 +592,26 @@ impl Config {
                     ),
                 ));
             }
-            for port in grant_ports.ports() {
-                let knock = KnockPort {
-                    port,
-                    proto: Proto::Tcp,
-                };
-                if !grant_range_ports.insert(port) {
-                    continue;
+            // Static doors draw no ports (their clients could not learn one):
+            // a static grant opens the service port itself.
+            if door.mode == DoorMode::OneTime {
+                for port in grant_ports.ports() {
+                    if grant_range_ports.insert(port) {
+                        claim(
+                            KnockPort {
+                                port,
+                                proto: Proto::Tcp,
+                            },
+                            key("grant_ports"),
+                        )?;
+                    }
                 }
-                claim(knock, key("grant_ports"))?;
             }
             let one_time_fields = [
+                ("grant_ports", door.grant_ports.is_some()),
+                ("expose_service_port", door.expose_service_port),
+                ("lease_idle_secs", door.lease_idle_secs.is_some()),
+                ("rotate_every_secs", door.rotate_every_secs.is_some()),
                 ("knock_ports", door.knock_ports.is_some()),
                 ("knocks", door.knocks.is_some()),
                 ("step_secs", door.step_secs.is_some()),

@@ -1,10 +1,10 @@
-//! The running daemon's decisions turned into effects: grants in the XDP
-//! allow map, sealed replies, the consumed-sequence record and the decision
-//! log.
+//! The running daemon's decisions turned into effects: grants, sealed
+//! replies, the consumed-sequence record and the decision log.
 //!
-//! Until the nftables grant layer exists, a grant admits the authenticated
-//! source to the door's service port itself, for `open_for_secs`, through
-//! the XDP allow map, whose entries expire in the kernel.
+//! One-time doors grant a random port through [`crate::grants`] (nftables
+//! redirect plus XDP allow entry). Static doors, whose classic clients
+//! cannot learn a port, admit the source to the service port itself through
+//! the XDP allow map. Either way the kernel expires the grant on its own.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,7 +19,9 @@ use crate::{
     config::{Config, DoorMode},
     devices::Devices,
     events::Knock,
+    grants::{self, Grants},
     maps::{self, GuardMaps, PortPolicy, Proto},
+    nft,
     proto::{Status, unix_ms},
     state::{self, StateFile},
 };
@@ -61,13 +63,14 @@ impl LogLimiter {
     }
 }
 
-/// An open door for one address.
+/// A static door open for one address (on its service port).
 #[derive(Debug, Clone)]
-struct Grant {
-    device: Option<String>,
-    port: u16,
+struct StaticGrant {
     expires: Instant,
 }
+
+/// How often the daemon checks that its nftables table is still there.
+const TABLE_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// An error that stops the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,8 @@ pub enum Error {
     Maps(#[from] maps::Error),
     #[error(transparent)]
     State(#[from] state::Error),
+    #[error(transparent)]
+    Grants(#[from] grants::Error),
 }
 
 /// Everything the event loop acts on.
@@ -84,8 +89,12 @@ pub struct Daemon {
     engine: Engine,
     maps: GuardMaps,
     state: StateFile,
-    /// Open doors by (door, address).
-    grants: HashMap<(String, IpAddr), Grant>,
+    /// One-time doors' grants.
+    grants: Grants,
+    /// Static doors open, by (door, address).
+    static_grants: HashMap<(String, IpAddr), StaticGrant>,
+    /// When the nftables table was last checked.
+    table_checked: Instant,
     /// Unauthenticated rejects, rate-limited in the log.
     reject_log: LogLimiter,
     /// Decisions by outcome or reason code, for the log and status.
@@ -98,7 +107,7 @@ impl Daemon {
     pub fn new(
         config: Config,
         devices: &Devices,
-        maps: GuardMaps,
+        mut maps: GuardMaps,
         state: StateFile,
     ) -> Result<Daemon, Error> {
         let consumed = state.load()?;
@@ -111,12 +120,22 @@ impl Daemon {
             }
         }
         let engine = Engine::new(&config, devices, &consumed, unix_ms());
+        let mut grants = Grants::new(&config);
+        let adopted = grants.install(&mut maps)?;
+        if adopted > 0 {
+            tracing::info!(
+                grants = adopted,
+                "adopted the grants the nftables table held"
+            );
+        }
         let mut daemon = Daemon {
             config,
             engine,
             maps,
             state,
-            grants: HashMap::new(),
+            grants,
+            static_grants: HashMap::new(),
+            table_checked: Instant::now(),
             reject_log: LogLimiter::new(),
             tally: BTreeMap::new(),
         };
@@ -141,14 +160,51 @@ impl Daemon {
         &self.tally
     }
 
+    /// The live one-time grants.
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
     /// Once a second: move the engine's clock (reloading knock ports when
-    /// the time step turns) and forget expired grants.
+    /// the time step turns), forget expired grants, rotate leases that are
+    /// due, and put the nftables table back if someone removed it.
     pub fn tick(&mut self) -> Result<(), Error> {
         if self.engine.tick(unix_ms()) {
             self.load_policy()?;
         }
         let now = Instant::now();
-        self.grants.retain(|_, grant| grant.expires > now);
+        self.static_grants.retain(|_, grant| grant.expires > now);
+        match self.grants.tick(&mut self.maps) {
+            Ok(rotations) => {
+                for (old, new) in rotations {
+                    tracing::info!(
+                        door = %new.door,
+                        device = new.device.as_deref(),
+                        source = %new.source,
+                        old_port = old.port,
+                        port = new.port,
+                        rotations = new.rotations,
+                        "lease rotated"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "rotating leases failed"),
+        }
+        if now.duration_since(self.table_checked) >= TABLE_CHECK_EVERY {
+            self.table_checked = now;
+            match nft::table_exists() {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        "the knockd nftables table is gone (flushed?); restoring it and its grants"
+                    );
+                    if let Err(e) = self.grants.restore() {
+                        tracing::error!(error = %e, "restoring the nftables table failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "checking the nftables table failed"),
+            }
+        }
         Ok(())
     }
 
@@ -225,44 +281,61 @@ impl Daemon {
         if decision.reply.is_some() {
             self.state.save(&self.engine.consumed())?;
         }
-        let key = (door_name.clone(), decision.grant_to);
-        let open_for = Duration::from_secs(u64::from(door.open_for_secs()));
-        let (status, port, expires_in) = match action {
-            Action::Open => {
-                self.maps.allow(
-                    decision.grant_to,
-                    Proto::Tcp,
-                    door.service_port,
-                    Some(open_for),
-                )?;
-                self.grants.insert(
-                    key,
-                    Grant {
-                        device: decision.device.clone(),
-                        port: door.service_port,
-                        expires: Instant::now() + open_for,
-                    },
+        let source = decision.grant_to;
+        let device = decision.device.as_deref();
+        let one_time = door.mode == DoorMode::OneTime;
+        let result: Result<(Status, u16, u32), grants::Error> = match (action, one_time) {
+            (Action::Open, true) => self
+                .grants
+                .open(&mut self.maps, &door_name, source, device)
+                .map(|g| (Status::Granted, g.port, g.secs_left(Instant::now()))),
+            (Action::Heartbeat, true) => self
+                .grants
+                .heartbeat(&mut self.maps, &door_name, source, device)
+                .map(|g| match g {
+                    Some(g) => (Status::Granted, g.port, g.secs_left(Instant::now())),
+                    None => (Status::NoGrant, 0, 0),
+                }),
+            (Action::Close, true) => self
+                .grants
+                .close(&mut self.maps, &door_name, source)
+                .map(|_| (Status::Closed, 0, 0)),
+            // Static doors: only `open` exists, and it opens the service port.
+            (_, false) => {
+                let open_for = Duration::from_secs(u64::from(door.open_for_secs()));
+                self.maps
+                    .allow(source, Proto::Tcp, door.service_port, Some(open_for))
+                    .map_err(grants::Error::from)
+                    .map(|()| {
+                        self.static_grants.insert(
+                            (door_name.clone(), source),
+                            StaticGrant {
+                                expires: Instant::now() + open_for,
+                            },
+                        );
+                        (Status::Granted, door.service_port, door.open_for_secs())
+                    })
+            }
+        };
+        let (status, port, expires_in) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // The knock was fine; the kernel side failed. Say so, send
+                // nothing, and keep serving.
+                tracing::error!(
+                    error = %e,
+                    door = %door_name,
+                    device,
+                    source = %decision.source,
+                    "could not act on an accepted knock"
                 );
-                (Status::Granted, door.service_port, door.open_for_secs())
+                return Ok(());
             }
-            Action::Close => {
-                if let Some(grant) = self.grants.remove(&key) {
-                    self.maps
-                        .revoke(decision.grant_to, Proto::Tcp, grant.port)?;
-                }
-                (Status::Closed, 0, 0)
-            }
-            Action::Heartbeat => match self.grants.get(&key) {
-                Some(grant) if grant.device == decision.device => {
-                    let left = grant.expires.saturating_duration_since(Instant::now());
-                    (Status::Granted, grant.port, left.as_secs() as u32)
-                }
-                _ => (Status::NoGrant, 0, 0),
-            },
         };
         tracing::info!(
             outcome = "accepted",
             action = ?action,
+            status = ?status,
             door = %door_name,
             device = decision.device.as_deref(),
             source = %decision.source,

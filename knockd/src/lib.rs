@@ -21,6 +21,7 @@ pub mod config;
 pub mod daemon;
 pub mod devices;
 pub mod events;
+pub mod grants;
 pub mod guard;
 pub mod maps;
 pub mod nft;

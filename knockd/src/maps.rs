@@ -135,9 +135,9 @@ impl PortPolicy {
 
     /// What `config` protects, with `knocks` (the engine's current knock
     /// ports) marked as knocks: the configured `protect` and `knock` ports,
-    /// each door's service port, each one-time door's whole knock range
-    /// (only the ports valid now are knocks; the rest just drop), and each
-    /// static door's sequence.
+    /// each door's service port (unless exposed), each one-time door's
+    /// whole knock range (only the ports valid now are knocks; the rest just
+    /// drop) and grant range, and each static door's sequence.
     pub fn from_config(config: &Config, knocks: &BTreeSet<KnockPort>) -> Self {
         let mut table = PortPolicy::empty();
         let rules: [(Proto, &[PortRange], u8); 4] = [
@@ -160,11 +160,16 @@ impl PortPolicy {
             }
         }
         for door in config.doors.values() {
-            table.set(Proto::Tcp, door.service_port, policy::PROTECTED);
+            if !door.expose_service_port {
+                table.set(Proto::Tcp, door.service_port, policy::PROTECTED);
+            }
             match door.mode {
                 DoorMode::OneTime => {
                     for port in door.knock_ports().ports() {
                         table.set(Proto::Udp, port, policy::PROTECTED);
+                    }
+                    for port in door.grant_ports().ports() {
+                        table.set(Proto::Tcp, port, policy::PROTECTED);
                     }
                 }
                 DoorMode::Static => {

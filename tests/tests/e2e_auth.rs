@@ -28,6 +28,7 @@ const SSH: u16 = 22;
 const LEGACY_UDP: u16 = 2222;
 const LEGACY_TCP: u16 = 2223;
 const KNOCK_RANGE: std::ops::RangeInclusive<u16> = 7000..=7999;
+const GRANT_RANGE: std::ops::RangeInclusive<u16> = 40000..=40999;
 
 /// Keys on disk (root-owned, 0600, as the daemon demands) and the config.
 struct Setup {
@@ -135,7 +136,12 @@ fn one_time_knock_opens_the_service_for_that_source_only(v6: bool) {
     )
     .unwrap();
     assert_eq!(answer.reply.status, Status::Granted);
-    assert_eq!((answer.reply.port, answer.reply.expires_in_secs), (SSH, 30));
+    assert!(
+        GRANT_RANGE.contains(&answer.reply.port),
+        "a random port: {}",
+        answer.reply.port
+    );
+    assert!((29..=30).contains(&answer.reply.expires_in_secs));
     assert!(
         answer.server_offset_ms.abs() < 5000,
         "same machine, same clock"
@@ -147,15 +153,29 @@ fn one_time_knock_opens_the_service_for_that_source_only(v6: bool) {
     assert_eq!(line["door"], "ssh");
     assert_eq!(line["grant_to"], client.to_string());
 
+    assert_eq!(line["port"], answer.reply.port);
+
+    // The granted port leads to the service, for this source only; the
+    // service port itself stays shut.
+    let granted = SocketAddr::new(server, answer.reply.port);
     let (outcome, stream) = testbed
         .client
-        .run(|| probe::tcp_connect(Some(client), ssh, SILENCE));
-    assert_eq!(outcome, Outcome::Answered);
+        .run(|| probe::tcp_connect(Some(client), granted, SILENCE));
+    let table = knockd_tests::sh(
+        testbed
+            .server
+            .command("nft")
+            .args(["list", "table", "inet", "knockd"]),
+    );
+    assert_eq!(outcome, Outcome::Answered, "{table}");
     assert!(probe::echo_round_trip(
         &mut stream.unwrap(),
         b"authenticated"
     ));
-    assert_eq!(connect(&testbed.client, other, ssh), Outcome::Silent);
+    assert_eq!(connect(&testbed.client, other, granted), Outcome::Silent);
+    assert_eq!(connect(&testbed.client, client, ssh), Outcome::Silent);
+    let element = format!("{client} . {}", answer.reply.port);
+    assert!(table.contains(&element), "{element} in\n{table}");
 }
 
 #[test]
@@ -283,21 +303,20 @@ fn a_close_knock_ends_the_grant() {
     let ssh = SocketAddr::new(server, SSH);
     let target = setup.target(server, &setup.laptop);
     let socket = client_socket(&testbed.client, client);
-    client::knock_from(&socket, &target, Kind::Open, Duration::from_secs(10)).unwrap();
-    assert_eq!(connect(&testbed.client, client, ssh), Outcome::Answered);
-    let heartbeat =
-        client::knock_from(&socket, &target, Kind::Heartbeat, Duration::from_secs(10)).unwrap();
+    let knock = |kind| client::knock_from(&socket, &target, kind, Duration::from_secs(10)).unwrap();
+    let opened = knock(Kind::Open);
+    let granted = SocketAddr::new(server, opened.reply.port);
+    assert_eq!(connect(&testbed.client, client, granted), Outcome::Answered);
+    let heartbeat = knock(Kind::Heartbeat);
     assert_eq!(
         (heartbeat.reply.status, heartbeat.reply.port),
-        (Status::Granted, SSH)
+        (Status::Granted, opened.reply.port)
     );
-    let closed =
-        client::knock_from(&socket, &target, Kind::Close, Duration::from_secs(10)).unwrap();
+    let closed = knock(Kind::Close);
     assert_eq!(closed.reply.status, Status::Closed);
+    assert_eq!(connect(&testbed.client, client, granted), Outcome::Silent);
     assert_eq!(connect(&testbed.client, client, ssh), Outcome::Silent);
-    let heartbeat =
-        client::knock_from(&socket, &target, Kind::Heartbeat, Duration::from_secs(10)).unwrap();
-    assert_eq!(heartbeat.reply.status, Status::NoGrant);
+    assert_eq!(knock(Kind::Heartbeat).reply.status, Status::NoGrant);
 }
 
 #[test]

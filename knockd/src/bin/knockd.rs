@@ -61,6 +61,14 @@ enum Command {
         #[arg(long)]
         export: Option<PathBuf>,
     },
+    /// Remove everything knockd leaves in the kernel on purpose: its
+    /// nftables table (and so every grant) and its bpffs pins. Run it after
+    /// stopping the daemon to take knockd off a host.
+    Uninstall {
+        /// bpffs directory the daemon pinned its maps under.
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+    },
     /// Print the XDP guard's counters from a running daemon's pinned maps.
     Stats {
         /// bpffs directory the daemon pinned its maps under.
@@ -113,6 +121,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 path.display(),
                 config.doors.len(),
                 devices.by_id.len()
+            );
+            Ok(())
+        }
+        Command::Uninstall { bpffs_dir } => {
+            knockd::nft::uninstall()?;
+            GuardMaps::unpin(&bpffs_dir);
+            println!(
+                "removed the nftables table inet knockd and the pins under {}",
+                bpffs_dir.display()
             );
             Ok(())
         }

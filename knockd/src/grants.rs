@@ -1,0 +1,435 @@
+//! Grants: which source may reach which one-time door, through which random
+//! port, until when.
+//!
+//! A grant exists twice in the kernel, and this module keeps the two in
+//! step: an nftables element (the redirect from the random port to the
+//! service, with a kernel timeout) and an XDP allow-map entry (the
+//! admission of new connections to that port, with the same deadline). Both
+//! expire by themselves, so a dead daemon leaves no open door behind.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    ops::RangeInclusive,
+    time::{Duration, Instant},
+};
+
+use rand::Rng as _;
+use serde::Serialize;
+
+use crate::{
+    config::{Config, DoorMode},
+    maps::{self, GuardMaps, Proto},
+    nft::{self, DoorRules, Element, GrantKey},
+};
+
+/// An error from the kernel side of a grant, or no port to give.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Nft(#[from] nft::Error),
+    #[error(transparent)]
+    Maps(#[from] maps::Error),
+    #[error("door {door}: no free port left in {start}-{end}")]
+    Exhausted { door: String, start: u16, end: u16 },
+}
+
+/// A one-time door's grant settings.
+#[derive(Debug, Clone)]
+struct DoorGrants {
+    range: RangeInclusive<u16>,
+    service_port: u16,
+    expose_service_port: bool,
+    open_for: Duration,
+    lease_idle: Duration,
+    rotate_every: Option<Duration>,
+}
+
+/// One open door for one address.
+#[derive(Debug, Clone, Serialize)]
+pub struct Grant {
+    pub door: String,
+    pub source: IpAddr,
+    /// The device that opened it, when known (grants adopted after a
+    /// restart have none until the device's next heartbeat).
+    pub device: Option<String>,
+    /// The random port it connects through.
+    pub port: u16,
+    /// Whether heartbeats keep it alive (and its port rotates).
+    pub leased: bool,
+    /// Rotations so far.
+    pub rotations: u32,
+    /// When new connections stop being admitted.
+    #[serde(skip)]
+    pub expires: Instant,
+    /// When a lease moves to a new port.
+    #[serde(skip)]
+    pub next_rotation: Option<Instant>,
+}
+
+impl Grant {
+    /// Seconds left to open new connections.
+    pub fn secs_left(&self, now: Instant) -> u32 {
+        self.expires.saturating_duration_since(now).as_secs() as u32
+    }
+
+    fn element(&self, now: Instant) -> Element {
+        Element {
+            door: self.door.clone(),
+            key: GrantKey {
+                source: self.source,
+                port: self.port,
+            },
+            timeout: self.expires.saturating_duration_since(now),
+        }
+    }
+}
+
+/// Every grant, and the doors they are for.
+pub struct Grants {
+    doors: HashMap<String, DoorGrants>,
+    by_source: HashMap<(String, IpAddr), Grant>,
+}
+
+/// Ports with a listening TCP socket in this network namespace, which a
+/// grant must not shadow.
+pub fn listening_tcp_ports() -> HashSet<u16> {
+    let mut ports = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let mut fields = line.split_whitespace();
+            let (Some(local), Some(state)) = (fields.nth(1), fields.nth(1)) else {
+                continue;
+            };
+            // State 0A is LISTEN; the port is the hex after the colon.
+            if state == "0A"
+                && let Some(port) = local
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            {
+                ports.insert(port);
+            }
+        }
+    }
+    ports
+}
+
+/// A random port of `range` in neither `taken` nor `listening`, from the
+/// CSPRNG; `None` when there is none.
+pub fn pick_port(
+    range: &RangeInclusive<u16>,
+    taken: &HashSet<u16>,
+    listening: &HashSet<u16>,
+) -> Option<u16> {
+    let free = |p: &u16| !taken.contains(p) && !listening.contains(p);
+    let mut rng = rand::rng();
+    for _ in 0..64 {
+        let port = rng.random_range(range.clone());
+        if free(&port) {
+            return Some(port);
+        }
+    }
+    // Nearly full: scan from a random point so the choice stays unpredictable.
+    let len = usize::from(range.end() - range.start()) + 1;
+    let offset = rng.random_range(0..len);
+    (0..len)
+        .map(|i| range.start() + ((offset + i) % len) as u16)
+        .find(free)
+}
+
+impl Grants {
+    /// The one-time doors of `config`.
+    pub fn new(config: &Config) -> Grants {
+        let doors = config
+            .doors
+            .iter()
+            .filter(|(_, d)| d.mode == DoorMode::OneTime)
+            .map(|(name, d)| {
+                let range = d.grant_ports();
+                let rotate = d.rotate_every_secs();
+                (
+                    name.clone(),
+                    DoorGrants {
+                        range: range.start..=range.end,
+                        service_port: d.service_port,
+                        expose_service_port: d.expose_service_port,
+                        open_for: Duration::from_secs(u64::from(d.open_for_secs())),
+                        lease_idle: Duration::from_secs(u64::from(d.lease_idle_secs())),
+                        rotate_every: (rotate > 0).then(|| Duration::from_secs(u64::from(rotate))),
+                    },
+                )
+            })
+            .collect();
+        Grants {
+            doors,
+            by_source: HashMap::new(),
+        }
+    }
+
+    /// The nftables rules for these doors.
+    pub fn rules(&self) -> Vec<DoorRules> {
+        let mut rules: Vec<DoorRules> = self
+            .doors
+            .iter()
+            .map(|(name, d)| DoorRules {
+                name: name.clone(),
+                grant_ports: d.range.clone(),
+                service_port: d.service_port,
+                expose_service_port: d.expose_service_port,
+            })
+            .collect();
+        rules.sort_by(|a, b| a.name.cmp(&b.name));
+        rules
+    }
+
+    /// Installs the table and takes over the grants it already holds (from
+    /// before a restart), rebuilding their XDP allow entries.
+    pub fn install(&mut self, maps: &mut GuardMaps) -> Result<usize, Error> {
+        nft::install(&self.rules())?;
+        let names: Vec<&str> = self.doors.keys().map(String::as_str).collect();
+        let existing = nft::list_grants(&names)?;
+        let now = Instant::now();
+        for element in &existing {
+            maps.allow(
+                element.key.source,
+                Proto::Tcp,
+                element.key.port,
+                Some(element.timeout),
+            )?;
+            self.by_source.insert(
+                (element.door.clone(), element.key.source),
+                Grant {
+                    door: element.door.clone(),
+                    source: element.key.source,
+                    device: None,
+                    port: element.key.port,
+                    leased: false,
+                    rotations: 0,
+                    expires: now + element.timeout,
+                    next_rotation: None,
+                },
+            );
+        }
+        Ok(existing.len())
+    }
+
+    /// Puts the table back after someone removed it (`nft flush ruleset`),
+    /// with every live grant and its remaining time.
+    pub fn restore(&self) -> Result<(), Error> {
+        nft::install(&self.rules())?;
+        let now = Instant::now();
+        let elements: Vec<Element> = self.by_source.values().map(|g| g.element(now)).collect();
+        nft::update_grants(&elements, &[])?;
+        Ok(())
+    }
+
+    fn taken(&self) -> HashSet<u16> {
+        self.by_source.values().map(|g| g.port).collect()
+    }
+
+    /// Writes a grant's current deadline to both kernel places. An element
+    /// that exists is replaced, so its timeout restarts.
+    fn enforce(
+        &self,
+        maps: &mut GuardMaps,
+        grant: &Grant,
+        replace: Option<&Grant>,
+        now: Instant,
+    ) -> Result<(), Error> {
+        let add = [grant.element(now)];
+        let remove: Vec<Element> = replace.map(|old| old.element(now)).into_iter().collect();
+        if nft::update_grants(&add, &remove).is_err() {
+            // The old element may have expired in the kernel a moment ago.
+            nft::update_grants(&add, &[])?;
+        }
+        maps.allow(
+            grant.source,
+            Proto::Tcp,
+            grant.port,
+            Some(grant.expires.saturating_duration_since(now)),
+        )?;
+        if let Some(old) = replace
+            && old.port != grant.port
+        {
+            maps.revoke(old.source, Proto::Tcp, old.port)?;
+        }
+        Ok(())
+    }
+
+    /// Opens `door` for `source`: a fresh random port, or the one it has,
+    /// with its deadline renewed. Returns the grant.
+    pub fn open(
+        &mut self,
+        maps: &mut GuardMaps,
+        door: &str,
+        source: IpAddr,
+        device: Option<&str>,
+    ) -> Result<Grant, Error> {
+        let settings = self.doors[door].clone();
+        let now = Instant::now();
+        let key = (door.to_owned(), source);
+        let existing = self.by_source.get(&key).cloned();
+        let grant = match &existing {
+            Some(old) => Grant {
+                device: device.map(str::to_owned).or(old.device.clone()),
+                expires: now
+                    + if old.leased {
+                        settings.lease_idle
+                    } else {
+                        settings.open_for
+                    },
+                ..old.clone()
+            },
+            None => {
+                let port = pick_port(&settings.range, &self.taken(), &listening_tcp_ports())
+                    .ok_or_else(|| Error::Exhausted {
+                        door: door.to_owned(),
+                        start: *settings.range.start(),
+                        end: *settings.range.end(),
+                    })?;
+                Grant {
+                    door: door.to_owned(),
+                    source,
+                    device: device.map(str::to_owned),
+                    port,
+                    leased: false,
+                    rotations: 0,
+                    expires: now + settings.open_for,
+                    next_rotation: None,
+                }
+            }
+        };
+        self.enforce(maps, &grant, existing.as_ref(), now)?;
+        self.by_source.insert(key, grant.clone());
+        Ok(grant)
+    }
+
+    /// A heartbeat: the grant becomes (or stays) a lease, alive for
+    /// `lease_idle` more, rotating every `rotate_every`. `None` when the
+    /// device holds no grant on the door from this address.
+    pub fn heartbeat(
+        &mut self,
+        maps: &mut GuardMaps,
+        door: &str,
+        source: IpAddr,
+        device: Option<&str>,
+    ) -> Result<Option<Grant>, Error> {
+        let settings = self.doors[door].clone();
+        let now = Instant::now();
+        let key = (door.to_owned(), source);
+        let Some(old) = self.by_source.get(&key).cloned() else {
+            return Ok(None);
+        };
+        if old.device.is_some() && old.device.as_deref() != device {
+            return Ok(None);
+        }
+        let grant = Grant {
+            device: device.map(str::to_owned),
+            leased: true,
+            expires: now + settings.lease_idle,
+            next_rotation: old
+                .next_rotation
+                .or(settings.rotate_every.map(|every| now + every)),
+            ..old.clone()
+        };
+        self.enforce(maps, &grant, Some(&old), now)?;
+        self.by_source.insert(key, grant.clone());
+        Ok(Some(grant))
+    }
+
+    /// Ends a grant now. Established connections carry on (conntrack).
+    pub fn close(
+        &mut self,
+        maps: &mut GuardMaps,
+        door: &str,
+        source: IpAddr,
+    ) -> Result<Option<Grant>, Error> {
+        let Some(grant) = self.by_source.remove(&(door.to_owned(), source)) else {
+            return Ok(None);
+        };
+        // The element may have just expired; its absence is the goal.
+        let _ = nft::update_grants(&[], &[grant.element(Instant::now())]);
+        maps.revoke(grant.source, Proto::Tcp, grant.port)?;
+        Ok(Some(grant))
+    }
+
+    /// Forgets expired grants (the kernel already dropped them) and moves
+    /// leases whose rotation is due to fresh ports. Returns the rotations
+    /// made, as (old, new) grants.
+    pub fn tick(&mut self, maps: &mut GuardMaps) -> Result<Vec<(Grant, Grant)>, Error> {
+        let now = Instant::now();
+        self.by_source.retain(|_, g| g.expires > now);
+        let due: Vec<Grant> = self
+            .by_source
+            .values()
+            .filter(|g| g.next_rotation.is_some_and(|at| at <= now))
+            .cloned()
+            .collect();
+        let mut rotated = Vec::new();
+        for old in due {
+            rotated.push((old.clone(), self.rotate(maps, old, now)?));
+        }
+        Ok(rotated)
+    }
+
+    fn rotate(&mut self, maps: &mut GuardMaps, old: Grant, now: Instant) -> Result<Grant, Error> {
+        let settings = self.doors[&old.door].clone();
+        let port =
+            pick_port(&settings.range, &self.taken(), &listening_tcp_ports()).ok_or_else(|| {
+                Error::Exhausted {
+                    door: old.door.clone(),
+                    start: *settings.range.start(),
+                    end: *settings.range.end(),
+                }
+            })?;
+        let grant = Grant {
+            port,
+            rotations: old.rotations + 1,
+            next_rotation: settings.rotate_every.map(|every| now + every),
+            ..old.clone()
+        };
+        self.enforce(maps, &grant, Some(&old), now)?;
+        self.by_source
+            .insert((old.door.clone(), old.source), grant.clone());
+        Ok(grant)
+    }
+
+    /// Every live grant.
+    pub fn list(&self) -> Vec<&Grant> {
+        let mut grants: Vec<&Grant> = self.by_source.values().collect();
+        grants.sort_by_key(|g| (&g.door, g.source));
+        grants
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picked_ports_are_free_and_spread() {
+        let range = 40000..=40015;
+        let taken: HashSet<u16> = (40000..=40013).collect();
+        let listening = HashSet::from([40014]);
+        for _ in 0..50 {
+            assert_eq!(pick_port(&range, &taken, &listening), Some(40015));
+        }
+        let full: HashSet<u16> = range.clone().collect();
+        assert_eq!(pick_port(&range, &full, &HashSet::new()), None);
+        let seen: HashSet<u16> = (0..400)
+            .filter_map(|_| pick_port(&range, &HashSet::new(), &HashSet::new()))
+            .collect();
+        assert_eq!(seen.len(), 16, "every port of the range gets drawn");
+    }
+
+    #[test]
+    fn listening_ports_are_read_from_proc() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listening_tcp_ports().contains(&port));
+    }
+}

@@ -1,0 +1,301 @@
+//! End to end: what a grant does over time. Expiry with established
+//! connections surviving, lease rotation under a live stream, lease idle
+//! timeout, recovery from a third party flushing the ruleset, a restart
+//! adopting the grants the table holds, and uninstall.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    os::unix::fs::PermissionsExt as _,
+    time::{Duration, Instant},
+};
+
+use knockd::{
+    client::{self, Answer, Target},
+    proto::{DeviceKey, DoorParams, Kind, Status},
+};
+use knockd_tests::{
+    Daemon, Testbed, addrs,
+    probe::{self, Outcome},
+    require_privileges, sh,
+};
+
+const SILENCE: Duration = Duration::from_millis(1200);
+const SSH: u16 = 22;
+
+struct Bed {
+    testbed: Testbed,
+    dir: tempfile::TempDir,
+    key: DeviceKey,
+    server: IpAddr,
+    client: IpAddr,
+}
+
+impl Bed {
+    /// Namespaces, an echo service on 22, and a key for device `laptop`.
+    fn new(v6: bool) -> Bed {
+        let testbed = Testbed::new();
+        let (server, client, _) = addrs::family(v6);
+        testbed.server.run(|| {
+            probe::echo_server(SocketAddr::new(server, SSH));
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::generate();
+        let path = dir.path().join("laptop.key");
+        std::fs::write(&path, key.to_hex()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Bed {
+            testbed,
+            dir,
+            key,
+            server,
+            client,
+        }
+    }
+
+    /// A config with one one-time door on 22, with `door_extra` settings.
+    fn config(&self, door_extra: &str) -> String {
+        format!(
+            "interfaces: [{}]\nxdp_mode: native\nstate_dir: {}\n\
+             devices: {{ laptop: {{ key_file: {}, groups: [admins] }} }}\n\
+             doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }}{door_extra} }} }}\n",
+            self.testbed.server_if,
+            self.dir.path().join("state").display(),
+            self.dir.path().join("laptop.key").display(),
+        )
+    }
+
+    fn start(&self, door_extra: &str) -> Daemon {
+        Daemon::start(&self.testbed.server, &self.config(door_extra))
+    }
+
+    fn socket(&self) -> UdpSocket {
+        let client = self.client;
+        self.testbed
+            .client
+            .run(move || UdpSocket::bind(SocketAddr::new(client, 0)).unwrap())
+    }
+
+    fn knock(&self, socket: &UdpSocket, kind: Kind) -> Answer {
+        let target = Target {
+            server: self.server,
+            door: "ssh".into(),
+            params: DoorParams {
+                knock_ports: 7000..=7999,
+                knocks: 3,
+                step_secs: 30,
+            },
+            key: self.key.clone(),
+            bind: None,
+        };
+        client::knock_from(socket, &target, kind, Duration::from_secs(10)).unwrap()
+    }
+
+    fn connect(&self, port: u16) -> (Outcome, Option<TcpStream>) {
+        let (client, to) = (self.client, SocketAddr::new(self.server, port));
+        self.testbed
+            .client
+            .run(move || probe::tcp_connect(Some(client), to, SILENCE))
+    }
+
+    fn table(&self) -> Option<String> {
+        let out = self
+            .testbed
+            .server
+            .command("nft")
+            .args(["list", "table", "inet", "knockd"])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn grant_expires_and_established_connections_survive(v6: bool) {
+    let bed = Bed::new(v6);
+    let _daemon = bed.start(", open_for_secs: 2");
+    let socket = bed.socket();
+    let answer = bed.knock(&socket, Kind::Open);
+    assert_eq!(
+        answer.reply.expires_in_secs, 1,
+        "2 s, rounded down on the way"
+    );
+    let (outcome, stream) = bed.connect(answer.reply.port);
+    assert_eq!(outcome, Outcome::Answered);
+    let mut stream = stream.unwrap();
+    assert!(probe::echo_round_trip(&mut stream, b"before expiry"));
+    std::thread::sleep(Duration::from_millis(2500));
+    // New connections are refused by the kernel itself; the established one
+    // goes on through conntrack.
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Silent);
+    assert!(probe::echo_round_trip(&mut stream, b"after expiry"));
+    let table = bed.table().unwrap();
+    assert!(
+        !table.contains(&format!(". {}", answer.reply.port)),
+        "{table}"
+    );
+}
+
+#[test]
+fn grant_expires_and_established_connections_survive_v4() {
+    require_privileges!();
+    grant_expires_and_established_connections_survive(false);
+}
+
+#[test]
+fn grant_expires_and_established_connections_survive_v6() {
+    require_privileges!();
+    grant_expires_and_established_connections_survive(true);
+}
+
+fn a_lease_rotates_and_its_stream_survives_three_rotations(v6: bool) {
+    let bed = Bed::new(v6);
+    let mut daemon = bed.start(", rotate_every_secs: 2, lease_idle_secs: 20");
+    let socket = bed.socket();
+    let opened = bed.knock(&socket, Kind::Open);
+    let lease = bed.knock(&socket, Kind::Heartbeat);
+    assert_eq!(
+        (lease.reply.status, lease.reply.port),
+        (Status::Granted, opened.reply.port)
+    );
+    let (outcome, stream) = bed.connect(lease.reply.port);
+    assert_eq!(outcome, Outcome::Answered);
+    let mut stream = stream.unwrap();
+    let mut port = lease.reply.port;
+    for rotation in 1..=3u64 {
+        daemon.wait_for("lease rotated", Duration::from_secs(10), |v| {
+            v["rotations"] == rotation
+        });
+        assert!(probe::echo_round_trip(
+            &mut stream,
+            format!("rotation {rotation}").as_bytes()
+        ));
+        let beat = bed.knock(&socket, Kind::Heartbeat);
+        assert_eq!(beat.reply.status, Status::Granted);
+        assert_ne!(beat.reply.port, port, "rotation {rotation} moved the port");
+        // The old port closed to new connections; the new one opens.
+        assert_eq!(
+            bed.connect(port).0,
+            Outcome::Silent,
+            "old port after rotation {rotation}"
+        );
+        let (outcome, fresh) = bed.connect(beat.reply.port);
+        assert_eq!(
+            outcome,
+            Outcome::Answered,
+            "new port after rotation {rotation}"
+        );
+        assert!(probe::echo_round_trip(&mut fresh.unwrap(), b"fresh"));
+        port = beat.reply.port;
+    }
+    assert!(probe::echo_round_trip(
+        &mut stream,
+        b"the first stream, three rotations later"
+    ));
+}
+
+#[test]
+fn a_lease_rotates_and_its_stream_survives_three_rotations_v4() {
+    require_privileges!();
+    a_lease_rotates_and_its_stream_survives_three_rotations(false);
+}
+
+#[test]
+fn a_lease_rotates_and_its_stream_survives_three_rotations_v6() {
+    require_privileges!();
+    a_lease_rotates_and_its_stream_survives_three_rotations(true);
+}
+
+#[test]
+fn a_lease_without_heartbeats_ends_after_lease_idle() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let _daemon = bed.start(", lease_idle_secs: 2, rotate_every_secs: 0");
+    let socket = bed.socket();
+    bed.knock(&socket, Kind::Open);
+    let lease = bed.knock(&socket, Kind::Heartbeat);
+    assert_eq!(bed.connect(lease.reply.port).0, Outcome::Answered);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(bed.connect(lease.reply.port).0, Outcome::Silent);
+    assert_eq!(
+        bed.knock(&socket, Kind::Heartbeat).reply.status,
+        Status::NoGrant
+    );
+}
+
+#[test]
+fn a_flushed_ruleset_is_restored_with_its_grants() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let mut daemon = bed.start("");
+    let socket = bed.socket();
+    let answer = bed.knock(&socket, Kind::Open);
+    sh(bed.testbed.server.command("nft").args(["flush", "ruleset"]));
+    assert!(bed.table().is_none(), "flushed");
+    let flushed = Instant::now();
+    daemon.wait_for(
+        "the knockd nftables table is gone (flushed?); restoring it and its grants",
+        Duration::from_secs(10),
+        |_| true,
+    );
+    let table = bed.table().expect("the table is back");
+    assert!(
+        flushed.elapsed() < Duration::from_secs(5),
+        "restored in {:?}",
+        flushed.elapsed()
+    );
+    assert!(
+        table.contains(&format!("{} . {}", bed.client, answer.reply.port)),
+        "{table}"
+    );
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Answered);
+    assert_eq!(bed.connect(SSH).0, Outcome::Silent);
+}
+
+#[test]
+fn a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start("");
+    let socket = bed.socket();
+    let answer = bed.knock(&socket, Kind::Open);
+    assert!(daemon.stop().success());
+    // The daemon is gone and its XDP program with it, but the table stays:
+    // the service port is still shut to new connections.
+    assert!(
+        bed.table()
+            .unwrap()
+            .contains(&format!(". {}", answer.reply.port))
+    );
+    assert_eq!(bed.connect(SSH).0, Outcome::Silent);
+    let mut restarted = bed.start("");
+    restarted.wait_for(
+        "adopted the grants the nftables table held",
+        Duration::from_secs(5),
+        |v| v["grants"] == 1,
+    );
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Answered);
+    assert_eq!(bed.connect(SSH).0, Outcome::Silent);
+}
+
+#[test]
+fn uninstall_removes_the_table() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start("");
+    assert!(daemon.stop().success());
+    assert!(bed.table().is_some());
+    let out = bed
+        .testbed
+        .server
+        .command(knockd_tests::knockd_bin())
+        .args(["uninstall", "--bpffs-dir", "/sys/fs/bpf/knockd-test-none"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(bed.table().is_none());
+}
