@@ -3,9 +3,16 @@
 //! A [`Guard`] owns the loaded object. Dropping it detaches the program from
 //! every interface it was attached to; that is the clean-shutdown path.
 
+use std::path::{Path, PathBuf};
+
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{ProgramError, Xdp, XdpMode},
+    pin::PinError,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use aya_log::EbpfLogger;
 use knockd_common::XDP_PROGRAM;
@@ -33,6 +40,20 @@ pub enum Error {
         #[source]
         source: ProgramError,
     },
+    /// The new link could not be pinned, so it would not outlive us.
+    #[error("pinning the XDP link at {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    /// The link could not be taken out of the program to be pinned.
+    #[error("taking the XDP link of {interface} to pin it")]
+    Link {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
 }
 
 /// The XDP mode an interface ended up in.
@@ -43,6 +64,23 @@ pub enum AttachedMode {
     Native,
     /// In the network stack, after the socket buffer is built.
     Generic,
+    /// In the link an earlier run pinned (in the mode it chose then): the
+    /// new program replaced the old one in it atomically.
+    Adopted,
+}
+
+/// Where the link of `interface` is pinned under `dir`.
+pub fn link_pin(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("link_{interface}"))
+}
+
+/// Removes every pin under `dir`, links included: the XDP guard detaches
+/// once no process holds its link. `knockd uninstall` does this on purpose.
+pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// One interface the program is attached to.
@@ -133,6 +171,14 @@ impl Guard {
         interface: &str,
         mode: config::XdpMode,
     ) -> Result<AttachedMode, Error> {
+        self.attach_link(interface, mode).map(|(mode, _)| mode)
+    }
+
+    fn attach_link(
+        &mut self,
+        interface: &str,
+        mode: config::XdpMode,
+    ) -> Result<(AttachedMode, XdpLinkId), Error> {
         let attempt = |guard: &mut Guard, xdp_mode, mode_name| {
             guard
                 .program_mut()
@@ -143,25 +189,27 @@ impl Guard {
                     source,
                 })
         };
-        let attached = match mode {
-            config::XdpMode::Native => {
-                attempt(self, XdpMode::Driver, "native")?;
-                AttachedMode::Native
-            }
-            config::XdpMode::Generic => {
-                attempt(self, XdpMode::Skb, "generic")?;
-                AttachedMode::Generic
-            }
+        let (attached, id) = match mode {
+            config::XdpMode::Native => (
+                AttachedMode::Native,
+                attempt(self, XdpMode::Driver, "native")?,
+            ),
+            config::XdpMode::Generic => (
+                AttachedMode::Generic,
+                attempt(self, XdpMode::Skb, "generic")?,
+            ),
             config::XdpMode::Auto => match attempt(self, XdpMode::Driver, "native") {
-                Ok(_) => AttachedMode::Native,
+                Ok(id) => (AttachedMode::Native, id),
                 Err(native) => {
                     tracing::warn!(
                         interface,
                         error = %native,
                         "native XDP unavailable, falling back to generic mode (slower)"
                     );
-                    attempt(self, XdpMode::Skb, "generic")?;
-                    AttachedMode::Generic
+                    (
+                        AttachedMode::Generic,
+                        attempt(self, XdpMode::Skb, "generic")?,
+                    )
                 }
             },
         };
@@ -169,7 +217,62 @@ impl Guard {
             interface: interface.to_owned(),
             mode: attached,
         });
-        Ok(attached)
+        Ok((attached, id))
+    }
+
+    /// Attaches to `interface` through a link pinned under `pin_dir`, so the
+    /// guard outlives the daemon: a crash, a SIGKILL or a stop leaves the
+    /// protected ports dropped. If an earlier run left its link pinned there,
+    /// the new program replaces the old one in it atomically: no gap, and no
+    /// second attachment.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: config::XdpMode,
+        pin_dir: &Path,
+    ) -> Result<AttachedMode, Error> {
+        let pin = link_pin(pin_dir, interface);
+        if pin.exists() {
+            let adopted = PinnedLink::from_pin(&pin)
+                .map(FdLink::from)
+                .and_then(XdpLink::try_from);
+            match adopted {
+                Ok(link) => match self.program_mut().attach_to_link(link) {
+                    Ok(_) => {
+                        self.attachments.push(Attachment {
+                            interface: interface.to_owned(),
+                            mode: AttachedMode::Adopted,
+                        });
+                        return Ok(AttachedMode::Adopted);
+                    }
+                    Err(e) => {
+                        tracing::warn!(interface, error = %e, "could not take over the pinned XDP link; attaching afresh")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(interface, error = %e, "stale XDP link pin; attaching afresh")
+                }
+            }
+            let _ = std::fs::remove_file(&pin);
+        }
+        let (mode, id) = self.attach_link(interface, mode)?;
+        let link = self
+            .program_mut()
+            .take_link(id)
+            .map_err(|source| Error::Link {
+                interface: interface.to_owned(),
+                source,
+            })?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                fd.pin(&pin)
+                    .map_err(|source| Error::Pin { path: pin, source })?;
+            }
+            // Kernels without BPF links attach through netlink; such an
+            // attachment cannot be pinned, but it outlives us all the same.
+            Err(e) => tracing::warn!(interface, error = %e, "the XDP attachment cannot be pinned"),
+        }
+        Ok(mode)
     }
 
     /// Where the program is attached.

@@ -75,13 +75,23 @@ impl Default for RunOptions {
     }
 }
 
-/// Removes the map pins when dropped, so every exit path, errors included,
-/// leaves bpffs clean.
-struct Pins(PathBuf);
+/// Removes this run's map pins if start-up fails before the guard is in
+/// place. Once it is, the pins stay: they are how the guard outlives us.
+/// Link pins of an earlier run are never touched here, so a failed restart
+/// leaves the old guard up (fail closed).
+struct StartupPins(Option<PathBuf>);
 
-impl Drop for Pins {
+impl StartupPins {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StartupPins {
     fn drop(&mut self) {
-        GuardMaps::unpin(&self.0);
+        if let Some(dir) = &self.0 {
+            GuardMaps::unpin(dir);
+        }
     }
 }
 
@@ -105,15 +115,16 @@ pub async fn run(
         tokio::spawn(guard::drain_logger(logger));
     }
     let mut maps = GuardMaps::take(guard.ebpf_mut(), Some(&config.bpffs_dir))?;
-    let _pins = Pins(config.bpffs_dir.clone());
+    let pins = StartupPins(Some(config.bpffs_dir.clone()));
     let ring = maps::take_knock_events(guard.ebpf_mut())?;
     maps.set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
     let mut daemon = Daemon::new(config.clone(), &devices, maps, state)?;
 
     for interface in &config.interfaces {
-        let mode = guard.attach(interface, config.xdp_mode)?;
+        let mode = guard.attach_pinned(interface, config.xdp_mode, &config.bpffs_dir)?;
         tracing::info!(interface, ?mode, "XDP guard attached");
     }
+    pins.keep();
     let mut reader = KnockReader::new(ring).map_err(Error::Events)?;
     tracing::info!(
         interfaces = ?config.interfaces,
@@ -159,9 +170,9 @@ pub async fn run(
     tracing::info!(
         counters = %serde_json::to_string(&counters).unwrap_or_default(),
         decisions = %serde_json::to_string(daemon.tally()).unwrap_or_default(),
-        "stopping; detaching the XDP guard"
+        "stopping; the XDP guard and the nftables table stay in place (fail closed); `knockd uninstall` removes them"
     );
-    // Dropping the guard detaches the program; the pins go with `_pins`.
+    // The pinned links keep the guard attached after `guard` is dropped.
     drop(guard);
     Ok(())
 }

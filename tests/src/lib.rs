@@ -293,7 +293,9 @@ pub struct Daemon {
     log: Arc<Log>,
     bpffs_dir: PathBuf,
     /// Holds the config file for as long as the daemon runs.
-    _dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
+    /// Whether dropping this value removes the pins (a restart hands them on).
+    owns_pins: bool,
 }
 
 /// How long a daemon may take to attach and say it is ready.
@@ -315,6 +317,22 @@ impl Daemon {
             ));
         }
         std::fs::write(&config_path, text).unwrap();
+        Daemon::spawn(ns, Arc::new(dir), bpffs_dir)
+    }
+
+    /// Starts the daemon again with the same config, pins and state, as a
+    /// restart would (stop or kill it first).
+    pub fn restart(mut self, ns: &NetNs) -> Daemon {
+        assert!(
+            self.child.is_none(),
+            "stop or kill the daemon before restarting it"
+        );
+        self.owns_pins = false;
+        Daemon::spawn(ns, Arc::clone(&self.dir), self.bpffs_dir.clone())
+    }
+
+    fn spawn(ns: &NetNs, dir: Arc<tempfile::TempDir>, bpffs_dir: PathBuf) -> Daemon {
+        let config_path = dir.path().join("knockd.yaml");
         let mut child = ns
             .command(knockd_bin())
             // knockd=debug: tests read the per-knock lines.
@@ -347,7 +365,8 @@ impl Daemon {
             child: Some(child),
             log,
             bpffs_dir,
-            _dir: dir,
+            dir,
+            owns_pins: true,
         };
         daemon.wait_for("ready", READY_TIMEOUT, |_| true);
         daemon.assert_running();
@@ -428,10 +447,19 @@ impl Daemon {
         }
     }
 
-    /// Sends SIGTERM and waits for the daemon to exit.
-    pub fn stop(mut self) -> ExitStatus {
+    /// Sends SIGTERM and waits for the daemon to exit. The pins stay until
+    /// this value is dropped.
+    pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
         terminate(&mut child)
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        child.wait().unwrap();
     }
 }
 
@@ -455,7 +483,10 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             terminate(&mut child);
         }
-        knockd::maps::GuardMaps::unpin(&self.bpffs_dir);
+        // The guard outlives the daemon by design; the test removes it.
+        if self.owns_pins {
+            let _ = knockd::guard::remove_pins(&self.bpffs_dir);
+        }
         if std::thread::panicking() {
             eprintln!("--- knockd log ---");
             for line in self.log.lines.lock().map(|l| l.clone()).unwrap_or_default() {

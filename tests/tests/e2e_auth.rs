@@ -242,12 +242,12 @@ fn a_replayed_capture_is_rejected_and_answered_with_silence_v6() {
 #[test]
 fn a_replay_after_a_restart_is_rejected() {
     require_privileges!();
-    let (testbed, setup, daemon, (server, client, _)) = start(false);
+    let (testbed, setup, mut daemon, (server, client, _)) = start(false);
     let (socket, frames) = knock_and_capture(&testbed, &setup, server, client);
     assert!(daemon.stop().success());
     assert!(setup.state_dir().join("consumed.json").exists());
 
-    let mut restarted = Daemon::start(&testbed.server, &setup.config(&testbed));
+    let mut restarted = daemon.restart(&testbed.server);
     Capture::start(&testbed.client, &testbed.client_if).replay(&frames);
     restarted.wait_for_count("decision", 3, LOG_WAIT, |v| v["reason"] == "replay");
     assert_eq!(decisions(&restarted, "accepted", None), 0);

@@ -256,19 +256,25 @@ fn a_flushed_ruleset_is_restored_with_its_grants() {
 fn a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile() {
     require_privileges!();
     let bed = Bed::new(false);
-    let daemon = bed.start("");
+    let mut daemon = bed.start("");
     let socket = bed.socket();
     let answer = bed.knock(&socket, Kind::Open);
     assert!(daemon.stop().success());
-    // The daemon is gone and its XDP program with it, but the table stays:
-    // the service port is still shut to new connections.
+    // The daemon is gone; its XDP guard and its table stay: the service
+    // port is still shut, and the grant still works.
     assert!(
         bed.table()
             .unwrap()
             .contains(&format!(". {}", answer.reply.port))
     );
     assert_eq!(bed.connect(SSH).0, Outcome::Silent);
-    let mut restarted = bed.start("");
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Answered);
+    let mut restarted = daemon.restart(&bed.testbed.server);
+    let attached = restarted.wait_for("XDP guard attached", Duration::from_secs(5), |_| true);
+    assert_eq!(
+        attached["mode"], "Adopted",
+        "the pinned link is taken over, not attached twice"
+    );
     restarted.wait_for(
         "adopted the grants the nftables table held",
         Duration::from_secs(5),
@@ -279,17 +285,88 @@ fn a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile() {
 }
 
 #[test]
+fn sigkill_leaves_the_guard_up_and_grants_expire_on_time() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let mut daemon = bed.start(", open_for_secs: 4");
+    let socket = bed.socket();
+    let answer = bed.knock(&socket, Kind::Open);
+    let granted = answer.reply.port;
+    let opened = Instant::now();
+    let (_, stream) = bed.connect(granted);
+    let mut stream = stream.unwrap();
+    daemon.kill();
+    // No daemon: the pinned XDP link and the table keep everything shut.
+    assert!(
+        bed.testbed
+            .server
+            .ip(&["link", "show", &bed.testbed.server_if])
+            .contains("xdp")
+    );
+    assert_eq!(bed.connect(SSH).0, Outcome::Silent);
+    let other = addrs::family(false).2;
+    let to = SocketAddr::new(bed.server, granted);
+    assert_eq!(
+        bed.testbed
+            .client
+            .run(move || probe::tcp_connect(Some(other), to, SILENCE).0),
+        Outcome::Silent
+    );
+    assert!(probe::echo_round_trip(&mut stream, b"the daemon is dead"));
+    assert_eq!(
+        bed.connect(granted).0,
+        Outcome::Answered,
+        "the grant runs its course"
+    );
+    // And ends on time without anyone to end it.
+    std::thread::sleep(
+        Duration::from_secs(4).saturating_sub(opened.elapsed()) + Duration::from_millis(500),
+    );
+    assert_eq!(
+        bed.connect(granted).0,
+        Outcome::Silent,
+        "expired in the kernel"
+    );
+    assert!(probe::echo_round_trip(
+        &mut stream,
+        b"established survives expiry"
+    ));
+    // A restart takes over the pinned link; knocking works again.
+    let mut restarted = daemon.restart(&bed.testbed.server);
+    let attached = restarted.wait_for("XDP guard attached", Duration::from_secs(5), |_| true);
+    assert_eq!(attached["mode"], "Adopted");
+    let xdp_programs = bed
+        .testbed
+        .server
+        .ip(&["-d", "link", "show", &bed.testbed.server_if])
+        .matches("prog/xdp id")
+        .count();
+    assert_eq!(xdp_programs, 1, "one program attached, not two");
+    let again = bed.knock(&socket, Kind::Open);
+    assert_eq!(bed.connect(again.reply.port).0, Outcome::Answered);
+}
+
+#[test]
 fn uninstall_removes_the_table() {
     require_privileges!();
     let bed = Bed::new(false);
-    let daemon = bed.start("");
+    let mut daemon = bed.start("");
     assert!(daemon.stop().success());
     assert!(bed.table().is_some());
+    let link = || {
+        bed.testbed
+            .server
+            .ip(&["link", "show", &bed.testbed.server_if])
+    };
+    assert!(link().contains("xdp"), "the guard outlives the daemon");
+    assert_eq!(bed.connect(SSH).0, Outcome::Silent);
     let out = bed
         .testbed
         .server
         .command(knockd_tests::knockd_bin())
-        .args(["uninstall", "--bpffs-dir", "/sys/fs/bpf/knockd-test-none"])
+        .arg("uninstall")
+        .arg("--bpffs-dir")
+        .arg(daemon.bpffs_dir())
         .output()
         .unwrap();
     assert!(
@@ -298,4 +375,11 @@ fn uninstall_removes_the_table() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(bed.table().is_none());
+    assert!(!daemon.bpffs_dir().exists());
+    assert!(!link().contains("xdp"), "uninstall detaches the guard");
+    assert_eq!(
+        bed.connect(SSH).0,
+        Outcome::Answered,
+        "and the service is reachable again"
+    );
 }

@@ -411,28 +411,35 @@ fn rate_limit_caps_one_source_without_affecting_another_v6() {
 }
 
 #[test]
-fn sigterm_detaches_and_unpins() {
+fn sigterm_keeps_the_guard_and_uninstall_removes_it() {
     require_privileges!();
-    let (testbed, daemon, (server, client, _)) = setup(false);
+    let (testbed, mut daemon, (server, client, _)) = setup(false);
     let pins = daemon.bpffs_dir().to_owned();
+    let link = || testbed.server.ip(&["link", "show", &testbed.server_if]);
     assert!(pins.join("COUNTERS").exists());
-    assert!(
-        testbed
-            .server
-            .ip(&["link", "show", &testbed.server_if])
-            .contains("xdp")
-    );
+    assert!(pins.join(format!("link_{}", testbed.server_if)).exists());
+    assert!(link().contains("xdp"));
     let status = daemon.stop();
     assert!(status.success(), "{status}");
+    // Fail closed: the daemon is gone, the guard is not.
+    assert!(link().contains("xdp"));
+    let ssh = SocketAddr::new(server, SSH);
+    assert_eq!(connect(&testbed.client, client, ssh), Outcome::Silent);
+    // Its counters are still readable.
+    let stats = sh(Command::new(knockd_tests::knockd_bin())
+        .args(["stats", "--json", "--bpffs-dir"])
+        .arg(&pins));
+    assert!(stats.contains("drop_protected"), "{stats}");
+    // Removing everything is a deliberate act.
+    sh(testbed
+        .server
+        .command(knockd_tests::knockd_bin())
+        .args(["uninstall", "--bpffs-dir"])
+        .arg(&pins));
     assert!(!pins.exists(), "pins removed");
-    assert!(
-        !testbed
-            .server
-            .ip(&["link", "show", &testbed.server_if])
-            .contains("xdp")
-    );
+    assert!(!link().contains("xdp"));
     assert_eq!(
-        connect(&testbed.client, client, SocketAddr::new(server, SSH)),
+        connect(&testbed.client, client, ssh),
         Outcome::Answered,
         "the guard is gone"
     );

@@ -596,13 +596,17 @@ fn demo() -> Result<()> {
     banner(&format!("knockd stats --bpffs-dir {bpffs_dir}"));
     run(Command::new(&knockd).args(["stats", "--bpffs-dir", &bpffs_dir]))?;
 
-    banner("stopping: SIGTERM detaches the guard and removes the pins");
+    banner("stopping: SIGTERM stops the daemon; the guard stays in place (fail closed)");
     drop(daemon);
     drop(services);
     let text = std::fs::read_to_string(&log_path)?;
     if let Some(last) = text.lines().last() {
         println!("{last}");
     }
+    banner("knockd uninstall: removing the table and the pins on purpose");
+    run(server
+        .command(&knockd)
+        .args(["uninstall", "--bpffs-dir", &bpffs_dir]))?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

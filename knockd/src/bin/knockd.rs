@@ -62,8 +62,9 @@ enum Command {
         export: Option<PathBuf>,
     },
     /// Remove everything knockd leaves in the kernel on purpose: its
-    /// nftables table (and so every grant) and its bpffs pins. Run it after
-    /// stopping the daemon to take knockd off a host.
+    /// nftables table (and so every grant) and its bpffs pins, which detaches
+    /// the XDP guard. Stopping the daemon leaves both in place (fail
+    /// closed); run this after stopping it to take knockd off a host.
     Uninstall {
         /// bpffs directory the daemon pinned its maps under.
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
@@ -126,7 +127,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Uninstall { bpffs_dir } => {
             knockd::nft::uninstall()?;
-            GuardMaps::unpin(&bpffs_dir);
+            knockd::guard::remove_pins(&bpffs_dir)
+                .with_context(|| format!("removing the pins under {}", bpffs_dir.display()))?;
             println!(
                 "removed the nftables table inet knockd and the pins under {}",
                 bpffs_dir.display()
