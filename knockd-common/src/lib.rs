@@ -39,6 +39,9 @@ pub mod policy {
     /// Packets to this port are knocks: they go to userspace, then are
     /// dropped. For TCP only a bare SYN counts as a knock.
     pub const KNOCK: u8 = 1 << 1;
+    /// A grant currently uses this (protected) port: SYNs to it from other
+    /// sources are probes, counted so the daemon can move the grant away.
+    pub const GRANTED: u8 = 1 << 2;
 }
 
 /// Key of the allow map: one source address allowed to one destination port.
@@ -231,6 +234,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     /// `RingBuf` of [`super::KnockEvent`].
     pub const KNOCK_EVENTS: &str = "KNOCK_EVENTS";
+    /// `LruHashMap<u32, u64>`: granted TCP port (host order) → SYNs to it
+    /// from sources without a grant, since the daemon last drained it.
+    pub const PROBES: &str = "PROBES";
 }
 
 /// Name of the XDP program in the eBPF object.
@@ -242,6 +248,8 @@ pub const ALLOW_MAX_ENTRIES: u32 = 262_144;
 /// recently seen source is evicted, so its bucket restarts full: a flood from
 /// many spoofed sources costs at most this many entries.
 pub const KNOCK_RATE_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of the probe-count LRU map: ports under attack at once.
+pub const PROBES_MAX_ENTRIES: u32 = 4096;
 /// Size of the knock ring buffer in bytes (a power of two, page aligned).
 pub const KNOCK_EVENTS_BYTES: u32 = 1 << 20;
 

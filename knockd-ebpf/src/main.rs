@@ -28,8 +28,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use knockd_common::{
     ALLOW_MAX_ENTRIES, AllowKey, AllowValue, Counter, IPPROTO_TCP, IPPROTO_UDP, KNOCK_EVENTS_BYTES,
-    KNOCK_PAYLOAD_MAX, KNOCK_RATE_MAX_ENTRIES, KnockEvent, PORT_POLICY_ENTRIES, Settings,
-    TOKEN_SCALE, TokenBucket, policy, port_policy_index,
+    KNOCK_PAYLOAD_MAX, KNOCK_RATE_MAX_ENTRIES, KnockEvent, PORT_POLICY_ENTRIES, PROBES_MAX_ENTRIES,
+    Settings, TOKEN_SCALE, TokenBucket, policy, port_policy_index,
 };
 
 #[map]
@@ -45,6 +45,8 @@ static KNOCK_RATE: LruHashMap<[u8; 16], TokenBucket> =
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 #[map]
 static KNOCK_EVENTS: RingBuf = RingBuf::with_byte_size(KNOCK_EVENTS_BYTES, 0);
+#[map]
+static PROBES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(PROBES_MAX_ENTRIES, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -315,7 +317,22 @@ fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
             return Ok(Counter::PassGranted);
         }
     }
+    // A new connection to a port some grant uses, from someone else: a probe.
+    if ip.proto == IPPROTO_TCP && flags & policy::GRANTED != 0 {
+        count_probe(u32::from(dport));
+    }
     Ok(Counter::DropProtected)
+}
+
+fn count_probe(port: u32) {
+    match PROBES.get_ptr_mut(port) {
+        // SAFETY: valid for this run; concurrent CPUs may lose an increment,
+        // which only delays a rotation by a probe.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = PROBES.insert(port, 1, 0);
+        }
+    }
 }
 
 /// Takes one token from the source's bucket; `false` means over the limit.

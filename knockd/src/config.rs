@@ -223,6 +223,9 @@ pub struct Door {
     /// A lease moves to a fresh random port this often, in seconds (default
     /// 300; 0 never rotates). Established connections survive.
     pub rotate_every_secs: Option<u32>,
+    /// A grant moves to a fresh port at once after this many SYNs from other
+    /// sources hit its port (default 10; 0 never): someone found it.
+    pub rotate_on_probes: Option<u32>,
     /// One-time: the UDP range the derived knock ports fall in (default
     /// 7000-7999). The whole range is protected.
     pub knock_ports: Option<PortRange>,
@@ -250,6 +253,7 @@ pub mod door_defaults {
     };
     pub const LEASE_IDLE_SECS: u32 = 90;
     pub const ROTATE_EVERY_SECS: u32 = 300;
+    pub const ROTATE_ON_PROBES: u32 = 10;
     pub const KNOCK_PORTS: PortRange = PortRange {
         start: 7000,
         end: 7999,
@@ -278,6 +282,11 @@ impl Door {
     pub fn rotate_every_secs(&self) -> u32 {
         self.rotate_every_secs
             .unwrap_or(door_defaults::ROTATE_EVERY_SECS)
+    }
+    /// Probes of a granted port that make it move (0: never).
+    pub fn rotate_on_probes(&self) -> u32 {
+        self.rotate_on_probes
+            .unwrap_or(door_defaults::ROTATE_ON_PROBES)
     }
     /// One-time knock port range.
     pub fn knock_ports(&self) -> PortRange {
@@ -583,6 +592,12 @@ impl Config {
             check_bounds(&key("open_for_secs"), door.open_for_secs, 1, 86_400)?;
             check_bounds(&key("lease_idle_secs"), door.lease_idle_secs, 1, 86_400)?;
             check_bounds(&key("rotate_every_secs"), door.rotate_every_secs, 0, 86_400)?;
+            check_bounds(
+                &key("rotate_on_probes"),
+                door.rotate_on_probes,
+                0,
+                1_000_000,
+            )?;
             let grant_ports = door.grant_ports();
             if door.mode == DoorMode::OneTime && grant_ports.end - grant_ports.start < 15 {
                 return Err(Error::invalid(
@@ -612,6 +627,7 @@ impl Config {
                 ("expose_service_port", door.expose_service_port),
                 ("lease_idle_secs", door.lease_idle_secs.is_some()),
                 ("rotate_every_secs", door.rotate_every_secs.is_some()),
+                ("rotate_on_probes", door.rotate_on_probes.is_some()),
                 ("knock_ports", door.knock_ports.is_some()),
                 ("knocks", door.knocks.is_some()),
                 ("step_secs", door.step_secs.is_some()),

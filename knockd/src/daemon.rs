@@ -143,10 +143,15 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Brings the XDP port policy up to date: the config's ports, the
+    /// knock ports valid now, and the ports grants use (to count probes).
     fn load_policy(&mut self) -> Result<(), Error> {
-        let policy = PortPolicy::from_config(&self.config, &self.engine.knock_ports());
+        let mut policy = PortPolicy::from_config(&self.config, &self.engine.knock_ports());
+        policy.mark_granted(self.grants.list().iter().map(|g| g.port));
         let written = self.maps.apply_port_policy(&policy)?;
-        tracing::debug!(entries = written, "port policy updated");
+        if written > 0 {
+            tracing::debug!(entries = written, "port policy updated");
+        }
         Ok(())
     }
 
@@ -169,9 +174,7 @@ impl Daemon {
     /// the time step turns), forget expired grants, rotate leases that are
     /// due, and put the nftables table back if someone removed it.
     pub fn tick(&mut self) -> Result<(), Error> {
-        if self.engine.tick(unix_ms()) {
-            self.load_policy()?;
-        }
+        self.engine.tick(unix_ms());
         let now = Instant::now();
         self.static_grants.retain(|_, grant| grant.expires > now);
         match self.grants.tick(&mut self.maps) {
@@ -190,6 +193,30 @@ impl Daemon {
             }
             Err(e) => tracing::error!(error = %e, "rotating leases failed"),
         }
+        let probed = self
+            .maps
+            .drain_probes()
+            .map_err(grants::Error::from)
+            .and_then(|probes| self.grants.rotate_probed(&mut self.maps, &probes));
+        match probed {
+            Ok(rotations) => {
+                for (old, new) in rotations {
+                    *self.tally.entry("probe_rotations").or_default() += 1;
+                    tracing::warn!(
+                        door = %new.door,
+                        device = new.device.as_deref(),
+                        source = %new.source,
+                        old_port = old.port,
+                        port = new.port,
+                        probes = old.probes,
+                        "granted port probed by other sources; moved at once"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "rotating probed grants failed"),
+        }
+        // Knock ports turn with the time step; granted ports with grants.
+        self.load_policy()?;
         if now.duration_since(self.table_checked) >= TABLE_CHECK_EVERY {
             self.table_checked = now;
             match nft::table_exists() {
@@ -332,6 +359,7 @@ impl Daemon {
                 return Ok(());
             }
         };
+        self.load_policy()?;
         tracing::info!(
             outcome = "accepted",
             action = ?action,

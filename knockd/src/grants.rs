@@ -43,6 +43,8 @@ struct DoorGrants {
     open_for: Duration,
     lease_idle: Duration,
     rotate_every: Option<Duration>,
+    /// Probes that make a grant move at once (0: never).
+    rotate_on_probes: u64,
 }
 
 /// One open door for one address.
@@ -59,6 +61,8 @@ pub struct Grant {
     pub leased: bool,
     /// Rotations so far.
     pub rotations: u32,
+    /// SYNs from other sources to its current port.
+    pub probes: u64,
     /// When new connections stop being admitted.
     #[serde(skip)]
     pub expires: Instant,
@@ -160,6 +164,7 @@ impl Grants {
                         open_for: Duration::from_secs(u64::from(d.open_for_secs())),
                         lease_idle: Duration::from_secs(u64::from(d.lease_idle_secs())),
                         rotate_every: (rotate > 0).then(|| Duration::from_secs(u64::from(rotate))),
+                        rotate_on_probes: u64::from(d.rotate_on_probes()),
                     },
                 )
             })
@@ -209,6 +214,7 @@ impl Grants {
                     port: element.key.port,
                     leased: false,
                     rotations: 0,
+                    probes: 0,
                     expires: now + element.timeout,
                     next_rotation: None,
                 },
@@ -298,6 +304,7 @@ impl Grants {
                     port,
                     leased: false,
                     rotations: 0,
+                    probes: 0,
                     expires: now + settings.open_for,
                     next_rotation: None,
                 }
@@ -389,6 +396,7 @@ impl Grants {
         let grant = Grant {
             port,
             rotations: old.rotations + 1,
+            probes: 0,
             next_rotation: settings.rotate_every.map(|every| now + every),
             ..old.clone()
         };
@@ -396,6 +404,32 @@ impl Grants {
         self.by_source
             .insert((old.door.clone(), old.source), grant.clone());
         Ok(grant)
+    }
+
+    /// Adds probe counts (granted port, SYNs from other sources) to the
+    /// grants on those ports, and moves every grant that reached its door's
+    /// `rotate_on_probes` to a fresh port at once. Returns (old, new) pairs.
+    pub fn rotate_probed(
+        &mut self,
+        maps: &mut GuardMaps,
+        probes: &[(u16, u64)],
+    ) -> Result<Vec<(Grant, Grant)>, Error> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (port, count) in probes {
+            for grant in self.by_source.values_mut().filter(|g| g.port == *port) {
+                grant.probes += count;
+                let threshold = self.doors[&grant.door].rotate_on_probes;
+                if threshold > 0 && grant.probes >= threshold {
+                    due.push(grant.clone());
+                }
+            }
+        }
+        let mut rotated = Vec::new();
+        for old in due {
+            rotated.push((old.clone(), self.rotate(maps, old, now)?));
+        }
+        Ok(rotated)
     }
 
     /// Every live grant.

@@ -185,6 +185,15 @@ impl PortPolicy {
         table
     }
 
+    /// Marks the TCP ports grants use now, so SYNs to them from other
+    /// sources are counted as probes.
+    pub fn mark_granted(&mut self, ports: impl IntoIterator<Item = u16>) {
+        for port in ports {
+            let flags = self.get(Proto::Tcp, port);
+            self.set(Proto::Tcp, port, flags | policy::GRANTED);
+        }
+    }
+
     /// Sets the flags of one port, replacing what was there.
     pub fn set(&mut self, proto: Proto, port: u16, flags: u8) {
         if let Some(i) = port_policy_index(proto.number(), port) {
@@ -235,17 +244,20 @@ pub struct GuardMaps {
     settings: Array<MapData, Settings>,
     /// Per-CPU verdict counters.
     counters: PerCpuArray<MapData, u64>,
+    /// SYNs from non-granted sources to granted ports, by port.
+    probes: HashMap<MapData, u32, u64>,
     /// What the port-policy array holds now, so an update writes only the
     /// entries that change instead of all 131,072.
     policy_mirror: PortPolicy,
 }
 
 /// The maps [`GuardMaps`] pins.
-const PINNED: [&str; 4] = [
+const PINNED: [&str; 5] = [
     map_names::PORT_POLICY,
     map_names::ALLOW,
     map_names::SETTINGS,
     map_names::COUNTERS,
+    map_names::PROBES,
 ];
 
 impl GuardMaps {
@@ -280,6 +292,7 @@ impl GuardMaps {
             take(map_names::ALLOW)?,
             take(map_names::SETTINGS)?,
             take(map_names::COUNTERS)?,
+            take(map_names::PROBES)?,
             PortPolicy::empty(),
         )
     }
@@ -297,6 +310,7 @@ impl GuardMaps {
             open(map_names::ALLOW)?,
             open(map_names::SETTINGS)?,
             open(map_names::COUNTERS)?,
+            open(map_names::PROBES)?,
             PortPolicy::empty(),
         )?;
         // Read back what the kernel holds so later updates diff against it.
@@ -314,6 +328,7 @@ impl GuardMaps {
         allow: Map,
         settings: Map,
         counters: Map,
+        probes: Map,
         policy_mirror: PortPolicy,
     ) -> Result<Self, Error> {
         Ok(GuardMaps {
@@ -323,6 +338,7 @@ impl GuardMaps {
             allow: allow.try_into().map_err(map_err(map_names::ALLOW))?,
             settings: settings.try_into().map_err(map_err(map_names::SETTINGS))?,
             counters: counters.try_into().map_err(map_err(map_names::COUNTERS))?,
+            probes: probes.try_into().map_err(map_err(map_names::PROBES))?,
             policy_mirror,
         })
     }
@@ -400,6 +416,25 @@ impl GuardMaps {
                 source,
             }),
         }
+    }
+
+    /// Takes the probe counts: (granted port, SYNs from other sources since
+    /// the last call). The map is emptied as it is read.
+    pub fn drain_probes(&mut self) -> Result<Vec<(u16, u64)>, Error> {
+        let ports: Vec<u32> = self
+            .probes
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::PROBES))?;
+        let mut out = Vec::with_capacity(ports.len());
+        for port in ports {
+            // A key can vanish (LRU eviction) between listing and reading.
+            if let Ok(count) = self.probes.get(&port, 0) {
+                out.push((port as u16, count));
+            }
+            let _ = self.probes.remove(&port);
+        }
+        Ok(out)
     }
 
     /// The counters, summed over CPUs.

@@ -383,3 +383,37 @@ fn uninstall_removes_the_table() {
         "and the service is reachable again"
     );
 }
+
+#[test]
+fn probes_of_a_granted_port_move_it_at_once() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let mut daemon = bed.start(", rotate_on_probes: 3, rotate_every_secs: 0");
+    let socket = bed.socket();
+    bed.knock(&socket, Kind::Open);
+    let lease = bed.knock(&socket, Kind::Heartbeat);
+    let probed = lease.reply.port;
+    // The holder's own connections are not probes.
+    assert_eq!(bed.connect(probed).0, Outcome::Answered);
+    // Someone else finds the port: three SYNs.
+    let other = addrs::family(false).2;
+    let to = SocketAddr::new(bed.server, probed);
+    for _ in 0..3 {
+        let outcome = bed
+            .testbed
+            .client
+            .run(move || probe::tcp_connect(Some(other), to, Duration::from_millis(300)).0);
+        assert_eq!(outcome, Outcome::Silent);
+    }
+    let moved = daemon.wait_for(
+        "granted port probed by other sources; moved at once",
+        Duration::from_secs(10),
+        |_| true,
+    );
+    assert_eq!(moved["old_port"], probed);
+    let beat = bed.knock(&socket, Kind::Heartbeat);
+    assert_ne!(beat.reply.port, probed);
+    assert_eq!(beat.reply.port, moved["port"]);
+    assert_eq!(bed.connect(beat.reply.port).0, Outcome::Answered);
+    assert_eq!(bed.connect(probed).0, Outcome::Silent);
+}

@@ -627,3 +627,26 @@ fn a_full_ring_buffer_counts_lost_events_and_still_drops() {
     // Drained, it takes events again.
     bench.knock(&v4_knock(b"after"));
 }
+
+#[test]
+fn syns_to_a_granted_port_from_others_are_counted_as_probes() {
+    require_privileges!();
+    let mut bench = Bench::new();
+    let mut table = PortPolicy::empty();
+    table.set(Proto::Tcp, 40003, policy::PROTECTED);
+    table.mark_granted([40003]);
+    table.set(Proto::Tcp, SSH, policy::PROTECTED);
+    bench.maps.apply_port_policy(&table).unwrap();
+    bench
+        .maps
+        .allow(ip(CLIENT4), Proto::Tcp, 40003, None)
+        .unwrap();
+    bench.expect(&v4_tcp(CLIENT4, 40003, SYN), Counter::PassGranted);
+    bench.expect(&v4_tcp(OTHER4, 40003, SYN), Counter::DropProtected);
+    bench.expect(&v4_tcp(OTHER4, 40003, SYN), Counter::DropProtected);
+    // A protected port that no grant uses is not probed, just closed.
+    bench.expect(&v4_tcp(OTHER4, SSH, SYN), Counter::DropProtected);
+    bench.expect(&v4_tcp(OTHER4, 40003, ACK), Counter::PassNotSyn);
+    assert_eq!(bench.maps.drain_probes().unwrap(), [(40003, 2)]);
+    assert!(bench.maps.drain_probes().unwrap().is_empty(), "drained");
+}
