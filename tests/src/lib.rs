@@ -268,9 +268,14 @@ pub fn knockd_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("KNOCKD_BIN") {
         return bin.into();
     }
-    // target/<profile>/deps/<test> → target/<profile>/knockd
+    // target/<profile>/deps/<test> or target/<profile>/<bench> →
+    // target/<profile>/knockd
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("knockd");
+    let dir = exe.parent().unwrap();
+    let bin = [dir.join("knockd"), dir.parent().unwrap().join("knockd")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("knockd"));
     assert!(
         bin.exists(),
         "{} not found: build it first (`cargo build -p knockd`) or set KNOCKD_BIN",

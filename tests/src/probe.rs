@@ -83,7 +83,7 @@ pub fn echo_server(addr: SocketAddr) -> SocketAddr {
             socket.set_only_v6(true).unwrap();
         }
         socket.bind(&SockAddr::from(addr)).unwrap();
-        socket.listen(16).unwrap();
+        socket.listen(1024).unwrap();
         TcpListener::from(socket)
     };
     let local = listener.local_addr().unwrap();

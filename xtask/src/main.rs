@@ -66,6 +66,13 @@ enum Task {
     },
     /// Run knockd between two network namespaces and show it working.
     Demo,
+    /// Benchmarks, printed as ratios against baselines from the same run
+    /// (needs root): `grants`, `knock`, or all of them.
+    Bench {
+        /// Which benchmark: grants, knock, or all.
+        #[arg(default_value = "all")]
+        which: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -73,6 +80,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Test { filter } => test(filter.as_deref()),
         Task::Demo => demo(),
+        Task::Bench { which } => bench(&which),
     }
 }
 
@@ -373,6 +381,21 @@ fn test(filter: Option<&str>) -> Result<()> {
         "no privileged test ran: the suite proves nothing"
     );
     Ok(())
+}
+
+fn bench(which: &str) -> Result<()> {
+    setup()?;
+    // Release builds: the benchmark measures what ships.
+    run(cargo().args(["build", "--release", "--package", "knockd", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "knockd-tests",
+        "--bin",
+        "knockd-bench",
+    ]))?;
+    run(Command::new(workspace_root().join("target/release/knockd-bench")).arg(which))
 }
 
 /// A demo namespace, deleted on drop.

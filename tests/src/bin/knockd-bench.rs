@@ -1,0 +1,303 @@
+//! knockd's benchmarks, run by `cargo xtask bench` (root, namespaces).
+//!
+//! Every number is printed beside a baseline measured in the same run, as a
+//! ratio: timing on a shared machine varies, ratios much less.
+//!
+//! - `grants`: installs 100,000 grants (nftables elements and XDP allow
+//!   entries, as the daemon does), reports the install rate, and the
+//!   connect latency of a granted client at 1 and at 100,000 grants against
+//!   a plain socket on the same veth.
+//! - `knock`: knock-to-open latency of the real daemon (knocks sent → first
+//!   successful connect through the granted port), p50/p99 over 100 trials,
+//!   against a plain connect.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    os::unix::fs::PermissionsExt as _,
+    time::{Duration, Instant},
+};
+
+use knockd::{
+    client::{self, Target},
+    guard::{Guard, KernelLogLevel},
+    maps::{GuardMaps, PortPolicy, Proto},
+    nft::{self, DoorRules, Element, GrantKey},
+    proto::{DeviceKey, DoorParams, Kind},
+};
+use knockd_common::policy;
+use knockd_tests::{Daemon, Testbed, addrs, probe};
+
+const SSH: u16 = 22;
+const PLAIN: u16 = 8080;
+const GRANTS: u32 = 100_000;
+const CONNECTS: usize = 300;
+const TRIALS: usize = 100;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn summary(
+    name: &str,
+    mut samples: Vec<Duration>,
+    baseline: Option<(Duration, Duration)>,
+) -> (Duration, Duration) {
+    samples.sort();
+    let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+    let ratio = baseline.map_or(String::new(), |(b50, b99)| {
+        format!(
+            "   ({:.2}x / {:.2}x the baseline)",
+            p50.as_secs_f64() / b50.as_secs_f64(),
+            p99.as_secs_f64() / b99.as_secs_f64()
+        )
+    });
+    println!(
+        "{name:<44} p50 {:>8.1} µs   p99 {:>8.1} µs{ratio}",
+        p50.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6
+    );
+    (p50, p99)
+}
+
+/// Connect latencies from the client namespace to `to`, from `from`.
+fn connects(testbed: &Testbed, from: IpAddr, to: SocketAddr) -> Vec<Duration> {
+    testbed.client.run(move || {
+        (0..CONNECTS)
+            .map(|_| {
+                let start = Instant::now();
+                let (outcome, stream) = probe::tcp_connect(Some(from), to, Duration::from_secs(2));
+                let took = start.elapsed();
+                assert_eq!(outcome, probe::Outcome::Answered, "connect to {to}");
+                drop(stream);
+                took
+            })
+            .collect()
+    })
+}
+
+/// The `n`th synthetic grant source: distinct addresses in 198.18.0.0/15.
+fn source(n: u32) -> IpAddr {
+    let base = u32::from(Ipv4Addr::new(198, 18, 16, 0));
+    IpAddr::V4(Ipv4Addr::from(base + n))
+}
+
+fn bench_grants() {
+    println!("== grants: install rate and connect latency at 1 and {GRANTS} grants");
+    let testbed = Testbed::new();
+    let (server, client, _) = addrs::family(false);
+    testbed.server.run(|| {
+        probe::echo_server(SocketAddr::new(server, SSH));
+        probe::echo_server(SocketAddr::new(server, PLAIN));
+    });
+    let door = DoorRules {
+        name: "ssh".into(),
+        grant_ports: 40000..=40999,
+        service_port: SSH,
+        expose_service_port: false,
+    };
+    // The XDP guard, as the daemon loads it.
+    let (mut guard, _logger) = Guard::load(KernelLogLevel::Warn).unwrap();
+    let mut maps = GuardMaps::take(guard.ebpf_mut(), None).unwrap();
+    let mut table = PortPolicy::empty();
+    for port in door.grant_ports.clone() {
+        table.set(Proto::Tcp, port, policy::PROTECTED);
+    }
+    table.set(Proto::Tcp, SSH, policy::PROTECTED);
+    maps.apply_port_policy(&table).unwrap();
+    let server_if = testbed.server_if.clone();
+    testbed.server.run(|| {
+        nft::install(std::slice::from_ref(&door)).unwrap();
+        guard
+            .attach(&server_if, knockd::config::XdpMode::Native)
+            .unwrap();
+    });
+
+    let baseline = summary(
+        "plain socket (baseline)",
+        connects(&testbed, client, SocketAddr::new(server, PLAIN)),
+        None,
+    );
+    let ttl = Duration::from_secs(600);
+    let granted = GrantKey {
+        source: client,
+        port: 40001,
+    };
+    testbed.server.run(|| {
+        nft::update_grants(
+            &[Element {
+                door: "ssh".into(),
+                key: granted,
+                timeout: ttl,
+            }],
+            &[],
+        )
+        .unwrap();
+    });
+    maps.allow(client, Proto::Tcp, granted.port, Some(ttl))
+        .unwrap();
+    summary(
+        "granted port, 1 grant",
+        connects(&testbed, client, SocketAddr::new(server, granted.port)),
+        Some(baseline),
+    );
+
+    // One grant at a time, as a knock adds it: one nftables transaction each.
+    let singles: Vec<Duration> = (0..50u32)
+        .map(|n| {
+            let element = Element {
+                door: "ssh".into(),
+                key: GrantKey {
+                    source: source(GRANTS + n),
+                    port: 40500,
+                },
+                timeout: ttl,
+            };
+            let start = Instant::now();
+            testbed
+                .server
+                .run(|| nft::update_grants(std::slice::from_ref(&element), &[]).unwrap());
+            let took = start.elapsed();
+            testbed
+                .server
+                .run(|| nft::update_grants(&[], &[element]).unwrap());
+            took
+        })
+        .collect();
+    summary("one grant, one nftables transaction", singles, None);
+
+    // 100k more grants, in batches, as a daemon under load would add them.
+    let batch = 1000;
+    let start = Instant::now();
+    let mut nft_time = Duration::ZERO;
+    for chunk in 0..GRANTS / batch {
+        let elements: Vec<Element> = (chunk * batch..(chunk + 1) * batch)
+            .map(|n| Element {
+                door: "ssh".into(),
+                key: GrantKey {
+                    source: source(n),
+                    port: 40002 + (n % 998) as u16,
+                },
+                timeout: ttl,
+            })
+            .collect();
+        let t = Instant::now();
+        testbed
+            .server
+            .run(|| nft::update_grants(&elements, &[]).unwrap());
+        nft_time += t.elapsed();
+        for e in &elements {
+            maps.allow(e.key.source, Proto::Tcp, e.key.port, Some(ttl))
+                .unwrap();
+        }
+    }
+    let total = start.elapsed();
+    let listed = testbed
+        .server
+        .run(|| nft::list_grants(&["ssh"]).unwrap())
+        .len();
+    assert_eq!(listed, GRANTS as usize + 1, "every grant is in the table");
+    println!(
+        "installed {GRANTS} grants in {:.2} s: {:.0} grants/s (nftables alone {:.0}/s, in batches of {batch})",
+        total.as_secs_f64(),
+        f64::from(GRANTS) / total.as_secs_f64(),
+        f64::from(GRANTS) / nft_time.as_secs_f64(),
+    );
+    let plain_again = summary(
+        "plain socket (baseline, again)",
+        connects(&testbed, client, SocketAddr::new(server, PLAIN)),
+        None,
+    );
+    summary(
+        &format!("granted port, {GRANTS} grants"),
+        connects(&testbed, client, SocketAddr::new(server, granted.port)),
+        Some(plain_again),
+    );
+    testbed.server.run(|| nft::uninstall().unwrap());
+}
+
+fn bench_knock() {
+    println!("== knock-to-open: knocks sent -> first successful connect, {TRIALS} trials");
+    let testbed = Testbed::new();
+    let (server, client, _) = addrs::family(false);
+    testbed.server.run(|| {
+        probe::echo_server(SocketAddr::new(server, SSH));
+        probe::echo_server(SocketAddr::new(server, PLAIN));
+    });
+    // Several devices: a device may complete 16 sequences per time step,
+    // and each trial is an open and a close.
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<DeviceKey> = (0..16).map(|_| DeviceKey::generate()).collect();
+    let mut devices = String::new();
+    for (i, key) in keys.iter().enumerate() {
+        let path = dir.path().join(format!("d{i}.key"));
+        std::fs::write(&path, key.to_hex()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        devices.push_str(&format!(
+            "  d{i}: {{ key_file: {}, groups: [bench] }}\n",
+            path.display()
+        ));
+    }
+    // The knock rate limit is raised: this measures latency, not the limiter
+    // (600 knocks from one source in a few seconds).
+    let config = format!(
+        "interfaces: [{}]\nxdp_mode: native\nknock: {{ rate_per_sec: 10000, burst: 10000 }}\ndevices:\n{devices}\
+         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }} }}\n",
+        testbed.server_if
+    );
+    let _daemon = Daemon::start(&testbed.server, &config);
+    let baseline = summary(
+        "plain connect (baseline)",
+        connects(&testbed, client, SocketAddr::new(server, PLAIN)),
+        None,
+    );
+    let samples: Vec<(Duration, Duration)> = testbed.client.run(|| {
+        let socket = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+        (0..TRIALS)
+            .map(|trial| {
+                let target = Target {
+                    server,
+                    door: "ssh".into(),
+                    params: DoorParams {
+                        knock_ports: 7000..=7999,
+                        knocks: 3,
+                        step_secs: 30,
+                    },
+                    key: keys[trial % keys.len()].clone(),
+                    bind: None,
+                };
+                let start = Instant::now();
+                let answer =
+                    client::knock_from(&socket, &target, Kind::Open, Duration::from_secs(10))
+                        .unwrap();
+                let replied = start.elapsed();
+                let to = SocketAddr::new(server, answer.reply.port);
+                let (outcome, _) = probe::tcp_connect(Some(client), to, Duration::from_secs(2));
+                let took = start.elapsed();
+                assert_eq!(outcome, probe::Outcome::Answered);
+                client::knock_from(&socket, &target, Kind::Close, Duration::from_secs(10)).unwrap();
+                (replied, took)
+            })
+            .collect()
+    });
+    summary(
+        "knock -> sealed reply",
+        samples.iter().map(|s| s.0).collect(),
+        None,
+    );
+    summary(
+        "knock -> reply -> connect (ours)",
+        samples.iter().map(|s| s.1).collect(),
+        Some(baseline),
+    );
+}
+
+fn main() {
+    assert!(knockd_tests::privileged(), "benchmarks need root");
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    if which == "grants" || which == "all" {
+        bench_grants();
+    }
+    if which == "knock" || which == "all" {
+        bench_knock();
+    }
+}
