@@ -95,41 +95,32 @@ pub struct Grants {
     by_source: HashMap<(String, IpAddr), Grant>,
 }
 
-/// Ports with a listening TCP socket in this network namespace, which a
-/// grant must not shadow.
-pub fn listening_tcp_ports() -> HashSet<u16> {
-    let mut ports = HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let mut fields = line.split_whitespace();
-            let (Some(local), Some(state)) = (fields.nth(1), fields.nth(1)) else {
-                continue;
-            };
-            // State 0A is LISTEN; the port is the hex after the colon.
-            if state == "0A"
-                && let Some(port) = local
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-            {
-                ports.insert(port);
-            }
+/// Whether nothing on this host holds TCP `port`: a wildcard bind (IPv6
+/// dual-stack, else IPv4) succeeds only if no socket, listening or
+/// connected, uses it. This asks the kernel about one port, where reading
+/// /proc/net/tcp walks every socket (milliseconds per grant).
+pub fn port_unbound(port: u16) -> bool {
+    use socket2::{Domain, Socket, Type};
+    let try_bind = |domain: Domain, addr: std::net::SocketAddr| -> Option<bool> {
+        let socket = Socket::new(domain, Type::STREAM, None).ok()?;
+        if domain == Domain::IPV6 {
+            socket.set_only_v6(false).ok()?;
         }
-    }
-    ports
+        Some(socket.bind(&addr.into()).is_ok())
+    };
+    try_bind(Domain::IPV6, (std::net::Ipv6Addr::UNSPECIFIED, port).into())
+        .or_else(|| try_bind(Domain::IPV4, (std::net::Ipv4Addr::UNSPECIFIED, port).into()))
+        .unwrap_or(false)
 }
 
-/// A random port of `range` in neither `taken` nor `listening`, from the
-/// CSPRNG; `None` when there is none.
+/// A random port of `range` that no grant in `taken` uses and `unbound`
+/// says is free, from the CSPRNG; `None` when there is none.
 pub fn pick_port(
     range: &RangeInclusive<u16>,
     taken: &HashSet<u16>,
-    listening: &HashSet<u16>,
+    unbound: impl Fn(u16) -> bool,
 ) -> Option<u16> {
-    let free = |p: &u16| !taken.contains(p) && !listening.contains(p);
+    let free = |p: &u16| !taken.contains(p) && unbound(*p);
     let mut rng = rand::rng();
     for _ in 0..64 {
         let port = rng.random_range(range.clone());
@@ -291,11 +282,13 @@ impl Grants {
                 ..old.clone()
             },
             None => {
-                let port = pick_port(&settings.range, &self.taken(), &listening_tcp_ports())
-                    .ok_or_else(|| Error::Exhausted {
-                        door: door.to_owned(),
-                        start: *settings.range.start(),
-                        end: *settings.range.end(),
+                let port =
+                    pick_port(&settings.range, &self.taken(), port_unbound).ok_or_else(|| {
+                        Error::Exhausted {
+                            door: door.to_owned(),
+                            start: *settings.range.start(),
+                            end: *settings.range.end(),
+                        }
                     })?;
                 Grant {
                     door: door.to_owned(),
@@ -385,14 +378,13 @@ impl Grants {
 
     fn rotate(&mut self, maps: &mut GuardMaps, old: Grant, now: Instant) -> Result<Grant, Error> {
         let settings = self.doors[&old.door].clone();
-        let port =
-            pick_port(&settings.range, &self.taken(), &listening_tcp_ports()).ok_or_else(|| {
-                Error::Exhausted {
-                    door: old.door.clone(),
-                    start: *settings.range.start(),
-                    end: *settings.range.end(),
-                }
-            })?;
+        let port = pick_port(&settings.range, &self.taken(), port_unbound).ok_or_else(|| {
+            Error::Exhausted {
+                door: old.door.clone(),
+                start: *settings.range.start(),
+                end: *settings.range.end(),
+            }
+        })?;
         let grant = Grant {
             port,
             rotations: old.rotations + 1,
@@ -448,22 +440,29 @@ mod tests {
     fn picked_ports_are_free_and_spread() {
         let range = 40000..=40015;
         let taken: HashSet<u16> = (40000..=40013).collect();
-        let listening = HashSet::from([40014]);
         for _ in 0..50 {
-            assert_eq!(pick_port(&range, &taken, &listening), Some(40015));
+            assert_eq!(pick_port(&range, &taken, |p| p != 40014), Some(40015));
         }
         let full: HashSet<u16> = range.clone().collect();
-        assert_eq!(pick_port(&range, &full, &HashSet::new()), None);
+        assert_eq!(pick_port(&range, &full, |_| true), None);
+        assert_eq!(pick_port(&range, &HashSet::new(), |_| false), None);
         let seen: HashSet<u16> = (0..400)
-            .filter_map(|_| pick_port(&range, &HashSet::new(), &HashSet::new()))
+            .filter_map(|_| pick_port(&range, &HashSet::new(), |_| true))
             .collect();
         assert_eq!(seen.len(), 16, "every port of the range gets drawn");
     }
 
     #[test]
-    fn listening_ports_are_read_from_proc() {
+    fn ports_in_use_are_not_unbound() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        assert!(listening_tcp_ports().contains(&port));
+        assert!(
+            !port_unbound(port),
+            "a listener on one address holds the port"
+        );
+        drop(listener);
+        assert!(port_unbound(port));
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        assert!(!port_unbound(v6.local_addr().unwrap().port()));
     }
 }
