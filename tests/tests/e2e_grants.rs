@@ -206,10 +206,8 @@ fn a_lease_rotates_and_its_stream_survives_three_rotations_v6() {
     a_lease_rotates_and_its_stream_survives_three_rotations(true);
 }
 
-#[test]
-fn a_lease_without_heartbeats_ends_after_lease_idle() {
-    require_privileges!();
-    let bed = Bed::new(false);
+fn a_lease_without_heartbeats_ends_after_lease_idle(v6: bool) {
+    let bed = Bed::new(v6);
     let _daemon = bed.start(", lease_idle_secs: 2, rotate_every_secs: 0");
     let socket = bed.socket();
     bed.knock(&socket, Kind::Open);
@@ -224,9 +222,19 @@ fn a_lease_without_heartbeats_ends_after_lease_idle() {
 }
 
 #[test]
-fn a_flushed_ruleset_is_restored_with_its_grants() {
+fn a_lease_without_heartbeats_ends_after_lease_idle_v4() {
     require_privileges!();
-    let bed = Bed::new(false);
+    a_lease_without_heartbeats_ends_after_lease_idle(false);
+}
+
+#[test]
+fn a_lease_without_heartbeats_ends_after_lease_idle_v6() {
+    require_privileges!();
+    a_lease_without_heartbeats_ends_after_lease_idle(true);
+}
+
+fn a_flushed_ruleset_is_restored_with_its_grants(v6: bool) {
+    let bed = Bed::new(v6);
     let mut daemon = bed.start("");
     let socket = bed.socket();
     let answer = bed.knock(&socket, Kind::Open);
@@ -253,9 +261,19 @@ fn a_flushed_ruleset_is_restored_with_its_grants() {
 }
 
 #[test]
-fn a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile() {
+fn a_flushed_ruleset_is_restored_with_its_grants_v4() {
     require_privileges!();
-    let bed = Bed::new(false);
+    a_flushed_ruleset_is_restored_with_its_grants(false);
+}
+
+#[test]
+fn a_flushed_ruleset_is_restored_with_its_grants_v6() {
+    require_privileges!();
+    a_flushed_ruleset_is_restored_with_its_grants(true);
+}
+
+fn a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile(v6: bool) {
+    let bed = Bed::new(v6);
     let mut daemon = bed.start("");
     let socket = bed.socket();
     let answer = bed.knock(&socket, Kind::Open);
@@ -285,9 +303,19 @@ fn a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile() {
 }
 
 #[test]
-fn sigkill_leaves_the_guard_up_and_grants_expire_on_time() {
+fn a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile_v4() {
     require_privileges!();
-    let bed = Bed::new(false);
+    a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile(false);
+}
+
+#[test]
+fn a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile_v6() {
+    require_privileges!();
+    a_restart_adopts_the_grants_and_the_service_stays_shut_meanwhile(true);
+}
+
+fn sigkill_leaves_the_guard_up_and_grants_expire_on_time(v6: bool) {
+    let bed = Bed::new(v6);
     let mut daemon = bed.start(", open_for_secs: 4");
     let socket = bed.socket();
     let answer = bed.knock(&socket, Kind::Open);
@@ -304,7 +332,7 @@ fn sigkill_leaves_the_guard_up_and_grants_expire_on_time() {
             .contains("xdp")
     );
     assert_eq!(bed.connect(SSH).0, Outcome::Silent);
-    let other = addrs::family(false).2;
+    let other = addrs::family(bed.server.is_ipv6()).2;
     let to = SocketAddr::new(bed.server, granted);
     assert_eq!(
         bed.testbed
@@ -347,6 +375,18 @@ fn sigkill_leaves_the_guard_up_and_grants_expire_on_time() {
 }
 
 #[test]
+fn sigkill_leaves_the_guard_up_and_grants_expire_on_time_v4() {
+    require_privileges!();
+    sigkill_leaves_the_guard_up_and_grants_expire_on_time(false);
+}
+
+#[test]
+fn sigkill_leaves_the_guard_up_and_grants_expire_on_time_v6() {
+    require_privileges!();
+    sigkill_leaves_the_guard_up_and_grants_expire_on_time(true);
+}
+
+#[test]
 fn uninstall_removes_the_table() {
     require_privileges!();
     let bed = Bed::new(false);
@@ -364,7 +404,7 @@ fn uninstall_removes_the_table() {
         .testbed
         .server
         .command(knockd_tests::knockd_bin())
-        .arg("uninstall")
+        .arg("--uninstall")
         .arg("--bpffs-dir")
         .arg(daemon.bpffs_dir())
         .output()
@@ -384,10 +424,8 @@ fn uninstall_removes_the_table() {
     );
 }
 
-#[test]
-fn probes_of_a_granted_port_move_it_at_once() {
-    require_privileges!();
-    let bed = Bed::new(false);
+fn probes_of_a_granted_port_move_it_at_once(v6: bool) {
+    let bed = Bed::new(v6);
     let mut daemon = bed.start(", rotate_on_probes: 3, rotate_every_secs: 0");
     let socket = bed.socket();
     bed.knock(&socket, Kind::Open);
@@ -396,7 +434,7 @@ fn probes_of_a_granted_port_move_it_at_once() {
     // The holder's own connections are not probes.
     assert_eq!(bed.connect(probed).0, Outcome::Answered);
     // Someone else finds the port: three SYNs.
-    let other = addrs::family(false).2;
+    let other = addrs::family(bed.server.is_ipv6()).2;
     let to = SocketAddr::new(bed.server, probed);
     for _ in 0..3 {
         let outcome = bed
@@ -416,4 +454,16 @@ fn probes_of_a_granted_port_move_it_at_once() {
     assert_eq!(beat.reply.port, moved["port"]);
     assert_eq!(bed.connect(beat.reply.port).0, Outcome::Answered);
     assert_eq!(bed.connect(probed).0, Outcome::Silent);
+}
+
+#[test]
+fn probes_of_a_granted_port_move_it_at_once_v4() {
+    require_privileges!();
+    probes_of_a_granted_port_move_it_at_once(false);
+}
+
+#[test]
+fn probes_of_a_granted_port_move_it_at_once_v6() {
+    require_privileges!();
+    probes_of_a_granted_port_move_it_at_once(true);
 }

@@ -98,7 +98,16 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `knockd --uninstall` (the spelling the product documents) is the
+    // `uninstall` subcommand.
+    let args = std::env::args_os().map(|arg| {
+        if arg == "--uninstall" {
+            "uninstall".into()
+        } else {
+            arg
+        }
+    });
+    let cli = Cli::parse_from(args);
     init_logging(cli.log_format, &cli.log_level);
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
