@@ -1,8 +1,13 @@
 //! Compiles the XDP program (`knockd-ebpf`) for the BPF target with aya-build,
-//! into `$OUT_DIR/knockd-xdp`, which `knockd::guard` embeds.
-use anyhow::{Context as _, anyhow};
+//! into `$OUT_DIR/knockd-xdp`, which `knockd::guard` embeds. Client-only
+//! builds (without the `daemon` feature) need no eBPF toolchain and skip it.
 
+#[cfg(not(feature = "daemon"))]
+fn main() {}
+
+#[cfg(feature = "daemon")]
 fn main() -> anyhow::Result<()> {
+    use anyhow::{Context as _, anyhow};
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -25,9 +25,8 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, DoorMode, KnockPort},
+    config::{Config, DoorMode, KnockPort, Proto},
     devices::Devices,
-    maps::Proto,
     proto::{self, DoorKeys, Kind, NONCE_LEN},
 };
 

@@ -11,9 +11,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::{Deserialize, Deserializer, de};
-
-use crate::maps::Proto;
+use knockd_common::{IPPROTO_TCP, IPPROTO_UDP};
+use serde::{Deserialize, Deserializer, Serialize, de};
 
 /// Where the XDP program pins its maps unless the config says otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/knockd";
@@ -56,6 +55,42 @@ impl Error {
             key: key.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// Transport protocol of a port rule or grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    /// The protocol with IP protocol number `n`, if it is one we handle.
+    pub const fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
     }
 }
 

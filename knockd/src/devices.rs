@@ -51,7 +51,7 @@ pub enum Error {
 }
 
 /// A device file in the devices directory, as `knockctl device add` writes it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceFile {
     /// The device id.

@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeSet,
-    fmt,
     net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
@@ -19,8 +18,8 @@ use aya::{
     pin::PinError,
 };
 use knockd_common::{
-    AllowKey, AllowValue, Counter, IPPROTO_TCP, IPPROTO_UDP, PORT_POLICY_ENTRIES, Settings,
-    map_names, policy, port_policy_index,
+    AllowKey, AllowValue, Counter, PORT_POLICY_ENTRIES, Settings, map_names, policy,
+    port_policy_index,
 };
 use serde::Serialize;
 
@@ -61,41 +60,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
-/// Transport protocol of a port rule or grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    /// The IP protocol number.
-    pub const fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => IPPROTO_TCP,
-            Proto::Udp => IPPROTO_UDP,
-        }
-    }
-
-    /// The protocol with IP protocol number `n`, if it is one we handle.
-    pub const fn from_number(n: u8) -> Option<Proto> {
-        match n {
-            IPPROTO_TCP => Some(Proto::Tcp),
-            IPPROTO_UDP => Some(Proto::Udp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
+pub use crate::config::Proto;
 
 /// `addr` as the kernel side stores it: 16 bytes, IPv4 mapped into IPv6.
 pub fn addr_to_key(addr: IpAddr) -> [u8; 16] {

@@ -11,9 +11,8 @@ use std::{
 
 use knockd::{
     auth::{Engine, KnockIn, Outcome, PENDING_MAX, STATIC_MAX},
-    config::{Config, KnockPort},
+    config::{Config, KnockPort, Proto},
     devices::{Device, Devices},
-    maps::Proto,
     proto::{DeviceKey, DoorKeys, DoorParams, Kind, sequence},
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};

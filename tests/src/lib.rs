@@ -11,6 +11,7 @@
 //!
 //! Tests `unwrap()` rather than return `Result`, so a failure shows its line.
 
+pub mod bed;
 pub mod capture;
 pub mod frames;
 pub mod probe;
@@ -265,20 +266,26 @@ impl Default for Testbed {
 /// Path of the `knockd` binary: `$KNOCKD_BIN`, or the one cargo built next
 /// to this test executable.
 pub fn knockd_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("KNOCKD_BIN") {
-        return bin.into();
-    }
+    std::env::var_os("KNOCKD_BIN").map_or_else(|| workspace_bin("knockd"), PathBuf::from)
+}
+
+/// Path of the `knockctl` binary cargo built next to this test executable.
+pub fn knockctl_bin() -> PathBuf {
+    workspace_bin("knockctl")
+}
+
+fn workspace_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> or target/<profile>/<bench> →
-    // target/<profile>/knockd
+    // target/<profile>/<name>
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
-    let bin = [dir.join("knockd"), dir.parent().unwrap().join("knockd")]
+    let bin = [dir.join(name), dir.parent().unwrap().join(name)]
         .into_iter()
         .find(|p| p.exists())
-        .unwrap_or_else(|| dir.join("knockd"));
+        .unwrap_or_else(|| dir.join(name));
     assert!(
         bin.exists(),
-        "{} not found: build it first (`cargo build -p knockd`) or set KNOCKD_BIN",
+        "{} not found: build it first (`cargo build -p knockd`)",
         bin.display()
     );
     bin

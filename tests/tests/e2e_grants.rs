@@ -4,112 +4,17 @@
 //! adopting the grants the table holds, and uninstall.
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    os::unix::fs::PermissionsExt as _,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use knockd::{
-    client::{self, Answer, Target},
-    proto::{DeviceKey, DoorParams, Kind, Status},
-};
+use knockd::proto::{Kind, Status};
 use knockd_tests::{
-    Daemon, Testbed, addrs,
+    addrs,
+    bed::{Bed, SILENCE, SSH},
     probe::{self, Outcome},
     require_privileges, sh,
 };
-
-const SILENCE: Duration = Duration::from_millis(1200);
-const SSH: u16 = 22;
-
-struct Bed {
-    testbed: Testbed,
-    dir: tempfile::TempDir,
-    key: DeviceKey,
-    server: IpAddr,
-    client: IpAddr,
-}
-
-impl Bed {
-    /// Namespaces, an echo service on 22, and a key for device `laptop`.
-    fn new(v6: bool) -> Bed {
-        let testbed = Testbed::new();
-        let (server, client, _) = addrs::family(v6);
-        testbed.server.run(|| {
-            probe::echo_server(SocketAddr::new(server, SSH));
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let key = DeviceKey::generate();
-        let path = dir.path().join("laptop.key");
-        std::fs::write(&path, key.to_hex()).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Bed {
-            testbed,
-            dir,
-            key,
-            server,
-            client,
-        }
-    }
-
-    /// A config with one one-time door on 22, with `door_extra` settings.
-    fn config(&self, door_extra: &str) -> String {
-        format!(
-            "interfaces: [{}]\nxdp_mode: native\nstate_dir: {}\n\
-             devices: {{ laptop: {{ key_file: {}, groups: [admins] }} }}\n\
-             doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }}{door_extra} }} }}\n",
-            self.testbed.server_if,
-            self.dir.path().join("state").display(),
-            self.dir.path().join("laptop.key").display(),
-        )
-    }
-
-    fn start(&self, door_extra: &str) -> Daemon {
-        Daemon::start(&self.testbed.server, &self.config(door_extra))
-    }
-
-    fn socket(&self) -> UdpSocket {
-        let client = self.client;
-        self.testbed
-            .client
-            .run(move || UdpSocket::bind(SocketAddr::new(client, 0)).unwrap())
-    }
-
-    fn knock(&self, socket: &UdpSocket, kind: Kind) -> Answer {
-        let target = Target {
-            server: self.server,
-            door: "ssh".into(),
-            params: DoorParams {
-                knock_ports: 7000..=7999,
-                knocks: 3,
-                step_secs: 30,
-            },
-            key: self.key.clone(),
-            bind: None,
-        };
-        client::knock_from(socket, &target, kind, Duration::from_secs(10)).unwrap()
-    }
-
-    fn connect(&self, port: u16) -> (Outcome, Option<TcpStream>) {
-        let (client, to) = (self.client, SocketAddr::new(self.server, port));
-        self.testbed
-            .client
-            .run(move || probe::tcp_connect(Some(client), to, SILENCE))
-    }
-
-    fn table(&self) -> Option<String> {
-        let out = self
-            .testbed
-            .server
-            .command("nft")
-            .args(["list", "table", "inet", "knockd"])
-            .output()
-            .unwrap();
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
 
 fn grant_expires_and_established_connections_survive(v6: bool) {
     let bed = Bed::new(v6);

@@ -35,6 +35,9 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     // Real peers for tests and the demo: knockd's stock `knock` client.
     "knockd",
+    // sshd and ssh, for the ProxyCommand test.
+    "openssh-server",
+    "openssh-client",
     // The independent Python check of the protocol's test vectors.
     "python3",
     "python3-cryptography",
@@ -150,10 +153,22 @@ fn apt_packages() -> Result<&'static str> {
     run(Command::new("apt-get")
         .args(["update", "-qq"])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(Command::new("apt-get")
+    // Packages with services (sshd, knockd's own) must not start them on
+    // this host: policy-rc.d answers "not now" while we install.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let had_policy = policy.exists();
+    if !had_policy {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if !had_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed?;
     Ok("installed")
 }
 

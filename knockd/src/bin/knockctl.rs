@@ -1,0 +1,440 @@
+//! knockctl: knock on a door from a client, and manage devices on a server.
+//!
+//! It needs no root and links no eBPF or nftables code, so the client part
+//! builds anywhere (`cargo build -p knockd --no-default-features --bin
+//! knockctl`).
+//!
+//! Exit codes scripts can rely on: 0 done; 1 usage, configuration or I/O
+//! error; 2 no answer before the timeout; 3 an answer that did not verify;
+//! 4 a heartbeat for which the server holds no grant.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, TcpStream, ToSocketAddrs as _},
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{CommandFactory as _, Parser, Subcommand};
+use knockd::{
+    client::{self, Answer, Target},
+    config::PortRange,
+    devices::DeviceFile,
+    profile::{Profile, Profiles},
+    proto::{DeviceKey, Kind, Status},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "knockctl",
+    version,
+    about = "Knock on knockd doors; manage devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Knock on a door and report the port it opened (or act on it).
+    Knock(KnockArgs),
+    /// Manage the devices of a knockd server (run it there).
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(clap::Args)]
+struct KnockArgs {
+    /// A profile name, or the server's host (with DOOR, or its only profile).
+    target: String,
+    /// The door, when TARGET is a host with several profiles.
+    door: Option<String>,
+    /// The profiles file.
+    #[arg(long, env = "KNOCKCTL_PROFILES", default_value_os_t = default_profiles())]
+    profiles: PathBuf,
+    /// Give up after this many seconds (fresh knocks are sent meanwhile).
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Ask for the grant for this address (your public one, behind NAT).
+    #[arg(long)]
+    bind_ip: Option<IpAddr>,
+    /// Print the opened port (the default).
+    #[arg(long, group = "mode")]
+    print_port: bool,
+    /// Run this command once the door is open; {port} and {host} are
+    /// replaced (example: 'ssh -p {port} {host}').
+    #[arg(long, group = "mode", value_name = "COMMAND")]
+    exec: Option<String>,
+    /// Connect to the opened port and pipe stdin and stdout through it, for
+    /// ssh: -o ProxyCommand='knockctl knock --proxy %h ssh'.
+    #[arg(long, group = "mode")]
+    proxy: bool,
+    /// Keep the grant alive with heartbeats, printing the port whenever it
+    /// changes (rotation), until interrupted.
+    #[arg(long, group = "mode")]
+    lease: bool,
+    /// Seconds between heartbeats with --lease.
+    #[arg(long, default_value_t = 20)]
+    heartbeat_every: u64,
+    /// Close the door now.
+    #[arg(long, group = "mode")]
+    close: bool,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Create a device: a fresh 256-bit key (0600) and its device file, and
+    /// print the client's profile.
+    Add {
+        /// The device id.
+        name: String,
+        /// Groups the device belongs to (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// The server's devices directory.
+        #[arg(long, default_value = "/etc/knockd/devices.d")]
+        devices_dir: PathBuf,
+        /// The host clients reach the server at, for the printed profile.
+        #[arg(long, default_value = "SERVER")]
+        host: String,
+        /// The door the profile opens.
+        #[arg(long, default_value = "ssh")]
+        door: String,
+        /// The door's knock-port range, if not the default.
+        #[arg(long)]
+        knock_ports: Option<String>,
+    },
+    /// List the devices in the devices directory.
+    List {
+        #[arg(long, default_value = "/etc/knockd/devices.d")]
+        devices_dir: PathBuf,
+    },
+    /// Remove a device (its key and device file).
+    Remove {
+        name: String,
+        #[arg(long, default_value = "/etc/knockd/devices.d")]
+        devices_dir: PathBuf,
+    },
+}
+
+fn default_profiles() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("knockctl/profiles.yaml")
+}
+
+/// An error with the exit code it maps to.
+struct Failure(u8, anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(1, e.into())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Knock(args) => knock(&args),
+        Command::Device(command) => device(command).map_err(Failure::from),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "knockctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("knockctl: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn resolve(host: &str) -> anyhow::Result<IpAddr> {
+    (host, 0)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {host}"))?
+        .map(|a| a.ip())
+        .next()
+        .ok_or_else(|| anyhow!("{host} has no address"))
+}
+
+/// Knocks, mapping client errors to their exit codes, and warns about skew.
+fn send(
+    target: &Target,
+    profile: &Profile,
+    kind: Kind,
+    timeout: Duration,
+) -> Result<Answer, Failure> {
+    let answer = client::knock(target, kind, timeout).map_err(|e| {
+        let code = match e {
+            client::Error::Timeout { .. } => 2,
+            client::Error::BadReply(_) => 3,
+            client::Error::Io(_) => 1,
+        };
+        let hint = match code {
+            2 => " (is the door's knock-port range right, is UDP to it allowed, and is this clock right?)",
+            _ => "",
+        };
+        Failure(code, anyhow!("{e}{hint}"))
+    })?;
+    let step_ms = i64::from(profile.params().step_secs) * 1000;
+    if answer.server_offset_ms.abs() > step_ms / 2 {
+        eprintln!(
+            "knockctl: warning: this clock is {:.1} s {} the server's; past the door's skew the server rejects knocks",
+            answer.server_offset_ms.abs() as f64 / 1000.0,
+            if answer.server_offset_ms > 0 {
+                "behind"
+            } else {
+                "ahead of"
+            }
+        );
+    }
+    Ok(answer)
+}
+
+fn knock(args: &KnockArgs) -> Result<(), Failure> {
+    let profiles = Profiles::load(&args.profiles)?;
+    let (_, profile) = profiles.find(&args.profiles, &args.target, args.door.as_deref())?;
+    let server = resolve(&profile.host)?;
+    let target = Target {
+        server,
+        door: profile.door.clone(),
+        params: profile.params(),
+        key: profile
+            .device_key()
+            .map_err(|e| anyhow!("{}: {e}", args.profiles.display()))?,
+        bind: args.bind_ip,
+    };
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    if args.close {
+        let answer = send(&target, profile, Kind::Close, timeout)?;
+        println!("closed ({:?})", answer.reply.status);
+        return Ok(());
+    }
+    let answer = send(&target, profile, Kind::Open, timeout)?;
+    if answer.reply.status != Status::Granted {
+        return Err(Failure(
+            1,
+            anyhow!("the server answered {:?}", answer.reply.status),
+        ));
+    }
+    let port = answer.reply.port;
+    if let Some(command) = &args.exec {
+        let command = command
+            .replace("{port}", &port.to_string())
+            .replace("{host}", &profile.host);
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .status()
+            .with_context(|| format!("running {command}"))?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    if args.proxy {
+        return proxy(server, port).map_err(Failure::from);
+    }
+    if args.lease {
+        return lease(
+            &target,
+            profile,
+            port,
+            Duration::from_secs(args.heartbeat_every.max(1)),
+            timeout,
+        );
+    }
+    println!("{port}");
+    Ok(())
+}
+
+/// Pipes stdin and stdout through a connection to the opened port.
+fn proxy(server: IpAddr, port: u16) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&(server, port).into(), Duration::from_secs(10))
+        .with_context(|| format!("connecting to {server} port {port}"))?;
+    let mut upstream = stream.try_clone()?;
+    let to_server = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut upstream);
+        let _ = upstream.shutdown(std::net::Shutdown::Write);
+    });
+    let mut downstream = stream;
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = downstream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stdout.write_all(&buf[..n])?;
+        stdout.flush()?;
+    }
+    drop(to_server);
+    Ok(())
+}
+
+/// Heartbeats until interrupted, printing the port whenever it changes.
+fn lease(
+    target: &Target,
+    profile: &Profile,
+    mut port: u16,
+    every: Duration,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    println!("{port}");
+    loop {
+        std::thread::sleep(every);
+        let answer = send(target, profile, Kind::Heartbeat, timeout)?;
+        match answer.reply.status {
+            Status::Granted if answer.reply.port != port => {
+                port = answer.reply.port;
+                println!("{port}");
+            }
+            Status::Granted => {}
+            // The grant ended (lease idle, a restart, a close): open again.
+            _ => {
+                let reopened = send(target, profile, Kind::Open, timeout)?;
+                if reopened.reply.status != Status::Granted {
+                    return Err(Failure(
+                        4,
+                        anyhow!("the server holds no grant and granted none"),
+                    ));
+                }
+                port = reopened.reply.port;
+                println!("{port}");
+            }
+        }
+    }
+}
+
+fn device(command: DeviceCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceCommand::Add {
+            name,
+            groups,
+            devices_dir,
+            host,
+            door,
+            knock_ports,
+        } => {
+            let file = DeviceFile {
+                id: name.clone(),
+                key_file: PathBuf::from(format!("{name}.key")),
+                groups,
+            };
+            let yaml_path = devices_dir.join(format!("{name}.yaml"));
+            let key_path = devices_dir.join(&file.key_file);
+            if !valid_id(&name) {
+                bail!("{name:?} is not a valid device id (1-64 of A-Z a-z 0-9 . _ -)");
+            }
+            if yaml_path.exists() || key_path.exists() {
+                bail!("device {name} exists already in {}", devices_dir.display());
+            }
+            std::fs::create_dir_all(&devices_dir)
+                .with_context(|| format!("creating {}", devices_dir.display()))?;
+            let key = DeviceKey::generate();
+            // Created 0600 from the start: the key is never readable by others.
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_path)
+                .with_context(|| format!("creating {}", key_path.display()))?;
+            writeln!(out, "{}", key.to_hex())?;
+            std::fs::write(&yaml_path, serde_yaml::to_string(&file)?)
+                .with_context(|| format!("writing {}", yaml_path.display()))?;
+            let knock_ports = knock_ports
+                .map(|r| serde_yaml::from_str::<PortRange>(&format!("{r:?}")))
+                .transpose()
+                .context("--knock-ports")?;
+            let profile = Profiles {
+                profiles: [(
+                    name.clone(),
+                    Profile {
+                        host,
+                        door,
+                        key: key.to_hex(),
+                        knock_ports,
+                        knocks: None,
+                        step_secs: None,
+                    },
+                )]
+                .into(),
+            };
+            eprintln!(
+                "created {} and {}; reload knockd to admit it. The client's profile (keep it secret, mode 0600):",
+                yaml_path.display(),
+                key_path.display()
+            );
+            print!("{}", serde_yaml::to_string(&profile)?);
+            Ok(())
+        }
+        DeviceCommand::List { devices_dir } => {
+            for (path, file) in device_files(&devices_dir)? {
+                let mode = std::fs::metadata(devices_dir.join(&file.key_file))
+                    .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
+                    .unwrap_or_else(|_| "missing".into());
+                println!(
+                    "{}\tgroups: {}\tkey: {} ({mode})\t{}",
+                    file.id,
+                    file.groups.join(","),
+                    file.key_file.display(),
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        DeviceCommand::Remove { name, devices_dir } => {
+            let (path, file) = device_files(&devices_dir)?
+                .into_iter()
+                .find(|(_, f)| f.id == name)
+                .ok_or_else(|| anyhow!("no device {name} in {}", devices_dir.display()))?;
+            std::fs::remove_file(devices_dir.join(&file.key_file))
+                .with_context(|| format!("removing {}", file.key_file.display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            eprintln!("removed {name}; reload knockd to forget it");
+            Ok(())
+        }
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn device_files(dir: &Path) -> anyhow::Result<Vec<(PathBuf, DeviceFile)>> {
+    let mut out = Vec::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let text = std::fs::read_to_string(&path)?;
+        let file: DeviceFile =
+            serde_yaml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        out.push((path, file));
+    }
+    Ok(out)
+}

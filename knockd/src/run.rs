@@ -1,0 +1,155 @@
+//! The daemon's main loop: load and attach the guard, then serve knocks
+//! until shutdown.
+
+use std::{future::Future, path::PathBuf, time::Duration};
+
+use crate::{
+    config::Config,
+    daemon,
+    daemon::Daemon,
+    devices::Devices,
+    events::KnockReader,
+    guard,
+    guard::{Guard, KernelLogLevel},
+    maps,
+    maps::GuardMaps,
+    state,
+    state::StateFile,
+};
+
+/// How often the daemon logs its counters at debug level.
+const STATS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the clock moves the knock ports and expires grants.
+const TICK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Guard(#[from] guard::Error),
+    #[error(transparent)]
+    Maps(#[from] maps::Error),
+    #[error("reading knock events")]
+    Events(#[source] std::io::Error),
+    #[error(transparent)]
+    State(#[from] state::Error),
+    #[error(transparent)]
+    Daemon(#[from] daemon::Error),
+}
+
+/// Options that are not part of the configuration file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Level of the XDP program's own log statements.
+    pub kernel_log_level: KernelLogLevel,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            kernel_log_level: KernelLogLevel::Info,
+        }
+    }
+}
+
+/// Removes this run's map pins if start-up fails before the guard is in
+/// place. Once it is, the pins stay: they are how the guard outlives us.
+/// Link pins of an earlier run are never touched here, so a failed restart
+/// leaves the old guard up (fail closed).
+struct StartupPins(Option<PathBuf>);
+
+impl StartupPins {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StartupPins {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            GuardMaps::unpin(dir);
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` completes.
+///
+/// Order matters: the maps are filled before the program is attached, so the
+/// guard protects from its first packet; "ready" is logged only once every
+/// interface is attached.
+pub async fn run(
+    config: Config,
+    devices: Devices,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    for warning in &devices.warnings {
+        tracing::warn!("{warning}");
+    }
+    let state = StateFile::open(&config.state_dir)?;
+    let (mut guard, logger) = Guard::load(options.kernel_log_level)?;
+    if let Some(logger) = logger {
+        tokio::spawn(guard::drain_logger(logger));
+    }
+    let mut maps = GuardMaps::take(guard.ebpf_mut(), Some(&config.bpffs_dir))?;
+    let pins = StartupPins(Some(config.bpffs_dir.clone()));
+    let ring = maps::take_knock_events(guard.ebpf_mut())?;
+    maps.set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
+    let mut daemon = Daemon::new(config.clone(), &devices, maps, state)?;
+
+    for interface in &config.interfaces {
+        let mode = guard.attach_pinned(interface, config.xdp_mode, &config.bpffs_dir)?;
+        tracing::info!(interface, ?mode, "XDP guard attached");
+    }
+    pins.keep();
+    let mut reader = KnockReader::new(ring).map_err(Error::Events)?;
+    tracing::info!(
+        interfaces = ?config.interfaces,
+        doors = ?config.doors.keys().collect::<Vec<_>>(),
+        devices = devices.by_id.len(),
+        bpffs_dir = %config.bpffs_dir.display(),
+        "ready"
+    );
+
+    let mut stats = tokio::time::interval(STATS_INTERVAL);
+    let mut tick = tokio::time::interval(TICK_INTERVAL);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            batch = reader.read() => {
+                for knock in batch.map_err(Error::Events)? {
+                    match knock {
+                        Ok(knock) => {
+                            tracing::debug!(
+                                source = %knock.source,
+                                destination = %knock.destination,
+                                proto = %knock.proto,
+                                payload_len = knock.payload_len,
+                                payload = %hex::encode(&knock.payload),
+                                "knock"
+                            );
+                            daemon.on_knock(&knock)?;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "undecodable knock record"),
+                    }
+                }
+            }
+            _ = tick.tick() => daemon.tick()?,
+            _ = stats.tick() => {
+                let counters = daemon.maps().counters()?;
+                tracing::debug!(counters = %serde_json::to_string(&counters).unwrap_or_default(), "counters");
+            }
+        }
+    }
+
+    let counters = daemon.maps().counters()?;
+    tracing::info!(
+        counters = %serde_json::to_string(&counters).unwrap_or_default(),
+        decisions = %serde_json::to_string(daemon.tally()).unwrap_or_default(),
+        "stopping; the XDP guard and the nftables table stay in place (fail closed); `knockd uninstall` removes them"
+    );
+    // The pinned links keep the guard attached after `guard` is dropped.
+    drop(guard);
+    Ok(())
+}

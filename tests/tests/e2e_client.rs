@@ -1,0 +1,341 @@
+//! End to end: `knockctl`, run as a user would, from the client namespace,
+//! against the real daemon; provisioned with `knockctl device add` on the
+//! server side; and OpenSSH going through it as a ProxyCommand.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use knockd_tests::{
+    Daemon, NetNs, Testbed, addrs, knockctl_bin,
+    probe::{self, Outcome},
+    require_privileges, sh,
+};
+
+const SSH: u16 = 22;
+
+/// A server with one door (provisioned through `knockctl device add`) and
+/// the client's profiles file.
+struct Setup {
+    testbed: Testbed,
+    dir: tempfile::TempDir,
+    profiles: PathBuf,
+    server: std::net::IpAddr,
+}
+
+impl Setup {
+    fn new(v6: bool, echo: bool) -> Setup {
+        let testbed = Testbed::new();
+        let (server, _, _) = addrs::family(v6);
+        if echo {
+            testbed.server.run(|| {
+                probe::echo_server(std::net::SocketAddr::new(server, SSH));
+            });
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let devices = dir.path().join("devices.d");
+        let added = Command::new(knockctl_bin())
+            .args([
+                "device", "add", "laptop", "--group", "admins", "--door", "ssh", "--host",
+            ])
+            .arg(server.to_string())
+            .arg("--devices-dir")
+            .arg(&devices)
+            .output()
+            .unwrap();
+        assert!(
+            added.status.success(),
+            "{}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        let key = devices.join("laptop.key");
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let profiles = dir.path().join("profiles.yaml");
+        std::fs::write(&profiles, &added.stdout).unwrap();
+        Setup {
+            testbed,
+            dir,
+            profiles,
+            server,
+        }
+    }
+
+    fn start(&self) -> Daemon {
+        let config = format!(
+            "interfaces: [{}]\nxdp_mode: native\ndevices_dir: {}\n\
+             doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }} }} }}\n",
+            self.testbed.server_if,
+            self.dir.path().join("devices.d").display()
+        );
+        Daemon::start(&self.testbed.server, &config)
+    }
+
+    /// `knockctl knock ARGS…` from the client namespace, bound to nothing in
+    /// particular (it is the client's only address family route).
+    fn knockctl(&self, args: &[&str]) -> Output {
+        self.testbed
+            .client
+            .command(knockctl_bin())
+            .arg("knock")
+            .arg("--profiles")
+            .arg(&self.profiles)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Connects from whichever source address the kernel picks, as
+    /// knockctl's own socket does (the client has two per family).
+    fn connect(&self, port: u16) -> Outcome {
+        let to = std::net::SocketAddr::new(self.server, port);
+        self.testbed
+            .client
+            .run(move || probe::tcp_connect(None, to, Duration::from_millis(1200)).0)
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn print_port_exec_and_close(v6: bool) {
+    let setup = Setup::new(v6, true);
+    let _daemon = setup.start();
+    let server = setup.server.to_string();
+
+    let out = setup.knockctl(&["laptop", "--print-port"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port: u16 = stdout(&out).parse().unwrap();
+    assert!((40000..=40999).contains(&port));
+    assert_eq!(setup.connect(port), Outcome::Answered);
+
+    // By host and door instead of profile name; --exec gets the port.
+    let out = setup.knockctl(&[&server, "ssh", "--exec", "echo opened {host} {port}"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout(&out),
+        format!("opened {server} {port}"),
+        "the same grant, renewed"
+    );
+
+    let out = setup.knockctl(&["laptop", "--close"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).starts_with("closed"));
+    assert_eq!(setup.connect(port), Outcome::Silent);
+}
+
+#[test]
+fn print_port_exec_and_close_v4() {
+    require_privileges!();
+    print_port_exec_and_close(false);
+}
+
+#[test]
+fn print_port_exec_and_close_v6() {
+    require_privileges!();
+    print_port_exec_and_close(true);
+}
+
+#[test]
+fn errors_are_clear_and_have_exit_codes() {
+    require_privileges!();
+    let setup = Setup::new(false, true);
+    let _daemon = setup.start();
+    // A profile with another key: the server stays silent; exit 2.
+    let text = std::fs::read_to_string(&setup.profiles).unwrap();
+    let other = knockd::proto::DeviceKey::generate().to_hex();
+    let key_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("key:"))
+        .unwrap();
+    let forged = setup.dir.path().join("forged.yaml");
+    std::fs::write(
+        &forged,
+        text.replace(key_line, &format!("    key: {other}")),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let out = setup
+        .testbed
+        .client
+        .command(knockctl_bin())
+        .args(["knock", "--timeout", "3", "--profiles"])
+        .arg(&forged)
+        .arg("laptop")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no answer from") && stderr.contains("attempts"),
+        "{stderr}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(6));
+    // An unknown profile: exit 1, naming the file and the profiles known.
+    let out = setup.knockctl(&["nowhere"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no profile named \"nowhere\"") && stderr.contains("laptop"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_lease_follows_rotations() {
+    require_privileges!();
+    let setup = Setup::new(false, true);
+    let config = format!(
+        "interfaces: [{}]\nxdp_mode: native\ndevices_dir: {}\n\
+         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }}, rotate_every_secs: 2 }} }}\n",
+        setup.testbed.server_if,
+        setup.dir.path().join("devices.d").display()
+    );
+    let _daemon = Daemon::start(&setup.testbed.server, &config);
+    let mut lease: Child = setup
+        .testbed
+        .client
+        .command(knockctl_bin())
+        .args(["knock", "--lease", "--heartbeat-every", "1", "--profiles"])
+        .arg(&setup.profiles)
+        .arg("laptop")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(lease.stdout.take().unwrap()));
+    let mut ports = Vec::new();
+    while ports.len() < 3 {
+        let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+        ports.push(port);
+    }
+    let _ = lease.kill();
+    let _ = lease.wait();
+    assert!(
+        ports.windows(2).all(|w| w[0] != w[1]),
+        "each line is a new port: {ports:?}"
+    );
+    assert_eq!(setup.connect(ports[2]), Outcome::Answered);
+}
+
+/// sshd in the server namespace on port 22, with a fresh host key and one
+/// authorized client key; returns (sshd, client key path).
+fn sshd(ns: &NetNs, dir: &Path, listen: &str) -> (Child, PathBuf) {
+    let host_key = dir.join("host_ed25519");
+    let client_key = dir.join("client_ed25519");
+    for key in [&host_key, &client_key] {
+        sh(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(key));
+    }
+    std::fs::copy(
+        client_key.with_extension("pub"),
+        dir.join("authorized_keys"),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "ListenAddress {listen}\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
+            host_key.display(),
+            dir.join("authorized_keys").display()
+        ),
+    )
+    .unwrap();
+    let child = ns
+        .command("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, client_key)
+}
+
+#[test]
+fn ssh_goes_through_knockctl_as_its_proxy_command() {
+    require_privileges!();
+    let setup = Setup::new(false, false);
+    let (mut sshd, key) = sshd(
+        &setup.testbed.server,
+        setup.dir.path(),
+        &format!("{}:{SSH}", setup.server),
+    );
+    let _daemon = setup.start();
+    // Direct ssh finds nothing.
+    let direct = setup
+        .testbed
+        .client
+        .command("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=2",
+            "-o",
+            "StrictHostKeyChecking=no",
+        ])
+        .arg(format!("root@{}", setup.server))
+        .arg("true")
+        .output()
+        .unwrap();
+    assert!(!direct.status.success());
+    // Through knockctl: knock, then the session rides the granted port.
+    let proxy = format!(
+        "{} knock --profiles {} --proxy %h ssh",
+        knockctl_bin().display(),
+        setup.profiles.display()
+    );
+    let out = setup
+        .testbed
+        .client
+        .command("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+        ])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+        ])
+        .arg(&key)
+        .arg("-o")
+        .arg(format!("ProxyCommand={proxy}"))
+        .arg(format!("root@{}", setup.server))
+        .arg("echo through-the-door")
+        .output()
+        .unwrap();
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    assert!(
+        out.status.success(),
+        "ssh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), "through-the-door");
+}
