@@ -471,7 +471,7 @@ fn banner(text: &str) {
 fn demo() -> Result<()> {
     setup()?;
     banner("building knockd (release)");
-    run(cargo().args(["build", "--release", "--package", "knockd"]))?;
+    run(cargo().args(["build", "--release", "--package", "knockd", "--bins"]))?;
     let knockd = workspace_root().join("target/release/knockd");
 
     let id = std::process::id();
@@ -495,19 +495,42 @@ fn demo() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("knockd-demo-{id}"));
     std::fs::create_dir_all(dir.join("devices.d"))?;
     let bpffs_dir = format!("{BPFFS}/knockd-demo-{id}");
-    // A provisioned device: a 256-bit key, root-owned and 0600 as knockd
-    // demands, and its device file.
-    let key = random_key()?;
-    let key_path = dir.join("devices.d/laptop.key");
-    std::fs::write(&key_path, key)?;
+    let knockctl = workspace_root().join("target/release/knockctl");
+    banner("provisioning a device: knockctl device add laptop --group admins");
+    let profile = Command::new(&knockctl)
+        .args([
+            "device",
+            "add",
+            "laptop",
+            "--group",
+            "admins",
+            "--host",
+            "198.18.0.1",
+            "--door",
+            "ssh",
+        ])
+        .arg("--devices-dir")
+        .arg(dir.join("devices.d"))
+        .output()?;
+    ensure!(
+        profile.status.success(),
+        "knockctl device add: {}",
+        String::from_utf8_lossy(&profile.stderr)
+    );
+    let profiles = dir.join("profiles.yaml");
+    std::fs::write(&profiles, &profile.stdout)?;
     std::fs::set_permissions(
-        &key_path,
+        &profiles,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )?;
-    std::fs::write(
-        dir.join("devices.d/laptop.yaml"),
-        "id: laptop\nkey_file: laptop.key\ngroups: [admins]\n",
-    )?;
+    println!("the client's profile, {} (key elided):", profiles.display());
+    for line in String::from_utf8_lossy(&profile.stdout).lines() {
+        if line.trim_start().starts_with("key:") {
+            println!("    key: <64 hex digits>");
+        } else {
+            println!("{line}");
+        }
+    }
     let example = std::fs::read_to_string(workspace_root().join("deploy/knockd.example.yaml"))?;
     let mut config = example
         .replace("  - eth0", &format!("  - {server_if}"))
@@ -612,17 +635,31 @@ fn demo() -> Result<()> {
         probe(port)?;
     }
 
-    banner(
-        "the client knocks with Debian's stock knock client: knock -v 198.18.0.1 6000:udp 6001:tcp 6002:udp",
-    );
+    banner("the client knocks with knockctl: a one-time sequence, a sealed reply, a random port");
+    let knock = |args: &[&str]| -> Result<()> {
+        println!("$ knockctl knock {}", args.join(" "));
+        run(client
+            .command(&knockctl)
+            .args(["knock", "--profiles"])
+            .arg(&profiles)
+            .args(args))
+    };
+    knock(&["laptop", "--print-port"])?;
+    knock(&[
+        "laptop",
+        "--exec",
+        "nc -z -w 2 {host} {port} && echo \"connected to {host} port {port}: sshd answers through the granted port\"",
+    ])?;
+    banner("22 itself stays shut, even for this client; only the granted port leads to it");
+    probe("22")?;
+
+    banner("a classic client on a static door: knock -v 198.18.0.1 6000:udp 6001:tcp 6002:udp");
     run(client
         .command("knock")
         .args(["-v", "198.18.0.1", "6000:udp", "6001:tcp", "6002:udp"]))?;
     std::thread::sleep(Duration::from_millis(300));
-    banner("now 2222 answers, for this client only (22 still needs a one-time knock)");
-    for port in ["2222", "22"] {
-        probe(port)?;
-    }
+    probe("2222")?;
+    banner("the daemon's decision log");
     let text = std::fs::read_to_string(&log_path)?;
     for line in text
         .lines()
@@ -647,12 +684,4 @@ fn demo() -> Result<()> {
         .args(["uninstall", "--bpffs-dir", &bpffs_dir]))?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
-}
-
-/// 32 random bytes from the kernel, as the 64 hex digits of a key file.
-fn random_key() -> Result<String> {
-    use std::io::Read as _;
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
 }
