@@ -486,6 +486,11 @@ impl Engine {
         out
     }
 
+    /// Whether `id` is a device the engine knows.
+    pub fn knows_device(&self, id: &str) -> bool {
+        self.device_ids.iter().any(|d| d == id)
+    }
+
     /// Sizes of the engine's tables, to show they stay bounded.
     pub fn state_sizes(&self) -> StateSizes {
         StateSizes {

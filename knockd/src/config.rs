@@ -16,6 +16,9 @@ use serde::{Deserialize, Deserializer, Serialize, de};
 
 /// Where the XDP program pins its maps unless the config says otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/knockd";
+/// Where the control socket is unless the config says otherwise (systemd's
+/// RuntimeDirectory=knockd).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/knockd/control.sock";
 /// Where persistent state lives unless the config says otherwise (systemd's
 /// StateDirectory=knockd).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/knockd";
@@ -142,6 +145,17 @@ pub struct Config {
     /// Devices that may knock, by id.
     #[serde(default)]
     pub devices: BTreeMap<String, DeviceEntry>,
+    /// The control socket `knockctl` talks to.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// A group whose members may use the control socket too (it is 0660
+    /// for that group, else 0600, root only).
+    #[serde(default)]
+    pub control_group: Option<String>,
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
 
 fn default_bpffs_dir() -> PathBuf {
@@ -558,6 +572,7 @@ impl Config {
             ("bpffs_dir", Some(&self.bpffs_dir)),
             ("state_dir", Some(&self.state_dir)),
             ("devices_dir", self.devices_dir.as_ref()),
+            ("control_socket", Some(&self.control_socket)),
         ] {
             if let Some(path) = path
                 && !path.is_absolute()

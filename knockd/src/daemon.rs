@@ -7,19 +7,24 @@
 //! the XDP allow map. Either way the kernel expires the grant on its own.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::{Duration, Instant},
 };
+
+use serde_json::json;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     auth::{Action, Decision, Engine, KnockIn, Outcome, Reason},
     config::{Config, DoorMode},
+    control::{Command, Response},
     devices::Devices,
     events::Knock,
     grants::{self, Grants},
+    guard::Attachment,
     maps::{self, GuardMaps, PortPolicy, Proto},
     nft,
     proto::{Status, unix_ms},
@@ -99,7 +104,20 @@ pub struct Daemon {
     reject_log: LogLimiter,
     /// Decisions by outcome or reason code, for the log and status.
     tally: BTreeMap<&'static str, u64>,
+    /// The file the configuration came from, for reloads and status.
+    config_path: Option<PathBuf>,
+    /// When the running configuration was loaded (Unix ms).
+    loaded_at_ms: u64,
+    /// The last errors, newest last, for status.
+    recent_errors: VecDeque<(u64, String)>,
+    /// Where the XDP program is attached, for status.
+    attachments: Vec<Attachment>,
+    /// Counters at the previous status, for rates.
+    previous_counters: Option<(Instant, maps::Counters)>,
 }
+
+/// Errors kept for `knockctl status`.
+const RECENT_ERRORS: usize = 20;
 
 impl Daemon {
     /// Builds the engine from the persisted record and loads the knock
@@ -138,6 +156,11 @@ impl Daemon {
             table_checked: Instant::now(),
             reject_log: LogLimiter::new(),
             tally: BTreeMap::new(),
+            config_path: None,
+            loaded_at_ms: unix_ms(),
+            recent_errors: VecDeque::new(),
+            attachments: Vec::new(),
+            previous_counters: None,
         };
         daemon.load_policy()?;
         Ok(daemon)
@@ -191,7 +214,7 @@ impl Daemon {
                     );
                 }
             }
-            Err(e) => tracing::error!(error = %e, "rotating leases failed"),
+            Err(e) => self.record_error(format!("rotating leases failed: {}", chain(&e))),
         }
         let probed = self
             .maps
@@ -213,7 +236,7 @@ impl Daemon {
                     );
                 }
             }
-            Err(e) => tracing::error!(error = %e, "rotating probed grants failed"),
+            Err(e) => self.record_error(format!("rotating probed grants failed: {}", chain(&e))),
         }
         // Knock ports turn with the time step; granted ports with grants.
         self.load_policy()?;
@@ -226,10 +249,15 @@ impl Daemon {
                         "the knockd nftables table is gone (flushed?); restoring it and its grants"
                     );
                     if let Err(e) = self.grants.restore() {
-                        tracing::error!(error = %e, "restoring the nftables table failed");
+                        self.record_error(format!(
+                            "restoring the nftables table failed: {}",
+                            chain(&e)
+                        ));
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "checking the nftables table failed"),
+                Err(e) => {
+                    self.record_error(format!("checking the nftables table failed: {}", chain(&e)))
+                }
             }
         }
         Ok(())
@@ -349,13 +377,12 @@ impl Daemon {
             Err(e) => {
                 // The knock was fine; the kernel side failed. Say so, send
                 // nothing, and keep serving.
-                tracing::error!(
-                    error = %e,
-                    door = %door_name,
-                    device,
-                    source = %decision.source,
-                    "could not act on an accepted knock"
-                );
+                self.record_error(format!(
+                    "could not act on an accepted knock (door {door_name}, device {}, source {}): {}",
+                    device.unwrap_or("-"),
+                    decision.source,
+                    chain(&e)
+                ));
                 return Ok(());
             }
         };
@@ -379,6 +406,250 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl Daemon {
+    /// Logs an error and keeps it for `knockctl status`.
+    fn record_error(&mut self, message: String) {
+        tracing::error!("{message}");
+        if self.recent_errors.len() == RECENT_ERRORS {
+            self.recent_errors.pop_front();
+        }
+        self.recent_errors.push_back((unix_ms(), message));
+    }
+
+    /// Where the configuration came from, and where the guard is attached:
+    /// facts the main loop knows and status reports.
+    pub fn set_origin(&mut self, config_path: Option<PathBuf>, attachments: Vec<Attachment>) {
+        self.config_path = config_path;
+        self.attachments = attachments;
+    }
+
+    /// Answers a control-socket request.
+    pub fn handle(&mut self, command: Command) -> Response {
+        match command {
+            Command::Status => Response::ok(self.status()),
+            Command::Grants => Response::ok(self.grants_json()),
+            Command::Revoke { target } => match self.revoke(&target) {
+                Ok(n) => Response::ok(json!({ "revoked": n })),
+                Err(e) => Response::error(e),
+            },
+            Command::Reload => match self.reload() {
+                Ok(summary) => Response::ok(json!({ "reloaded": summary })),
+                Err(e) => {
+                    self.record_error(format!(
+                        "reload refused, the running configuration stays: {e}"
+                    ));
+                    Response::error(e)
+                }
+            },
+        }
+    }
+
+    fn grants_json(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let grants: Vec<serde_json::Value> = self
+            .grants
+            .list()
+            .into_iter()
+            .map(|g| {
+                json!({
+                    "door": g.door,
+                    "device": g.device,
+                    "source": g.source,
+                    "port": g.port,
+                    "lease": g.leased,
+                    "secs_left": g.secs_left(now),
+                    "rotations": g.rotations,
+                    "probes": g.probes,
+                })
+            })
+            .chain(self.static_grants.iter().map(|((door, source), g)| {
+                json!({
+                    "door": door,
+                    "device": null,
+                    "source": source,
+                    "port": self.config.doors.get(door).map(|d| d.service_port),
+                    "lease": false,
+                    "secs_left": g.expires.saturating_duration_since(now).as_secs(),
+                    "rotations": 0,
+                    "probes": 0,
+                })
+            }))
+            .collect();
+        json!(grants)
+    }
+
+    fn status(&mut self) -> serde_json::Value {
+        let now = Instant::now();
+        let counters = self.maps.counters().ok();
+        let rates = match (&self.previous_counters, &counters) {
+            (Some((then, before)), Some(after)) => {
+                let secs = now.duration_since(*then).as_secs_f64().max(0.001);
+                let rates: BTreeMap<&str, f64> = after
+                    .iter()
+                    .zip(before.iter())
+                    .map(|((name, a), (_, b))| (name, a.saturating_sub(b) as f64 / secs))
+                    .collect();
+                json!(rates)
+            }
+            _ => json!(null),
+        };
+        if let Some(c) = counters {
+            self.previous_counters = Some((now, c));
+        }
+        let statics: Vec<serde_json::Value> = self
+            .engine
+            .static_progress()
+            .into_iter()
+            .map(|(source, door, have, of)| json!({ "source": source, "door": door, "knocks": have, "of": of }))
+            .collect();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": {
+                "path": self.config_path,
+                "loaded_at_ms": self.loaded_at_ms,
+                "doors": self.config.doors.keys().collect::<Vec<_>>(),
+            },
+            "interfaces": self.attachments,
+            "counters": counters,
+            "rates_per_sec": rates,
+            "decisions": self.tally,
+            "grants": self.grants_json(),
+            "sequences_in_progress": {
+                "static": statics,
+                "one_time_pending": self.engine.state_sizes().pending,
+            },
+            "recent_errors": self.recent_errors.iter().map(|(at, m)| json!({ "at_ms": at, "error": m })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Ends every grant of an address, or of a device (by id). Established
+    /// connections are not cut here; their grants can no longer admit new
+    /// ones.
+    fn revoke(&mut self, target: &str) -> Result<usize, String> {
+        let by_ip: Option<IpAddr> = target.parse().ok();
+        let doomed: Vec<(String, IpAddr)> = self
+            .grants
+            .list()
+            .into_iter()
+            .filter(|g| match by_ip {
+                Some(ip) => g.source == ip,
+                None => g.device.as_deref() == Some(target),
+            })
+            .map(|g| (g.door.clone(), g.source))
+            .collect();
+        let mut revoked = 0;
+        for (door, source) in doomed {
+            self.grants
+                .close(&mut self.maps, &door, source)
+                .map_err(|e| chain(&e))?;
+            revoked += 1;
+        }
+        if let Some(ip) = by_ip {
+            let statics: Vec<(String, IpAddr)> = self
+                .static_grants
+                .keys()
+                .filter(|(_, s)| *s == ip)
+                .cloned()
+                .collect();
+            for (door, source) in statics {
+                if let Some(door_cfg) = self.config.doors.get(&door) {
+                    self.maps
+                        .revoke(source, Proto::Tcp, door_cfg.service_port)
+                        .map_err(|e| chain(&e))?;
+                }
+                self.static_grants.remove(&(door, source));
+                revoked += 1;
+            }
+        }
+        if revoked == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
+            return Err(format!("no device {target:?} and no grant for it"));
+        }
+        self.load_policy().map_err(|e| chain(&e))?;
+        tracing::info!(target, revoked, "revoked");
+        Ok(revoked)
+    }
+
+    /// Loads the configuration file again; it takes effect only if it is
+    /// valid as a whole. Grants of doors that remain survive; interfaces,
+    /// XDP mode and bpffs_dir need a restart to change.
+    pub fn reload(&mut self) -> Result<String, String> {
+        let path = self
+            .config_path
+            .clone()
+            .ok_or("the daemon was not started from a configuration file")?;
+        let config = Config::load(&path).map_err(|e| chain(&e))?;
+        let devices = Devices::load(&config, &path).map_err(|e| chain(&e))?;
+        for warning in &devices.warnings {
+            tracing::warn!("{warning}");
+        }
+        let mut kept = Vec::new();
+        if config.interfaces != self.config.interfaces
+            || config.xdp_mode != self.config.xdp_mode
+            || config.bpffs_dir != self.config.bpffs_dir
+        {
+            kept.push("interfaces, xdp_mode and bpffs_dir change only on restart");
+        }
+        let engine = Engine::new(&config, &devices, &self.engine.consumed(), unix_ms());
+        let mut grants = Grants::new(&config);
+        grants.install(&mut self.maps).map_err(|e| chain(&e))?;
+        grants.inherit(&self.grants);
+        for old in self.grants.list() {
+            if !config.doors.contains_key(&old.door) {
+                let _ = nft::update_grants(
+                    &[],
+                    &[crate::nft::Element {
+                        door: old.door.clone(),
+                        key: crate::nft::GrantKey {
+                            source: old.source,
+                            port: old.port,
+                        },
+                        timeout: Duration::ZERO,
+                    }],
+                );
+                let _ = self.maps.revoke(old.source, Proto::Tcp, old.port);
+            }
+        }
+        self.maps
+            .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)
+            .map_err(|e| chain(&e))?;
+        self.config = Config {
+            interfaces: self.config.interfaces.clone(),
+            xdp_mode: self.config.xdp_mode,
+            bpffs_dir: self.config.bpffs_dir.clone(),
+            ..config
+        };
+        self.engine = engine;
+        self.grants = grants;
+        self.loaded_at_ms = unix_ms();
+        self.load_policy().map_err(|e| chain(&e))?;
+        let summary = format!(
+            "{}: doors {:?}, {} devices{}",
+            path.display(),
+            self.config.doors.keys().collect::<Vec<_>>(),
+            devices.by_id.len(),
+            if kept.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", kept.join("; "))
+            }
+        );
+        tracing::info!("reloaded {summary}");
+        Ok(summary)
     }
 }
 

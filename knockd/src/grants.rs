@@ -424,6 +424,23 @@ impl Grants {
         Ok(rotated)
     }
 
+    /// After a reload: keeps what `old` knew of each grant this table holds
+    /// too (its device, lease and rotation state), which the kernel's
+    /// elements do not record.
+    pub fn inherit(&mut self, old: &Grants) {
+        for (key, grant) in &mut self.by_source {
+            if let Some(before) = old.by_source.get(key)
+                && before.port == grant.port
+            {
+                grant.device.clone_from(&before.device);
+                grant.leased = before.leased;
+                grant.rotations = before.rotations;
+                grant.probes = before.probes;
+                grant.next_rotation = before.next_rotation;
+            }
+        }
+    }
+
     /// Every live grant.
     pub fn list(&self) -> Vec<&Grant> {
         let mut grants: Vec<&Grant> = self.by_source.values().collect();

@@ -19,6 +19,8 @@ pub mod auth;
 pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]
+pub mod control;
+#[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod devices;
 #[cfg(feature = "daemon")]

@@ -5,7 +5,7 @@ use std::{future::Future, path::PathBuf, time::Duration};
 
 use crate::{
     config::Config,
-    daemon,
+    control, daemon,
     daemon::Daemon,
     devices::Devices,
     events::KnockReader,
@@ -35,6 +35,22 @@ pub enum Error {
     State(#[from] state::Error),
     #[error(transparent)]
     Daemon(#[from] daemon::Error),
+    #[error(transparent)]
+    Control(#[from] control::Error),
+    #[error("control_group {0:?}: no such group")]
+    ControlGroup(String),
+    #[error("installing the SIGHUP handler")]
+    Signal(#[source] std::io::Error),
+}
+
+/// The gid of group `name`.
+fn group_id(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid C string; getgrnam's static result is read at once,
+    // on this thread, before any other getgr* call.
+    let group = unsafe { libc::getgrnam(name.as_ptr()) };
+    // SAFETY: non-null pointers from getgrnam point to a valid group.
+    (!group.is_null()).then(|| unsafe { (*group).gr_gid })
 }
 
 /// Options that are not part of the configuration file.
@@ -42,12 +58,16 @@ pub enum Error {
 pub struct RunOptions {
     /// Level of the XDP program's own log statements.
     pub kernel_log_level: KernelLogLevel,
+    /// The configuration file, so reloads (SIGHUP, `knockctl reload`) can
+    /// read it again.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             kernel_log_level: KernelLogLevel::Info,
+            config_path: None,
         }
     }
 }
@@ -102,6 +122,15 @@ pub async fn run(
         tracing::info!(interface, ?mode, "XDP guard attached");
     }
     pins.keep();
+    daemon.set_origin(options.config_path.clone(), guard.attachments().to_vec());
+    let group = match &config.control_group {
+        Some(name) => Some(group_id(name).ok_or_else(|| Error::ControlGroup(name.clone()))?),
+        None => None,
+    };
+    let (requests_tx, mut requests) = tokio::sync::mpsc::channel(16);
+    control::serve(&config.control_socket, group, requests_tx)?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(Error::Signal)?;
     let mut reader = KnockReader::new(ring).map_err(Error::Events)?;
     tracing::info!(
         interfaces = ?config.interfaces,
@@ -136,6 +165,13 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => daemon.tick()?,
+            Some((command, reply)) = requests.recv() => {
+                let _ = reply.send(daemon.handle(command));
+            }
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = daemon.handle(control::Command::Reload);
+            }
             _ = stats.tick() => {
                 let counters = daemon.maps().counters()?;
                 tracing::debug!(counters = %serde_json::to_string(&counters).unwrap_or_default(), "counters");

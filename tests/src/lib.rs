@@ -322,6 +322,12 @@ impl Daemon {
         let bpffs_dir = Path::new("/sys/fs/bpf").join(unique_name("p"));
         let config_path = dir.path().join("knockd.yaml");
         let mut text = format!("{config}\nbpffs_dir: {}\n", bpffs_dir.display());
+        if !config.contains("control_socket:") {
+            text.push_str(&format!(
+                "control_socket: {}\n",
+                dir.path().join("control.sock").display()
+            ));
+        }
         if !config.contains("state_dir:") {
             text.push_str(&format!(
                 "state_dir: {}\n",
@@ -388,6 +394,21 @@ impl Daemon {
     /// Where the daemon pinned its maps.
     pub fn bpffs_dir(&self) -> &Path {
         &self.bpffs_dir
+    }
+
+    /// The daemon's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// The daemon's configuration file (tests edit it to try reloads).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("knockd.yaml")
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// The live maps, opened through the daemon's pins.

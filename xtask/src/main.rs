@@ -556,6 +556,11 @@ fn demo() -> Result<()> {
     ] {
         config = config.replace(line, &line.replacen("# ", "", 1));
     }
+    let control_socket = dir.join("control.sock");
+    config = config.replace(
+        "control_socket: /run/knockd/control.sock",
+        &format!("control_socket: {}", control_socket.display()),
+    );
     let config_path = dir.join("knockd.yaml");
     std::fs::write(&config_path, config)?;
 
@@ -668,8 +673,11 @@ fn demo() -> Result<()> {
         println!("{line}");
     }
 
-    banner(&format!("knockd stats --bpffs-dir {bpffs_dir}"));
-    run(Command::new(&knockd).args(["stats", "--bpffs-dir", &bpffs_dir]))?;
+    banner("knockctl status");
+    run(Command::new(&knockctl)
+        .arg("status")
+        .arg("--socket")
+        .arg(&control_socket))?;
 
     banner("stopping: SIGTERM stops the daemon; the guard stays in place (fail closed)");
     drop(daemon);

@@ -45,6 +45,40 @@ enum Command {
     /// Manage the devices of a knockd server (run it there).
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Show the running daemon: interfaces, counters and rates, grants and
+    /// leases, sequences in progress, configuration, recent errors.
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print the daemon's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the live grants.
+    Grants {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End every grant of an address or a device now.
+    Revoke {
+        /// An IP address or a device id.
+        target: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Make the daemon read its configuration again (a bad one is refused
+    /// and the running one stays).
+    Reload {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Validate a configuration file, its devices and key files.
+    CheckConfig {
+        #[arg(default_value = "/etc/knockd/knockd.yaml")]
+        config: PathBuf,
+    },
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -88,6 +122,13 @@ struct KnockArgs {
     /// Close the door now.
     #[arg(long, group = "mode")]
     close: bool,
+}
+
+#[derive(clap::Args)]
+struct SocketArg {
+    /// The daemon's control socket.
+    #[arg(long, default_value = "/run/knockd/control.sock")]
+    socket: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +189,40 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Knock(args) => knock(&args),
         Command::Device(command) => device(command).map_err(Failure::from),
+        Command::Status { socket, json } => {
+            control(&socket.socket, serde_json::json!({"command": "status"}))
+                .map(|data| {
+                    if json {
+                        println!("{data:#}")
+                    } else {
+                        print_status(&data)
+                    }
+                })
+                .map_err(Failure::from)
+        }
+        Command::Grants { socket, json } => {
+            control(&socket.socket, serde_json::json!({"command": "grants"}))
+                .map(|data| {
+                    if json {
+                        println!("{data:#}")
+                    } else {
+                        print_grants(&data)
+                    }
+                })
+                .map_err(Failure::from)
+        }
+        Command::Revoke { target, socket } => control(
+            &socket.socket,
+            serde_json::json!({"command": "revoke", "target": target}),
+        )
+        .map(|data| println!("revoked {} grant(s)", data["revoked"]))
+        .map_err(Failure::from),
+        Command::Reload { socket } => {
+            control(&socket.socket, serde_json::json!({"command": "reload"}))
+                .map(|data| println!("reloaded {}", data["reloaded"].as_str().unwrap_or_default()))
+                .map_err(Failure::from)
+        }
+        Command::CheckConfig { config } => check_config(&config).map_err(Failure::from),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -164,6 +239,118 @@ fn main() -> ExitCode {
             eprintln!("knockctl: {e:#}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// Sends one request to the control socket; the daemon's error is ours.
+fn control(path: &Path, mut request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    request["version"] = 1.into();
+    let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to {} (is knockd running, and are you root?)",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    writeln!(stream, "{request}")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line)?;
+    let response: serde_json::Value = serde_json::from_str(&line)
+        .with_context(|| format!("a reply that is not JSON: {line:?}"))?;
+    if response["ok"] == true {
+        Ok(response["data"].clone())
+    } else {
+        bail!(
+            "knockd: {}",
+            response["error"].as_str().unwrap_or("unknown error")
+        )
+    }
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = knockd::config::Config::load(path)?;
+    let devices = knockd::devices::Devices::load(&config, path)?;
+    for warning in &devices.warnings {
+        println!("warning: {warning}");
+    }
+    println!(
+        "{}: ok (doors: {}, devices: {})",
+        path.display(),
+        config.doors.len(),
+        devices.by_id.len()
+    );
+    Ok(())
+}
+
+fn print_grants(grants: &serde_json::Value) {
+    println!(
+        "{:<12} {:<12} {:<28} {:>6} {:>6} {:>9} {:>8}",
+        "door", "device", "source", "port", "lease", "time left", "rotated"
+    );
+    for g in grants.as_array().into_iter().flatten() {
+        println!(
+            "{:<12} {:<12} {:<28} {:>6} {:>6} {:>8}s {:>8}",
+            g["door"].as_str().unwrap_or("-"),
+            g["device"].as_str().unwrap_or("-"),
+            g["source"].as_str().unwrap_or("-"),
+            g["port"].to_string(),
+            if g["lease"] == true { "yes" } else { "no" },
+            g["secs_left"].to_string(),
+            g["rotations"].to_string()
+        );
+    }
+}
+
+fn print_status(s: &serde_json::Value) {
+    println!("knockd {}", s["version"].as_str().unwrap_or("?"));
+    println!(
+        "config: {} (loaded at unix ms {}), doors: {}",
+        s["config"]["path"].as_str().unwrap_or("-"),
+        s["config"]["loaded_at_ms"],
+        s["config"]["doors"]
+    );
+    for i in s["interfaces"].as_array().into_iter().flatten() {
+        println!(
+            "interface {}: XDP {}",
+            i["interface"].as_str().unwrap_or("?"),
+            i["mode"].as_str().unwrap_or("?")
+        );
+    }
+    println!("\n{:<20} {:>12} {:>12}", "counter", "packets", "per second");
+    if let Some(counters) = s["counters"].as_object() {
+        for (name, value) in counters {
+            let rate = s["rates_per_sec"][name]
+                .as_f64()
+                .map_or("-".into(), |r| format!("{r:.1}"));
+            println!("{name:<20} {:>12} {rate:>12}", value.to_string());
+        }
+    }
+    println!("\ndecisions: {}", s["decisions"]);
+    println!("\ngrants:");
+    print_grants(&s["grants"]);
+    let seq = &s["sequences_in_progress"];
+    println!(
+        "\nsequences in progress: {} one-time (partial), {} static",
+        seq["one_time_pending"],
+        seq["static"].as_array().map_or(0, Vec::len)
+    );
+    for p in seq["static"].as_array().into_iter().flatten() {
+        println!(
+            "  {} on {}: {} of {} knocks",
+            p["source"], p["door"], p["knocks"], p["of"]
+        );
+    }
+    let errors = s["recent_errors"].as_array().cloned().unwrap_or_default();
+    println!(
+        "\nrecent errors: {}",
+        if errors.is_empty() {
+            "none".to_owned()
+        } else {
+            errors.len().to_string()
+        }
+    );
+    for e in errors {
+        println!("  {} {}", e["at_ms"], e["error"].as_str().unwrap_or(""));
     }
 }
 

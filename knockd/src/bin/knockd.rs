@@ -167,7 +167,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = shutdown_signal()?;
-                knockd::run(config, devices, RunOptions { kernel_log_level }, shutdown).await?;
+                let options = RunOptions {
+                    kernel_log_level,
+                    config_path: Some(path.clone()),
+                };
+                knockd::run(config, devices, options, shutdown).await?;
                 Ok(())
             })
         }

@@ -1,0 +1,249 @@
+//! End to end: the control socket and the knockctl commands that use it,
+//! against the real daemon: status, grants, revoke, reload (knockctl and
+//! SIGHUP), and garbage on the socket.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::Path,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use knockd::proto::Kind;
+use knockd_tests::{
+    Daemon,
+    bed::{Bed, SSH},
+    knockctl_bin,
+    probe::Outcome,
+    require_privileges,
+};
+
+fn knockctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(knockctl_bin())
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn raw(socket: &Path, request: &[u8]) -> serde_json::Value {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn status_and_grants_show_the_daemon() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "root only by default");
+    let answer = bed.knock(&bed.socket(), Kind::Open);
+
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    assert_eq!(status["interfaces"][0]["interface"], bed.testbed.server_if);
+    assert_eq!(status["interfaces"][0]["mode"], "native");
+    assert_eq!(
+        status["config"]["path"],
+        daemon.config_path().display().to_string()
+    );
+    assert!(status["counters"]["knock_forwarded"].as_u64().unwrap() >= 3);
+    assert_eq!(status["decisions"]["accepted"], 1);
+    let grant = &status["grants"][0];
+    assert_eq!(
+        (grant["door"].as_str(), grant["device"].as_str()),
+        (Some("ssh"), Some("laptop"))
+    );
+    assert_eq!(grant["port"], answer.reply.port);
+    assert_eq!(grant["source"], bed.client.to_string());
+    assert_eq!(status["recent_errors"].as_array().unwrap().len(), 0);
+    // A second status has rates.
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    assert!(status["rates_per_sec"]["drop_protected"].is_number());
+
+    let table = knockctl(&socket, &["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    for expected in [
+        "interface",
+        "XDP native",
+        "knock_forwarded",
+        "grants:",
+        "laptop",
+        "sequences in progress",
+        "recent errors: none",
+    ] {
+        assert!(table.contains(expected), "{expected:?} in:\n{table}");
+    }
+    let grants = json(&knockctl(&socket, &["grants", "--json"]));
+    assert_eq!(grants.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn revoke_ends_grants_by_device_and_by_address() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let knocks = bed.socket();
+    let answer = bed.knock(&knocks, Kind::Open);
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Answered);
+    let out = knockctl(&socket, &["revoke", "laptop"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked 1 grant(s)"
+    );
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Silent);
+
+    let again = bed.knock(&knocks, Kind::Open);
+    let out = knockctl(&socket, &["revoke", &bed.client.to_string()]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked 1 grant(s)"
+    );
+    assert_eq!(bed.connect(again.reply.port).0, Outcome::Silent);
+
+    let out = knockctl(&socket, &["revoke", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no device \"nobody\""));
+}
+
+#[test]
+fn reload_takes_a_good_config_keeps_grants_and_refuses_a_bad_one() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let mut daemon: Daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let config = daemon.config_path();
+    let knocks = bed.socket();
+    let answer = bed.knock(&knocks, Kind::Open);
+
+    // A bad config: refused, named, and the running one stays.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        good.replace(
+            &format!("service_port: {SSH}"),
+            &format!("service_port: {SSH}, knocks: 99"),
+        ),
+    )
+    .unwrap();
+    let out = knockctl(&socket, &["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("doors.ssh.knocks: 99 is not in 1-16"),
+        "{stderr}"
+    );
+    assert_eq!(
+        bed.connect(answer.reply.port).0,
+        Outcome::Answered,
+        "still open"
+    );
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    let error = status["recent_errors"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("reload refused") && error.contains("doors.ssh.knocks"),
+        "{error}"
+    );
+
+    // A good one with a new door: taken, and the grant survives.
+    std::fs::write(
+        &config,
+        good.replace("doors: {", "doors: { web: { service_port: 8443, knock_ports: \"8000-8099\", allow: { groups: [admins] } }, "),
+    )
+    .unwrap();
+    let out = knockctl(&socket, &["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    assert_eq!(status["config"]["doors"], serde_json::json!(["ssh", "web"]));
+    assert_eq!(status["grants"][0]["port"], answer.reply.port);
+    assert_eq!(
+        status["grants"][0]["device"], "laptop",
+        "what the daemon knew of the grant survives"
+    );
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Answered);
+
+    // SIGHUP does the same.
+    std::fs::write(&config, &good).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) };
+    daemon.wait_for(
+        "SIGHUP: reloading the configuration",
+        Duration::from_secs(5),
+        |_| true,
+    );
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    assert_eq!(status["config"]["doors"], serde_json::json!(["ssh"]));
+    assert_eq!(
+        bed.knock(&knocks, Kind::Heartbeat).reply.port,
+        answer.reply.port
+    );
+}
+
+#[test]
+fn garbage_on_the_socket_gets_an_error_and_the_daemon_carries_on() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let mut daemon = bed.start("");
+    let socket = daemon.control_socket();
+    for request in [
+        &b"not json\n"[..],
+        b"{}\n",
+        b"{\"version\":1,\"command\":\"rm -rf\"}\n",
+        b"{\"version\":7,\"command\":\"status\"}\n",
+        b"\x00\xff\xfe\n",
+    ] {
+        let reply = raw(&socket, request);
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert!(reply["error"].is_string());
+    }
+    let huge = vec![b'{'; 100_000];
+    let reply = raw(&socket, &huge);
+    assert_eq!(reply["ok"], false);
+    // A pseudo-random stream of bytes, many connections.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..200 {
+        let bytes: Vec<u8> = (0..64)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .chain(std::iter::once(b'\n'))
+            .collect();
+        let reply = raw(&socket, &bytes);
+        assert_eq!(reply["ok"], false);
+    }
+    daemon.assert_running();
+    let status = raw(&socket, b"{\"version\":1,\"command\":\"status\"}\n");
+    assert_eq!(status["ok"], true);
+    assert_eq!(
+        bed.knock(&bed.socket(), Kind::Open).reply.status,
+        knockd::proto::Status::Granted
+    );
+}
