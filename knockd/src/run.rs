@@ -43,6 +43,40 @@ pub enum Error {
     Signal(#[source] std::io::Error),
 }
 
+/// Tells systemd (when it started us with NOTIFY_SOCKET) about a state
+/// change. Without systemd this does nothing; a failure is logged, never
+/// fatal.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// A reload, told to systemd: RELOADING with the monotonic time it
+/// requires, then READY again whatever the outcome (a refused reload keeps
+/// the old configuration running).
+fn reload(daemon: &mut Daemon) -> control::Response {
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    notify(&states);
+    let response = daemon.handle(control::Command::Reload);
+    let status = if response.ok {
+        "configuration reloaded".to_owned()
+    } else {
+        format!(
+            "reload refused: {}",
+            response.error.as_deref().unwrap_or("")
+        )
+    };
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+    response
+}
+
 /// The gid of group `name`.
 fn group_id(name: &str) -> Option<u32> {
     let name = std::ffi::CString::new(name).ok()?;
@@ -131,6 +165,12 @@ pub async fn run(
     control::serve(&config.control_socket, group, requests_tx)?;
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(Error::Signal)?;
+    // The watchdog is pinged from the main loop, so a loop that stops
+    // turning stops pinging and systemd restarts us.
+    let watchdog_timeout = sd_notify::watchdog_enabled();
+    let watchdog_on = watchdog_timeout.is_some();
+    let mut watchdog =
+        tokio::time::interval(watchdog_timeout.map_or(Duration::from_secs(3600), |t| t / 2));
     let mut reader = KnockReader::new(ring).map_err(Error::Events)?;
     tracing::info!(
         interfaces = ?config.interfaces,
@@ -140,6 +180,17 @@ pub async fn run(
         "ready"
     );
 
+    // Only now is everything in place: XDP attached, nftables installed,
+    // the control socket listening.
+    let status = format!(
+        "guarding {} interface(s), {} door(s)",
+        config.interfaces.len(),
+        config.doors.len()
+    );
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
     let mut stats = tokio::time::interval(STATS_INTERVAL);
     let mut tick = tokio::time::interval(TICK_INTERVAL);
     tokio::pin!(shutdown);
@@ -166,12 +217,17 @@ pub async fn run(
             }
             _ = tick.tick() => daemon.tick()?,
             Some((command, reply)) = requests.recv() => {
-                let _ = reply.send(daemon.handle(command));
+                let response = match command {
+                    control::Command::Reload => reload(&mut daemon),
+                    other => daemon.handle(other),
+                };
+                let _ = reply.send(response);
             }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                let _ = daemon.handle(control::Command::Reload);
+                let _ = reload(&mut daemon);
             }
+            _ = watchdog.tick(), if watchdog_on => notify(&[sd_notify::NotifyState::Watchdog]),
             _ = stats.tick() => {
                 let counters = daemon.maps().counters()?;
                 tracing::debug!(counters = %serde_json::to_string(&counters).unwrap_or_default(), "counters");
@@ -179,6 +235,7 @@ pub async fn run(
         }
     }
 
+    notify(&[sd_notify::NotifyState::Stopping]);
     let counters = daemon.maps().counters()?;
     tracing::info!(
         counters = %serde_json::to_string(&counters).unwrap_or_default(),

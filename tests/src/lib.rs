@@ -318,6 +318,12 @@ impl Daemon {
     /// appended, unique per daemon, and so is `state_dir` unless `config`
     /// has one) and waits until it logs "ready".
     pub fn start(ns: &NetNs, config: &str) -> Daemon {
+        Daemon::start_with_env(ns, config, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment for the daemon (the
+    /// systemd variables, say).
+    pub fn start_with_env(ns: &NetNs, config: &str, env: &[(&str, String)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let bpffs_dir = Path::new("/sys/fs/bpf").join(unique_name("p"));
         let config_path = dir.path().join("knockd.yaml");
@@ -335,7 +341,7 @@ impl Daemon {
             ));
         }
         std::fs::write(&config_path, text).unwrap();
-        Daemon::spawn(ns, Arc::new(dir), bpffs_dir)
+        Daemon::spawn(ns, Arc::new(dir), bpffs_dir, env)
     }
 
     /// Starts the daemon again with the same config, pins and state, as a
@@ -346,10 +352,15 @@ impl Daemon {
             "stop or kill the daemon before restarting it"
         );
         self.owns_pins = false;
-        Daemon::spawn(ns, Arc::clone(&self.dir), self.bpffs_dir.clone())
+        Daemon::spawn(ns, Arc::clone(&self.dir), self.bpffs_dir.clone(), &[])
     }
 
-    fn spawn(ns: &NetNs, dir: Arc<tempfile::TempDir>, bpffs_dir: PathBuf) -> Daemon {
+    fn spawn(
+        ns: &NetNs,
+        dir: Arc<tempfile::TempDir>,
+        bpffs_dir: PathBuf,
+        env: &[(&str, String)],
+    ) -> Daemon {
         let config_path = dir.path().join("knockd.yaml");
         let mut child = ns
             .command(knockd_bin())
@@ -363,6 +374,7 @@ impl Daemon {
                 "--config",
             ])
             .arg(&config_path)
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
