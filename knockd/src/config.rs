@@ -152,6 +152,18 @@ pub struct Config {
     /// for that group, else 0600, root only).
     #[serde(default)]
     pub control_group: Option<String>,
+    /// An OpenMetrics endpoint (`GET /metrics`), off unless set. It must
+    /// listen on a loopback address: metrics are for the host's own scraper.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
+}
+
+/// The metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Address and port, such as `127.0.0.1:9477` or `[::1]:9477`.
+    pub listen: std::net::SocketAddr,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -583,6 +595,17 @@ impl Config {
                 ));
             }
         }
+        if let Some(metrics) = &self.metrics
+            && !metrics.listen.ip().is_loopback()
+        {
+            return Err(Error::invalid(
+                "metrics.listen",
+                format!(
+                    "{} is not a loopback address; the endpoint is for this host only",
+                    metrics.listen.ip()
+                ),
+            ));
+        }
         for (id, device) in &self.devices {
             validate_name(id, DEVICE_ID_MAX, &format!("devices.{id}"))?;
             for (i, group) in device.groups.iter().enumerate() {
@@ -993,6 +1016,12 @@ mod tests {
             e.contains("devices.laptop.group") && e.contains("unknown field"),
             "{e}"
         );
+        let e = err("interfaces: [eth0]\nmetrics: { listen: \"0.0.0.0:9477\" }\n");
+        assert_eq!(
+            e,
+            "metrics.listen: 0.0.0.0 is not a loopback address; the endpoint is for this host only"
+        );
+        assert!(parse("interfaces: [eth0]\nmetrics: { listen: \"[::1]:9477\" }\n").is_ok());
         let e = err("interfaces: [eth0]\nstate_dir: var/lib\n");
         assert_eq!(e, "state_dir: var/lib is not an absolute path");
     }

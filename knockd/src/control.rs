@@ -54,8 +54,12 @@ pub enum Error {
 pub enum Command {
     Status,
     Grants,
-    Revoke { target: String },
+    Revoke {
+        target: String,
+    },
     Reload,
+    /// The OpenMetrics text (also what the metrics endpoint serves).
+    Metrics,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +120,59 @@ impl Response {
 
 /// A request on its way to the main loop, with the way back.
 pub type Request = (Command, oneshot::Sender<Response>);
+
+/// Serves `GET /metrics` on `listen` (a loopback address, checked by the
+/// configuration) with the OpenMetrics text the main loop produces. Any
+/// other request gets 404; requests are bounded like control requests.
+pub async fn serve_metrics(
+    listen: std::net::SocketAddr,
+    requests: mpsc::Sender<Request>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines =
+                    BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_MAX as u64)).lines();
+                let Ok(Ok(Some(request_line))) =
+                    tokio::time::timeout(READ_TIMEOUT, lines.next_line()).await
+                else {
+                    return;
+                };
+                let reply = if request_line.starts_with("GET /metrics ")
+                    || request_line == "GET /metrics"
+                {
+                    let (tx, rx) = oneshot::channel();
+                    let body = if requests.send((Command::Metrics, tx)).await.is_ok() {
+                        rx.await
+                            .ok()
+                            .and_then(|r| r.data)
+                            .and_then(|d| d.as_str().map(str::to_owned))
+                    } else {
+                        None
+                    };
+                    match body {
+                        Some(body) => format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        ),
+                        None => "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n"
+                            .to_owned(),
+                    }
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n".to_owned()
+                };
+                let _ = write.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
 
 /// Binds the socket at `path` (replacing a stale one), with its
 /// permissions, and serves it until the process ends.

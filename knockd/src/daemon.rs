@@ -447,6 +447,7 @@ impl Daemon {
                 Ok(n) => Response::ok(json!({ "revoked": n })),
                 Err(e) => Response::error(e),
             },
+            Command::Metrics => Response::ok(json!(self.metrics())),
             Command::Reload => match self.reload() {
                 Ok(summary) => Response::ok(json!({ "reloaded": summary })),
                 Err(e) => {
@@ -457,6 +458,56 @@ impl Daemon {
                 }
             },
         }
+    }
+
+    /// The OpenMetrics text exposition.
+    fn metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(out, "# TYPE knockd_xdp_packets counter");
+        let _ = writeln!(
+            out,
+            "# HELP knockd_xdp_packets Packets the XDP guard judged, by verdict."
+        );
+        if let Ok(counters) = self.maps.counters() {
+            for (verdict, value) in counters.iter() {
+                let _ = writeln!(
+                    out,
+                    "knockd_xdp_packets_total{{verdict=\"{verdict}\"}} {value}"
+                );
+            }
+        }
+        let _ = writeln!(out, "# TYPE knockd_decisions counter");
+        let _ = writeln!(
+            out,
+            "# HELP knockd_decisions Knock decisions, by outcome or reason code."
+        );
+        for (outcome, value) in &self.tally {
+            let _ = writeln!(
+                out,
+                "knockd_decisions_total{{outcome=\"{outcome}\"}} {value}"
+            );
+        }
+        let grants = self.grants.list();
+        let leases = grants.iter().filter(|g| g.leased).count();
+        let _ = writeln!(out, "# TYPE knockd_grants gauge");
+        let _ = writeln!(out, "# HELP knockd_grants Live grants (leases included).");
+        let _ = writeln!(
+            out,
+            "knockd_grants {}",
+            grants.len() + self.static_grants.len()
+        );
+        let _ = writeln!(out, "# TYPE knockd_leases gauge");
+        let _ = writeln!(out, "# HELP knockd_leases Live leases.");
+        let _ = writeln!(out, "knockd_leases {leases}");
+        let _ = writeln!(out, "# TYPE knockd_errors gauge");
+        let _ = writeln!(
+            out,
+            "# HELP knockd_errors Errors kept for status (at most {RECENT_ERRORS})."
+        );
+        let _ = writeln!(out, "knockd_errors {}", self.recent_errors.len());
+        out.push_str("# EOF\n");
+        out
     }
 
     fn grants_json(&self) -> serde_json::Value {

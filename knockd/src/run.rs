@@ -41,6 +41,12 @@ pub enum Error {
     ControlGroup(String),
     #[error("installing the SIGHUP handler")]
     Signal(#[source] std::io::Error),
+    #[error("metrics endpoint on {listen}")]
+    Metrics {
+        listen: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Tells systemd (when it started us with NOTIFY_SOCKET) about a state
@@ -162,6 +168,15 @@ pub async fn run(
         None => None,
     };
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel(16);
+    if let Some(metrics) = &config.metrics {
+        control::serve_metrics(metrics.listen, requests_tx.clone())
+            .await
+            .map_err(|source| Error::Metrics {
+                listen: metrics.listen,
+                source,
+            })?;
+        tracing::info!(listen = %metrics.listen, "metrics endpoint listening");
+    }
     control::serve(&config.control_socket, group, requests_tx)?;
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(Error::Signal)?;

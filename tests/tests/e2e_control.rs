@@ -247,3 +247,49 @@ fn garbage_on_the_socket_gets_an_error_and_the_daemon_carries_on() {
         knockd::proto::Status::Granted
     );
 }
+
+#[test]
+fn metrics_are_off_by_default_and_served_on_loopback_when_on() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let off = bed.start("");
+    assert!(
+        off.messages("metrics endpoint listening", |_| true)
+            .is_empty()
+    );
+    drop(off);
+
+    let config = format!(
+        "{}metrics: {{ listen: \"127.0.0.1:19477\" }}\n",
+        bed.config("")
+    );
+    let mut daemon = Daemon::start(&bed.testbed.server, &config);
+    daemon.wait_for("metrics endpoint listening", Duration::from_secs(5), |_| {
+        true
+    });
+    bed.knock(&bed.socket(), Kind::Open);
+    let get = |path: &str| -> String {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        bed.testbed.server.run(move || {
+            use std::io::Read as _;
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:19477").unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).unwrap();
+            reply
+        })
+    };
+    let reply = get("/metrics");
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(reply.contains("application/openmetrics-text"), "{reply}");
+    for expected in [
+        "knockd_xdp_packets_total{verdict=\"knock_forwarded\"}",
+        "knockd_decisions_total{outcome=\"accepted\"} 1",
+        "knockd_grants 1",
+        "knockd_leases 0",
+    ] {
+        assert!(reply.contains(expected), "{expected:?} in:\n{reply}");
+    }
+    assert!(reply.ends_with("# EOF\n"), "{reply}");
+    assert!(get("/other").starts_with("HTTP/1.1 404"));
+}
