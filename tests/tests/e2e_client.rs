@@ -339,3 +339,95 @@ fn ssh_goes_through_knockctl_as_its_proxy_command() {
     );
     assert_eq!(stdout(&out), "through-the-door");
 }
+
+#[test]
+fn device_list_remove_check_config_and_completions() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let devices = dir.path().join("devices.d");
+    let ctl = |args: &[&str]| Command::new(knockctl_bin()).args(args).output().unwrap();
+    let devices_arg = devices.display().to_string();
+    for name in ["laptop", "sensor-17"] {
+        let out = ctl(&[
+            "device",
+            "add",
+            name,
+            "--group",
+            "fleet",
+            "--devices-dir",
+            &devices_arg,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let again = ctl(&["device", "add", "laptop", "--devices-dir", &devices_arg]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+    let bad = ctl(&["device", "add", "../evil", "--devices-dir", &devices_arg]);
+    assert_eq!(bad.status.code(), Some(1));
+
+    let list = stdout(&ctl(&["device", "list", "--devices-dir", &devices_arg]));
+    assert!(
+        list.contains("laptop\tgroups: fleet\tkey: laptop.key (0600)"),
+        "{list}"
+    );
+    assert!(list.contains("sensor-17"), "{list}");
+
+    // The server's config validates with these devices, from knockctl too.
+    let config = dir.path().join("knockd.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces: [eth0]\ndevices_dir: {}\ndoors: {{ ssh: {{ service_port: 22, allow: {{ groups: [fleet] }} }} }}\n",
+            devices.display()
+        ),
+    )
+    .unwrap();
+    let checked = ctl(&["check-config", &config.display().to_string()]);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(stdout(&checked).ends_with("ok (doors: 1, devices: 2)"));
+
+    let removed = ctl(&[
+        "device",
+        "remove",
+        "sensor-17",
+        "--devices-dir",
+        &devices_arg,
+    ]);
+    assert!(removed.status.success());
+    assert!(!devices.join("sensor-17.key").exists() && !devices.join("sensor-17.yaml").exists());
+    assert!(
+        !stdout(&ctl(&["device", "list", "--devices-dir", &devices_arg])).contains("sensor-17")
+    );
+    let missing = ctl(&[
+        "device",
+        "remove",
+        "sensor-17",
+        "--devices-dir",
+        &devices_arg,
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+
+    // A broken config is named, with exit code 1.
+    std::fs::write(
+        &config,
+        "interfaces: [eth0]\ndoors: { ssh: { service_port: 0 } }\n",
+    )
+    .unwrap();
+    let broken = ctl(&["check-config", &config.display().to_string()]);
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&broken.stderr).contains("doors.ssh.service_port: port 0"));
+
+    for shell in ["bash", "zsh", "fish"] {
+        let completions = ctl(&["completions", shell]);
+        assert!(completions.status.success());
+        assert!(stdout(&completions).contains("knockctl"));
+    }
+}
