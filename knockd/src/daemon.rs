@@ -200,44 +200,14 @@ impl Daemon {
         self.engine.tick(unix_ms());
         let now = Instant::now();
         self.static_grants.retain(|_, grant| grant.expires > now);
-        match self.grants.tick(&mut self.maps) {
-            Ok(rotations) => {
-                for (old, new) in rotations {
-                    tracing::info!(
-                        door = %new.door,
-                        device = new.device.as_deref(),
-                        source = %new.source,
-                        old_port = old.port,
-                        port = new.port,
-                        rotations = new.rotations,
-                        "lease rotated"
-                    );
-                }
-            }
-            Err(e) => self.record_error(format!("rotating leases failed: {}", chain(&e))),
-        }
+        let rotated = self.grants.tick(&mut self.maps);
+        self.log_rotations(rotated, false);
         let probed = self
             .maps
             .drain_probes()
             .map_err(grants::Error::from)
             .and_then(|probes| self.grants.rotate_probed(&mut self.maps, &probes));
-        match probed {
-            Ok(rotations) => {
-                for (old, new) in rotations {
-                    *self.tally.entry("probe_rotations").or_default() += 1;
-                    tracing::warn!(
-                        door = %new.door,
-                        device = new.device.as_deref(),
-                        source = %new.source,
-                        old_port = old.port,
-                        port = new.port,
-                        probes = old.probes,
-                        "granted port probed by other sources; moved at once"
-                    );
-                }
-            }
-            Err(e) => self.record_error(format!("rotating probed grants failed: {}", chain(&e))),
-        }
+        self.log_rotations(probed, true);
         // Knock ports turn with the time step; granted ports with grants.
         self.load_policy()?;
         if now.duration_since(self.table_checked) >= TABLE_CHECK_EVERY {
@@ -429,6 +399,29 @@ impl Daemon {
             self.recent_errors.pop_front();
         }
         self.recent_errors.push_back((unix_ms(), message));
+    }
+
+    /// Logs each (old, new) rotation; `attack` ones (a probed port) are
+    /// warnings and counted. A failure to rotate is recorded as an error.
+    fn log_rotations(
+        &mut self,
+        rotations: Result<Vec<(grants::Grant, grants::Grant)>, grants::Error>,
+        attack: bool,
+    ) {
+        let rotations = match rotations {
+            Ok(rotations) => rotations,
+            Err(e) => return self.record_error(format!("rotating grants failed: {}", chain(&e))),
+        };
+        for (old, new) in rotations {
+            let (door, device, source) = (&new.door, new.device.as_deref(), new.source);
+            let (old_port, port, probes) = (old.port, new.port, old.probes);
+            if attack {
+                *self.tally.entry("probe_rotations").or_default() += 1;
+                tracing::warn!(%door, device, %source, old_port, port, probes, "granted port probed by other sources; moved at once");
+            } else {
+                tracing::info!(%door, device, %source, old_port, port, rotations = new.rotations, "lease rotated");
+            }
+        }
     }
 
     /// Where the configuration came from, and where the guard is attached:

@@ -50,6 +50,34 @@ pub enum Error {
     Reference { key: String, reason: String },
 }
 
+/// Why `check-config` failed: the file itself, or its devices.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Devices(#[from] Error),
+}
+
+/// Validates a configuration file with its devices and key files, as
+/// `knockd check-config` and `knockctl check-config` both do; returns the
+/// report to print (warnings, then the verdict).
+pub fn check_config(path: &Path) -> Result<String, CheckError> {
+    let config = Config::load(path)?;
+    let devices = Devices::load(&config, path)?;
+    let mut report = String::new();
+    for warning in &devices.warnings {
+        report.push_str(&format!("warning: {warning}\n"));
+    }
+    report.push_str(&format!(
+        "{}: ok (doors: {}, devices: {})",
+        path.display(),
+        config.doors.len(),
+        devices.by_id.len()
+    ));
+    Ok(report)
+}
+
 /// A device file in the devices directory, as `knockctl device add` writes it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]

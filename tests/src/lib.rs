@@ -541,6 +541,29 @@ impl Drop for Daemon {
     }
 }
 
+/// Deterministic pseudo-random bytes (xorshift64) for garbage inputs, so a
+/// failing case can be reproduced from its seed.
+pub struct Noise(u64);
+
+impl Noise {
+    /// A generator starting from `seed` (not zero).
+    pub fn new(seed: u64) -> Noise {
+        Noise(seed.max(1))
+    }
+
+    /// The next `len` bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                self.0 as u8
+            })
+            .collect()
+    }
+}
+
 /// A knock log line's source address.
 pub fn knock_source(line: &Value) -> Option<IpAddr> {
     let source: std::net::SocketAddr = line["source"].as_str()?.parse().ok()?;

@@ -225,17 +225,10 @@ fn garbage_on_the_socket_gets_an_error_and_the_daemon_carries_on() {
     let reply = raw(&socket, &huge);
     assert_eq!(reply["ok"], false);
     // A pseudo-random stream of bytes, many connections.
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut noise = knockd_tests::Noise::new(0x9e37_79b9_7f4a_7c15);
     for _ in 0..200 {
-        let bytes: Vec<u8> = (0..64)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .chain(std::iter::once(b'\n'))
-            .collect();
+        let mut bytes = noise.bytes(64);
+        bytes.push(b'\n');
         let reply = raw(&socket, &bytes);
         assert_eq!(reply["ok"], false);
     }

@@ -469,17 +469,10 @@ fn truncated_and_garbage_headers_are_dropped() {
     long_ihl[14] = 0x4f;
     bench.expect(&long_ihl, Counter::DropMalformed);
     // Random bytes after a valid Ethernet header, both families.
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut noise = knockd_tests::Noise::new(0x2545_f491_4f6c_dd1d);
     for ethertype in [frames::ETH_IPV4, frames::ETH_IPV6] {
         for len in [1usize, 19, 39, 60, 200] {
-            let garbage: Vec<u8> = (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect();
+            let garbage = noise.bytes(len);
             let before = bench.counters().total();
             let action = bench.run(&frames::ether(&[], ethertype, &garbage));
             assert!(action == XDP_PASS || action == XDP_DROP);

@@ -268,17 +268,7 @@ fn control(path: &Path, mut request: serde_json::Value) -> anyhow::Result<serde_
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
-    let config = knockd::config::Config::load(path)?;
-    let devices = knockd::devices::Devices::load(&config, path)?;
-    for warning in &devices.warnings {
-        println!("warning: {warning}");
-    }
-    println!(
-        "{}: ok (doors: {}, devices: {})",
-        path.display(),
-        config.doors.len(),
-        devices.by_id.len()
-    );
+    println!("{}", knockd::devices::check_config(path)?);
     Ok(())
 }
 

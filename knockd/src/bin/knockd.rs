@@ -121,17 +121,7 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { config: path } => {
-            let config = Config::load(&path)?;
-            let devices = Devices::load(&config, &path)?;
-            for warning in &devices.warnings {
-                println!("warning: {warning}");
-            }
-            println!(
-                "{}: ok (doors: {}, devices: {})",
-                path.display(),
-                config.doors.len(),
-                devices.by_id.len()
-            );
+            println!("{}", knockd::devices::check_config(&path)?);
             Ok(())
         }
         Command::Uninstall { bpffs_dir } => {
