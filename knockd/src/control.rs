@@ -83,9 +83,22 @@ pub fn parse(line: &str) -> Result<Command, String> {
             envelope.version
         ));
     }
-    let mut command = envelope.command;
-    if let Some(object) = command.as_object_mut() {
-        object.remove("version");
+    let command = envelope.command;
+    // serde does not reject extra fields on internally tagged unit variants,
+    // so each command's fields are checked here.
+    let object = command.as_object().ok_or("a request is a JSON object")?;
+    let name = object
+        .get("command")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("missing field `command`")?;
+    let allowed: &[&str] = match name {
+        "revoke" => &["command", "target"],
+        _ => &["command"],
+    };
+    if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!(
+            "bad request: unknown field `{extra}` for command `{name}`"
+        ));
     }
     serde_json::from_value(command).map_err(|e| format!("bad request: {e}"))
 }
@@ -294,7 +307,8 @@ mod tests {
                         state ^= state << 13;
                         state ^= state >> 7;
                         state ^= state << 17;
-                        b"{}\":,01versioncommandstatus \\x"[(state % 32) as usize]
+                        let alphabet = b"{}\":,01versioncommandstatus \\x";
+                        alphabet[(state % alphabet.len() as u64) as usize]
                     })
                     .collect();
                 let _ = parse(&String::from_utf8_lossy(&bytes));

@@ -215,6 +215,8 @@ fn garbage_on_the_socket_gets_an_error_and_the_daemon_carries_on() {
         b"{}\n",
         b"{\"version\":1,\"command\":\"rm -rf\"}\n",
         b"{\"version\":7,\"command\":\"status\"}\n",
+        b"{\"version\":1,\"command\":\"status\",\"extra\":1}\n",
+        b"{\"version\":1,\"command\":\"revoke\"}\n",
         b"\x00\xff\xfe\n",
     ] {
         let reply = raw(&socket, request);
