@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use knockd_tests::{Daemon, bed::Bed, knockd_bin, require_privileges};
+use knockd_tests::{Daemon, bed::Bed, knockd_bin, require_privileges, sh};
 
 fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
@@ -50,16 +50,9 @@ fn install_stages_everything_and_keeps_an_existing_config() {
     let dest = tempfile::tempdir().unwrap();
     let bin_dir = knockd_bin().parent().unwrap().to_owned();
     let install = || {
-        let out = Command::new(workspace().join("deploy/install.sh"))
+        sh(Command::new(workspace().join("deploy/install.sh"))
             .env("DESTDIR", dest.path())
-            .env("KNOCKD_BIN_DIR", &bin_dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .env("KNOCKD_BIN_DIR", &bin_dir));
     };
     install();
     let mode = |p: &str| {
