@@ -188,11 +188,6 @@ impl Daemon {
         &self.tally
     }
 
-    /// The live one-time grants.
-    pub fn grants(&self) -> &Grants {
-        &self.grants
-    }
-
     /// Once a second: move the engine's clock (reloading knock ports when
     /// the time step turns), forget expired grants, rotate leases that are
     /// due, and put the nftables table back if someone removed it.

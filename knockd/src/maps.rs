@@ -338,11 +338,6 @@ impl GuardMaps {
         Ok(written)
     }
 
-    /// The flags the kernel holds for one port.
-    pub fn port_flags(&self, proto: Proto, port: u16) -> u8 {
-        self.policy_mirror.get(proto, port)
-    }
-
     /// Sets the per-source knock rate limit.
     pub fn set_knock_rate(&mut self, rate_per_sec: u32, burst: u32) -> Result<(), Error> {
         let settings = Settings {
