@@ -472,28 +472,32 @@ impl<'de> Deserialize<'de> for PortRange {
                 f.write_str("a port (1-65535) or a range such as \"40000-40999\"")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
-                let port = parse_port(&v.to_string()).map_err(E::custom)?;
-                Ok(PortRange {
-                    start: port,
-                    end: port,
-                })
+                v.to_string().parse().map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
                 Err(E::custom(format!("port {v} is not in 1-65535")))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
-                let (start, end) = match v.split_once('-') {
-                    Some((a, b)) => (parse_port(a), parse_port(b)),
-                    None => (parse_port(v), parse_port(v)),
-                };
-                let (start, end) = (start.map_err(E::custom)?, end.map_err(E::custom)?);
-                if start > end {
-                    return Err(E::custom(format!("start {start} > end {end}")));
-                }
-                Ok(PortRange { start, end })
+                v.parse().map_err(E::custom)
             }
         }
         deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    /// `22` or `40000-40999`, as in the configuration and on command lines.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (start, end) = match s.split_once('-') {
+            Some((a, b)) => (parse_port(a)?, parse_port(b)?),
+            None => (parse_port(s)?, parse_port(s)?),
+        };
+        if start > end {
+            return Err(format!("start {start} > end {end}"));
+        }
+        Ok(PortRange { start, end })
     }
 }
 
@@ -772,22 +776,26 @@ impl Config {
 }
 
 /// Longest device id or group name.
-const DEVICE_ID_MAX: usize = 64;
+pub const DEVICE_ID_MAX: usize = 64;
 /// Longest door name.
 const DOOR_NAME_MAX: usize = 32;
 /// Longest static sequence.
 pub const STATIC_SEQUENCE_MAX: usize = 256;
 
-/// Names become log fields, file names and key-derivation input: keep them
-/// to a plain alphabet.
-fn validate_name(name: &str, max: usize, key: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
+/// Whether `name` may name a door, device or group: names become log
+/// fields, file names and key-derivation input, so they keep to a plain
+/// alphabet (1-`max` of A-Z a-z 0-9 . _ -, not starting with a dot).
+pub fn is_valid_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
         && name.len() <= max
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !name.starts_with('.');
-    if ok {
+        && !name.starts_with('.')
+}
+
+fn validate_name(name: &str, max: usize, key: &str) -> Result<(), Error> {
+    if is_valid_name(name, max) {
         Ok(())
     } else {
         Err(Error::invalid(

@@ -192,8 +192,7 @@ impl Devices {
             })?;
         }
         if let Some(dir) = &config.devices_dir {
-            for path in device_files(dir)? {
-                let file = parse_device_file(&path)?;
+            for (path, file) in read_device_files(dir)? {
                 let key_file = dir.join(&file.key_file);
                 devices.insert(Device {
                     key: load_key(&key_file, required_uid)?,
@@ -266,7 +265,15 @@ impl Devices {
     }
 }
 
-/// The `*.yaml` files in `dir`, sorted so loading is deterministic.
+/// Every device file in `dir` (its `*.yaml` and `*.yml` files, sorted so
+/// loading is deterministic), parsed and checked.
+pub fn read_device_files(dir: &Path) -> Result<Vec<(PathBuf, DeviceFile)>, Error> {
+    device_files(dir)?
+        .into_iter()
+        .map(|path| parse_device_file(&path).map(|file| (path, file)))
+        .collect()
+}
+
 fn device_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let read = |source| Error::Read {
         path: dir.to_owned(),
@@ -293,14 +300,7 @@ fn parse_device_file(path: &Path) -> Result<DeviceFile, Error> {
         key: e.path().to_string(),
         message: e.into_inner().to_string(),
     })?;
-    let ok_id = !file.id.is_empty()
-        && file.id.len() <= 64
-        && !file.id.starts_with('.')
-        && file
-            .id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !ok_id {
+    if !crate::config::is_valid_name(&file.id, crate::config::DEVICE_ID_MAX) {
         return Err(Error::DeviceFile {
             path: path.to_owned(),
             key: "id".into(),

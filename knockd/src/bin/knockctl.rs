@@ -516,7 +516,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             };
             let yaml_path = devices_dir.join(format!("{name}.yaml"));
             let key_path = devices_dir.join(&file.key_file);
-            if !valid_id(&name) {
+            if !knockd::config::is_valid_name(&name, knockd::config::DEVICE_ID_MAX) {
                 bail!("{name:?} is not a valid device id (1-64 of A-Z a-z 0-9 . _ -)");
             }
             if yaml_path.exists() || key_path.exists() {
@@ -536,9 +536,9 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             std::fs::write(&yaml_path, serde_yaml::to_string(&file)?)
                 .with_context(|| format!("writing {}", yaml_path.display()))?;
             let knock_ports = knock_ports
-                .map(|r| serde_yaml::from_str::<PortRange>(&format!("{r:?}")))
+                .map(|r| r.parse::<PortRange>())
                 .transpose()
-                .context("--knock-ports")?;
+                .map_err(|e| anyhow!("--knock-ports: {e}"))?;
             let profile = Profiles {
                 profiles: [(
                     name.clone(),
@@ -562,7 +562,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             Ok(())
         }
         DeviceCommand::List { devices_dir } => {
-            for (path, file) in device_files(&devices_dir)? {
+            for (path, file) in knockd::devices::read_device_files(&devices_dir)? {
                 let mode = std::fs::metadata(devices_dir.join(&file.key_file))
                     .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
                     .unwrap_or_else(|_| "missing".into());
@@ -577,7 +577,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             Ok(())
         }
         DeviceCommand::Remove { name, devices_dir } => {
-            let (path, file) = device_files(&devices_dir)?
+            let (path, file) = knockd::devices::read_device_files(&devices_dir)?
                 .into_iter()
                 .find(|(_, f)| f.id == name)
                 .ok_or_else(|| anyhow!("no device {name} in {}", devices_dir.display()))?;
@@ -588,30 +588,4 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-}
-
-fn device_files(dir: &Path) -> anyhow::Result<Vec<(PathBuf, DeviceFile)>> {
-    let mut out = Vec::new();
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    paths.sort();
-    for path in paths {
-        let text = std::fs::read_to_string(&path)?;
-        let file: DeviceFile =
-            serde_yaml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        out.push((path, file));
-    }
-    Ok(out)
 }

@@ -224,8 +224,9 @@ fn gen_sequence(
     export: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     use rand::{Rng as _, seq::index::sample};
-    let range: PortRange =
-        serde_yaml::from_str(&format!("{range:?}")).with_context(|| format!("--range {range}"))?;
+    let range: PortRange = range
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--range {range}: {e}"))?;
     let span = usize::from(range.end - range.start) + 1;
     anyhow::ensure!(
         (1..=STATIC_SEQUENCE_MAX).contains(&length) && length <= span,
