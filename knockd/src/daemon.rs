@@ -647,21 +647,17 @@ impl Daemon {
         let mut grants = Grants::new(&config);
         grants.install(&mut self.maps).map_err(|e| chain(&e))?;
         grants.inherit(&self.grants);
-        for old in self.grants.list() {
-            if !config.doors.contains_key(&old.door) {
-                let _ = nft::update_grants(
-                    &[],
-                    &[crate::nft::Element {
-                        door: old.door.clone(),
-                        key: crate::nft::GrantKey {
-                            source: old.source,
-                            port: old.port,
-                        },
-                        timeout: Duration::ZERO,
-                    }],
-                );
-                let _ = self.maps.revoke(old.source, Proto::Tcp, old.port);
-            }
+        // Grants of doors that are gone end now (best effort: the kernel
+        // expires them anyway).
+        let gone: Vec<(String, IpAddr)> = self
+            .grants
+            .list()
+            .into_iter()
+            .filter(|g| !config.doors.contains_key(&g.door))
+            .map(|g| (g.door.clone(), g.source))
+            .collect();
+        for (door, source) in gone {
+            let _ = self.grants.close(&mut self.maps, &door, source);
         }
         self.maps
             .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)

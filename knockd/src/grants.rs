@@ -224,8 +224,15 @@ impl Grants {
         Ok(())
     }
 
-    fn taken(&self) -> HashSet<u16> {
-        self.by_source.values().map(|g| g.port).collect()
+    /// A random free port for a new grant on `door`.
+    fn fresh_port(&self, door: &str) -> Result<u16, Error> {
+        let range = &self.doors[door].range;
+        let taken: HashSet<u16> = self.by_source.values().map(|g| g.port).collect();
+        pick_port(range, &taken, port_unbound).ok_or_else(|| Error::Exhausted {
+            door: door.to_owned(),
+            start: *range.start(),
+            end: *range.end(),
+        })
     }
 
     /// Writes a grant's current deadline to both kernel places. An element
@@ -282,14 +289,7 @@ impl Grants {
                 ..old.clone()
             },
             None => {
-                let port =
-                    pick_port(&settings.range, &self.taken(), port_unbound).ok_or_else(|| {
-                        Error::Exhausted {
-                            door: door.to_owned(),
-                            start: *settings.range.start(),
-                            end: *settings.range.end(),
-                        }
-                    })?;
+                let port = self.fresh_port(door)?;
                 Grant {
                     door: door.to_owned(),
                     source,
@@ -378,13 +378,7 @@ impl Grants {
 
     fn rotate(&mut self, maps: &mut GuardMaps, old: Grant, now: Instant) -> Result<Grant, Error> {
         let settings = self.doors[&old.door].clone();
-        let port = pick_port(&settings.range, &self.taken(), port_unbound).ok_or_else(|| {
-            Error::Exhausted {
-                door: old.door.clone(),
-                start: *settings.range.start(),
-                end: *settings.range.end(),
-            }
-        })?;
+        let port = self.fresh_port(&old.door)?;
         let grant = Grant {
             port,
             rotations: old.rotations + 1,
