@@ -299,16 +299,13 @@ mod tests {
 
     #[test]
     fn arbitrary_lines_never_panic() {
+        let alphabet = b"{}\":,01versioncommandstatus \\x";
         let mut state = 0x1234_5678_9abc_def0_u64;
         for len in [0, 1, 7, 64, 300] {
             for _ in 0..2000 {
                 let bytes: Vec<u8> = (0..len)
                     .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        let alphabet = b"{}\":,01versioncommandstatus \\x";
-                        alphabet[(state % alphabet.len() as u64) as usize]
+                        alphabet[(crate::xorshift(&mut state) % alphabet.len() as u64) as usize]
                     })
                     .collect();
                 let _ = parse(&String::from_utf8_lossy(&bytes));

@@ -213,12 +213,7 @@ mod tests {
         for len in [0, 1, size - 1, size, size + 1] {
             for _ in 0..2000 {
                 let bytes: Vec<u8> = (0..len)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        state as u8
-                    })
+                    .map(|_| crate::xorshift(&mut state) as u8)
                     .collect();
                 let _ = decode(&bytes);
             }

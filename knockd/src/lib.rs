@@ -41,3 +41,14 @@ pub mod state;
 mod run;
 #[cfg(feature = "daemon")]
 pub use run::{Error, RunOptions, run};
+
+/// The next value of a xorshift64 sequence: deterministic noise for the
+/// parsers' never-panic tests, reproducible from the seed.
+// Its users (events, control) exist only with the daemon feature.
+#[cfg(all(test, feature = "daemon"))]
+pub(crate) fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
