@@ -8,6 +8,7 @@
 //! {"version":1,"command":"status"}             -> {"ok":true,"data":{…}}
 //! {"version":1,"command":"grants"}             -> {"ok":true,"data":[…]}
 //! {"version":1,"command":"revoke","target":"198.18.0.2" | "laptop"}
+//!                                 -> {"ok":true,"data":{"revoked":N,"connections_cut":M}}
 //! {"version":1,"command":"reload"}
 //! anything else                                 -> {"ok":false,"error":"…"}
 //! ```

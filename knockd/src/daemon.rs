@@ -21,6 +21,7 @@ use crate::{
     auth::{Action, Decision, Engine, KnockIn, Outcome, Reason},
     config::{Config, DoorMode},
     control::{Command, Response},
+    cut,
     devices::Devices,
     events::Knock,
     grants::{self, Grants},
@@ -66,6 +67,14 @@ impl LogLimiter {
             None
         }
     }
+}
+
+/// What a revoke ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Revoked {
+    grants: usize,
+    /// Established connections cut (conntrack entries deleted).
+    connections: usize,
 }
 
 /// A static door open for one address (on its service port).
@@ -432,7 +441,9 @@ impl Daemon {
             Command::Status => Response::ok(self.status()),
             Command::Grants => Response::ok(self.grants_json()),
             Command::Revoke { target } => match self.revoke(&target) {
-                Ok(n) => Response::ok(json!({ "revoked": n })),
+                Ok(r) => {
+                    Response::ok(json!({ "revoked": r.grants, "connections_cut": r.connections }))
+                }
                 Err(e) => Response::error(e),
             },
             Command::Metrics => Response::ok(json!(self.metrics())),
@@ -576,10 +587,10 @@ impl Daemon {
         })
     }
 
-    /// Ends every grant of an address, or of a device (by id). Established
-    /// connections are not cut here; their grants can no longer admit new
-    /// ones.
-    fn revoke(&mut self, target: &str) -> Result<usize, String> {
+    /// Ends every grant of an address, or of a device (by id), and cuts the
+    /// connections those grants let in (their conntrack entries). Admission
+    /// ends first, so the client cannot open a new connection in between.
+    fn revoke(&mut self, target: &str) -> Result<Revoked, String> {
         let by_ip: Option<IpAddr> = target.parse().ok();
         let doomed: Vec<(String, IpAddr)> = self
             .grants
@@ -591,12 +602,22 @@ impl Daemon {
             })
             .map(|g| (g.door.clone(), g.source))
             .collect();
-        let mut revoked = 0;
+        let mut cuts = Vec::new();
+        let mut grants = doomed.len();
         for (door, source) in doomed {
             self.grants
                 .close(&mut self.maps, &door, source)
                 .map_err(|e| chain(&e))?;
-            revoked += 1;
+            if let Some(d) = self.config.doors.get(&door) {
+                let ports = d.grant_ports();
+                cuts.push(cut::Cut {
+                    source,
+                    // Every port of the range: connections made through
+                    // ports the grant held before a rotation too.
+                    ports: ports.start..=ports.end,
+                    service_port: d.service_port,
+                });
+            }
         }
         if let Some(ip) = by_ip {
             let statics: Vec<(String, IpAddr)> = self
@@ -606,21 +627,49 @@ impl Daemon {
                 .cloned()
                 .collect();
             for (door, source) in statics {
-                if let Some(door_cfg) = self.config.doors.get(&door) {
+                if let Some(d) = self.config.doors.get(&door) {
                     self.maps
-                        .revoke(source, Proto::Tcp, door_cfg.service_port)
+                        .revoke(source, Proto::Tcp, d.service_port)
                         .map_err(|e| chain(&e))?;
+                    cuts.push(cut::Cut {
+                        source,
+                        ports: d.service_port..=d.service_port,
+                        service_port: d.service_port,
+                    });
                 }
                 self.static_grants.remove(&(door, source));
-                revoked += 1;
+                grants += 1;
             }
         }
-        if revoked == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
+        if grants == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
             return Err(format!("no device {target:?} and no grant for it"));
         }
         self.load_policy().map_err(|e| chain(&e))?;
-        tracing::info!(target, revoked, "revoked");
-        Ok(revoked)
+        let ended = cut::connections(&cuts).map_err(|e| {
+            let message = format!(
+                "revoked {grants} grant(s) of {target}, but cutting their connections failed: {}",
+                chain(&e)
+            );
+            self.record_error(message.clone());
+            message
+        })?;
+        if ended.sockets_unsupported {
+            tracing::warn!(
+                "this kernel cannot abort sockets (no CONFIG_INET_DIAG_DESTROY): revoked \
+                 connections were cut in conntrack, and the service notices when it next sends"
+            );
+        }
+        tracing::info!(
+            target,
+            grants,
+            connections = ended.flows,
+            service_sockets_aborted = ended.sockets,
+            "revoked"
+        );
+        Ok(Revoked {
+            grants,
+            connections: ended.flows,
+        })
     }
 
     /// Loads the configuration file again; it takes effect only if it is

@@ -10,6 +10,11 @@
 //! - [`guard`]: loading and attaching the XDP program;
 //! - [`maps`]: every read and write of the program's maps;
 //! - [`events`]: the knock ring buffer;
+//! - [`nft`]: the nftables table, its rules and grant sets;
+//! - [`cut`]: ending a revoked grant's established connections (conntrack,
+//!   sock_diag);
+//! - [`grants`]: random ports, leases and rotation, kept in step in nft and maps;
+//! - [`control`]: the control socket and its protocol;
 //! - [`proto`]: the one-time knock wire protocol (`docs/PROTOCOL.md`);
 //! - [`auth`]: knock authentication, a pure state machine;
 //! - [`state`]: the consumed-sequence record;
@@ -20,6 +25,8 @@ pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod control;
+#[cfg(feature = "daemon")]
+pub mod cut;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod devices;

@@ -268,6 +268,36 @@ fn sshd(ns: &NetNs, dir: &Path, listen: &str) -> (Child, PathBuf) {
     (child, client_key)
 }
 
+/// `ssh root@SERVER COMMAND` from the client namespace, with knockctl as
+/// its ProxyCommand (knock, then ride the granted port), not yet started.
+fn ssh_through_knockctl(setup: &Setup, key: &Path, command: &str) -> Command {
+    let proxy = format!(
+        "{} knock --profiles {} --proxy %h ssh",
+        knockctl_bin().display(),
+        setup.profiles.display()
+    );
+    let mut ssh = setup.testbed.client.command("ssh");
+    ssh.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-i",
+    ])
+    .arg(key)
+    .arg("-o")
+    .arg(format!("ProxyCommand={proxy}"))
+    .arg(format!("root@{}", setup.server))
+    .arg(command);
+    ssh
+}
+
 #[test]
 fn ssh_goes_through_knockctl_as_its_proxy_command() {
     require_privileges!();
@@ -299,35 +329,7 @@ fn ssh_goes_through_knockctl_as_its_proxy_command() {
         .unwrap();
     assert!(!direct.status.success());
     // Through knockctl: knock, then the session rides the granted port.
-    let proxy = format!(
-        "{} knock --profiles {} --proxy %h ssh",
-        knockctl_bin().display(),
-        setup.profiles.display()
-    );
-    let out = setup
-        .testbed
-        .client
-        .command("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-        ])
-        .args([
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-i",
-        ])
-        .arg(&key)
-        .arg("-o")
-        .arg(format!("ProxyCommand={proxy}"))
-        .arg(format!("root@{}", setup.server))
-        .arg("echo through-the-door")
+    let out = ssh_through_knockctl(&setup, &key, "echo through-the-door")
         .output()
         .unwrap();
     let _ = sshd.kill();
@@ -338,6 +340,71 @@ fn ssh_goes_through_knockctl_as_its_proxy_command() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout(&out), "through-the-door");
+}
+
+/// `knockctl revoke` ends a live ssh session: the one the device's grant let
+/// in, seconds into a command that would run for a minute.
+#[test]
+fn revoke_ends_a_live_ssh_session() {
+    require_privileges!();
+    let setup = Setup::new(false, false);
+    let (mut sshd, key) = sshd(
+        &setup.testbed.server,
+        setup.dir.path(),
+        &format!("{}:{SSH}", setup.server),
+    );
+    let daemon = setup.start();
+    let mut session = ssh_through_knockctl(&setup, &key, "echo in; exec sleep 60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the session to be up: its first line.
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(session.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first.trim(), "in");
+
+    let revoked = Command::new(knockctl_bin())
+        .args(["revoke", "laptop", "--socket"])
+        .arg(daemon.control_socket())
+        .output()
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        stdout(&revoked),
+        "revoked 1 grant(s), cut 1 connection(s)",
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let status = loop {
+        if let Some(status) = session.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // sshd's end went at once too (SOCK_DESTROY), not at its next send.
+    let established = setup
+        .testbed
+        .server
+        .command("ss")
+        .args(["-Htn", "state", "established", "sport", "=", ":22"])
+        .output()
+        .unwrap();
+    let _ = session.kill();
+    let _ = session.wait();
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    let status = status.expect("the ssh session outlived its revoke by 10 s");
+    assert_eq!(stdout(&established), "", "sshd still holds the session");
+    assert!(!status.success(), "ssh ended with {status}, not an error");
+    eprintln!("ssh ended {:?} after the revoke", started.elapsed());
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! End to end: the control socket and the knockctl commands that use it,
-//! against the real daemon: status, grants, revoke, reload (knockctl and
-//! SIGHUP), and garbage on the socket.
+//! against the real daemon: status, grants, revoke (and the connections it
+//! cuts), reload (knockctl and SIGHUP), and garbage on the socket.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::Path,
     process::{Command, Output},
@@ -12,10 +13,10 @@ use std::{
 
 use knockd::proto::Kind;
 use knockd_tests::{
-    Daemon,
-    bed::{Bed, SSH},
+    Daemon, addrs,
+    bed::{Bed, SILENCE, SSH},
     knockctl_bin,
-    probe::Outcome,
+    probe::{self, Outcome},
     require_privileges,
 };
 
@@ -110,7 +111,7 @@ fn revoke_ends_grants_by_device_and_by_address() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "revoked 1 grant(s)"
+        "revoked 1 grant(s), cut 0 connection(s)"
     );
     assert_eq!(bed.connect(answer.reply.port).0, Outcome::Silent);
 
@@ -118,13 +119,148 @@ fn revoke_ends_grants_by_device_and_by_address() {
     let out = knockctl(&socket, &["revoke", &bed.client.to_string()]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "revoked 1 grant(s)"
+        "revoked 1 grant(s), cut 0 connection(s)"
     );
     assert_eq!(bed.connect(again.reply.port).0, Outcome::Silent);
 
     let out = knockctl(&socket, &["revoke", "nobody"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no device \"nobody\""));
+}
+
+/// The server's conntrack entries from `source`, as conntrack-tools lists
+/// them (an independent reader of the table revoke edits).
+fn flows_from(bed: &Bed, source: IpAddr) -> String {
+    let out = bed
+        .testbed
+        .server
+        .command("conntrack")
+        .args(["-L", "-p", "tcp", "--orig-src", &source.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `stream` ends (a reset, or the end of the stream) within
+/// `SILENCE` without our sending anything: a cut both ends learn of at once.
+fn is_cut(stream: &mut TcpStream) -> bool {
+    stream.set_read_timeout(Some(SILENCE)).unwrap();
+    let mut buf = [0; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => {
+            assert_ne!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock,
+                "the cut connection hangs instead of ending"
+            );
+            true
+        }
+    }
+}
+
+/// The service's established connections, as `ss` lists them.
+fn service_sockets(bed: &Bed) -> String {
+    let out = bed
+        .testbed
+        .server
+        .command("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{SSH}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Revoke cuts the established connections of the revoked address: the
+/// client and the service see the connection end at once, conntrack no
+/// longer holds the flow, and another address's connection through the same
+/// door carries on.
+fn revoke_cuts_established_connections(v6: bool) {
+    let bed = Bed::new(v6);
+    let daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let (_, _, other) = addrs::family(v6);
+
+    let answer = bed.knock(&bed.socket(), Kind::Open);
+    let (outcome, stream) = bed.connect(answer.reply.port);
+    assert_eq!(outcome, Outcome::Answered);
+    let mut revoked = stream.unwrap();
+    assert!(probe::echo_round_trip(&mut revoked, b"before"));
+
+    // The same device from a second address: a grant of its own.
+    let other_knocks = bed
+        .testbed
+        .client
+        .run(move || UdpSocket::bind(SocketAddr::new(other, 0)).unwrap());
+    let kept_answer = bed.knock(&other_knocks, Kind::Open);
+    let to = SocketAddr::new(bed.server, kept_answer.reply.port);
+    let (outcome, stream) = bed
+        .testbed
+        .client
+        .run(move || probe::tcp_connect(Some(other), to, SILENCE));
+    assert_eq!(outcome, Outcome::Answered);
+    let mut kept = stream.unwrap();
+    assert!(probe::echo_round_trip(&mut kept, b"before"));
+
+    let service = format!("sport={SSH} ");
+    assert!(flows_from(&bed, bed.client).contains(&service));
+    let out = knockctl(&socket, &["revoke", &bed.client.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked 1 grant(s), cut 1 connection(s)"
+    );
+    let left = flows_from(&bed, bed.client);
+    assert!(
+        !left.contains(&service),
+        "a redirected flow survived:\n{left}"
+    );
+
+    assert!(
+        is_cut(&mut revoked),
+        "the revoked address's connection lives on"
+    );
+    let sockets = service_sockets(&bed);
+    assert!(
+        !sockets.contains(&bed.client.to_string()) && sockets.contains(&other.to_string()),
+        "the service holds only the other address's connection:\n{sockets}"
+    );
+    assert!(
+        probe::echo_round_trip(&mut kept, b"after"),
+        "the other address's connection was cut too"
+    );
+    assert!(flows_from(&bed, other).contains(&service));
+    // And nothing reopens: a new connection to the old port meets silence.
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Silent);
+}
+
+#[test]
+fn revoke_cuts_established_connections_v4() {
+    require_privileges!();
+    revoke_cuts_established_connections(false);
+}
+
+#[test]
+fn revoke_cuts_established_connections_v6() {
+    require_privileges!();
+    revoke_cuts_established_connections(true);
 }
 
 #[test]

@@ -43,6 +43,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3-cryptography",
     "nmap",
     "netcat-openbsd",
+    // conntrack-tools' `conntrack`: an independent look at the flows that
+    // revoke cuts.
+    "conntrack",
 ];
 
 /// The bpf-linker release we build; 0.13 is the one known to build with

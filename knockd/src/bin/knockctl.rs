@@ -215,7 +215,12 @@ fn main() -> ExitCode {
             &socket.socket,
             serde_json::json!({"command": "revoke", "target": target}),
         )
-        .map(|data| println!("revoked {} grant(s)", data["revoked"]))
+        .map(|data| {
+            println!(
+                "revoked {} grant(s), cut {} connection(s)",
+                data["revoked"], data["connections_cut"]
+            )
+        })
         .map_err(Failure::from),
         Command::Reload { socket } => {
             control(&socket.socket, serde_json::json!({"command": "reload"}))

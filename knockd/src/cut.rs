@@ -1,0 +1,564 @@
+//! The one module that ends established connections: those a revoked
+//! grant let in.
+//!
+//! A grant only admits new connections. Once a flow is established, its
+//! conntrack entry carries it: the entry holds the redirect from the random
+//! port to the service, and nftables' `ct state established` rule lets its
+//! packets in. That is why a rotation or an expiry never cuts a session, and
+//! why revoking a grant alone would not either. `knockctl revoke` means
+//! "this address or device must lose access now", so the daemon also cuts
+//! the flows the grant let in, in two steps:
+//!
+//! 1. The service's end of each flow is a local socket (a grant always
+//!    redirects to a port on this host). It is aborted through sock_diag
+//!    (`SOCK_DESTROY`, what `ss -K` does): the service sees the connection
+//!    fail at once (sshd ends the session), and the kernel's reset, still
+//!    translated by the flow's conntrack entry, reaches the client.
+//! 2. The flow's conntrack entry is deleted (ctnetlink). Should the client
+//!    send anything more, its packet starts a new entry that no redirect
+//!    matches (the grant is gone) and meets a reset from a port nothing
+//!    listens on. This step alone cuts the flow even on a kernel without
+//!    `SOCK_DESTROY`, though the service then learns of it only when it next
+//!    sends.
+//!
+//! Message layouts come from netlink-packet-netfilter and
+//! netlink-packet-sock-diag; the sockets are libmnl's, as in the nft module.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable,
+};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Tuple,
+    },
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    message::SockDiagDestroy,
+};
+
+/// Most flows one revoke deletes. Each is one source's connection, so a
+/// real client holds a handful; the cap keeps a flood of half-open entries
+/// from one address from holding the daemon in this loop.
+const MAX_FLOWS: usize = 65_536;
+
+/// Bytes per receive: a dump fills up to 32 KiB per datagram.
+const RECV_BUFFER: usize = 64 * 1024;
+
+/// An error, naming the ctnetlink step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening a ctnetlink socket")]
+    Open(#[source] io::Error),
+    #[error("conntrack {what}: sending")]
+    Send {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("conntrack {what}: receiving")]
+    Receive {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("conntrack {what}: the kernel refused")]
+    Refused {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Which flows to cut: TCP from `source` to one of `ports`, that conntrack
+/// sends on to `service_port` (the redirect a grant sets up; for a static
+/// door, where nothing is redirected, `ports` is the service port itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub source: IpAddr,
+    pub ports: RangeInclusive<u16>,
+    pub service_port: u16,
+}
+
+/// One flow as conntrack reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Flow {
+    source: IpAddr,
+    protocol: u8,
+    dport: u16,
+    /// The reply direction's source: the service's end, after a redirect.
+    local: SocketAddr,
+    /// The reply direction's destination: the client's end.
+    remote: SocketAddr,
+    /// Conntrack's TCP state, when it reports one.
+    tcp_state: Option<u8>,
+}
+
+/// Conntrack's TCP states in which a connection is over: no data can flow,
+/// the entry only waits out stray segments. Such flows are not cut (nor
+/// counted as cut).
+const TCP_TIME_WAIT: u8 = 7;
+const TCP_CLOSE: u8 = 8;
+
+impl Cut {
+    fn matches(&self, flow: &Flow) -> bool {
+        flow.source == self.source
+            && flow.protocol == libc::IPPROTO_TCP as u8
+            && self.ports.contains(&flow.dport)
+            && flow.local.port() == self.service_port
+            && !matches!(flow.tcp_state, Some(TCP_TIME_WAIT | TCP_CLOSE))
+    }
+}
+
+/// The (source, destination) addresses and the protocol and ports of one
+/// direction's tuple.
+#[derive(Default)]
+struct Parts {
+    source: Option<IpAddr>,
+    destination: Option<IpAddr>,
+    protocol: Option<u8>,
+    sport: Option<u16>,
+    dport: Option<u16>,
+}
+
+fn parts_of(tuples: &[Tuple]) -> Parts {
+    let mut parts = Parts::default();
+    for tuple in tuples {
+        match tuple {
+            Tuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(a) => parts.source = Some(*a),
+                        IPTuple::DestinationAddress(a) => parts.destination = Some(*a),
+                        _ => {}
+                    }
+                }
+            }
+            Tuple::Proto(fields) => {
+                for field in fields {
+                    match field {
+                        ProtoTuple::Protocol(p) => parts.protocol = Some(u8::from(*p)),
+                        ProtoTuple::SourcePort(p) => parts.sport = Some(*p),
+                        ProtoTuple::DestinationPort(p) => parts.dport = Some(*p),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    parts
+}
+
+/// Reads a flow from its attributes; `None` when a part is missing (an
+/// entry of a protocol without ports, say).
+fn flow_of(attributes: &[ConntrackAttribute]) -> Option<Flow> {
+    let (mut orig, mut reply, mut tcp_state) = (Parts::default(), Parts::default(), None);
+    for attribute in attributes {
+        match attribute {
+            ConntrackAttribute::CtaTupleOrig(tuples) => orig = parts_of(tuples),
+            ConntrackAttribute::CtaTupleReply(tuples) => reply = parts_of(tuples),
+            ConntrackAttribute::CtaProtoInfo(infos) => {
+                for info in infos {
+                    if let ProtoInfo::TCP(fields) = info {
+                        for field in fields {
+                            if let ProtoInfoTCP::State(state) = field {
+                                tcp_state = Some(*state);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(Flow {
+        source: orig.source?,
+        protocol: orig.protocol?,
+        dport: orig.dport?,
+        local: SocketAddr::new(reply.source?, reply.sport?),
+        remote: SocketAddr::new(reply.destination?, reply.dport?),
+        tcp_state,
+    })
+}
+
+/// What identifies an entry for deletion: its original tuple, and its zone
+/// when it has one (conntrack looks entries up per zone).
+fn delete_key(attributes: &[ConntrackAttribute]) -> Vec<ConntrackAttribute> {
+    const CTA_ZONE: u16 = 18;
+    attributes
+        .iter()
+        .filter(|a| match a {
+            ConntrackAttribute::CtaTupleOrig(_) => true,
+            ConntrackAttribute::Other(nla) => netlink_packet_core::Nla::kind(nla) == CTA_ZONE,
+            _ => false,
+        })
+        .cloned()
+        .collect()
+}
+
+/// One request, serialized.
+fn encode<I: NetlinkSerializable>(inner: I, flags: u16, seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
+    packet.finalize();
+    let mut bytes = vec![0; packet.buffer_len()];
+    packet.serialize(&mut bytes);
+    bytes
+}
+
+fn conntrack(family: NetfilterProtoFamily, message: ConntrackMessage) -> NetfilterMessage {
+    NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), message)
+}
+
+/// The messages in one datagram, each decoded on its own so that one entry
+/// this crate cannot read does not hide the rest. `Err` for an error
+/// acknowledgement.
+fn messages(datagram: &[u8]) -> impl Iterator<Item = Result<Reply, io::Error>> + '_ {
+    let mut rest = datagram;
+    std::iter::from_fn(move || {
+        let buffer = NetlinkBuffer::new_checked(rest).ok()?;
+        let len = (buffer.length() as usize).min(rest.len());
+        if len == 0 {
+            return None;
+        }
+        // Messages are 4-byte aligned within a datagram.
+        let (this, next) = rest.split_at(len);
+        rest = next.get(len.next_multiple_of(4) - len..).unwrap_or(&[]);
+        Some(
+            match NetlinkMessage::<NetfilterMessage>::deserialize(this) {
+                Ok(message) => match message.payload {
+                    NetlinkPayload::Done(_) => Ok(Reply::Done),
+                    NetlinkPayload::Error(e) => match e.code {
+                        None => Ok(Reply::Ack),
+                        Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                    },
+                    NetlinkPayload::InnerMessage(NetfilterMessage {
+                        inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
+                        ..
+                    }) => Ok(Reply::Entry(attributes)),
+                    _ => Ok(Reply::Other),
+                },
+                Err(_) => Ok(Reply::Other),
+            },
+        )
+    })
+}
+
+enum Reply {
+    Entry(Vec<ConntrackAttribute>),
+    Ack,
+    Done,
+    Other,
+}
+
+/// What [`connections`] ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// Flows whose conntrack entry was deleted: the connections cut.
+    pub flows: usize,
+    /// Of those, the ones whose service-side socket was aborted too.
+    pub sockets: usize,
+    /// The kernel has no `SOCK_DESTROY` (CONFIG_INET_DIAG_DESTROY): flows
+    /// were cut in conntrack only.
+    pub sockets_unsupported: bool,
+}
+
+/// A flow to cut, and how to name its conntrack entry.
+struct Doomed {
+    flow: Flow,
+    family: NetfilterProtoFamily,
+    key: Vec<ConntrackAttribute>,
+}
+
+/// Ends every flow a `Cut` describes, in the caller's network namespace:
+/// aborts its local socket, then deletes its conntrack entry. A flow that
+/// ended on its own meanwhile is not counted.
+pub fn connections(cuts: &[Cut]) -> Result<Ended, Error> {
+    if cuts.is_empty() {
+        return Ok(Ended::default());
+    }
+    let doomed = matching_flows(cuts)?;
+    let mut ended = Ended::default();
+    match abort_sockets(&doomed) {
+        Ok(aborted) => ended.sockets = aborted,
+        Err(Error::Refused { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            ended.sockets_unsupported = true;
+        }
+        Err(e) => return Err(e),
+    }
+    ended.flows = delete_entries(&doomed)?;
+    Ok(ended)
+}
+
+/// Dumps the conntrack table and keeps the flows `cuts` describe. Nothing
+/// is deleted during the dump: deleting while the kernel walks its table
+/// could make it skip entries.
+fn matching_flows(cuts: &[Cut]) -> Result<Vec<Doomed>, Error> {
+    let what = "dump";
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Open)?;
+    // Unspec: IPv4 and IPv6 entries alike.
+    let dump = conntrack(
+        NetfilterProtoFamily::Unspec,
+        ConntrackMessage::Get(Vec::new()),
+    );
+    socket
+        .send(&encode(dump, NLM_F_REQUEST | NLM_F_DUMP, 1))
+        .map_err(|source| Error::Send { what, source })?;
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let mut doomed = Vec::new();
+    loop {
+        let n = socket
+            .recv_raw(&mut buffer)
+            .map_err(|source| Error::Receive { what, source })?;
+        if n == 0 {
+            return Ok(doomed);
+        }
+        for reply in messages(&buffer[..n]) {
+            match reply.map_err(|source| Error::Refused { what, source })? {
+                Reply::Done => return Ok(doomed),
+                Reply::Entry(attributes) => {
+                    if doomed.len() < MAX_FLOWS
+                        && let Some(flow) = flow_of(&attributes)
+                        && cuts.iter().any(|c| c.matches(&flow))
+                    {
+                        // The kernel reads the tuple's addresses by the
+                        // message's family, so a delete must name it.
+                        let family = match flow.source {
+                            IpAddr::V4(_) => NetfilterProtoFamily::IPv4,
+                            IpAddr::V6(_) => NetfilterProtoFamily::IPv6,
+                        };
+                        let key = delete_key(&attributes);
+                        doomed.push(Doomed { flow, family, key });
+                    }
+                }
+                Reply::Ack | Reply::Other => {}
+            }
+        }
+    }
+}
+
+/// Sends one request that expects an acknowledgement; `Ok(false)` when the
+/// kernel answers that the thing is gone (ENOENT).
+fn acknowledged(
+    socket: &mnl::Socket,
+    request: &[u8],
+    seq: u32,
+    what: &'static str,
+) -> Result<bool, Error> {
+    socket
+        .send(request)
+        .map_err(|source| Error::Send { what, source })?;
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let n = socket
+        .recv_raw(&mut buffer)
+        .map_err(|source| Error::Receive { what, source })?;
+    match mnl::cb_run(&buffer[..n], seq, socket.portid()) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(source) => Err(Error::Refused { what, source }),
+    }
+}
+
+/// Aborts the service-side socket of each flow (`SOCK_DESTROY`). Returns
+/// how many it found and aborted.
+fn abort_sockets(doomed: &[Doomed]) -> Result<usize, Error> {
+    let what = "abort the service's socket";
+    let socket = mnl::Socket::new(mnl::Bus::SockDiag).map_err(Error::Open)?;
+    let mut aborted = 0;
+    for (seq, Doomed { flow, .. }) in (1..).zip(doomed) {
+        let request = InetRequest {
+            family: match flow.local {
+                SocketAddr::V4(_) => libc::AF_INET as u8,
+                SocketAddr::V6(_) => libc::AF_INET6 as u8,
+            },
+            protocol: libc::IPPROTO_TCP as u8,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: flow.local.port(),
+                destination_port: flow.remote.port(),
+                source_address: flow.local.ip(),
+                destination_address: flow.remote.ip(),
+                interface_id: 0,
+                // "Any cookie": the four-tuple names the socket.
+                cookie: [0xff; 8],
+            },
+        };
+        let message = SockDiagDestroy::new(SockDiagMessage::InetRequest(request));
+        if acknowledged(
+            &socket,
+            &encode(message, NLM_F_REQUEST | NLM_F_ACK, seq),
+            seq,
+            what,
+        )? {
+            aborted += 1;
+        }
+    }
+    Ok(aborted)
+}
+
+/// Deletes each flow's conntrack entry. Returns how many it deleted.
+fn delete_entries(doomed: &[Doomed]) -> Result<usize, Error> {
+    let what = "delete";
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Open)?;
+    let mut deleted = 0;
+    for (seq, Doomed { family, key, .. }) in (1..).zip(doomed) {
+        let message = conntrack(*family, ConntrackMessage::Delete(key.clone()));
+        if acknowledged(
+            &socket,
+            &encode(message, NLM_F_REQUEST | NLM_F_ACK, seq),
+            seq,
+            what,
+        )? {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_netfilter::conntrack::Protocol;
+
+    const TCP_ESTABLISHED: u8 = 3;
+
+    fn entry(
+        source: &str,
+        protocol: Protocol,
+        dport: u16,
+        reply_sport: u16,
+    ) -> Vec<ConntrackAttribute> {
+        with_state(source, protocol, dport, reply_sport, TCP_ESTABLISHED)
+    }
+
+    fn with_state(
+        source: &str,
+        protocol: Protocol,
+        dport: u16,
+        reply_sport: u16,
+        state: u8,
+    ) -> Vec<ConntrackAttribute> {
+        let source: IpAddr = source.parse().unwrap();
+        let server: IpAddr = if source.is_ipv4() {
+            "198.18.0.1".parse().unwrap()
+        } else {
+            "2001:db8::1".parse().unwrap()
+        };
+        vec![
+            ConntrackAttribute::CtaTupleOrig(vec![
+                Tuple::Ip(vec![
+                    IPTuple::SourceAddress(source),
+                    IPTuple::DestinationAddress(server),
+                ]),
+                Tuple::Proto(vec![
+                    ProtoTuple::Protocol(protocol),
+                    ProtoTuple::SourcePort(50000),
+                    ProtoTuple::DestinationPort(dport),
+                ]),
+            ]),
+            ConntrackAttribute::CtaTupleReply(vec![
+                Tuple::Ip(vec![
+                    IPTuple::SourceAddress(server),
+                    IPTuple::DestinationAddress(source),
+                ]),
+                Tuple::Proto(vec![
+                    ProtoTuple::Protocol(protocol),
+                    ProtoTuple::SourcePort(reply_sport),
+                    ProtoTuple::DestinationPort(50000),
+                ]),
+            ]),
+            ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![ProtoInfoTCP::State(
+                state,
+            )])]),
+            ConntrackAttribute::CtaMark(0),
+        ]
+    }
+
+    #[test]
+    fn only_redirected_flows_of_the_source_match() {
+        let cut = Cut {
+            source: "198.18.0.2".parse().unwrap(),
+            ports: 40000..=40999,
+            service_port: 22,
+        };
+        let yes = |a: Vec<ConntrackAttribute>| cut.matches(&flow_of(&a).unwrap());
+        assert!(yes(entry("198.18.0.2", Protocol::Tcp, 40500, 22)));
+        // The socket to abort is the reply direction's: service to client.
+        let flow = flow_of(&entry("198.18.0.2", Protocol::Tcp, 40500, 22)).unwrap();
+        assert_eq!(flow.local, "198.18.0.1:22".parse().unwrap());
+        assert_eq!(flow.remote, "198.18.0.2:50000".parse().unwrap());
+        // Another source, another protocol, a port outside the range, or a
+        // flow not sent on to the service: left alone.
+        assert!(!yes(entry("198.18.0.3", Protocol::Tcp, 40500, 22)));
+        assert!(!yes(entry("198.18.0.2", Protocol::Udp, 40500, 22)));
+        assert!(!yes(entry("198.18.0.2", Protocol::Tcp, 39999, 22)));
+        assert!(!yes(entry("198.18.0.2", Protocol::Tcp, 40500, 40500)));
+        // A connection already over is left to expire; a half-closed one
+        // can still carry data and is cut.
+        assert!(!yes(with_state(
+            "198.18.0.2",
+            Protocol::Tcp,
+            40500,
+            22,
+            TCP_TIME_WAIT
+        )));
+        assert!(!yes(with_state(
+            "198.18.0.2",
+            Protocol::Tcp,
+            40500,
+            22,
+            TCP_CLOSE
+        )));
+        assert!(yes(with_state("198.18.0.2", Protocol::Tcp, 40500, 22, 5)));
+        // An entry without ports is no flow to cut.
+        assert_eq!(flow_of(&[ConntrackAttribute::CtaMark(1)]), None);
+    }
+
+    #[test]
+    fn delete_key_is_the_original_tuple() {
+        let attributes = entry("2001:db8::2", Protocol::Tcp, 40500, 22);
+        let key = delete_key(&attributes);
+        assert_eq!(key.len(), 1);
+        assert!(matches!(key[0], ConntrackAttribute::CtaTupleOrig(_)));
+    }
+
+    #[test]
+    fn replies_decode_one_by_one() {
+        // An error acknowledgement (ENOENT) followed by a done message.
+        let mut datagram = Vec::new();
+        for (kind, payload) in [
+            (2u16, (-libc::ENOENT).to_ne_bytes()),
+            (3u16, 0i32.to_ne_bytes()),
+        ] {
+            let mut message = vec![0u8; 16];
+            let len = if kind == 2 { 16 + 4 + 16 } else { 16 + 4 };
+            message[..4].copy_from_slice(&(len as u32).to_ne_bytes());
+            message[4..6].copy_from_slice(&kind.to_ne_bytes());
+            message.extend_from_slice(&payload);
+            message.resize(len, 0);
+            datagram.extend_from_slice(&message);
+        }
+        let replies: Vec<_> = messages(&datagram).collect();
+        assert_eq!(replies.len(), 2);
+        assert_eq!(
+            replies[0].as_ref().err().and_then(io::Error::raw_os_error),
+            Some(libc::ENOENT)
+        );
+        assert!(matches!(replies[1], Ok(Reply::Done)));
+        // Truncated garbage ends the iteration instead of looping.
+        assert_eq!(messages(&[1, 2, 3]).count(), 0);
+    }
+}
