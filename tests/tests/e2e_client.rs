@@ -195,9 +195,9 @@ fn errors_are_clear_and_have_exit_codes() {
     );
 }
 
-#[test]
-fn a_lease_follows_rotations() {
-    require_privileges!();
+/// `knockctl knock --lease` follows three rotations: printing each new
+/// port, or (with `exec`) starting `--exec`'s command for it.
+fn a_lease_follows_rotations(exec: bool) {
     let setup = Setup::new(false, true);
     let config = format!(
         "interfaces: [{}]\nxdp_mode: native\ndevices_dir: {}\n\
@@ -206,21 +206,32 @@ fn a_lease_follows_rotations() {
         setup.dir.path().join("devices.d").display()
     );
     let _daemon = Daemon::start(&setup.testbed.server, &config);
-    let mut lease: Child = setup
-        .testbed
-        .client
-        .command(knockctl_bin())
+    let mut command = setup.testbed.client.command(knockctl_bin());
+    command
         .args(["knock", "--lease", "--heartbeat-every", "1", "--profiles"])
         .arg(&setup.profiles)
-        .arg("laptop")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .arg("laptop");
+    if exec {
+        // The runs write to knockctl's stdout, which they inherit.
+        command.args(["--exec", "echo run {port} {host}"]);
+    }
+    let mut lease: Child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(lease.stdout.take().unwrap()));
     let mut ports = Vec::new();
     while ports.len() < 3 {
-        let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
-        ports.push(port);
+        let line = lines.next().unwrap().unwrap();
+        let port = if exec {
+            let server = setup.server.to_string();
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert!(
+                matches!(fields[..], ["run", _, host] if host == server),
+                "{line:?}"
+            );
+            fields[1]
+        } else {
+            line.trim()
+        };
+        ports.push(port.parse::<u16>().unwrap());
     }
     let _ = lease.kill();
     let _ = lease.wait();
@@ -229,6 +240,18 @@ fn a_lease_follows_rotations() {
         "each line is a new port: {ports:?}"
     );
     assert_eq!(setup.connect(ports[2]), Outcome::Answered);
+}
+
+#[test]
+fn a_lease_prints_each_new_port() {
+    require_privileges!();
+    a_lease_follows_rotations(false);
+}
+
+#[test]
+fn a_lease_runs_its_command_on_each_new_port() {
+    require_privileges!();
+    a_lease_follows_rotations(true);
 }
 
 /// sshd in the server namespace on port 22, with a fresh host key and one

@@ -105,16 +105,18 @@ struct KnockArgs {
     #[arg(long, group = "mode")]
     print_port: bool,
     /// Run this command once the door is open; {port} and {host} are
-    /// replaced (example: 'ssh -p {port} {host}').
-    #[arg(long, group = "mode", value_name = "COMMAND")]
+    /// replaced (example: 'ssh -p {port} {host}'). With --lease: start it
+    /// again, in the background, on each new port.
+    #[arg(long, value_name = "COMMAND", conflicts_with_all = ["print_port", "proxy", "close"])]
     exec: Option<String>,
     /// Connect to the opened port and pipe stdin and stdout through it, for
     /// ssh: -o ProxyCommand='knockctl knock --proxy %h ssh'.
     #[arg(long, group = "mode")]
     proxy: bool,
     /// Keep the grant alive with heartbeats, printing the port whenever it
-    /// changes (rotation), until interrupted.
-    #[arg(long, group = "mode")]
+    /// changes (rotation), or starting --exec's command for it, until
+    /// interrupted.
+    #[arg(long, conflicts_with_all = ["print_port", "proxy", "close"])]
     lease: bool,
     /// Seconds between heartbeats with --lease.
     #[arg(long, default_value_t = 20)]
@@ -419,10 +421,23 @@ fn knock(args: &KnockArgs) -> Result<(), Failure> {
         ));
     }
     let port = answer.reply.port;
+    if args.lease {
+        let on_port = OnPort {
+            exec: args.exec.as_deref(),
+            host: &profile.host,
+            running: Vec::new(),
+        };
+        return lease(
+            &target,
+            profile,
+            port,
+            on_port,
+            Duration::from_secs(args.heartbeat_every.max(1)),
+            timeout,
+        );
+    }
     if let Some(command) = &args.exec {
-        let command = command
-            .replace("{port}", &port.to_string())
-            .replace("{host}", &profile.host);
+        let command = fill(command, port, &profile.host);
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(&command)
@@ -432,15 +447,6 @@ fn knock(args: &KnockArgs) -> Result<(), Failure> {
     }
     if args.proxy {
         return proxy(server, port).map_err(Failure::from);
-    }
-    if args.lease {
-        return lease(
-            &target,
-            profile,
-            port,
-            Duration::from_secs(args.heartbeat_every.max(1)),
-            timeout,
-        );
     }
     println!("{port}");
     Ok(())
@@ -470,22 +476,59 @@ fn proxy(server: IpAddr, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Heartbeats until interrupted, printing the port whenever it changes.
+/// `--exec`'s command with {port} and {host} filled in.
+fn fill(command: &str, port: u16, host: &str) -> String {
+    command
+        .replace("{port}", &port.to_string())
+        .replace("{host}", host)
+}
+
+/// What `--lease` does with each new port: prints it, or starts `--exec`'s
+/// command for it. Earlier runs are not stopped: connections they made
+/// survive the rotation.
+struct OnPort<'a> {
+    exec: Option<&'a str>,
+    host: &'a str,
+    running: Vec<std::process::Child>,
+}
+
+impl OnPort<'_> {
+    fn new_port(&mut self, port: u16) -> Result<(), Failure> {
+        // Reap the runs that ended, so none lingers as a zombie.
+        self.running
+            .retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+        let Some(command) = self.exec else {
+            println!("{port}");
+            return Ok(());
+        };
+        let command = fill(command, port, self.host);
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .spawn()
+            .with_context(|| format!("running {command}"))?;
+        self.running.push(child);
+        Ok(())
+    }
+}
+
+/// Heartbeats until interrupted, handing each new port to `on_port`.
 fn lease(
     target: &Target,
     profile: &Profile,
     mut port: u16,
+    mut on_port: OnPort,
     every: Duration,
     timeout: Duration,
 ) -> Result<(), Failure> {
-    println!("{port}");
+    on_port.new_port(port)?;
     loop {
         std::thread::sleep(every);
         let answer = send(target, profile, Kind::Heartbeat, timeout)?;
         match answer.reply.status {
             Status::Granted if answer.reply.port != port => {
                 port = answer.reply.port;
-                println!("{port}");
+                on_port.new_port(port)?;
             }
             Status::Granted => {}
             // The grant ended (lease idle, a restart, a close): open again.
@@ -498,7 +541,7 @@ fn lease(
                     ));
                 }
                 port = reopened.reply.port;
-                println!("{port}");
+                on_port.new_port(port)?;
             }
         }
     }
