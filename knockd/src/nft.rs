@@ -482,6 +482,22 @@ pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
     // a changed door list takes effect; the sets and their grants stay.
     batch.add(&Rule::new(&prerouting), MsgType::Del);
     batch.add(&Rule::new(&input), MsgType::Del);
+    // Sets of doors that are gone (a reload, or a restart with another
+    // configuration) go too: the table holds what the configuration says
+    // and nothing more. The flush above already dropped the rules that used
+    // them, in this same transaction.
+    let wanted: Vec<CString> = doors
+        .iter()
+        .flat_map(|d| [set_name(&d.name, false), set_name(&d.name, true)])
+        .collect();
+    for name in list_sets()?.into_iter().filter(|n| !wanted.contains(n)) {
+        let stale = GrantSet {
+            name,
+            id: 0,
+            v6: false,
+        };
+        batch.add(&stale, MsgType::Del);
+    }
     for (index, door) in doors.iter().enumerate() {
         for v6 in [false, true] {
             batch.add(&redirect_rule(&prerouting, door, index, v6), MsgType::Add);
@@ -664,6 +680,70 @@ fn list_set_on(
         sys::nftnl_set_free(set);
     }
     result.map(|()| out)
+}
+
+/// The names of the sets in knockd's table (none when there is no table).
+fn list_sets() -> Result<Vec<CString>, Error> {
+    with_socket(list_sets_on)
+}
+
+fn set_name_of(header: &libc::nlmsghdr, names: &mut Vec<CString>) -> libc::c_int {
+    // SAFETY: `header` is a valid netlink message from mnl; the set object
+    // is freed before returning, after its strings were copied.
+    unsafe {
+        let set = sys::nftnl_set_alloc();
+        assert!(!set.is_null(), "out of memory");
+        if sys::nftnl_set_nlmsg_parse(header, set) >= 0 {
+            let table = sys::nftnl_set_get_str(set, sys::NFTNL_SET_TABLE as u16);
+            let name = sys::nftnl_set_get_str(set, sys::NFTNL_SET_NAME as u16);
+            if !table.is_null() && !name.is_null() && CStr::from_ptr(table) == TABLE {
+                names.push(CStr::from_ptr(name).to_owned());
+            }
+        }
+        sys::nftnl_set_free(set);
+    }
+    mnl::mnl_sys::MNL_CB_OK
+}
+
+fn list_sets_on(socket: &mnl::Socket) -> Result<Vec<CString>, Error> {
+    const WHAT: &str = "listing sets";
+    let portid = socket.portid();
+    let seq = 1;
+    let mut request = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
+    // SAFETY: a set object naming only the table builds the dump request
+    // (the kernel then lists that table's sets); it is freed at once.
+    unsafe {
+        let set = sys::nftnl_set_alloc();
+        assert!(!set.is_null(), "out of memory");
+        sys::nftnl_set_set_str(set, sys::NFTNL_SET_TABLE as u16, TABLE.as_ptr());
+        let header = sys::nftnl_nlmsg_build_hdr(
+            request.as_mut_ptr().cast(),
+            libc::NFT_MSG_GETSET as u16,
+            ProtoFamily::Inet as u16,
+            (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
+            seq,
+        );
+        sys::nftnl_set_nlmsg_build_payload(header, set);
+        request.truncate((*header).nlmsg_len as usize);
+        sys::nftnl_set_free(set);
+    }
+    socket
+        .send(&request)
+        .map_err(|source| Error::Send { what: WHAT, source })?;
+    let mut names = Vec::new();
+    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+    loop {
+        let len = socket
+            .recv_raw(&mut buffer)
+            .map_err(|source| Error::Receive { what: WHAT, source })?;
+        match mnl::cb_run2(&buffer[..len], seq, portid, set_name_of, &mut names) {
+            Ok(mnl::CbResult::Stop) => return Ok(names),
+            Ok(mnl::CbResult::Ok) => continue,
+            // No table yet: no sets.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
+            Err(source) => return Err(Error::Process { what: WHAT, source }),
+        }
+    }
 }
 
 /// Whether the knockd table exists (it is gone after a third party's

@@ -263,6 +263,46 @@ fn revoke_cuts_established_connections_v6() {
     revoke_cuts_established_connections(true);
 }
 
+/// A reload that removes a door ends its grants: gone from status, from the
+/// nftables table (the door's sets with it) and from the XDP allow map, so
+/// the port is silent again. A connection made before carries on (reload
+/// is not revoke).
+#[test]
+fn reload_that_removes_a_door_ends_its_grants() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let config = daemon.config_path();
+    let answer = bed.knock(&bed.socket(), Kind::Open);
+    let (outcome, stream) = bed.connect(answer.reply.port);
+    assert_eq!(outcome, Outcome::Answered);
+    let mut before = stream.unwrap();
+    assert!(bed.table().unwrap().contains("set ssh4"));
+
+    // The same service behind a door of another name: "ssh" is gone.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("doors: { ssh:", "doors: { admin:")).unwrap();
+    let out = knockctl(&socket, &["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    assert_eq!(status["config"]["doors"], serde_json::json!(["admin"]));
+    assert_eq!(status["grants"], serde_json::json!([]));
+    let table = bed.table().unwrap();
+    assert!(
+        !table.contains("ssh4") && table.contains("set admin4"),
+        "{table}"
+    );
+    // Silent, not refused: the XDP guard drops it (the allow entry went
+    // with the grant), not merely a missing redirect.
+    assert_eq!(bed.connect(answer.reply.port).0, Outcome::Silent);
+    assert!(probe::echo_round_trip(&mut before, b"still here"));
+}
+
 #[test]
 fn reload_takes_a_good_config_keeps_grants_and_refuses_a_bad_one() {
     require_privileges!();

@@ -130,6 +130,23 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
     let e = ns.run(|| nft::update_grants(&[], &[short]).unwrap_err());
     assert!(e.to_string().contains("updating grants"), "{e}");
 
+    // A door list without "web": its sets and rule go, grant and all, and
+    // ssh's stay.
+    let ssh_only = &doors()[..1];
+    ns.run(|| nft::install(ssh_only).unwrap());
+    let listed = ruleset(&ns);
+    assert!(
+        !listed.contains("web4") && !listed.contains("web6") && listed.contains("set ssh4"),
+        "{listed}"
+    );
+    let mut left: Vec<u16> = ns
+        .run(|| nft::list_grants(&["ssh"]).unwrap())
+        .iter()
+        .map(|e| e.key.port)
+        .collect();
+    left.sort();
+    assert_eq!(left, [40002, 40003]);
+
     assert!(ns.run(|| nft::table_exists().unwrap()));
     ns.run(|| nft::uninstall().unwrap());
     assert!(!ns.run(|| nft::table_exists().unwrap()));
