@@ -73,9 +73,9 @@ enum Task {
     /// Run knockd between two network namespaces and show it working.
     Demo,
     /// Benchmarks, printed as ratios against baselines from the same run
-    /// (needs root): `grants`, `knock`, or all of them.
+    /// (needs root): `grants`, `knock`, `revoke`, or all of them.
     Bench {
-        /// Which benchmark: grants, knock, or all.
+        /// Which benchmark: grants, knock, revoke, or all.
         #[arg(default_value = "all")]
         which: String,
     },

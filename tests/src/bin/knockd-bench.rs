@@ -10,10 +10,16 @@
 //! - `knock`: knock-to-open latency of the real daemon (knocks sent → first
 //!   successful connect through the granted port), p50/p99 over 100 trials,
 //!   against a plain connect.
+//! - `revoke`: a revoke request to the real daemon that cuts one established
+//!   connection, with an empty conntrack table and with 100,000 other
+//!   flows in it (revoke walks the whole table), against a `grants` request
+//!   on the same control socket.
 
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    os::unix::fs::PermissionsExt as _,
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -26,12 +32,27 @@ use knockd::{
 };
 use knockd_common::policy;
 use knockd_tests::{Daemon, Testbed, addrs, probe};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
+        Protocol, Tuple,
+    },
+};
 
 const SSH: u16 = 22;
 const PLAIN: u16 = 8080;
 const GRANTS: u32 = 100_000;
 const CONNECTS: usize = 300;
 const TRIALS: usize = 100;
+/// Other flows in the conntrack table for the revoke benchmark.
+const FLOWS: u32 = 100_000;
+/// Revokes per table size: each needs a fresh one-time sequence, and a
+/// device completes at most 16 per time step (16 devices here).
+const REVOKES: usize = 30;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -226,17 +247,7 @@ fn bench_knock() {
     // Several devices: a device may complete 16 sequences per time step,
     // and each trial is an open and a close.
     let dir = tempfile::tempdir().unwrap();
-    let keys: Vec<DeviceKey> = (0..16).map(|_| DeviceKey::generate()).collect();
-    let mut devices = String::new();
-    for (i, key) in keys.iter().enumerate() {
-        let path = dir.path().join(format!("d{i}.key"));
-        std::fs::write(&path, key.to_hex()).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        devices.push_str(&format!(
-            "  d{i}: {{ key_file: {}, groups: [bench] }}\n",
-            path.display()
-        ));
-    }
+    let (devices, keys) = bench_devices(dir.path());
     // The knock rate limit is raised: this measures latency, not the limiter
     // (600 knocks from one source in a few seconds).
     let config = format!(
@@ -291,6 +302,164 @@ fn bench_knock() {
     );
 }
 
+/// Sixteen devices for the `bench` group, with their key files in `dir`:
+/// the config lines and the keys.
+fn bench_devices(dir: &Path) -> (String, Vec<DeviceKey>) {
+    let keys: Vec<DeviceKey> = (0..16).map(|_| DeviceKey::generate()).collect();
+    let mut devices = String::new();
+    for (i, key) in keys.iter().enumerate() {
+        let path = dir.join(format!("d{i}.key"));
+        std::fs::write(&path, key.to_hex()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        devices.push_str(&format!(
+            "  d{i}: {{ key_file: {}, groups: [bench] }}\n",
+            path.display()
+        ));
+    }
+    (devices, keys)
+}
+
+/// Adds `n` established TCP flows to `server`'s port 22 from synthetic
+/// sources to the conntrack table of this thread's namespace, through
+/// ctnetlink as `conntrack -I` would, one acknowledged message each. No
+/// packet is sent.
+fn fill_conntrack(server: IpAddr, n: u32) {
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter).unwrap();
+    let mut buffer = vec![0u8; 8192];
+    for i in 0..n {
+        let (from, sport) = (source(i), 10_000 + (i % 50_000) as u16);
+        let tuple = |src: IpAddr, dst: IpAddr, sport: u16, dport: u16| {
+            vec![
+                Tuple::Ip(vec![
+                    IPTuple::SourceAddress(src),
+                    IPTuple::DestinationAddress(dst),
+                ]),
+                Tuple::Proto(vec![
+                    ProtoTuple::Protocol(Protocol::Tcp),
+                    ProtoTuple::SourcePort(sport),
+                    ProtoTuple::DestinationPort(dport),
+                ]),
+            ]
+        };
+        let entry = ConntrackMessage::New(vec![
+            ConntrackAttribute::CtaTupleOrig(tuple(from, server, sport, SSH)),
+            ConntrackAttribute::CtaTupleReply(tuple(server, from, SSH, sport)),
+            ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![ProtoInfoTCP::State(3)])]),
+            ConntrackAttribute::CtaTimeout(600),
+        ]);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK;
+        header.sequence_number = i + 1;
+        let mut message = NetlinkMessage::new(
+            header,
+            NetlinkPayload::InnerMessage(NetfilterMessage::new(
+                NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+                entry,
+            )),
+        );
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        socket.send(&bytes).unwrap();
+        let len = socket.recv_raw(&mut buffer).unwrap();
+        mnl::cb_run(&buffer[..len], i + 1, socket.portid()).expect("conntrack took the entry");
+    }
+}
+
+/// One control-socket request's round trip; returns the reply's data.
+fn control(socket: &Path, mut request: serde_json::Value) -> (Duration, serde_json::Value) {
+    request["version"] = 1.into();
+    let mut line = serde_json::to_vec(&request).unwrap();
+    line.push(b'\n');
+    let start = Instant::now();
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.write_all(&line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).unwrap();
+    let took = start.elapsed();
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    (took, reply["data"].clone())
+}
+
+fn bench_revoke() {
+    println!(
+        "== revoke: a revoke that cuts one established connection, {REVOKES} trials per conntrack table size"
+    );
+    let testbed = Testbed::new();
+    let (server, client, _) = addrs::family(false);
+    testbed.server.run(|| {
+        probe::echo_server(SocketAddr::new(server, SSH));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (devices, keys) = bench_devices(dir.path());
+    let config = format!(
+        "interfaces: [{}]\nxdp_mode: native\nknock: {{ rate_per_sec: 10000, burst: 10000 }}\ndevices:\n{devices}\
+         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }} }}\n",
+        testbed.server_if
+    );
+    let daemon = Daemon::start(&testbed.server, &config);
+    let socket = daemon.control_socket();
+    let knocks = testbed
+        .client
+        .run(move || UdpSocket::bind(SocketAddr::new(client, 0)).unwrap());
+    let mut trial = 0;
+    for flows in [0, FLOWS] {
+        if flows > 0 {
+            let start = Instant::now();
+            testbed.server.run(|| fill_conntrack(server, flows));
+            println!(
+                "(conntrack filled with {flows} flows in {:.1} s)",
+                start.elapsed().as_secs_f64()
+            );
+        }
+        let baseline = summary(
+            &format!("grants request, {flows} flows (baseline)"),
+            (0..REVOKES)
+                .map(|_| control(&socket, serde_json::json!({"command": "grants"})).0)
+                .collect(),
+            None,
+        );
+        let samples = (0..REVOKES)
+            .map(|_| {
+                let target = Target {
+                    server,
+                    door: "ssh".into(),
+                    params: DoorParams {
+                        knock_ports: 7000..=7999,
+                        knocks: 3,
+                        step_secs: 30,
+                    },
+                    key: keys[trial % keys.len()].clone(),
+                    bind: None,
+                };
+                trial += 1;
+                let answer =
+                    client::knock_from(&knocks, &target, Kind::Open, Duration::from_secs(10))
+                        .unwrap();
+                let to = SocketAddr::new(server, answer.reply.port);
+                let (outcome, stream) = testbed
+                    .client
+                    .run(move || probe::tcp_connect(Some(client), to, Duration::from_secs(2)));
+                assert_eq!(outcome, probe::Outcome::Answered);
+                let mut stream = stream.unwrap();
+                assert!(probe::echo_round_trip(&mut stream, b"up"));
+                let (took, data) = control(
+                    &socket,
+                    serde_json::json!({"command": "revoke", "target": client.to_string()}),
+                );
+                assert_eq!(data["connections_cut"], 1, "{data}");
+                took
+            })
+            .collect();
+        summary(
+            &format!("revoke request, {flows} flows"),
+            samples,
+            Some(baseline),
+        );
+    }
+}
+
 fn main() {
     assert!(knockd_tests::privileged(), "benchmarks need root");
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
@@ -299,5 +468,8 @@ fn main() {
     }
     if which == "knock" || which == "all" {
         bench_knock();
+    }
+    if which == "revoke" || which == "all" {
+        bench_revoke();
     }
 }
