@@ -425,14 +425,14 @@ fn matching_flows(cuts: &[Cut]) -> Result<Vec<Doomed>, Error> {
 
 /// Sends one request that expects an acknowledgement; `Ok(false)` when the
 /// kernel answers that the thing is gone (ENOENT).
-fn acknowledged(
+fn acknowledged<I: NetlinkSerializable>(
     socket: &mnl::Socket,
-    request: &[u8],
+    message: I,
     seq: u32,
     what: &'static str,
 ) -> Result<bool, Error> {
     socket
-        .send(request)
+        .send(&encode(message, NLM_F_REQUEST | NLM_F_ACK, seq))
         .map_err(|source| Error::Send { what, source })?;
     let mut buffer = vec![0u8; RECV_BUFFER];
     let n = socket
@@ -471,12 +471,7 @@ fn abort_sockets(doomed: &[Doomed]) -> Result<usize, Error> {
             },
         };
         let message = SockDiagDestroy::new(SockDiagMessage::InetRequest(request));
-        if acknowledged(
-            &socket,
-            &encode(message, NLM_F_REQUEST | NLM_F_ACK, seq),
-            seq,
-            what,
-        )? {
+        if acknowledged(&socket, message, seq, what)? {
             aborted += 1;
         }
     }
@@ -490,12 +485,7 @@ fn delete_entries(doomed: &[Doomed]) -> Result<usize, Error> {
     let mut deleted = 0;
     for (seq, Doomed { family, key, .. }) in (1..).zip(doomed) {
         let message = conntrack(*family, ConntrackMessage::Delete(key.clone()));
-        if acknowledged(
-            &socket,
-            &encode(message, NLM_F_REQUEST | NLM_F_ACK, seq),
-            seq,
-            what,
-        )? {
+        if acknowledged(&socket, message, seq, what)? {
             deleted += 1;
         }
     }
