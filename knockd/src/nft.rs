@@ -615,45 +615,21 @@ fn list_set_on(
 ) -> Result<Vec<(GrantKey, Duration)>, Error> {
     let mut out = Vec::new();
     const WHAT: &str = "listing grants";
-    let portid = socket.portid();
-    let seq = 1;
-    let mut request = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
     // SAFETY: a fresh set object (table and name only) builds the dump
     // request and collects the reply; it is freed below.
-    let set = unsafe {
+    let (set, request) = unsafe {
         let set = sys::nftnl_set_alloc();
         assert!(!set.is_null(), "out of memory");
         sys::nftnl_set_set_str(set, sys::NFTNL_SET_TABLE as u16, TABLE.as_ptr());
         sys::nftnl_set_set_str(set, sys::NFTNL_SET_NAME as u16, name.as_ptr());
-        let header = sys::nftnl_nlmsg_build_hdr(
-            request.as_mut_ptr().cast(),
+        let request = set_dump_request(
+            set,
             libc::NFT_MSG_GETSETELEM as u16,
-            ProtoFamily::Inet as u16,
-            (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
-            seq,
+            sys::nftnl_set_elems_nlmsg_build_payload,
         );
-        sys::nftnl_set_elems_nlmsg_build_payload(header, set);
-        let len = (*header).nlmsg_len as usize;
-        request.truncate(len);
-        set
+        (set, request)
     };
-    let result = (|| {
-        socket
-            .send(&request)
-            .map_err(|source| Error::Send { what: WHAT, source })?;
-        let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
-        let mut state = DumpState { set };
-        loop {
-            let len = socket
-                .recv_raw(&mut buffer)
-                .map_err(|source| Error::Receive { what: WHAT, source })?;
-            match mnl::cb_run2(&buffer[..len], seq, portid, parse_elems, &mut state) {
-                Ok(mnl::CbResult::Stop) => return Ok(()),
-                Ok(mnl::CbResult::Ok) => continue,
-                Err(source) => return Err(Error::Process { what: WHAT, source }),
-            }
-        }
-    })();
+    let result = dump(socket, &request, WHAT, parse_elems, &mut DumpState { set });
     // SAFETY: iterating the set's parsed elements, then freeing the set once.
     unsafe {
         if result.is_ok() {
@@ -706,43 +682,28 @@ fn set_name_of(header: &libc::nlmsghdr, names: &mut Vec<CString>) -> libc::c_int
 }
 
 fn list_sets_on(socket: &mnl::Socket) -> Result<Vec<CString>, Error> {
-    const WHAT: &str = "listing sets";
-    let portid = socket.portid();
-    let seq = 1;
-    let mut request = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
     // SAFETY: a set object naming only the table builds the dump request
     // (the kernel then lists that table's sets); it is freed at once.
-    unsafe {
+    let request = unsafe {
         let set = sys::nftnl_set_alloc();
         assert!(!set.is_null(), "out of memory");
         sys::nftnl_set_set_str(set, sys::NFTNL_SET_TABLE as u16, TABLE.as_ptr());
-        let header = sys::nftnl_nlmsg_build_hdr(
-            request.as_mut_ptr().cast(),
+        let request = set_dump_request(
+            set,
             libc::NFT_MSG_GETSET as u16,
-            ProtoFamily::Inet as u16,
-            (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
-            seq,
+            sys::nftnl_set_nlmsg_build_payload,
         );
-        sys::nftnl_set_nlmsg_build_payload(header, set);
-        request.truncate((*header).nlmsg_len as usize);
         sys::nftnl_set_free(set);
-    }
-    socket
-        .send(&request)
-        .map_err(|source| Error::Send { what: WHAT, source })?;
+        request
+    };
     let mut names = Vec::new();
-    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
-    loop {
-        let len = socket
-            .recv_raw(&mut buffer)
-            .map_err(|source| Error::Receive { what: WHAT, source })?;
-        match mnl::cb_run2(&buffer[..len], seq, portid, set_name_of, &mut names) {
-            Ok(mnl::CbResult::Stop) => return Ok(names),
-            Ok(mnl::CbResult::Ok) => continue,
-            // No table yet: no sets.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
-            Err(source) => return Err(Error::Process { what: WHAT, source }),
+    match dump(socket, &request, "listing sets", set_name_of, &mut names) {
+        Ok(()) => Ok(names),
+        // No table yet: no sets.
+        Err(Error::Process { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(Vec::new())
         }
+        Err(e) => Err(e),
     }
 }
 
@@ -757,35 +718,74 @@ fn list_tables() -> Result<Vec<CString>, Error> {
 }
 
 fn list_tables_on(socket: &mnl::Socket) -> Result<Vec<CString>, Error> {
-    const WHAT: &str = "listing tables";
-    let portid = socket.portid();
-    let seq = 1;
-    let request = nftnl::table::get_tables_nlmsg(seq);
-    socket
-        .send(&request)
-        .map_err(|source| Error::Send { what: WHAT, source })?;
+    let request = nftnl::table::get_tables_nlmsg(DUMP_SEQ);
     let mut tables = std::collections::HashSet::new();
-    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
-    loop {
-        let len = socket
-            .recv_raw(&mut buffer)
-            .map_err(|source| Error::Receive { what: WHAT, source })?;
-        match mnl::cb_run2(
-            &buffer[..len],
-            seq,
-            portid,
-            nftnl::table::get_tables_cb,
-            &mut tables,
-        ) {
-            Ok(mnl::CbResult::Stop) => break,
-            Ok(mnl::CbResult::Ok) => continue,
-            Err(source) => return Err(Error::Process { what: WHAT, source }),
-        }
-    }
+    dump(
+        socket,
+        &request,
+        "listing tables",
+        nftnl::table::get_tables_cb,
+        &mut tables,
+    )?;
     Ok(tables
         .into_iter()
         .filter(|t| t.as_c_str() == TABLE)
         .collect())
+}
+
+/// The sequence number of dump requests (one at a time per socket).
+const DUMP_SEQ: u32 = 1;
+
+/// A dump request about knockd's sets, of type `msg_type`, whose payload
+/// `build` writes from `set`.
+///
+/// # Safety
+/// `set` must be a valid set object.
+unsafe fn set_dump_request(
+    set: *mut sys::nftnl_set,
+    msg_type: u16,
+    build: unsafe extern "C" fn(*mut libc::nlmsghdr, *mut sys::nftnl_set),
+) -> Vec<u8> {
+    let mut request = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
+    // SAFETY: the buffer holds the largest message nftnl builds; `set` is
+    // valid (the caller's promise).
+    unsafe {
+        let header = sys::nftnl_nlmsg_build_hdr(
+            request.as_mut_ptr().cast(),
+            msg_type,
+            ProtoFamily::Inet as u16,
+            (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
+            DUMP_SEQ,
+        );
+        build(header, set);
+        request.truncate((*header).nlmsg_len as usize);
+    }
+    request
+}
+
+/// Sends a dump request and hands every message of the answer to `cb`,
+/// until the dump is done.
+fn dump<T>(
+    socket: &mnl::Socket,
+    request: &[u8],
+    what: &'static str,
+    cb: fn(&libc::nlmsghdr, &mut T) -> libc::c_int,
+    state: &mut T,
+) -> Result<(), Error> {
+    socket
+        .send(request)
+        .map_err(|source| Error::Send { what, source })?;
+    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+    loop {
+        let len = socket
+            .recv_raw(&mut buffer)
+            .map_err(|source| Error::Receive { what, source })?;
+        match mnl::cb_run2(&buffer[..len], DUMP_SEQ, socket.portid(), cb, state) {
+            Ok(mnl::CbResult::Stop) => return Ok(()),
+            Ok(mnl::CbResult::Ok) => continue,
+            Err(source) => return Err(Error::Process { what, source }),
+        }
+    }
 }
 
 #[cfg(test)]
