@@ -99,6 +99,18 @@ impl Bed {
             .run(move || probe::tcp_connect(Some(client), to, SILENCE))
     }
 
+    /// Knocks the door open from the client's address and connects through
+    /// the granted port: the grant and a live connection (checked with an
+    /// echo).
+    pub fn open_and_connect(&self) -> (Answer, TcpStream) {
+        let answer = self.knock(&self.socket(), Kind::Open);
+        let (outcome, stream) = self.connect(answer.reply.port);
+        assert_eq!(outcome, Outcome::Answered);
+        let mut stream = stream.unwrap();
+        assert!(probe::echo_round_trip(&mut stream, b"up"));
+        (answer, stream)
+    }
+
     pub fn table(&self) -> Option<String> {
         let out = self
             .testbed

@@ -10,7 +10,7 @@ use std::{
 };
 
 use knockd_tests::{
-    Daemon, NetNs, Testbed, addrs, knockctl_bin,
+    Daemon, Testbed, addrs, knockctl_bin,
     probe::{self, Outcome},
     require_privileges, sh,
 };
@@ -254,9 +254,11 @@ fn a_lease_runs_its_command_on_each_new_port() {
     a_lease_follows_rotations(true);
 }
 
-/// sshd in the server namespace on port 22, with a fresh host key and one
-/// authorized client key; returns (sshd, client key path).
-fn sshd(ns: &NetNs, dir: &Path, listen: &str) -> (Child, PathBuf) {
+/// sshd in the server namespace on the server's port 22, with a fresh
+/// host key and one authorized client key; returns (sshd, client key path).
+fn sshd(setup: &Setup) -> (Child, PathBuf) {
+    let (ns, dir) = (&setup.testbed.server, setup.dir.path());
+    let listen = format!("{}:{SSH}", setup.server);
     let host_key = dir.join("host_ed25519");
     let client_key = dir.join("client_ed25519");
     for key in [&host_key, &client_key] {
@@ -325,11 +327,7 @@ fn ssh_through_knockctl(setup: &Setup, key: &Path, command: &str) -> Command {
 fn ssh_goes_through_knockctl_as_its_proxy_command() {
     require_privileges!();
     let setup = Setup::new(false, false);
-    let (mut sshd, key) = sshd(
-        &setup.testbed.server,
-        setup.dir.path(),
-        &format!("{}:{SSH}", setup.server),
-    );
+    let (mut sshd, key) = sshd(&setup);
     let _daemon = setup.start();
     // Direct ssh finds nothing.
     let direct = setup
@@ -371,11 +369,7 @@ fn ssh_goes_through_knockctl_as_its_proxy_command() {
 fn revoke_ends_a_live_ssh_session() {
     require_privileges!();
     let setup = Setup::new(false, false);
-    let (mut sshd, key) = sshd(
-        &setup.testbed.server,
-        setup.dir.path(),
-        &format!("{}:{SSH}", setup.server),
-    );
+    let (mut sshd, key) = sshd(&setup);
     let daemon = setup.start();
     let mut session = ssh_through_knockctl(&setup, &key, "echo in; exec sleep 60")
         .stdout(Stdio::piped())

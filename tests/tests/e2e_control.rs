@@ -194,11 +194,7 @@ fn revoke_cuts_established_connections(v6: bool) {
     let socket = daemon.control_socket();
     let (_, _, other) = addrs::family(v6);
 
-    let answer = bed.knock(&bed.socket(), Kind::Open);
-    let (outcome, stream) = bed.connect(answer.reply.port);
-    assert_eq!(outcome, Outcome::Answered);
-    let mut revoked = stream.unwrap();
-    assert!(probe::echo_round_trip(&mut revoked, b"before"));
+    let (answer, mut revoked) = bed.open_and_connect();
 
     // The same device from a second address: a grant of its own.
     let other_knocks = bed
@@ -274,10 +270,7 @@ fn reload_that_removes_a_door_ends_its_grants() {
     let daemon = bed.start("");
     let socket = daemon.control_socket();
     let config = daemon.config_path();
-    let answer = bed.knock(&bed.socket(), Kind::Open);
-    let (outcome, stream) = bed.connect(answer.reply.port);
-    assert_eq!(outcome, Outcome::Answered);
-    let mut before = stream.unwrap();
+    let (answer, mut before) = bed.open_and_connect();
     assert!(bed.table().unwrap().contains("set ssh4"));
 
     // The same service behind a door of another name: "ssh" is gone.

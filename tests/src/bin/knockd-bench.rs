@@ -265,17 +265,7 @@ fn bench_knock() {
         let socket = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
         (0..TRIALS)
             .map(|trial| {
-                let target = Target {
-                    server,
-                    door: "ssh".into(),
-                    params: DoorParams {
-                        knock_ports: 7000..=7999,
-                        knocks: 3,
-                        step_secs: 30,
-                    },
-                    key: keys[trial % keys.len()].clone(),
-                    bind: None,
-                };
+                let target = bench_target(server, &keys[trial % keys.len()]);
                 let start = Instant::now();
                 let answer =
                     client::knock_from(&socket, &target, Kind::Open, Duration::from_secs(10))
@@ -317,6 +307,22 @@ fn bench_devices(dir: &Path) -> (String, Vec<DeviceKey>) {
         ));
     }
     (devices, keys)
+}
+
+/// The bench door ("ssh", the default knock settings) at `server`, knocked
+/// with `key`.
+fn bench_target(server: IpAddr, key: &DeviceKey) -> Target {
+    Target {
+        server,
+        door: "ssh".into(),
+        params: DoorParams {
+            knock_ports: 7000..=7999,
+            knocks: 3,
+            step_secs: 30,
+        },
+        key: key.clone(),
+        bind: None,
+    }
 }
 
 /// Adds `n` established TCP flows to `server`'s port 22 from synthetic
@@ -422,17 +428,7 @@ fn bench_revoke() {
         );
         let samples = (0..REVOKES)
             .map(|_| {
-                let target = Target {
-                    server,
-                    door: "ssh".into(),
-                    params: DoorParams {
-                        knock_ports: 7000..=7999,
-                        knocks: 3,
-                        step_secs: 30,
-                    },
-                    key: keys[trial % keys.len()].clone(),
-                    bind: None,
-                };
+                let target = bench_target(server, &keys[trial % keys.len()]);
                 trial += 1;
                 let answer =
                     client::knock_from(&knocks, &target, Kind::Open, Duration::from_secs(10))
