@@ -244,18 +244,7 @@ fn bench_knock() {
         probe::echo_server(SocketAddr::new(server, SSH));
         probe::echo_server(SocketAddr::new(server, PLAIN));
     });
-    // Several devices: a device may complete 16 sequences per time step,
-    // and each trial is an open and a close.
-    let dir = tempfile::tempdir().unwrap();
-    let (devices, keys) = bench_devices(dir.path());
-    // The knock rate limit is raised: this measures latency, not the limiter
-    // (600 knocks from one source in a few seconds).
-    let config = format!(
-        "interfaces: [{}]\nxdp_mode: native\nknock: {{ rate_per_sec: 10000, burst: 10000 }}\ndevices:\n{devices}\
-         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }} }}\n",
-        testbed.server_if
-    );
-    let _daemon = Daemon::start(&testbed.server, &config);
+    let (_daemon, keys, _dir) = bench_daemon(&testbed);
     let baseline = summary(
         "plain connect (baseline)",
         connects(&testbed, client, SocketAddr::new(server, PLAIN)),
@@ -292,13 +281,17 @@ fn bench_knock() {
     );
 }
 
-/// Sixteen devices for the `bench` group, with their key files in `dir`:
-/// the config lines and the keys.
-fn bench_devices(dir: &Path) -> (String, Vec<DeviceKey>) {
+/// The real daemon on `testbed`'s server with door "ssh" on the echo
+/// service, and sixteen devices (a device may complete 16 sequences per
+/// time step). The knock rate limit is raised: benchmarks measure latency,
+/// not the limiter (hundreds of knocks from one source in seconds). Returns
+/// the daemon, the devices' keys, and the directory holding their files.
+fn bench_daemon(testbed: &Testbed) -> (Daemon, Vec<DeviceKey>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
     let keys: Vec<DeviceKey> = (0..16).map(|_| DeviceKey::generate()).collect();
     let mut devices = String::new();
     for (i, key) in keys.iter().enumerate() {
-        let path = dir.join(format!("d{i}.key"));
+        let path = dir.path().join(format!("d{i}.key"));
         std::fs::write(&path, key.to_hex()).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         devices.push_str(&format!(
@@ -306,7 +299,12 @@ fn bench_devices(dir: &Path) -> (String, Vec<DeviceKey>) {
             path.display()
         ));
     }
-    (devices, keys)
+    let config = format!(
+        "interfaces: [{}]\nxdp_mode: native\nknock: {{ rate_per_sec: 10000, burst: 10000 }}\ndevices:\n{devices}\
+         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }} }}\n",
+        testbed.server_if
+    );
+    (Daemon::start(&testbed.server, &config), keys, dir)
 }
 
 /// The bench door ("ssh", the default knock settings) at `server`, knocked
@@ -397,14 +395,7 @@ fn bench_revoke() {
     testbed.server.run(|| {
         probe::echo_server(SocketAddr::new(server, SSH));
     });
-    let dir = tempfile::tempdir().unwrap();
-    let (devices, keys) = bench_devices(dir.path());
-    let config = format!(
-        "interfaces: [{}]\nxdp_mode: native\nknock: {{ rate_per_sec: 10000, burst: 10000 }}\ndevices:\n{devices}\
-         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }} }}\n",
-        testbed.server_if
-    );
-    let daemon = Daemon::start(&testbed.server, &config);
+    let (daemon, keys, _dir) = bench_daemon(&testbed);
     let socket = daemon.control_socket();
     let knocks = testbed
         .client
