@@ -682,6 +682,53 @@ fn demo() -> Result<()> {
         .arg("--socket")
         .arg(&control_socket))?;
 
+    banner(
+        "a session through the granted port, then knockctl revoke laptop: the grant ends, the session is cut",
+    );
+    let out = client
+        .command(&knockctl)
+        .args(["knock", "--profiles"])
+        .arg(&profiles)
+        .args(["laptop", "--print-port"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "knock: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    // An interactive session: nc with its input held open, idle.
+    let mut session = Background(
+        client
+            .command("nc")
+            .args(["198.18.0.1", &port])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        session.0.try_wait()?.is_none(),
+        "the session through port {port} did not stay open"
+    );
+    println!("$ nc 198.18.0.1 {port}: session open");
+    println!("$ knockctl revoke laptop");
+    run(Command::new(&knockctl)
+        .args(["revoke", "laptop", "--socket"])
+        .arg(&control_socket))?;
+    let revoked = Instant::now();
+    while session.0.try_wait()?.is_none() {
+        ensure!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "the session outlived its revoke"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "the session ended {} ms after the revoke returned",
+        revoked.elapsed().as_millis()
+    );
+
     banner("stopping: SIGTERM stops the daemon; the guard stays in place (fail closed)");
     drop(daemon);
     drop(services);
