@@ -280,6 +280,9 @@ pub struct Ended {
     /// The kernel has no `SOCK_DESTROY` (CONFIG_INET_DIAG_DESTROY): flows
     /// were cut in conntrack only.
     pub sockets_unsupported: bool,
+    /// More flows matched than one call cuts (`MAX_FLOWS`); calling again
+    /// cuts the next ones.
+    pub more_left: bool,
 }
 
 /// A flow to cut, and how to name its conntrack entry.
@@ -297,7 +300,10 @@ pub fn connections(cuts: &[Cut]) -> Result<Ended, Error> {
         return Ok(Ended::default());
     }
     let doomed = matching_flows(cuts)?;
-    let mut ended = Ended::default();
+    let mut ended = Ended {
+        more_left: doomed.len() == MAX_FLOWS,
+        ..Ended::default()
+    };
     match abort_sockets(&doomed) {
         Ok(aborted) => ended.sockets = aborted,
         Err(Error::Refused { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {

@@ -19,7 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     auth::{Action, Decision, Engine, KnockIn, Outcome, Reason},
-    config::{Config, DoorMode},
+    config::{Config, Door, DoorMode},
     control::{Command, Response},
     cut,
     devices::Devices,
@@ -587,9 +587,31 @@ impl Daemon {
         })
     }
 
+    /// The flows a door admits for `source`: through its grant range to
+    /// the service (one-time), or to the service port itself (static).
+    fn door_cut(door: &Door, source: IpAddr) -> cut::Cut {
+        let ports = match door.mode {
+            DoorMode::OneTime => {
+                // Every port of the range: connections made through ports
+                // the grant held before a rotation too.
+                let range = door.grant_ports();
+                range.start..=range.end
+            }
+            DoorMode::Static => door.service_port..=door.service_port,
+        };
+        cut::Cut {
+            source,
+            ports,
+            service_port: door.service_port,
+        }
+    }
+
     /// Ends every grant of an address, or of a device (by id), and cuts the
-    /// connections those grants let in (their conntrack entries). Admission
-    /// ends first, so the client cannot open a new connection in between.
+    /// connections grants let in (their conntrack entries and the service's
+    /// sockets). Admission ends first, so the client cannot open a new
+    /// connection in between. For an address, that is every connection any
+    /// door admitted from it, including those whose grant has expired since;
+    /// for a device, those from the addresses of its live grants.
     fn revoke(&mut self, target: &str) -> Result<Revoked, String> {
         let by_ip: Option<IpAddr> = target.parse().ok();
         let doomed: Vec<(String, IpAddr)> = self
@@ -608,15 +630,10 @@ impl Daemon {
             self.grants
                 .close(&mut self.maps, &door, source)
                 .map_err(|e| chain(&e))?;
-            if let Some(d) = self.config.doors.get(&door) {
-                let ports = d.grant_ports();
-                cuts.push(cut::Cut {
-                    source,
-                    // Every port of the range: connections made through
-                    // ports the grant held before a rotation too.
-                    ports: ports.start..=ports.end,
-                    service_port: d.service_port,
-                });
+            if by_ip.is_none()
+                && let Some(d) = self.config.doors.get(&door)
+            {
+                cuts.push(Self::door_cut(d, source));
             }
         }
         if let Some(ip) = by_ip {
@@ -631,15 +648,11 @@ impl Daemon {
                     self.maps
                         .revoke(source, Proto::Tcp, d.service_port)
                         .map_err(|e| chain(&e))?;
-                    cuts.push(cut::Cut {
-                        source,
-                        ports: d.service_port..=d.service_port,
-                        service_port: d.service_port,
-                    });
                 }
                 self.static_grants.remove(&(door, source));
                 grants += 1;
             }
+            cuts.extend(self.config.doors.values().map(|d| Self::door_cut(d, ip)));
         }
         if grants == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
             return Err(format!("no device {target:?} and no grant for it"));
@@ -653,6 +666,13 @@ impl Daemon {
             self.record_error(message.clone());
             message
         })?;
+        if ended.more_left {
+            tracing::warn!(
+                target,
+                cut = ended.flows,
+                "revoke cut as many flows as one call does; revoke the address again to cut the rest"
+            );
+        }
         if ended.sockets_unsupported {
             tracing::warn!(
                 "this kernel cannot abort sockets (no CONFIG_INET_DIAG_DESTROY): revoked \

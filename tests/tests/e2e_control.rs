@@ -259,6 +259,37 @@ fn revoke_cuts_established_connections_v6() {
     revoke_cuts_established_connections(true);
 }
 
+/// Revoking an address also cuts connections whose grant has already
+/// expired: they outlive their grant (by design), not a revoke.
+#[test]
+fn revoke_by_address_cuts_connections_that_outlived_their_grant() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start(", open_for_secs: 1");
+    let socket = daemon.control_socket();
+    let (_, mut stream) = bed.open_and_connect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while json(&knockctl(&socket, &["grants", "--json"])) != serde_json::json!([]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grant did not expire"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        probe::echo_round_trip(&mut stream, b"after expiry"),
+        "an established connection outlives its grant"
+    );
+    let out = knockctl(&socket, &["revoke", &bed.client.to_string()]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked 0 grant(s), cut 1 connection(s)",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_cut(&mut stream));
+}
+
 /// A reload that removes a door ends its grants: gone from status, from the
 /// nftables table (the door's sets with it) and from the XDP allow map, so
 /// the port is silent again. A connection made before carries on (reload
