@@ -1,5 +1,5 @@
-//! The one module that ends established connections: those a revoked
-//! grant let in.
+//! The one module that ends established connections: those the doors let
+//! in for an address or device being revoked.
 //!
 //! A grant only admits new connections. Once a flow is established, its
 //! conntrack entry carries it: the entry holds the redirect from the random
@@ -61,24 +61,28 @@ const MAX_FLOWS: usize = 65_536;
 /// Bytes per receive: a dump fills up to 32 KiB per datagram.
 const RECV_BUFFER: usize = 64 * 1024;
 
-/// An error, naming the ctnetlink step that failed.
+/// An error, naming the netlink step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("opening a ctnetlink socket")]
-    Open(#[source] io::Error),
-    #[error("conntrack {what}: sending")]
+    #[error("{what}: opening a netlink socket")]
+    Open {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}: sending")]
     Send {
         what: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("conntrack {what}: receiving")]
+    #[error("{what}: receiving")]
     Receive {
         what: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("conntrack {what}: the kernel refused")]
+    #[error("{what}: the kernel refused")]
     Refused {
         what: &'static str,
         #[source]
@@ -390,8 +394,9 @@ fn dump_request(source: IpAddr, seq: u32) -> Vec<u8> {
 /// flows they describe. Nothing is deleted during a dump: deleting while
 /// the kernel walks its table could make it skip entries.
 fn matching_flows(cuts: &[Cut]) -> Result<Vec<Doomed>, Error> {
-    let what = "dump";
-    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Open)?;
+    let what = "listing conntrack entries";
+    let socket =
+        mnl::Socket::new(mnl::Bus::Netfilter).map_err(|source| Error::Open { what, source })?;
     let mut sources: Vec<IpAddr> = cuts.iter().map(|c| c.source).collect();
     sources.sort();
     sources.dedup();
@@ -454,8 +459,9 @@ fn acknowledged<I: NetlinkSerializable>(
 /// Aborts the service-side socket of each flow (`SOCK_DESTROY`). Returns
 /// how many it found and aborted.
 fn abort_sockets(doomed: &[Doomed]) -> Result<usize, Error> {
-    let what = "abort the service's socket";
-    let socket = mnl::Socket::new(mnl::Bus::SockDiag).map_err(Error::Open)?;
+    let what = "aborting the service's socket (sock_diag)";
+    let socket =
+        mnl::Socket::new(mnl::Bus::SockDiag).map_err(|source| Error::Open { what, source })?;
     let mut aborted = 0;
     for (seq, Doomed { flow, .. }) in (1..).zip(doomed) {
         let request = InetRequest {
@@ -486,8 +492,9 @@ fn abort_sockets(doomed: &[Doomed]) -> Result<usize, Error> {
 
 /// Deletes each flow's conntrack entry. Returns how many it deleted.
 fn delete_entries(doomed: &[Doomed]) -> Result<usize, Error> {
-    let what = "delete";
-    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Open)?;
+    let what = "deleting conntrack entries";
+    let socket =
+        mnl::Socket::new(mnl::Bus::Netfilter).map_err(|source| Error::Open { what, source })?;
     let mut deleted = 0;
     for (seq, Doomed { family, key, .. }) in (1..).zip(doomed) {
         let message = conntrack(*family, ConntrackMessage::Delete(key.clone()));
