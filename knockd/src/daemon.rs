@@ -101,6 +101,10 @@ pub enum Error {
 pub struct Daemon {
     config: Config,
     engine: Engine,
+    /// The port policy of `config` and the engine's current knock ports,
+    /// without grants: it changes only when the time step turns or the
+    /// configuration is reloaded, so it is not rebuilt per knock.
+    policy_base: PortPolicy,
     maps: GuardMaps,
     state: StateFile,
     /// One-time doors' grants.
@@ -147,6 +151,7 @@ impl Daemon {
             }
         }
         let engine = Engine::new(&config, devices, &consumed, unix_ms());
+        let policy_base = PortPolicy::from_config(&config, &engine.knock_ports());
         let mut grants = Grants::new(&config);
         let adopted = grants.install(&mut maps)?;
         if adopted > 0 {
@@ -158,6 +163,7 @@ impl Daemon {
         let mut daemon = Daemon {
             config,
             engine,
+            policy_base,
             maps,
             state,
             grants,
@@ -178,7 +184,7 @@ impl Daemon {
     /// Brings the XDP port policy up to date: the config's ports, the
     /// knock ports valid now, and the ports grants use (to count probes).
     fn load_policy(&mut self) -> Result<(), Error> {
-        let mut policy = PortPolicy::from_config(&self.config, &self.engine.knock_ports());
+        let mut policy = self.policy_base.clone();
         policy.mark_granted(self.grants.list().iter().map(|g| g.port));
         let written = self.maps.apply_port_policy(&policy)?;
         if written > 0 {
@@ -201,7 +207,9 @@ impl Daemon {
     /// the time step turns), forget expired grants, rotate leases that are
     /// due, and put the nftables table back if someone removed it.
     pub fn tick(&mut self) -> Result<(), Error> {
-        self.engine.tick(unix_ms());
+        if self.engine.tick(unix_ms()) {
+            self.policy_base = PortPolicy::from_config(&self.config, &self.engine.knock_ports());
+        }
         let now = Instant::now();
         self.static_grants.retain(|_, grant| grant.expires > now);
         let rotated = self.grants.tick(&mut self.maps);
@@ -737,6 +745,7 @@ impl Daemon {
             bpffs_dir: self.config.bpffs_dir.clone(),
             ..config
         };
+        self.policy_base = PortPolicy::from_config(&self.config, &engine.knock_ports());
         self.engine = engine;
         self.grants = grants;
         self.loaded_at_ms = unix_ms();
