@@ -186,33 +186,30 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
+/// Asks the daemon for `command` and prints its answer: as JSON, or
+/// through `table` for people.
+fn show(
+    socket: &SocketArg,
+    command: &str,
+    json: bool,
+    table: fn(&serde_json::Value),
+) -> Result<(), Failure> {
+    let data = control(&socket.socket, serde_json::json!({ "command": command }))?;
+    if json {
+        println!("{data:#}");
+    } else {
+        table(&data);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Knock(args) => knock(&args),
         Command::Device(command) => device(command).map_err(Failure::from),
-        Command::Status { socket, json } => {
-            control(&socket.socket, serde_json::json!({"command": "status"}))
-                .map(|data| {
-                    if json {
-                        println!("{data:#}")
-                    } else {
-                        print_status(&data)
-                    }
-                })
-                .map_err(Failure::from)
-        }
-        Command::Grants { socket, json } => {
-            control(&socket.socket, serde_json::json!({"command": "grants"}))
-                .map(|data| {
-                    if json {
-                        println!("{data:#}")
-                    } else {
-                        print_grants(&data)
-                    }
-                })
-                .map_err(Failure::from)
-        }
+        Command::Status { socket, json } => show(&socket, "status", json, print_status),
+        Command::Grants { socket, json } => show(&socket, "grants", json, print_grants),
         Command::Revoke { target, socket } => control(
             &socket.socket,
             serde_json::json!({"command": "revoke", "target": target}),
