@@ -4,17 +4,47 @@
 //! 1. not IP, or IP but neither TCP nor UDP: pass untouched;
 //! 2. a port with no policy: pass untouched (the host's own firewall rules);
 //! 3. TCP that is not a bare SYN: pass, so conntrack keeps established flows
-//!    alive across port rotations and grant expiry;
+//!    alive across port rotations and grant expiry (knockd's nftables table
+//!    drops whatever of these is not part of a known flow, so probes with
+//!    other flags still get no answer);
 //! 4. a knock port: rate-limit per source, send the knock to userspace over
 //!    the ring buffer, drop;
 //! 5. a protected port: pass if the exact (source, port, protocol) holds a
 //!    live grant in the allow map, else drop silently (no RST, no ICMP).
 //!
-//! Errors fail closed: an IP packet whose headers cannot be parsed far enough
-//! to prove it is not bound for a protected port is dropped. The network
-//! stack would drop a truncated packet anyway, and an over-long IPv6
-//! extension-header chain, which the stack *would* deliver, must not become a
-//! way around the guard.
+//! # Which header shapes are walked, dropped and passed
+//!
+//! The reference is what the kernel's receive path would deliver to a local
+//! socket. Whatever could still reach a protected port and is not fully
+//! understood here is dropped (fail closed); the network stack would drop a
+//! truncated packet anyway, so nothing legitimate is lost.
+//!
+//! - **Ethernet**: up to [`MAX_VLAN_TAGS`] 802.1Q or 802.1ad tags, any VID,
+//!   in any order, are walked and the inner packet judged (the stack strips
+//!   priority tags, and delivers other VIDs through VLAN devices). A deeper
+//!   stack is dropped. Other ethertypes (ARP, LLDP, 802.3 length frames,
+//!   MPLS, PPPoE) pass: the stack delivers none of them to a TCP or UDP
+//!   socket without a tunnel device, which is outside the guard's scope.
+//! - **IPv4**: the header length comes from IHL (options skipped); IHL < 5
+//!   or a version other than 4 is dropped. A non-first fragment passes: it
+//!   carries no ports, and the kernel reassembles it only with its first
+//!   fragment, which is judged like an unfragmented packet. A first fragment
+//!   too short to hold the ports and TCP flags is dropped. Overlapping
+//!   fragments that would rewrite the judged bytes are discarded by the
+//!   kernel's reassembly (RFC 5722 for IPv6, and IPv4 since Linux 4.19),
+//!   and nftables sees the reassembled packet in any case.
+//! - **IPv6**: up to [`MAX_IPV6_EXT_HEADERS`] hop-by-hop, routing,
+//!   destination-options, fragment and AH headers are walked. A longer chain
+//!   is dropped. A non-first fragment passes, as for IPv4. Other next
+//!   headers (ICMPv6, ESP, no-next-header, mobility) pass: the stack
+//!   delivers no TCP or UDP from them without IPsec or a tunnel configured.
+//! - **TCP and UDP**: judged only by bytes inside the IP packet as its
+//!   length field states it (bytes past it are padding, or a lie, and the
+//!   stack trims them). A header that ends before the destination port
+//!   (and, for TCP to a port with policy, the flags) is dropped: for a first
+//!   fragment that is RFC 1858's tiny-fragment attack, where the flags would
+//!   come from a later, unjudged fragment. An IPv6 payload length of 0
+//!   (jumbogram) bounds nothing, so TCP and UDP in one are dropped.
 #![no_std]
 #![no_main]
 
@@ -53,9 +83,12 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-/// VLAN tags we look through: one 802.1Q tag, or an 802.1ad outer tag with
-/// an 802.1Q inner one.
-const MAX_VLAN_TAGS: usize = 2;
+/// VLAN tags (802.1Q or 802.1ad, any VID, in any order) we look through.
+/// Linux strips any number of priority tags (VID 0) and delivers what is
+/// inside, so a stack deeper than this is dropped rather than passed as
+/// "not IP": otherwise three tags would carry a SYN past the guard. Real
+/// traffic carries one or two; eight leaves room for odd provider stacks.
+const MAX_VLAN_TAGS: usize = 8;
 
 const IPV6_HLEN: usize = 40;
 const NEXTHDR_HOP: u8 = 0;
@@ -158,20 +191,35 @@ struct Ip {
     proto: u8,
     /// Offset of the TCP or UDP header.
     l4_offset: usize,
+    /// Offset just past the IP packet, as its header states it. Bytes past
+    /// it (Ethernet padding, or a lie) are not the packet's: the stack trims
+    /// them, so the guard must not judge by them.
+    end: usize,
     /// This is the first fragment of a fragmented datagram.
     first_fragment: bool,
+}
+
+/// The TPIDs the stack treats as VLAN tags (`eth_type_vlan` in the kernel).
+#[inline(always)]
+fn is_vlan(ethertype: u16) -> bool {
+    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
 }
 
 fn try_knockd(ctx: &XdpContext) -> Result<Counter, Malformed> {
     let mut ethertype = be16_at(ctx, ETH_HLEN - 2)?;
     let mut offset = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+        if !is_vlan(ethertype) {
             break;
         }
         // A tag is 2 bytes of TCI, then the inner ethertype.
         ethertype = be16_at(ctx, offset + 2)?;
         offset += 4;
+    }
+    // Still a tag after the walk: the stack would peel it and may find a
+    // SYN to a protected port inside. We cannot tell, so fail closed.
+    if is_vlan(ethertype) {
+        return Err(Malformed);
     }
     let ip = match ethertype {
         ETH_P_IP => ipv4(ctx, offset)?,
@@ -202,6 +250,10 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<IpVerdict, Malformed> {
     if header_len < 20 {
         return Err(Malformed);
     }
+    let total_len = be16_at(ctx, offset + 2)? as usize;
+    if total_len < header_len {
+        return Err(Malformed);
+    }
     let frag = be16_at(ctx, offset + 6)?;
     let more_fragments = frag & 0x2000 != 0;
     let fragment_offset = frag & 0x1fff;
@@ -220,6 +272,7 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<IpVerdict, Malformed> {
         family: 4,
         proto,
         l4_offset: offset + header_len,
+        end: offset + total_len,
         first_fragment: more_fragments,
     }))
 }
@@ -230,6 +283,10 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<IpVerdict, Malformed> {
     }
     let saddr = addr16_at(ctx, offset + 8)?;
     let daddr = addr16_at(ctx, offset + 24)?;
+    // 0 means a jumbogram, which no XDP frame here can be: with no length
+    // to bound the transport header by, TCP and UDP are dropped below.
+    let payload_len = be16_at(ctx, offset + 4)? as usize;
+    let end = offset + IPV6_HLEN + payload_len;
     let [mut next, _hop_limit] = bytes2_at(ctx, offset + 6)?;
     let mut cursor = offset + IPV6_HLEN;
     let mut first_fragment = false;
@@ -249,6 +306,7 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<IpVerdict, Malformed> {
                     family: 6,
                     proto: next,
                     l4_offset: cursor,
+                    end,
                     first_fragment,
                 }));
             }
@@ -275,8 +333,15 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<IpVerdict, Malformed> {
     Err(Malformed)
 }
 
+/// Bytes of the TCP header the guard reads: up to and including the flags.
+const TCP_FLAGS_END: usize = 14;
+
 fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
     let l4 = ip.l4_offset;
+    // The ports must lie inside the IP packet, not in bytes after it.
+    if l4 + 4 > ip.end {
+        return Err(Malformed);
+    }
     let dport = be16_at(ctx, l4 + 2)?;
     let Some(index) = port_policy_index(ip.proto, dport) else {
         return Ok(Counter::PassOtherProto);
@@ -287,6 +352,13 @@ fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
     }
     let mut tcp_flags = 0;
     if ip.proto == IPPROTO_TCP {
+        // A first fragment that ends before the flags (RFC 1858's tiny
+        // fragment) would get them from the next fragment, which is not
+        // judged; and flags read from past the packet's end are not its
+        // flags. Either way, fail closed.
+        if l4 + TCP_FLAGS_END > ip.end {
+            return Err(Malformed);
+        }
         // Data offset, then the flags byte.
         [_, tcp_flags] = bytes2_at(ctx, l4 + 12)?;
         // Only a bare SYN opens a connection. Everything else belongs to a
@@ -383,9 +455,12 @@ fn knock(ctx: &XdpContext, ip: &Ip, dport: u16, tcp_flags: u8) -> Result<Counter
     // UDP's length field is authoritative: Ethernet may pad short frames.
     // TCP knocks are bare SYNs whose payload does not matter.
     let payload_len = if ip.proto == IPPROTO_UDP {
-        be16_at(ctx, l4 + 4)?
-            .checked_sub(UDP_HLEN)
-            .ok_or(Malformed)?
+        let udp_len = be16_at(ctx, l4 + 4)?;
+        // A datagram longer than its IP packet is one the stack drops.
+        if l4 + udp_len as usize > ip.end {
+            return Err(Malformed);
+        }
+        udp_len.checked_sub(UDP_HLEN).ok_or(Malformed)?
     } else {
         0
     };

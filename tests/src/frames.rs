@@ -161,6 +161,12 @@ pub const TPID_8021AD: u16 = 0x88a8;
 /// An Ethernet frame carrying `payload` of `ethertype`, inside the VLAN tags
 /// `tags` (outermost first, each a TPID; VLAN id 42).
 pub fn ether(tags: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    ether_vid(tags, 42, ethertype, payload)
+}
+
+/// As [`ether`], with every tag carrying VLAN id `vid` (0: priority tags,
+/// which the kernel strips and delivers whatever their depth).
+pub fn ether_vid(tags: &[u16], vid: u16, ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let first = tags.first().copied().unwrap_or(ethertype);
     let mut out = Vec::new();
     Ethernet2Header {
@@ -172,7 +178,7 @@ pub fn ether(tags: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
     .unwrap();
     for (i, _) in tags.iter().enumerate() {
         let inner = tags.get(i + 1).copied().unwrap_or(ethertype);
-        out.extend_from_slice(&42u16.to_be_bytes());
+        out.extend_from_slice(&vid.to_be_bytes());
         out.extend_from_slice(&inner.to_be_bytes());
     }
     out.extend_from_slice(payload);

@@ -245,6 +245,76 @@ fn vlan_tagged_frames_are_judged_by_their_inner_headers() {
     );
 }
 
+/// Issue 9, finding 1: a SYN inside three or more VLAN tags used to pass as
+/// "not IP", and the kernel peeled the tags and completed the handshake.
+/// Every depth the program walks is judged by the inner packet; deeper
+/// stacks are dropped whatever they carry.
+#[test]
+fn vlan_stacks_are_walked_to_eight_tags_and_deeper_ones_dropped() {
+    require_privileges!();
+    let bench = Bench::new();
+    let syn4 = frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        frames::tcp(41000, SSH, SYN),
+        &[],
+        (false, 0),
+    );
+    let syn6 = frames::ipv6(CLIENT6, SERVER6, &[], frames::tcp(41000, SSH, SYN));
+    let open4 = frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        frames::tcp(41000, OPEN, SYN),
+        &[],
+        (false, 0),
+    );
+    let tpids = [frames::TPID_8021Q, frames::TPID_8021AD];
+    for depth in 0..=12usize {
+        for vid in [0u16, 42] {
+            for outer in tpids {
+                // Alternate the two TPIDs below the outermost tag.
+                let tags: Vec<u16> = (0..depth)
+                    .map(|i| if i == 0 { outer } else { tpids[i % 2] })
+                    .collect();
+                let walked = depth <= 8;
+                let protected = if walked {
+                    Counter::DropProtected
+                } else {
+                    Counter::DropMalformed
+                };
+                bench.expect(
+                    &frames::ether_vid(&tags, vid, frames::ETH_IPV4, &syn4),
+                    protected,
+                );
+                bench.expect(
+                    &frames::ether_vid(&tags, vid, frames::ETH_IPV6, &syn6),
+                    protected,
+                );
+                // Past the walk even an unprotected port or ARP is dropped:
+                // what is inside cannot be known.
+                let open = if walked {
+                    Counter::PassUnprotected
+                } else {
+                    Counter::DropMalformed
+                };
+                bench.expect(
+                    &frames::ether_vid(&tags, vid, frames::ETH_IPV4, &open4),
+                    open,
+                );
+                let arp = if walked {
+                    Counter::PassNotIp
+                } else {
+                    Counter::DropMalformed
+                };
+                bench.expect(
+                    &frames::ether_vid(&tags, vid, frames::ETH_ARP, &[0u8; 28]),
+                    arp,
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn protected_ports_drop_new_connections_only() {
     require_privileges!();
@@ -374,6 +444,95 @@ fn too_many_ipv6_extension_headers_fail_closed() {
     let seven = vec![Ext::Raw(DEST_OPTS, 6); 7];
     let syn = frames::ipv6(CLIENT6, SERVER6, &seven, frames::tcp(41000, SSH, SYN));
     bench.expect(&eth6(syn), Counter::DropMalformed);
+}
+
+/// Headers are read only inside the IP packet as its length states it: a
+/// first fragment holding 8 bytes of TCP (ports, sequence number), padded
+/// in the frame with bytes that look like an ACK's flags, used to pass as
+/// "not a SYN", while the real flags (SYN) came in the next fragment, which
+/// passes unjudged, and the kernel reassembled a SYN to a protected port.
+#[test]
+fn headers_past_the_ip_length_are_not_judged() {
+    require_privileges!();
+    let bench = Bench::new();
+    let ack = frames::tcp(41000, SSH, ACK).1;
+    let syn = frames::tcp(41000, SSH, SYN).1;
+    // IPv4: a tiny first fragment, padded with an ACK's bytes 8..20.
+    let mut tiny = frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        (etherparse::IpNumber::TCP, syn[..8].to_vec()),
+        &[],
+        (true, 0),
+    );
+    tiny.extend_from_slice(&ack[8..]);
+    bench.expect(&eth4(tiny), Counter::DropMalformed);
+    // Not fragmented, same lie: the stack would drop it, and so do we.
+    let mut short = frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        (etherparse::IpNumber::TCP, syn[..8].to_vec()),
+        &[],
+        (false, 0),
+    );
+    short.extend_from_slice(&ack[8..]);
+    bench.expect(&eth4(short), Counter::DropMalformed);
+    // A total length shorter than the header itself.
+    let mut bad = frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        frames::tcp(41000, SSH, SYN),
+        &[],
+        (false, 0),
+    );
+    bad[2..4].copy_from_slice(&19u16.to_be_bytes());
+    bench.expect(&eth4(bad), Counter::DropMalformed);
+    // An unprotected port needs only its ports inside the packet.
+    let open = frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        (
+            etherparse::IpNumber::TCP,
+            frames::tcp(41000, OPEN, SYN).1[..8].to_vec(),
+        ),
+        &[],
+        (true, 0),
+    );
+    bench.expect(&eth4(open), Counter::PassUnprotected);
+    // Ethernet padding after a whole packet changes nothing.
+    let mut padded = frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        frames::tcp(41000, SSH, ACK),
+        &[],
+        (false, 0),
+    );
+    padded.extend_from_slice(&[0x02; 16]);
+    bench.expect(&eth4(padded), Counter::PassNotSyn);
+    // IPv6: the same tiny first fragment, and a payload length of 0.
+    let mut tiny6 = frames::ipv6(
+        CLIENT6,
+        SERVER6,
+        &[Ext::Fragment(0, true)],
+        (etherparse::IpNumber::TCP, syn[..8].to_vec()),
+    );
+    tiny6.extend_from_slice(&ack[8..]);
+    bench.expect(&eth6(tiny6), Counter::DropMalformed);
+    let mut jumbo = frames::ipv6(CLIENT6, SERVER6, &[], frames::tcp(41000, SSH, ACK));
+    jumbo[4..6].copy_from_slice(&0u16.to_be_bytes());
+    bench.expect(&eth6(jumbo), Counter::DropMalformed);
+    // A UDP length past the packet's end: dropped, no event.
+    let mut knock = frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        frames::udp(40000, KNOCK_UDP, b"abcd"),
+        &[],
+        (false, 0),
+    );
+    knock.extend_from_slice(&[0; 8]);
+    let udp_len = 8 + 4 + 8u16;
+    knock[20 + 4..20 + 6].copy_from_slice(&udp_len.to_be_bytes());
+    bench.expect(&eth4(knock), Counter::DropMalformed);
 }
 
 #[test]
