@@ -230,7 +230,27 @@ impl Daemon {
                     tracing::warn!(
                         "the knockd nftables table is gone (flushed?); restoring it and its grants"
                     );
-                    if let Err(e) = self.grants.restore() {
+                    let statics: Vec<(nft::GrantKey, Duration)> = self
+                        .static_grants
+                        .iter()
+                        .filter_map(|((door, source), grant)| {
+                            let port = self.config.doors.get(door)?.service_port;
+                            let left = grant.expires.saturating_duration_since(now);
+                            Some((
+                                nft::GrantKey {
+                                    source: *source,
+                                    port,
+                                },
+                                left,
+                            ))
+                        })
+                        .collect();
+                    let restored = self.grants.restore().and_then(|()| {
+                        statics.into_iter().try_for_each(|(key, left)| {
+                            nft::update_static_grant(key, Some(left)).map_err(Into::into)
+                        })
+                    });
+                    if let Err(e) = restored {
                         self.record_error(format!(
                             "restoring the nftables table failed: {}",
                             chain(&e)
@@ -340,9 +360,19 @@ impl Daemon {
             // Static doors: only `open` exists, and it opens the service port.
             (_, false) => {
                 let open_for = Duration::from_secs(u64::from(door.open_for_secs()));
-                self.maps
-                    .allow(source, Proto::Tcp, door.service_port, Some(open_for))
+                let key = nft::GrantKey {
+                    source,
+                    port: door.service_port,
+                };
+                // nftables first, then XDP: both layers admit the source,
+                // each with its own kernel deadline.
+                nft::update_static_grant(key, Some(open_for))
                     .map_err(grants::Error::from)
+                    .and_then(|()| {
+                        self.maps
+                            .allow(source, Proto::Tcp, door.service_port, Some(open_for))
+                            .map_err(grants::Error::from)
+                    })
                     .map(|()| {
                         self.static_grants.insert(
                             (door_name.clone(), source),
@@ -656,6 +686,11 @@ impl Daemon {
                     self.maps
                         .revoke(source, Proto::Tcp, d.service_port)
                         .map_err(|e| chain(&e))?;
+                    let key = nft::GrantKey {
+                        source,
+                        port: d.service_port,
+                    };
+                    nft::update_static_grant(key, None).map_err(|e| chain(&e))?;
                 }
                 self.static_grants.remove(&(door, source));
                 grants += 1;

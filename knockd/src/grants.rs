@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::{
     config::{Config, DoorMode},
-    maps::{self, GuardMaps, Proto},
+    maps::{self, GuardMaps, PortPolicy, Proto},
     nft::{self, DoorRules, Element, GrantKey},
 };
 
@@ -39,7 +39,6 @@ pub enum Error {
 struct DoorGrants {
     range: RangeInclusive<u16>,
     service_port: u16,
-    expose_service_port: bool,
     open_for: Duration,
     lease_idle: Duration,
     rotate_every: Option<Duration>,
@@ -92,6 +91,9 @@ impl Grant {
 /// Every grant, and the doors they are for.
 pub struct Grants {
     doors: HashMap<String, DoorGrants>,
+    /// The table's rules beyond the doors (interfaces, protected ports),
+    /// from the configuration, so a flushed table can be put back.
+    table: nft::TableRules,
     by_source: HashMap<(String, IpAddr), Grant>,
 }
 
@@ -151,7 +153,6 @@ impl Grants {
                     DoorGrants {
                         range: range.start..=range.end,
                         service_port: d.service_port,
-                        expose_service_port: d.expose_service_port,
                         open_for: Duration::from_secs(u64::from(d.open_for_secs())),
                         lease_idle: Duration::from_secs(u64::from(d.lease_idle_secs())),
                         rotate_every: (rotate > 0).then(|| Duration::from_secs(u64::from(rotate))),
@@ -160,26 +161,38 @@ impl Grants {
                 )
             })
             .collect();
+        // The ports XDP protects whatever the time step: knock ports that
+        // are valid now lie inside protected ranges already.
+        let protected = PortPolicy::from_config(config, &Default::default());
+        let table = nft::TableRules {
+            doors: Vec::new(),
+            interfaces: config.interfaces.clone(),
+            guarded_tcp: protected.protected_ranges(Proto::Tcp),
+            guarded_udp: protected.protected_ranges(Proto::Udp),
+        };
         Grants {
             doors,
+            table,
             by_source: HashMap::new(),
         }
     }
 
-    /// The nftables rules for these doors.
-    pub fn rules(&self) -> Vec<DoorRules> {
-        let mut rules: Vec<DoorRules> = self
+    /// The nftables table for these doors and the configuration's guard.
+    pub fn rules(&self) -> nft::TableRules {
+        let mut doors: Vec<DoorRules> = self
             .doors
             .iter()
             .map(|(name, d)| DoorRules {
                 name: name.clone(),
                 grant_ports: d.range.clone(),
                 service_port: d.service_port,
-                expose_service_port: d.expose_service_port,
             })
             .collect();
-        rules.sort_by(|a, b| a.name.cmp(&b.name));
-        rules
+        doors.sort_by(|a, b| a.name.cmp(&b.name));
+        nft::TableRules {
+            doors,
+            ..self.table.clone()
+        }
     }
 
     /// Installs the table and takes over the grants it already holds (from

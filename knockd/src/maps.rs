@@ -159,6 +159,24 @@ impl PortPolicy {
         }
     }
 
+    /// The ports of `proto` that carry [`policy::PROTECTED`], as ranges of
+    /// consecutive ports, in order: what nftables protects too.
+    pub fn protected_ranges(&self, proto: Proto) -> Vec<std::ops::RangeInclusive<u16>> {
+        let mut ranges: Vec<std::ops::RangeInclusive<u16>> = Vec::new();
+        for port in 0..=u16::MAX {
+            if self.get(proto, port) & policy::PROTECTED == 0 {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(last) if port > 0 && *last.end() == port - 1 => {
+                    *last = *last.start()..=port;
+                }
+                _ => ranges.push(port..=port),
+            }
+        }
+        ranges
+    }
+
     /// Sets the flags of one port, replacing what was there.
     pub fn set(&mut self, proto: Proto, port: u16, flags: u8) {
         if let Some(i) = port_policy_index(proto.number(), port) {

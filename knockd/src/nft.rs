@@ -5,21 +5,39 @@
 //!
 //! ```text
 //! table inet knockd {
-//!   # per door (DOOR4, DOOR6):
+//!   # per one-time door (DOOR4, DOOR6):
 //!   set ssh4 { type ipv4_addr . inet_service; flags timeout; }
 //!   set ssh6 { type ipv6_addr . inet_service; flags timeout; }
+//!   # static doors' grants: the service port itself, for one source
+//!   set static_ipv4_grants { type ipv4_addr . inet_service; flags timeout; }
+//!   set static_ipv6_grants { type ipv6_addr . inet_service; flags timeout; }
 //!   chain prerouting { type nat hook prerouting priority dstnat; policy accept;
-//!     # per door:
+//!     # per one-time door:
 //!     meta nfproto ipv4 tcp dport START-END ip saddr . tcp dport @ssh4 redirect to :SERVICE
 //!     meta nfproto ipv6 tcp dport START-END ip6 saddr . tcp dport @ssh6 redirect to :SERVICE
 //!   }
 //!   chain input { type filter hook input priority filter; policy accept;
+//!     iifname "eth0" jump guard        # per guarded interface
+//!   }
+//!   chain guard {
 //!     ct state established,related accept
-//!     # per door, unless it exposes its service port:
-//!     tcp dport SERVICE ct status & dnat == 0 drop
+//!     ct status dnat accept            # redirected by a grant, above
+//!     ip saddr . tcp dport @static_ipv4_grants accept
+//!     ip6 saddr . tcp dport @static_ipv6_grants accept
+//!     # per range of protected ports, the same ports XDP protects:
+//!     meta l4proto tcp tcp dport START-END drop
+//!     meta l4proto udp udp dport START-END drop
 //!   }
 //! }
 //! ```
+//!
+//! The guard chain is the second of two independent layers: every port the
+//! XDP program protects is dropped here too unless a grant or a known flow
+//! admits the packet, so a bug in either layer alone exposes nothing. It
+//! also silences what XDP passes on purpose: TCP segments that are not a
+//! bare SYN (ACK, FIN, Xmas, Maimon scans; conntrack-INVALID and mid-stream
+//! segments, which have no established entry) reach it and are dropped,
+//! where the stack would have answered them with a RST.
 //!
 //! A grant is one element, (source, granted port), of its door's set, with a
 //! kernel timeout: it expires on time even if the daemon is dead.
@@ -51,6 +69,15 @@ use nftnl::{
 pub const TABLE: &CStr = c"knockd";
 const PREROUTING: &CStr = c"prerouting";
 const INPUT: &CStr = c"input";
+/// The chain that enforces protected ports on guarded interfaces.
+const GUARD: &CStr = c"guard";
+/// Static doors' grant sets. Door sets are named `DOOR4`/`DOOR6`, so these
+/// names, which end in neither digit, cannot collide with a door's.
+const STATIC_SET4: &CStr = c"static_ipv4_grants";
+const STATIC_SET6: &CStr = c"static_ipv6_grants";
+/// Same-batch ids of the static sets, above any door's (`set_id`).
+const STATIC_SET_ID4: u32 = 0x4000_0001;
+const STATIC_SET_ID6: u32 = 0x4000_0002;
 /// Most grant elements per netlink message (each is under 100 bytes).
 const ELEMS_PER_MSG: usize = 256;
 /// Capacity hint for the grant sets.
@@ -91,7 +118,7 @@ pub enum Error {
     },
 }
 
-/// What the rules need to know about a door.
+/// What the rules need to know about a one-time door.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DoorRules {
     /// The door's name; its sets are named after it.
@@ -100,8 +127,22 @@ pub struct DoorRules {
     pub grant_ports: RangeInclusive<u16>,
     /// The service the granted ports lead to.
     pub service_port: u16,
-    /// Leave the service port reachable without a grant.
-    pub expose_service_port: bool,
+}
+
+/// Everything the table is built from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableRules {
+    /// One-time doors: their grant sets and redirects.
+    pub doors: Vec<DoorRules>,
+    /// The interfaces the XDP guard is attached to: the guard chain applies
+    /// to traffic arriving on them, as the XDP program does, and leaves
+    /// loopback and other interfaces to the host's own rules.
+    pub interfaces: Vec<String>,
+    /// Protected TCP ports, as ranges: the same ports the XDP program
+    /// protects (service ports, grant ranges, knock ports, `protect.tcp`).
+    pub guarded_tcp: Vec<RangeInclusive<u16>>,
+    /// Protected UDP ports, as ranges (knock ranges, `protect.udp`).
+    pub guarded_udp: Vec<RangeInclusive<u16>>,
 }
 
 /// A grant element: who, on which port.
@@ -114,6 +155,15 @@ pub struct GrantKey {
 /// The grant set of `door` for one address family.
 fn set_name(door: &str, v6: bool) -> CString {
     CString::new(format!("{door}{}", if v6 { 6 } else { 4 })).expect("door names hold no NUL")
+}
+
+/// The static doors' grant set for one address family.
+fn static_set(v6: bool) -> (&'static CStr, u32) {
+    if v6 {
+        (STATIC_SET6, STATIC_SET_ID6)
+    } else {
+        (STATIC_SET4, STATIC_SET_ID4)
+    }
 }
 
 /// Set ids tie rules to sets created in the same batch.
@@ -399,32 +449,43 @@ fn send_and_process_on(
     Ok(())
 }
 
-fn l4proto_tcp(rule: &mut Rule) {
+/// `meta l4proto PROTO`
+fn l4proto(rule: &mut Rule, proto: u8) {
     rule.add_expr(&nft_expr!(meta l4proto));
-    rule.add_expr(&nft_expr!(cmp == libc::IPPROTO_TCP as u8));
+    rule.add_expr(&nft_expr!(cmp == proto));
 }
 
+/// `th dport START-END` (the transport header's destination port, which
+/// sits at the same offset in TCP and UDP). Check the protocol first.
 fn dport_in(rule: &mut Rule, ports: &RangeInclusive<u16>) {
-    rule.add_expr(&nft_expr!(payload tcp dport));
+    rule.add_expr(&PayloadTo {
+        base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
+        offset: 2,
+        len: 2,
+        dreg: Register::Reg1.to_raw(),
+    });
     let (start, end) = (ports.start().to_be_bytes(), ports.end().to_be_bytes());
-    rule.add_expr(&nft_expr!(cmp >= &start[..]));
-    rule.add_expr(&nft_expr!(cmp <= &end[..]));
+    if start == end {
+        rule.add_expr(&nft_expr!(cmp == &start[..]));
+    } else {
+        rule.add_expr(&nft_expr!(cmp >= &start[..]));
+        rule.add_expr(&nft_expr!(cmp <= &end[..]));
+    }
 }
 
-/// `meta nfproto F tcp dport RANGE saddr . tcp dport @set redirect to :SERVICE`
-fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, index: usize, v6: bool) -> Rule<'a> {
-    let mut rule = Rule::new(chain);
+/// `meta nfproto F saddr . th dport @set`: the source and destination port
+/// of the packet are a member of a grant set of family `v6`. Check the
+/// transport protocol first.
+fn grant_lookup(rule: &mut Rule, set: &CStr, set_id: u32, v6: bool) {
     let (nfproto, saddr_offset, saddr_len) = if v6 {
         (libc::NFPROTO_IPV6, 8, 16)
     } else {
         (libc::NFPROTO_IPV4, 12, 4)
     };
+    // Check the network protocol before loading its payload: the source
+    // address offset depends on it.
     rule.add_expr(&nft_expr!(meta nfproto));
     rule.add_expr(&nft_expr!(cmp == nfproto as u8));
-    l4proto_tcp(&mut rule);
-    dport_in(&mut rule, &door.grant_ports);
-    // Check the network protocol (above) before loading its payload: the
-    // source address offset depends on it.
     rule.add_expr(&PayloadTo {
         base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
         offset: saddr_offset,
@@ -438,10 +499,19 @@ fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, index: usize, v6: b
         dreg: NFT_REG32_00 + saddr_len / 4,
     });
     rule.add_expr(&LookupAt {
-        set: set_name(&door.name, v6),
-        set_id: set_id(index, v6),
+        set: set.to_owned(),
+        set_id,
         sreg: NFT_REG32_00,
     });
+}
+
+/// `meta nfproto F tcp dport RANGE saddr . tcp dport @set redirect to :SERVICE`
+fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, index: usize, v6: bool) -> Rule<'a> {
+    let mut rule = Rule::new(chain);
+    // The range first: it rules out most packets before the set lookup.
+    l4proto(&mut rule, libc::IPPROTO_TCP as u8);
+    dport_in(&mut rule, &door.grant_ports);
+    grant_lookup(&mut rule, &set_name(&door.name, v6), set_id(index, v6), v6);
     // Immediate copies its value's in-memory bytes: hand it the port already
     // in network order (a slice would copy the slice's pointer instead).
     rule.add_expr(&Immediate::new(door.service_port.to_be(), Register::Reg1));
@@ -451,9 +521,56 @@ fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, index: usize, v6: b
     rule
 }
 
+/// The guard chain's rules, in order: known flows and grants are accepted,
+/// then every protected port is dropped.
+fn guard_rules<'a>(chain: &'a Chain<'a>, table: &TableRules) -> Vec<Rule<'a>> {
+    let mut rules = Vec::new();
+    // Established flows (the grantee's open connections, which outlive
+    // their grant; replies to connections this host made) keep working.
+    // INVALID packets have no conntrack entry and match nothing here.
+    let mut established = Rule::new(chain);
+    established.add_expr(&nft_expr!(ct state));
+    let states = nftnl::expr::ct::States::ESTABLISHED | nftnl::expr::ct::States::RELATED;
+    established.add_expr(&nft_expr!(bitwise mask states.bits(), xor 0u32));
+    established.add_expr(&nft_expr!(cmp != 0u32));
+    established.add_expr(&nft_expr!(verdict accept));
+    rules.push(established);
+    // A new connection a grant redirected (prerouting) to its service.
+    let mut redirected = Rule::new(chain);
+    redirected.add_expr(&nft_expr!(ct status));
+    let dnat = nftnl::expr::ct::ConntrackStatus::DST_NAT.bits();
+    redirected.add_expr(&nft_expr!(bitwise mask dnat, xor 0u32));
+    redirected.add_expr(&nft_expr!(cmp != 0u32));
+    redirected.add_expr(&nft_expr!(verdict accept));
+    rules.push(redirected);
+    for v6 in [false, true] {
+        let (set, id) = static_set(v6);
+        let mut rule = Rule::new(chain);
+        l4proto(&mut rule, libc::IPPROTO_TCP as u8);
+        grant_lookup(&mut rule, set, id, v6);
+        rule.add_expr(&nft_expr!(verdict accept));
+        rules.push(rule);
+    }
+    let guarded = [
+        (libc::IPPROTO_TCP as u8, &table.guarded_tcp),
+        (libc::IPPROTO_UDP as u8, &table.guarded_udp),
+    ];
+    for (proto, ranges) in guarded {
+        for ports in ranges {
+            let mut rule = Rule::new(chain);
+            l4proto(&mut rule, proto);
+            dport_in(&mut rule, ports);
+            rule.add_expr(&nft_expr!(verdict drop));
+            rules.push(rule);
+        }
+    }
+    rules
+}
+
 /// Creates the table, or brings an existing one (say, after a restart) to
-/// the rules for `doors`, keeping the grants it holds.
-pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
+/// `rules`, keeping the grants it holds.
+pub fn install(rules: &TableRules) -> Result<(), Error> {
+    let doors = &rules.doors;
     let table = Table::new(TABLE, ProtoFamily::Inet);
     let mut prerouting = Chain::new(PREROUTING, &table);
     prerouting.set_hook(nftnl::Hook::PreRouting, -100);
@@ -463,6 +580,7 @@ pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
     input.set_hook(nftnl::Hook::In, 0);
     input.set_type(nftnl::ChainType::Filter);
     input.set_policy(nftnl::Policy::Accept);
+    let guard = Chain::new(GUARD, &table);
 
     let mut batch = Batch::new();
     batch.add(&table, MsgType::Add);
@@ -476,12 +594,23 @@ pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
             batch.add(&set, MsgType::Add);
         }
     }
-    batch.add(&prerouting, MsgType::Add);
-    batch.add(&input, MsgType::Add);
+    for v6 in [false, true] {
+        let (name, id) = static_set(v6);
+        let set = GrantSet {
+            name: name.to_owned(),
+            id,
+            v6,
+        };
+        batch.add(&set, MsgType::Add);
+    }
+    for chain in [&prerouting, &input, &guard] {
+        batch.add(chain, MsgType::Add);
+    }
     // Replace the rules (deleting a chain's rules by chain flushes it), so
     // a changed door list takes effect; the sets and their grants stay.
-    batch.add(&Rule::new(&prerouting), MsgType::Del);
-    batch.add(&Rule::new(&input), MsgType::Del);
+    for chain in [&prerouting, &input, &guard] {
+        batch.add(&Rule::new(chain), MsgType::Del);
+    }
     // Sets of doors that are gone (a reload, or a restart with another
     // configuration) go too: the table holds what the configuration says
     // and nothing more. The flush above already dropped the rules that used
@@ -489,6 +618,7 @@ pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
     let wanted: Vec<CString> = doors
         .iter()
         .flat_map(|d| [set_name(&d.name, false), set_name(&d.name, true)])
+        .chain([STATIC_SET4.to_owned(), STATIC_SET6.to_owned()])
         .collect();
     for name in list_sets()?.into_iter().filter(|n| !wanted.contains(n)) {
         let stale = GrantSet {
@@ -503,25 +633,18 @@ pub fn install(doors: &[DoorRules]) -> Result<(), Error> {
             batch.add(&redirect_rule(&prerouting, door, index, v6), MsgType::Add);
         }
     }
-    let mut established = Rule::new(&input);
-    established.add_expr(&nft_expr!(ct state));
-    let states = nftnl::expr::ct::States::ESTABLISHED | nftnl::expr::ct::States::RELATED;
-    established.add_expr(&nft_expr!(bitwise mask states.bits(), xor 0u32));
-    established.add_expr(&nft_expr!(cmp != 0u32));
-    established.add_expr(&nft_expr!(verdict accept));
-    batch.add(&established, MsgType::Add);
-    for door in doors.iter().filter(|d| !d.expose_service_port) {
-        let mut rule = Rule::new(&input);
-        l4proto_tcp(&mut rule);
-        rule.add_expr(&nft_expr!(payload tcp dport));
-        let service = door.service_port.to_be_bytes();
-        rule.add_expr(&nft_expr!(cmp == &service[..]));
-        rule.add_expr(&nft_expr!(ct status));
-        let dnat = nftnl::expr::ct::ConntrackStatus::DST_NAT.bits();
-        rule.add_expr(&nft_expr!(bitwise mask dnat, xor 0u32));
-        rule.add_expr(&nft_expr!(cmp == 0u32));
-        rule.add_expr(&nft_expr!(verdict drop));
+    // The guard rules go in before the jumps to them, so the chain is
+    // complete when it starts to be used (the batch is atomic anyway).
+    for rule in guard_rules(&guard, rules) {
         batch.add(&rule, MsgType::Add);
+    }
+    for interface in &rules.interfaces {
+        let name = CString::new(interface.as_str()).expect("interface names hold no NUL");
+        let mut jump = Rule::new(&input);
+        jump.add_expr(&nft_expr!(meta iifname));
+        jump.add_expr(&nft_expr!(cmp == nftnl::expr::InterfaceName::Exact(name)));
+        jump.add_expr(&nft_expr!(verdict jump GUARD.to_owned()));
+        batch.add(&jump, MsgType::Add);
     }
     send_and_process(&batch.finalize(), "installing the knockd table")
 }
@@ -544,36 +667,68 @@ pub struct Element {
     pub timeout: Duration,
 }
 
+/// Adds `elems` (set, key, timeout) to, or removes them from, their sets,
+/// one message per set and chunk.
+fn batch_elements(batch: &mut Batch, elems: &[(CString, GrantKey, Duration)], msg_type: MsgType) {
+    let mut sets: Vec<&CString> = elems.iter().map(|(set, _, _)| set).collect();
+    sets.sort();
+    sets.dedup();
+    for set in sets {
+        let mine: Vec<(GrantKey, Duration)> = elems
+            .iter()
+            .filter(|(s, _, _)| s == set)
+            .map(|(_, key, timeout)| (*key, *timeout))
+            .collect();
+        for chunk in mine.chunks(ELEMS_PER_MSG) {
+            let msg = GrantElems {
+                set: set.clone(),
+                elems: chunk,
+            };
+            batch.add(&msg, msg_type);
+        }
+    }
+}
+
 /// Adds grants, each with its kernel timeout, and removes others, in one
 /// atomic change (a rotation is exactly that). An element that is added
 /// while it exists is first removed, so its timeout restarts.
 pub fn update_grants(add: &[Element], remove: &[Element]) -> Result<(), Error> {
-    let mut batch = Batch::new();
-    let mut by_set = |elems: &[Element], msg_type| {
-        let mut sets: Vec<(String, bool)> = elems
+    let in_set = |elems: &[Element]| -> Vec<(CString, GrantKey, Duration)> {
+        elems
             .iter()
-            .map(|e| (e.door.clone(), e.key.source.is_ipv6()))
-            .collect();
-        sets.sort();
-        sets.dedup();
-        for (door, v6) in sets {
-            let mine: Vec<(GrantKey, Duration)> = elems
-                .iter()
-                .filter(|e| e.door == door && e.key.source.is_ipv6() == v6)
-                .map(|e| (e.key, e.timeout))
-                .collect();
-            for chunk in mine.chunks(ELEMS_PER_MSG) {
-                let msg = GrantElems {
-                    set: set_name(&door, v6),
-                    elems: chunk,
-                };
-                batch.add(&msg, msg_type);
-            }
-        }
+            .map(|e| (set_name(&e.door, e.key.source.is_ipv6()), e.key, e.timeout))
+            .collect()
     };
-    by_set(remove, MsgType::Del);
-    by_set(add, MsgType::Add);
+    let mut batch = Batch::new();
+    batch_elements(&mut batch, &in_set(remove), MsgType::Del);
+    batch_elements(&mut batch, &in_set(add), MsgType::Add);
     send_and_process(&batch.finalize(), "updating grants")
+}
+
+/// Admits `key.source` to the TCP port `key.port` itself (a static door's
+/// service port) for `timeout`, or, with `None`, ends that admission.
+/// Replaces an existing element, so its timeout restarts.
+pub fn update_static_grant(key: GrantKey, timeout: Option<Duration>) -> Result<(), Error> {
+    let (set, _) = static_set(key.source.is_ipv6());
+    let elem = [(set.to_owned(), key, timeout.unwrap_or_default())];
+    let mut batch = Batch::new();
+    batch_elements(&mut batch, &elem, MsgType::Del);
+    if timeout.is_some() {
+        batch_elements(&mut batch, &elem, MsgType::Add);
+    }
+    match send_and_process(&batch.finalize(), "updating a static grant") {
+        // Deleting an element that is not there (never added, or expired a
+        // moment ago) fails the batch: try again without the delete.
+        Err(Error::Process { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            if timeout.is_none() {
+                return Ok(());
+            }
+            let mut batch = Batch::new();
+            batch_elements(&mut batch, &elem, MsgType::Add);
+            send_and_process(&batch.finalize(), "updating a static grant")
+        }
+        other => other,
+    }
 }
 
 /// The grants the kernel holds for `doors`, with the time each has left.

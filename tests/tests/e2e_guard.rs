@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use knockd::maps::{Counters, Proto};
+use knockd::{
+    maps::{Counters, Proto},
+    nft::{self, GrantKey},
+};
 use knockd_common::Counter;
 use knockd_tests::{
     Daemon, NetNs, Testbed, addrs, knock_source,
@@ -188,9 +191,39 @@ fn nmap_sees_protected_ports_as_filtered_v6() {
     nmap_sees_protected_ports_as_filtered(true);
 }
 
+/// Admits `source` to TCP `port` in both layers, as a static door's grant
+/// does: the XDP allow map and knockd's nftables table.
+fn admit(testbed: &Testbed, daemon: &Daemon, source: IpAddr, port: u16) {
+    daemon.maps().allow(source, Proto::Tcp, port, None).unwrap();
+    testbed
+        .server
+        .run(|| nft::update_static_grant(GrantKey { source, port }, Some(Duration::from_secs(600))))
+        .unwrap();
+}
+
 fn allow_entry_admits_exactly_that_source_and_port(v6: bool) {
     let (testbed, daemon, (server, client, other)) = setup(v6);
+    // One layer alone admits nothing: the XDP allow entry without the
+    // nftables element, and the element without the entry.
     daemon.maps().allow(client, Proto::Tcp, SSH, None).unwrap();
+    assert_eq!(
+        connect(&testbed.client, client, SocketAddr::new(server, SSH)),
+        Outcome::Silent
+    );
+    daemon.maps().revoke(client, Proto::Tcp, SSH).unwrap();
+    let key = GrantKey {
+        source: client,
+        port: SSH,
+    };
+    testbed
+        .server
+        .run(|| nft::update_static_grant(key, Some(Duration::from_secs(600))))
+        .unwrap();
+    assert_eq!(
+        connect(&testbed.client, client, SocketAddr::new(server, SSH)),
+        Outcome::Silent
+    );
+    admit(&testbed, &daemon, client, SSH);
     let (outcome, stream) = testbed
         .client
         .run(|| probe::tcp_connect(Some(client), SocketAddr::new(server, SSH), SILENCE));
@@ -228,7 +261,7 @@ fn established_connection_survives_allow_removal(v6: bool) {
     let (testbed, daemon, (server, client, _)) = setup(v6);
     let ssh = SocketAddr::new(server, SSH);
     let mut maps = daemon.maps();
-    maps.allow(client, Proto::Tcp, SSH, None).unwrap();
+    admit(&testbed, &daemon, client, SSH);
     let (outcome, stream) = testbed
         .client
         .run(|| probe::tcp_connect(Some(client), ssh, SILENCE));
@@ -236,6 +269,18 @@ fn established_connection_survives_allow_removal(v6: bool) {
     let mut stream = stream.unwrap();
     assert!(probe::echo_round_trip(&mut stream, b"before"));
     maps.revoke(client, Proto::Tcp, SSH).unwrap();
+    testbed
+        .server
+        .run(|| {
+            nft::update_static_grant(
+                GrantKey {
+                    source: client,
+                    port: SSH,
+                },
+                None,
+            )
+        })
+        .unwrap();
     // New connections are refused, the established one carries on.
     assert_eq!(connect(&testbed.client, client, ssh), Outcome::Silent);
     for i in 0..20 {

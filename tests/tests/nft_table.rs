@@ -3,24 +3,29 @@
 
 use std::time::Duration;
 
-use knockd::nft::{self, DoorRules, Element, GrantKey};
+use knockd::nft::{self, DoorRules, Element, GrantKey, TableRules};
 use knockd_tests::{NetNs, require_privileges, sh};
 
-fn doors() -> Vec<DoorRules> {
-    vec![
-        DoorRules {
-            name: "ssh".into(),
-            grant_ports: 40000..=40999,
-            service_port: 22,
-            expose_service_port: false,
-        },
-        DoorRules {
-            name: "web".into(),
-            grant_ports: 40000..=40999,
-            service_port: 443,
-            expose_service_port: true,
-        },
-    ]
+/// Two doors sharing a grant range; web exposes its service port (443 is
+/// not guarded), ssh does not.
+fn doors() -> TableRules {
+    TableRules {
+        doors: vec![
+            DoorRules {
+                name: "ssh".into(),
+                grant_ports: 40000..=40999,
+                service_port: 22,
+            },
+            DoorRules {
+                name: "web".into(),
+                grant_ports: 40000..=40999,
+                service_port: 443,
+            },
+        ],
+        interfaces: vec!["veth-k0".into(), "veth-k1".into()],
+        guarded_tcp: vec![22..=22, 40000..=40999],
+        guarded_udp: vec![7000..=7999],
+    }
 }
 
 fn ruleset(ns: &NetNs) -> String {
@@ -66,18 +71,42 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
         "tcp dport 40000-40999 ip6 saddr . tcp dport @ssh6 redirect to :22",
         "tcp dport 40000-40999 ip saddr . tcp dport @web4 redirect to :443",
         "type filter hook input priority filter; policy accept;",
+        "iifname \"veth-k0\" jump guard",
+        "iifname \"veth-k1\" jump guard",
+        "chain guard {",
         "ct state established,related accept",
-        "tcp dport 22 ct status ! dnat drop",
+        "ct status dnat accept",
+        "set static_ipv4_grants",
+        "ip saddr . tcp dport @static_ipv4_grants accept",
+        "ip6 saddr . tcp dport @static_ipv6_grants accept",
+        "\ttcp dport 22 drop",
+        "\ttcp dport 40000-40999 drop",
+        "\tudp dport 7000-7999 drop",
     ] {
         assert!(
             listed.contains(expected),
             "missing {expected:?} in:\n{listed}"
         );
     }
-    assert!(
-        !listed.contains("tcp dport 443 ct status"),
-        "web exposes its service port"
-    );
+    assert!(!listed.contains("443 drop"), "web exposes its service port");
+    // The accepts come before the drops, in the order listed.
+    let at = |needle: &str| listed.find(needle).unwrap();
+    assert!(at("ct state established") < at("ct status dnat"));
+    assert!(at("@static_ipv6_grants accept") < at("tcp dport 22 drop"));
+
+    // A static grant: one source, the service port itself, with a timeout;
+    // adding it again restarts the timeout; removing it twice is fine.
+    let key = GrantKey {
+        source: "198.18.0.9".parse().unwrap(),
+        port: 2222,
+    };
+    ns.run(|| nft::update_static_grant(key, Some(Duration::from_secs(30))).unwrap());
+    ns.run(|| nft::update_static_grant(key, Some(Duration::from_secs(60))).unwrap());
+    let listed = ruleset(&ns);
+    assert!(listed.contains("198.18.0.9 . 2222 timeout 1m"), "{listed}");
+    ns.run(|| nft::update_static_grant(key, None).unwrap());
+    ns.run(|| nft::update_static_grant(key, None).unwrap());
+    assert!(!ruleset(&ns).contains("198.18.0.9"));
 
     let v4 = element("ssh", "198.18.0.2", 40001, 30);
     let v6 = element("ssh", "2001:db8::2", 40002, 60);
@@ -132,11 +161,15 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
 
     // A door list without "web": its sets and rule go, grant and all, and
     // ssh's stay.
-    let ssh_only = &doors()[..1];
-    ns.run(|| nft::install(ssh_only).unwrap());
+    let mut ssh_only = doors();
+    ssh_only.doors.truncate(1);
+    ns.run(|| nft::install(&ssh_only).unwrap());
     let listed = ruleset(&ns);
     assert!(
-        !listed.contains("web4") && !listed.contains("web6") && listed.contains("set ssh4"),
+        !listed.contains("web4")
+            && !listed.contains("web6")
+            && listed.contains("set ssh4")
+            && listed.contains("set static_ipv4_grants"),
         "{listed}"
     );
     let mut left: Vec<u16> = ns

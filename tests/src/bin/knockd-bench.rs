@@ -114,7 +114,6 @@ fn bench_grants() {
         name: "ssh".into(),
         grant_ports: 40000..=40999,
         service_port: SSH,
-        expose_service_port: false,
     };
     // The XDP guard, as the daemon loads it.
     let (mut guard, _logger) = Guard::load(KernelLogLevel::Warn).unwrap();
@@ -127,7 +126,13 @@ fn bench_grants() {
     maps.apply_port_policy(&table).unwrap();
     let server_if = testbed.server_if.clone();
     testbed.server.run(|| {
-        nft::install(std::slice::from_ref(&door)).unwrap();
+        let rules = nft::TableRules {
+            doors: vec![door.clone()],
+            interfaces: vec![server_if.clone()],
+            guarded_tcp: vec![SSH..=SSH, door.grant_ports.clone()],
+            guarded_udp: Vec::new(),
+        };
+        nft::install(&rules).unwrap();
         guard
             .attach(&server_if, knockd::config::XdpMode::Native)
             .unwrap();
