@@ -459,7 +459,7 @@ impl Daemon {
             let (old_port, port, probes) = (old.port, new.port, old.probes);
             if attack {
                 *self.tally.entry("probe_rotations").or_default() += 1;
-                tracing::warn!(%door, device, %source, old_port, port, probes, "granted port probed by other sources; moved at once");
+                tracing::warn!(%door, device, %source, old_port, port, probes, "granted port probed by other sources; lease moved, old port kept for its holder until its deadline");
             } else {
                 tracing::info!(%door, device, %source, old_port, port, rotations = new.rotations, "lease rotated");
             }

@@ -68,7 +68,18 @@ pub struct Grant {
     /// When a lease moves to a new port.
     #[serde(skip)]
     pub next_rotation: Option<Instant>,
+    /// Ports this lease held before a rotation that probes caused, each
+    /// still open to this source (and only it) until the deadline it had
+    /// then: a third party's SYNs must not lock the holder out before it
+    /// has heard of the new port. At most [`RETIRED_MAX`].
+    #[serde(skip)]
+    pub retired: Vec<(u16, Instant)>,
 }
+
+/// Most retired ports one lease keeps; while it has this many, probes no
+/// longer move it (an on-path attacker who sees each new port could
+/// otherwise make it hold one port per second of its idle time).
+pub const RETIRED_MAX: usize = 4;
 
 impl Grant {
     /// Seconds left to open new connections.
@@ -77,14 +88,29 @@ impl Grant {
     }
 
     fn element(&self, now: Instant) -> Element {
+        self.element_for(self.port, self.expires, now)
+    }
+
+    fn element_for(&self, port: u16, expires: Instant, now: Instant) -> Element {
         Element {
             door: self.door.clone(),
             key: GrantKey {
                 source: self.source,
-                port: self.port,
+                port,
             },
-            timeout: self.expires.saturating_duration_since(now),
+            timeout: expires.saturating_duration_since(now),
         }
+    }
+
+    /// The current element and those of retired ports.
+    fn elements(&self, now: Instant) -> Vec<Element> {
+        std::iter::once(self.element(now))
+            .chain(
+                self.retired
+                    .iter()
+                    .map(|&(port, expires)| self.element_for(port, expires, now)),
+            )
+            .collect()
     }
 }
 
@@ -209,20 +235,38 @@ impl Grants {
                 element.key.port,
                 Some(element.timeout),
             )?;
-            self.by_source.insert(
-                (element.door.clone(), element.key.source),
-                Grant {
-                    door: element.door.clone(),
-                    source: element.key.source,
-                    device: None,
-                    port: element.key.port,
-                    leased: false,
-                    rotations: 0,
-                    probes: 0,
-                    expires: now + element.timeout,
-                    next_rotation: None,
-                },
-            );
+            let (port, expires) = (element.key.port, now + element.timeout);
+            let key = (element.door.clone(), element.key.source);
+            match self.by_source.get_mut(&key) {
+                // Several elements for one source: the longest-lived is the
+                // grant, the others ports a probe rotation retired.
+                Some(grant) => {
+                    let (keep, retire) = if expires > grant.expires {
+                        ((port, expires), (grant.port, grant.expires))
+                    } else {
+                        ((grant.port, grant.expires), (port, expires))
+                    };
+                    (grant.port, grant.expires) = keep;
+                    grant.retired.push(retire);
+                }
+                None => {
+                    self.by_source.insert(
+                        key,
+                        Grant {
+                            door: element.door.clone(),
+                            source: element.key.source,
+                            device: None,
+                            port,
+                            leased: false,
+                            rotations: 0,
+                            probes: 0,
+                            expires,
+                            next_rotation: None,
+                            retired: Vec::new(),
+                        },
+                    );
+                }
+            }
         }
         Ok(existing.len())
     }
@@ -232,7 +276,11 @@ impl Grants {
     pub fn restore(&self) -> Result<(), Error> {
         nft::install(&self.rules())?;
         let now = Instant::now();
-        let elements: Vec<Element> = self.by_source.values().map(|g| g.element(now)).collect();
+        let elements: Vec<Element> = self
+            .by_source
+            .values()
+            .flat_map(|g| g.elements(now))
+            .collect();
         nft::update_grants(&elements, &[])?;
         Ok(())
     }
@@ -240,7 +288,11 @@ impl Grants {
     /// A random free port for a new grant on `door`.
     fn fresh_port(&self, door: &str) -> Result<u16, Error> {
         let range = &self.doors[door].range;
-        let taken: HashSet<u16> = self.by_source.values().map(|g| g.port).collect();
+        let taken: HashSet<u16> = self
+            .by_source
+            .values()
+            .flat_map(|g| std::iter::once(g.port).chain(g.retired.iter().map(|r| r.0)))
+            .collect();
         pick_port(range, &taken, port_unbound).ok_or_else(|| Error::Exhausted {
             door: door.to_owned(),
             start: *range.start(),
@@ -313,6 +365,7 @@ impl Grants {
                     probes: 0,
                     expires: now + settings.open_for,
                     next_rotation: None,
+                    retired: Vec::new(),
                 }
             }
         };
@@ -364,9 +417,16 @@ impl Grants {
         let Some(grant) = self.by_source.remove(&(door.to_owned(), source)) else {
             return Ok(None);
         };
-        // The element may have just expired; its absence is the goal.
-        let _ = nft::update_grants(&[], &[grant.element(Instant::now())]);
+        // Elements may have just expired; their absence is the goal, so
+        // each goes in its own batch (one missing would fail the others).
+        let now = Instant::now();
+        for element in grant.elements(now) {
+            let _ = nft::update_grants(&[], &[element]);
+        }
         maps.revoke(grant.source, Proto::Tcp, grant.port)?;
+        for &(port, _) in &grant.retired {
+            maps.revoke(grant.source, Proto::Tcp, port)?;
+        }
         Ok(Some(grant))
     }
 
@@ -376,6 +436,10 @@ impl Grants {
     pub fn tick(&mut self, maps: &mut GuardMaps) -> Result<Vec<(Grant, Grant)>, Error> {
         let now = Instant::now();
         self.by_source.retain(|_, g| g.expires > now);
+        // The kernel closed retired ports at their deadline already.
+        for grant in self.by_source.values_mut() {
+            grant.retired.retain(|&(_, expires)| expires > now);
+        }
         let due: Vec<Grant> = self
             .by_source
             .values()
@@ -406,8 +470,14 @@ impl Grants {
     }
 
     /// Adds probe counts (granted port, SYNs from other sources) to the
-    /// grants on those ports, and moves every grant that reached its door's
-    /// `rotate_on_probes` to a fresh port at once. Returns (old, new) pairs.
+    /// grants on those ports. A lease whose port reached its door's
+    /// `rotate_on_probes` moves to a fresh port at once, and its old port
+    /// stays open to the holder alone until the deadline it already had:
+    /// the holder hears of the new port at its next heartbeat, and no
+    /// third party's SYNs, spoofed or not, lock it out before then. A grant
+    /// without a lease keeps its port: its holder could not learn a new
+    /// one, and it closes within `open_for` anyway. Returns (old, new)
+    /// pairs of the leases moved.
     pub fn rotate_probed(
         &mut self,
         maps: &mut GuardMaps,
@@ -419,14 +489,32 @@ impl Grants {
             for grant in self.by_source.values_mut().filter(|g| g.port == *port) {
                 grant.probes += count;
                 let threshold = self.doors[&grant.door].rotate_on_probes;
-                if threshold > 0 && grant.probes >= threshold {
+                if grant.leased
+                    && threshold > 0
+                    && grant.probes >= threshold
+                    && grant.retired.len() < RETIRED_MAX
+                {
                     due.push(grant.clone());
                 }
             }
         }
         let mut rotated = Vec::new();
         for old in due {
-            rotated.push((old.clone(), self.rotate(maps, old, now)?));
+            let port = self.fresh_port(&old.door)?;
+            let mut retired = old.retired.clone();
+            retired.push((old.port, old.expires));
+            let grant = Grant {
+                port,
+                rotations: old.rotations + 1,
+                probes: 0,
+                retired,
+                ..old.clone()
+            };
+            // The old element and allow entry stay, with their deadline.
+            self.enforce(maps, &grant, None, now)?;
+            self.by_source
+                .insert((old.door.clone(), old.source), grant.clone());
+            rotated.push((old, grant));
         }
         Ok(rotated)
     }
@@ -444,6 +532,9 @@ impl Grants {
                 grant.rotations = before.rotations;
                 grant.probes = before.probes;
                 grant.next_rotation = before.next_rotation;
+                if grant.retired.is_empty() {
+                    grant.retired.clone_from(&before.retired);
+                }
             }
         }
     }
