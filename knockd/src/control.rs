@@ -17,8 +17,15 @@
 //! 0660 for that group. A malformed or oversized request gets an error reply
 //! and the connection is closed; the daemon is never disturbed. Requests are
 //! carried to the daemon's main loop, which owns all state, over a channel.
+//!
+//! Both local listeners, this socket and the metrics endpoint, share one
+//! accept loop ([`Listener`]) that a local user cannot exhaust: at most
+//! [`CONNECTIONS_MAX`] connections each, a deadline on every connection
+//! (request and reply), backoff when accept fails (say, out of file
+//! descriptors) instead of a busy loop, and an end on shutdown.
 
 use std::{
+    future::Future,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -28,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
 };
 
 /// Protocol version spoken here.
@@ -37,6 +44,14 @@ pub const VERSION: u32 = 1;
 pub const REQUEST_MAX: usize = 4096;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to take its reply.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one listener serves at once; further clients wait in the
+/// kernel's accept backlog, which costs the daemon nothing.
+pub const CONNECTIONS_MAX: usize = 64;
+/// The first and the longest pause after a failed accept.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// An error setting the socket up, naming the path.
 #[derive(Debug, thiserror::Error)]
@@ -135,66 +150,163 @@ impl Response {
 /// A request on its way to the main loop, with the way back.
 pub type Request = (Command, oneshot::Sender<Response>);
 
+/// Something that accepts connections: the control socket or the metrics
+/// endpoint.
+trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static;
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    async fn accept(&self) -> std::io::Result<UnixStream> {
+        UnixListener::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<tokio::net::TcpStream> {
+        tokio::net::TcpListener::accept(self)
+            .await
+            .map(|(stream, _)| stream)
+    }
+}
+
+/// A bounded accept loop, after mini-redis's `Listener`: a permit is taken
+/// before each accept, so at most [`CONNECTIONS_MAX`] connections are open;
+/// a failed accept waits (doubling, up to [`BACKOFF_MAX`]) before the next;
+/// the loop ends when `shutdown` says so.
+struct Listener<L> {
+    listener: L,
+    /// What it serves, for the log.
+    what: &'static str,
+    limit: std::sync::Arc<tokio::sync::Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<L: Accept> Listener<L> {
+    fn new(listener: L, what: &'static str, shutdown: watch::Receiver<bool>) -> Self {
+        Listener {
+            listener,
+            what,
+            limit: std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX)),
+            shutdown,
+        }
+    }
+
+    /// Serves every connection with `serve` until shutdown.
+    async fn run<F, Fut>(mut self, serve: F)
+    where
+        F: Fn(L::Stream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let permit = tokio::select! {
+                permit = self.limit.clone().acquire_owned() => permit.expect("never closed"),
+                _ = self.shutdown.changed() => return,
+            };
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = self.shutdown.changed() => return,
+            };
+            match accepted {
+                Ok(stream) => {
+                    backoff = BACKOFF_MIN;
+                    let served = serve(stream);
+                    tokio::spawn(async move {
+                        served.await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: a busy retry would spin a core and
+                    // fix nothing. Wait, then try again.
+                    tracing::warn!(listener = self.what, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = self.shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Reads one line of at most `max` bytes within [`READ_TIMEOUT`]: `None`
+/// for a client that closed without one.
+async fn read_request<R: tokio::io::AsyncRead + Unpin>(
+    read: R,
+    max: usize,
+) -> Result<Option<String>, String> {
+    let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, max as u64)).lines();
+    match tokio::time::timeout(READ_TIMEOUT, lines.next_line()).await {
+        Err(_) => Err(format!("no request within {} s", READ_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Err(format!("reading the request: {e}")),
+        Ok(Ok(line)) => Ok(line),
+    }
+}
+
+/// Writes `bytes` within [`WRITE_TIMEOUT`]; a client that does not read is
+/// dropped.
+async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(mut write: W, bytes: &[u8]) {
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(bytes)).await;
+}
+
 /// Serves `GET /metrics` on `listen` (a loopback address, checked by the
-/// configuration) with the OpenMetrics text the main loop produces. Any
-/// other request gets 404; requests are bounded like control requests.
+/// configuration) with the OpenMetrics text the main loop produces, until
+/// `shutdown`. Any other request gets 404; requests are bounded like
+/// control requests.
 pub async fn serve_metrics(
     listen: std::net::SocketAddr,
     requests: mpsc::Sender<Request>,
-) -> std::io::Result<()> {
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let requests = requests.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines =
-                    BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_MAX as u64)).lines();
-                let Ok(Ok(Some(request_line))) =
-                    tokio::time::timeout(READ_TIMEOUT, lines.next_line()).await
-                else {
-                    return;
-                };
-                let reply = if request_line.starts_with("GET /metrics ")
-                    || request_line == "GET /metrics"
-                {
-                    let (tx, rx) = oneshot::channel();
-                    let body = if requests.send((Command::Metrics, tx)).await.is_ok() {
-                        rx.await
-                            .ok()
-                            .and_then(|r| r.data)
-                            .and_then(|d| d.as_str().map(str::to_owned))
-                    } else {
-                        None
-                    };
-                    match body {
-                        Some(body) => format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        ),
-                        None => "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n"
-                            .to_owned(),
-                    }
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n".to_owned()
-                };
-                let _ = write.write_all(reply.as_bytes()).await;
-            });
+    let listener = Listener::new(listener, "metrics", shutdown);
+    Ok(tokio::spawn(listener.run(move |stream| {
+        metrics_connection(stream, requests.clone())
+    })))
+}
+
+async fn metrics_connection(stream: tokio::net::TcpStream, requests: mpsc::Sender<Request>) {
+    let (read, write) = stream.into_split();
+    let Ok(Some(request_line)) = read_request(read, REQUEST_MAX).await else {
+        return;
+    };
+    let reply = if request_line.starts_with("GET /metrics ") || request_line == "GET /metrics" {
+        let (tx, rx) = oneshot::channel();
+        let body = if requests.send((Command::Metrics, tx)).await.is_ok() {
+            rx.await
+                .ok()
+                .and_then(|r| r.data)
+                .and_then(|d| d.as_str().map(str::to_owned))
+        } else {
+            None
+        };
+        match body {
+            Some(body) => format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+            None => "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n".to_owned(),
         }
-    });
-    Ok(())
+    } else {
+        "HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n".to_owned()
+    };
+    write_reply(write, reply.as_bytes()).await;
 }
 
 /// Binds the socket at `path` (replacing a stale one), with its
-/// permissions, and serves it until the process ends.
+/// permissions, and serves it until `shutdown`.
 pub fn serve(
     path: &Path,
     group: Option<u32>,
     requests: mpsc::Sender<Request>,
-) -> Result<(), Error> {
+    shutdown: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
     let bind_err = |source| Error::Bind {
         path: path.to_owned(),
         source,
@@ -214,27 +326,19 @@ pub fn serve(
     if let Some(gid) = group {
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_err)?;
     }
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(connection(stream, requests.clone()));
-        }
-    });
-    Ok(())
+    let listener = Listener::new(listener, "control socket", shutdown);
+    Ok(tokio::spawn(
+        listener.run(move |stream| connection(stream, requests.clone())),
+    ))
 }
 
 async fn connection(stream: UnixStream, requests: mpsc::Sender<Request>) {
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
     // Bounded reads: a line longer than REQUEST_MAX is cut off and refused.
-    let mut lines =
-        BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_MAX as u64 + 1)).lines();
-    let response = match tokio::time::timeout(READ_TIMEOUT, lines.next_line()).await {
-        Err(_) => Response::error("no request within 5 s"),
-        Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
-        Ok(Ok(None)) => return,
-        Ok(Ok(Some(line))) => match parse(&line) {
+    let response = match read_request(read, REQUEST_MAX + 1).await {
+        Err(message) => Response::error(message),
+        Ok(None) => return,
+        Ok(Some(line)) => match parse(&line) {
             Err(message) => Response::error(message),
             Ok(command) => {
                 let (reply, answer) = oneshot::channel();
@@ -250,7 +354,7 @@ async fn connection(stream: UnixStream, requests: mpsc::Sender<Request>) {
     };
     let mut text = serde_json::to_string(&response).unwrap_or_default();
     text.push('\n');
-    let _ = write.write_all(text.as_bytes()).await;
+    write_reply(write, text.as_bytes()).await;
 }
 
 #[cfg(test)]

@@ -335,8 +335,20 @@ impl Daemon {
         let door = self.config.doors[&door_name].clone();
         // Record the sequence as used before acting on it: a crash between
         // the two must not leave a replayable sequence behind.
-        if decision.reply.is_some() {
-            self.state.save(&self.engine.consumed())?;
+        // If the record cannot be written (a full or failing disk), this
+        // knock is refused: acting on it would leave a sequence that could
+        // be replayed after a restart. The daemon goes on serving.
+        if decision.reply.is_some()
+            && let Err(e) = self.state.save(&self.engine.consumed())
+        {
+            *self.tally.entry("state_write_failed").or_default() += 1;
+            self.record_error(format!(
+                "refused an accepted knock (door {door_name}, device {}, source {}): recording the sequence as used failed: {}",
+                decision.device.as_deref().unwrap_or("-"),
+                decision.source,
+                chain(&e)
+            ));
+            return Ok(());
         }
         let source = decision.grant_to;
         let device = decision.device.as_deref();
@@ -398,7 +410,11 @@ impl Daemon {
                 return Ok(());
             }
         };
-        self.load_policy()?;
+        // The grant is in place; the policy update only marks its port for
+        // probe counting, so a failure here is reported, not fatal.
+        if let Err(e) = self.load_policy() {
+            self.record_error(format!("updating the port policy failed: {}", chain(&e)));
+        }
         tracing::info!(
             outcome = "accepted",
             action = ?action,

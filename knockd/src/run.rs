@@ -93,6 +93,32 @@ fn group_id(name: &str) -> Option<u32> {
     (!group.is_null()).then(|| unsafe { (*group).gr_gid })
 }
 
+/// Lifts the soft limit on open files to the hard one (systemd's
+/// `LimitNOFILE`), so the listeners' connection caps, not a default of
+/// 1024, bound what local clients can make the daemon hold.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct given.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            let before = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            before == limit.rlim_max || libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(nofile = limit.rlim_cur, "open-file limit");
+    } else {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise the open-file limit"
+        );
+    }
+}
+
 /// Options that are not part of the configuration file.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -146,6 +172,7 @@ pub async fn run(
     for warning in &devices.warnings {
         tracing::warn!("{warning}");
     }
+    raise_nofile_limit();
     let state = StateFile::open(&config.state_dir)?;
     let (mut guard, logger) = Guard::load(options.kernel_log_level)?;
     if let Some(logger) = logger {
@@ -168,16 +195,26 @@ pub async fn run(
         None => None,
     };
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel(16);
+    // One shutdown signal for the listeners; their loops end on it.
+    let (stop_listeners, listeners_stop) = tokio::sync::watch::channel(false);
+    let mut listeners = Vec::new();
     if let Some(metrics) = &config.metrics {
-        control::serve_metrics(metrics.listen, requests_tx.clone())
-            .await
-            .map_err(|source| Error::Metrics {
-                listen: metrics.listen,
-                source,
-            })?;
+        let handle =
+            control::serve_metrics(metrics.listen, requests_tx.clone(), listeners_stop.clone())
+                .await
+                .map_err(|source| Error::Metrics {
+                    listen: metrics.listen,
+                    source,
+                })?;
+        listeners.push(handle);
         tracing::info!(listen = %metrics.listen, "metrics endpoint listening");
     }
-    control::serve(&config.control_socket, group, requests_tx)?;
+    listeners.push(control::serve(
+        &config.control_socket,
+        group,
+        requests_tx,
+        listeners_stop,
+    )?);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(Error::Signal)?;
     // The watchdog is pinged from the main loop, so a loop that stops
@@ -251,6 +288,10 @@ pub async fn run(
     }
 
     notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_listeners.send(true);
+    for listener in listeners {
+        let _ = listener.await;
+    }
     let counters = daemon.maps().counters()?;
     tracing::info!(
         counters = %serde_json::to_string(&counters).unwrap_or_default(),
