@@ -5,7 +5,7 @@
 //! straight off the network, so decoding checks every length and never
 //! panics.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use aya::maps::{MapData, RingBuf};
 use knockd_common::{KNOCK_PAYLOAD_MAX, KnockEvent};
@@ -28,6 +28,11 @@ pub enum DecodeError {
     Family(u8),
     #[error("knock record claims {0} captured bytes, at most {KNOCK_PAYLOAD_MAX} fit")]
     Captured(u16),
+    /// An IPv6 packet from or to an IPv4-mapped address (`::ffff:a.b.c.d`):
+    /// the stack drops those (RFC 4291 2.5.5.2), and taken at face value it
+    /// would be a knock that opens a door for an IPv4 address.
+    #[error("IPv{0} knock record with an address of the other family")]
+    Mixed(u8),
 }
 
 /// A knock, as the daemon works with it.
@@ -72,11 +77,15 @@ pub fn decode(bytes: &[u8]) -> Result<Knock, DecodeError> {
     if captured > KNOCK_PAYLOAD_MAX {
         return Err(DecodeError::Captured(event.captured_len));
     }
-    let addr = |raw: [u8; 16]| -> IpAddr { addr_from_key(raw) };
+    let (source, destination) = (addr_from_key(event.saddr), addr_from_key(event.daddr));
+    let v4 = event.family == 4;
+    if source.is_ipv4() != v4 || destination.is_ipv4() != v4 {
+        return Err(DecodeError::Mixed(event.family));
+    }
     Ok(Knock {
         at_ns: event.ts_ns,
-        source: SocketAddr::new(addr(event.saddr), event.sport),
-        destination: SocketAddr::new(addr(event.daddr), event.dport),
+        source: SocketAddr::new(source, event.sport),
+        destination: SocketAddr::new(destination, event.dport),
         proto,
         ifindex: event.ifindex,
         tcp_flags: event.tcp_flags,
@@ -196,6 +205,14 @@ mod tests {
         let mut e = sample();
         e.captured_len = KNOCK_PAYLOAD_MAX as u16 + 1;
         assert!(matches!(decode(&record(&e)), Err(DecodeError::Captured(_))));
+        // Found by the event_decode fuzz target: an IPv6 record whose
+        // source is IPv4-mapped would have named an IPv4 source.
+        let mut e = sample();
+        e.family = 6;
+        assert_eq!(decode(&record(&e)), Err(DecodeError::Mixed(6)));
+        let mut e = sample();
+        e.daddr = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(decode(&record(&e)), Err(DecodeError::Mixed(4)));
         let mut e = sample();
         e.proto = IPPROTO_TCP;
         e.captured_len = KNOCK_PAYLOAD_MAX as u16;
