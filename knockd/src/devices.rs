@@ -291,9 +291,13 @@ fn device_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 }
 
 fn parse_device_file(path: &Path) -> Result<DeviceFile, Error> {
-    let text = read_bounded(path)?;
+    parse_device_text(&read_bounded(path)?, path)
+}
+
+/// Parses and checks the text of a device file; `path` names it in errors.
+pub fn parse_device_text(text: &str, path: &Path) -> Result<DeviceFile, Error> {
     let file: DeviceFile = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
-        &text,
+        text,
     ))
     .map_err(|e| Error::DeviceFile {
         path: path.to_owned(),

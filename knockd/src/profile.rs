@@ -106,13 +106,19 @@ impl Profiles {
             path: path.to_owned(),
             source,
         })?;
+        Profiles::parse(&text, path)
+    }
+
+    /// Parses and checks the text of a profile file; `path` names it in
+    /// errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Profiles, Error> {
         let invalid = |key: String, message: String| Error::Invalid {
             path: path.to_owned(),
             key,
             message,
         };
         let profiles: Profiles =
-            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
+            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
                 .map_err(|e| invalid(e.path().to_string(), e.into_inner().to_string()))?;
         for (name, profile) in &profiles.profiles {
             profile

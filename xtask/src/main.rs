@@ -72,6 +72,20 @@ enum Task {
     },
     /// Run knockd between two network namespaces and show it working.
     Demo,
+    /// Runs the cargo-fuzz targets (nightly, libFuzzer; `xdp_guard` needs
+    /// root), each for `--time` seconds or `--runs` executions, and prints
+    /// executions and crashes per target.
+    Fuzz {
+        /// One target (default: all of them).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Executions per target instead of a time (stops at whichever
+        /// comes first when both are given).
+        #[arg(long)]
+        runs: Option<u64>,
+    },
     /// Benchmarks, printed as ratios against baselines from the same run
     /// (needs root): `grants`, `knock`, `revoke`, or all of them.
     Bench {
@@ -87,6 +101,10 @@ fn main() -> Result<()> {
         Task::Test { filter } => test(filter.as_deref()),
         Task::Demo => demo(),
         Task::Bench { which } => bench(&which),
+        Task::Fuzz { target, time, runs } => {
+            setup()?;
+            fuzz(target.as_deref(), time, runs).map(|_| ())
+        }
     }
 }
 
@@ -136,6 +154,7 @@ fn setup() -> Result<()> {
     step("nightly rust-src", nightly_rust_src)?;
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
+    step("cargo-fuzz", cargo_fuzz)?;
     println!("setup: done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -227,6 +246,125 @@ fn bpf_linker() -> Result<&'static str> {
     Ok("built and installed")
 }
 
+/// The cargo-fuzz release we install.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn cargo_fuzz() -> Result<&'static str> {
+    if let Some(version) = output(Command::new("cargo").args(["fuzz", "--version"]))
+        && version.contains(CARGO_FUZZ_VERSION)
+    {
+        return Ok("already installed");
+    }
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))?;
+    Ok("built and installed")
+}
+
+/// The fuzz targets, in `fuzz/fuzz_targets`; each has its seeds in
+/// `fuzz/seeds/TARGET`.
+const FUZZ_TARGETS: &[&str] = &[
+    "knock_engine",
+    "event_decode",
+    "control_line",
+    "yaml_loaders",
+    "xdp_guard",
+];
+
+/// What one fuzz run did.
+struct FuzzRun {
+    target: &'static str,
+    executions: u64,
+    seconds: f64,
+}
+
+/// Runs each target (or `only`) for `secs` seconds or `runs` executions,
+/// from its seeds and a working corpus under `fuzz/target` (the seeds in
+/// the repository are never written to). Any crash fails.
+fn fuzz(only: Option<&str>, secs: u64, runs: Option<u64>) -> Result<Vec<FuzzRun>> {
+    let targets: Vec<&'static str> = match only {
+        Some(name) => vec![
+            *FUZZ_TARGETS
+                .iter()
+                .find(|t| **t == name)
+                .with_context(|| format!("no fuzz target {name:?} (targets: {FUZZ_TARGETS:?})"))?,
+        ],
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    let dir = workspace_root().join("fuzz");
+    println!("fuzz: building the targets (nightly, address sanitizer)");
+    run(Command::new("rustup")
+        .current_dir(&dir)
+        .args(["run", "nightly", "cargo", "fuzz", "build"]))?;
+    let mut done = Vec::new();
+    for target in targets {
+        let work = dir.join("target/corpus").join(target);
+        std::fs::create_dir_all(&work)?;
+        let artifacts = dir.join("target/artifacts").join(target);
+        std::fs::create_dir_all(&artifacts)?;
+        let mut cmd = Command::new("rustup");
+        cmd.current_dir(&dir)
+            .args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&work)
+            .arg(dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={secs}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            // Bounded memory is part of the promise: far below this.
+            .arg("-rss_limit_mb=1024")
+            .arg("-print_final_stats=1");
+        if let Some(runs) = runs {
+            cmd.arg(format!("-runs={runs}"));
+        }
+        println!(
+            "fuzz: {target} for {secs} s{}",
+            runs.map(|r| format!(" or {r} runs")).unwrap_or_default()
+        );
+        let out = cmd
+            .stderr(Stdio::piped())
+            .output()
+            .with_context(|| format!("running fuzz target {target}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let stat = |name: &str| -> Option<f64> {
+            log.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        };
+        let executions = stat("stat::number_of_executed_units:").unwrap_or(0.0) as u64;
+        let seconds = stat("stat::average_exec_per_sec:")
+            .filter(|rate| *rate > 0.0)
+            .map_or(0.0, |rate| executions as f64 / rate);
+        if !out.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+            bail!(
+                "fuzz target {target} failed ({}): crash inputs are in {}",
+                out.status,
+                artifacts.display()
+            );
+        }
+        println!("fuzz: {target}: {executions} executions in {seconds:.0} s, 0 crashes");
+        done.push(FuzzRun {
+            target,
+            executions,
+            seconds,
+        });
+    }
+    println!("\nfuzz target      executions   seconds  crashes");
+    for run in &done {
+        println!(
+            "{:<16} {:>11} {:>9.0}  0",
+            run.target, run.executions, run.seconds
+        );
+    }
+    Ok(done)
+}
+
 fn bpffs() -> Result<&'static str> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     let mounted = mounts.lines().any(|line| {
@@ -291,6 +429,10 @@ fn cargo_test(mut cmd: Command) -> Result<(Tally, ExitStatus)> {
     }
     Ok((tally, child.wait()?))
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`: a smoke that every
+/// target builds, loads its seeds and runs, not a campaign.
+const FUZZ_SMOKE_SECS: u64 = 5;
 
 fn test(filter: Option<&str>) -> Result<()> {
     let start = Instant::now();
@@ -369,6 +511,21 @@ fn test(filter: Option<&str>) -> Result<()> {
     }
     let (privileged_tally, privileged_status) = cargo_test(privileged)?;
 
+    println!("test: fuzz smoke (every target, a few seconds each)");
+    // A filter that names no target (a developer's focused run) skips it;
+    // CI gives no filter, so every target runs there.
+    let fuzz_smoke = match filter {
+        None => fuzz(None, FUZZ_SMOKE_SECS, None),
+        Some(f) if FUZZ_TARGETS.contains(&f) => fuzz(Some(f), FUZZ_SMOKE_SECS, None),
+        Some(f) => {
+            println!("test: fuzz smoke skipped: filter {f:?} names no fuzz target");
+            Ok(Vec::new())
+        }
+    };
+    if let Err(e) = &fuzz_smoke {
+        eprintln!("fuzz smoke failed: {e:#}");
+    }
+
     println!("test: protocol vectors, recomputed by an independent implementation");
     // Debian's interpreter, which is the one python3-cryptography serves.
     let vectors = Command::new("/usr/bin/python3")
@@ -379,8 +536,13 @@ fn test(filter: Option<&str>) -> Result<()> {
     eprint!("{}", String::from_utf8_lossy(&vectors.stderr));
     let vectors_ok = vectors.status.success();
 
-    let passed = unit_tally.passed + privileged_tally.passed + u64::from(vectors_ok);
-    let failed = unit_tally.failed + privileged_tally.failed + u64::from(!vectors_ok);
+    let fuzz_ok = fuzz_smoke.is_ok();
+    let passed = unit_tally.passed
+        + privileged_tally.passed
+        + u64::from(vectors_ok)
+        + fuzz_smoke.as_ref().map_or(0, |runs| runs.len() as u64);
+    let failed =
+        unit_tally.failed + privileged_tally.failed + u64::from(!vectors_ok) + u64::from(!fuzz_ok);
     println!();
     println!(
         "unit: {} passed, {} failed; privileged: {} passed, {} failed; {:.0}s in all",
@@ -393,6 +555,7 @@ fn test(filter: Option<&str>) -> Result<()> {
     println!("{passed} passed, {failed} failed");
     ensure!(unit_status.success(), "unit tests failed");
     ensure!(vectors_ok, "docs/check_vectors.py failed");
+    ensure!(fuzz_ok, "the fuzz smoke failed");
     ensure!(privileged_status.success(), "privileged tests failed");
     ensure!(
         privileged_tally.passed > 0,
