@@ -83,6 +83,16 @@ impl Capture {
     /// Frames this host sent out of the interface so far (until the socket
     /// is quiet for 200 ms) that satisfy `keep`.
     pub fn outgoing(&self, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        self.frames(true, keep)
+    }
+
+    /// Frames that arrived on the interface so far (until the socket is
+    /// quiet for 200 ms) that satisfy `keep`: the answers a probe got.
+    pub fn incoming(&self, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        self.frames(false, keep)
+    }
+
+    fn frames(&self, outgoing: bool, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
         let mut frames = Vec::new();
         let mut buf = vec![0u8; 65536];
         loop {
@@ -104,7 +114,7 @@ impl Capture {
                 break;
             }
             let frame = &buf[..n as usize];
-            if from.sll_pkttype == libc::PACKET_OUTGOING && keep(frame) {
+            if (from.sll_pkttype == libc::PACKET_OUTGOING) == outgoing && keep(frame) {
                 frames.push(frame.to_vec());
             }
         }
@@ -113,6 +123,11 @@ impl Capture {
 
     /// Sends each frame out of the interface again, unchanged.
     pub fn replay(&self, frames: &[Vec<u8>]) {
+        self.send(frames, Duration::from_millis(2));
+    }
+
+    /// Sends each frame out of the interface, `gap` apart.
+    pub fn send(&self, frames: &[Vec<u8>], gap: Duration) {
         let addr = sockaddr(self.ifindex);
         for frame in frames {
             // SAFETY: valid buffer and address with their sizes.
@@ -132,7 +147,9 @@ impl Capture {
                 "sendto: {}",
                 std::io::Error::last_os_error()
             );
-            std::thread::sleep(Duration::from_millis(2));
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
         }
     }
 }
