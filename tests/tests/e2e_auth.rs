@@ -19,7 +19,7 @@ use knockd_tests::{
     Daemon, NetNs, Testbed, addrs,
     capture::{Capture, udp_dport},
     probe::{self, Outcome},
-    require_privileges,
+    require_privileges, sh,
 };
 
 const SILENCE: Duration = Duration::from_millis(1200);
@@ -237,6 +237,97 @@ fn a_replayed_capture_is_rejected_and_answered_with_silence_v4() {
 fn a_replayed_capture_is_rejected_and_answered_with_silence_v6() {
     require_privileges!();
     a_replayed_capture_is_rejected_and_answered_with_silence(true);
+}
+
+/// `frames` as a classic pcap file (what tcpdump writes, tcpreplay reads).
+fn write_pcap(path: &std::path::Path, frames: &[Vec<u8>]) {
+    let mut out = Vec::new();
+    // Magic, version 2.4, zone, accuracy, snaplen, LINKTYPE_ETHERNET.
+    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    for word in [0u32, 0, 65535, 1] {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    for (i, frame) in frames.iter().enumerate() {
+        for word in [
+            1_700_000_000u32,
+            i as u32 * 1000,
+            frame.len() as u32,
+            frame.len() as u32,
+        ] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(frame);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// The same UDP datagram from another source address, checksums redone.
+fn from_source(frame: &[u8], source: IpAddr) -> Vec<u8> {
+    let sliced = etherparse::SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::TransportSlice::Udp(udp)) = &sliced.transport else {
+        panic!("not UDP");
+    };
+    let payload = udp.payload();
+    let eth = etherparse::Ethernet2Header::from_slice(frame).unwrap().0;
+    let builder = etherparse::PacketBuilder::ethernet2(eth.source, eth.destination);
+    let builder = match (source, &sliced.net) {
+        (IpAddr::V4(s), Some(etherparse::NetSlice::Ipv4(ip))) => {
+            builder.ipv4(s.octets(), ip.header().destination(), 64)
+        }
+        (IpAddr::V6(s), Some(etherparse::NetSlice::Ipv6(ip))) => {
+            builder.ipv6(s.octets(), ip.header().destination(), 64)
+        }
+        _ => panic!("family mismatch"),
+    };
+    let builder = builder.udp(udp.source_port(), udp.destination_port());
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// A captured sequence replayed with Debian's tcpreplay, as captured and
+/// with the source rewritten to another address (a spoofed replay): both
+/// are replays (the sequence was used), neither gets a reply, and nothing
+/// opens for the spoofed address.
+fn tcpreplay_and_spoofed_replays_are_rejected(v6: bool) {
+    let (testbed, setup, mut daemon, (server, client, other)) = start(v6);
+    let (socket, frames) = knock_and_capture(&testbed, &setup, server, client);
+    daemon.wait_for("decision", LOG_WAIT, |v| v["outcome"] == "accepted");
+    let spoofed: Vec<Vec<u8>> = frames.iter().map(|f| from_source(f, other)).collect();
+    for (name, set) in [("captured", &frames), ("spoofed", &spoofed)] {
+        let pcap = setup.dir.path().join(format!("{name}.pcap"));
+        write_pcap(&pcap, set);
+        sh(testbed
+            .client
+            .command("tcpreplay")
+            .args(["-q", "-i", &testbed.client_if])
+            .arg(&pcap));
+    }
+    daemon.wait_for_count("decision", 6, LOG_WAIT, |v| v["reason"] == "replay");
+    let spoofed_replays = daemon.messages("decision", |v| {
+        v["reason"] == "replay" && knockd_tests::knock_source(v) == Some(other)
+    });
+    assert_eq!(spoofed_replays.len(), 3, "each spoofed knock is a replay");
+    assert!(silent(&socket), "a replay gets no reply");
+    assert_eq!(decisions(&daemon, "accepted", None), 1);
+    assert_eq!(
+        connect(&testbed.client, other, SocketAddr::new(server, SSH)),
+        Outcome::Silent
+    );
+}
+
+#[test]
+fn tcpreplay_and_spoofed_replays_are_rejected_v4() {
+    require_privileges!();
+    tcpreplay_and_spoofed_replays_are_rejected(false);
+}
+
+#[test]
+fn tcpreplay_and_spoofed_replays_are_rejected_v6() {
+    require_privileges!();
+    tcpreplay_and_spoofed_replays_are_rejected(true);
 }
 
 #[test]

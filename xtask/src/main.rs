@@ -46,6 +46,8 @@ const APT_PACKAGES: &[&str] = &[
     // conntrack-tools' `conntrack`: an independent look at the flows that
     // revoke cuts.
     "conntrack",
+    // Replaying captured knocks as an attacker would.
+    "tcpreplay",
 ];
 
 /// The bpf-linker release we build; 0.13 is the one known to build with
