@@ -30,7 +30,7 @@ use knockd_tests::{
     bed::{Bed, SILENCE},
     capture::Capture,
     frames::{self, Ext},
-    probe::Outcome,
+    probe::{self, Outcome},
     require_privileges, sh,
 };
 
@@ -829,4 +829,49 @@ fn a_failed_state_write_refuses_one_knock_and_keeps_serving() {
     let answer = bed.knock(&socket, Kind::Open);
     assert_eq!(bed.connect(answer.reply.port).0, Outcome::Answered);
     daemon.assert_running();
+}
+
+/// Traffic the host itself starts keeps working: a connection the server
+/// makes from a port inside the guarded grant range gets its replies (a
+/// SYN-ACK and data, which the guard chain admits as established), while
+/// the same port stays silent to a stranger's new connection.
+fn the_hosts_own_connections_from_guarded_ports_work(v6: bool) {
+    let mut scene = Scene::new(v6);
+    let (server, client, _) = addrs::family(v6);
+    let tb = &scene.bed.testbed;
+    let echo = tb
+        .client
+        .run(|| probe::echo_server(SocketAddr::new(client, 7777)));
+    let local = SocketAddr::new(server, 40009);
+    let mut stream = tb.server.run(|| {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(local), Type::STREAM, None).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket.bind(&local.into()).unwrap();
+        socket
+            .connect_timeout(&echo.into(), Duration::from_secs(3))
+            .unwrap();
+        std::net::TcpStream::from(socket)
+    });
+    for i in 0..10 {
+        assert!(
+            probe::echo_round_trip(&mut stream, format!("out {i}").as_bytes()),
+            "round trip {i}"
+        );
+    }
+    assert_eq!(scene.bed.connect(40010).0, Outcome::Silent);
+    scene.assert_no_accepts();
+    scene.assert_daemon_healthy();
+}
+
+#[test]
+fn the_hosts_own_connections_from_guarded_ports_work_v4() {
+    require_privileges!();
+    the_hosts_own_connections_from_guarded_ports_work(false);
+}
+
+#[test]
+fn the_hosts_own_connections_from_guarded_ports_work_v6() {
+    require_privileges!();
+    the_hosts_own_connections_from_guarded_ports_work(true);
 }
