@@ -344,7 +344,12 @@ fn every_tcp_flag_combination_gets_no_answer(v6: bool) {
     );
     // And the holder still gets through.
     assert_eq!(scene.bed.connect(granted).0, Outcome::Answered);
-    scene.assert_daemon_healthy();
+    let rss = scene.assert_daemon_healthy();
+    eprintln!(
+        "gate: 0 of {} flag probes answered; control answered {} of 256; rss {rss} KiB",
+        probes.len(),
+        answered.len()
+    );
 }
 
 #[test]
@@ -442,7 +447,10 @@ fn nmap_finds_nothing_with_any_scan_type(v6: bool) {
     assert!(probed >= 11 * 21 + 15);
     scene.assert_no_accepts();
     scene.legitimate_open();
-    scene.assert_daemon_healthy();
+    let rss = scene.assert_daemon_healthy();
+    eprintln!(
+        "gate: {probed} nmap port results, none open, closed or unfiltered but the control; rss {rss} KiB"
+    );
 }
 
 #[test]
@@ -584,7 +592,12 @@ fn odd_shapes_reach_nothing(v6: bool) {
         "the control shapes are delivered and answered: {answered:?}"
     );
     scene.legitimate_open();
-    scene.assert_daemon_healthy();
+    let rss = scene.assert_daemon_healthy();
+    eprintln!(
+        "gate: 0 answers to {} crafted frames; {expected} of {} control frames answered; rss {rss} KiB",
+        silent.len(),
+        control.len()
+    );
 }
 
 #[test]
@@ -663,7 +676,11 @@ fn a_knock_flood_from_random_sources_leaves_legitimate_knocks_working(v6: bool) 
         sent.load(Ordering::SeqCst)
     );
     scene.assert_no_accepts();
-    scene.assert_daemon_healthy();
+    let rss = scene.assert_daemon_healthy();
+    eprintln!(
+        "gate: 5 of 5 opens during a flood of {} random knocks; rss {rss} KiB",
+        sent.load(Ordering::SeqCst)
+    );
 }
 
 #[test]
