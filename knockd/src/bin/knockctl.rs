@@ -204,6 +204,12 @@ fn show(
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so a closed stdout (`knockctl grants | head`)
+    // turns every later println! into a panic. A command-line tool should
+    // end quietly instead, as cat and ls do.
+    // SAFETY: restoring a signal's default disposition at start-up, before
+    // any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Knock(args) => knock(&args),
