@@ -13,8 +13,8 @@
 //!   set static_ipv6_grants { type ipv6_addr . inet_service; flags timeout; }
 //!   chain prerouting { type nat hook prerouting priority dstnat; policy accept;
 //!     # per one-time door:
-//!     meta nfproto ipv4 tcp dport START-END ip saddr . tcp dport @ssh4 redirect to :SERVICE
-//!     meta nfproto ipv6 tcp dport START-END ip6 saddr . tcp dport @ssh6 redirect to :SERVICE
+//!     tcp dport START-END ip saddr . tcp dport @ssh4 dnat ip to ip daddr:SERVICE
+//!     tcp dport START-END ip6 saddr . tcp dport @ssh6 dnat ip6 to ip6 daddr:SERVICE
 //!   }
 //!   chain input { type filter hook input priority filter; policy accept;
 //!     iifname "eth0" jump guard        # per guarded interface
@@ -47,8 +47,8 @@
 //!
 //! Every change is one atomic batch, and every message in it is
 //! acknowledged or the change fails. The safe nftnl API has no concatenated
-//! sets, timeouts or `redirect`; those few pieces use `nftnl::sys` here, and
-//! nowhere else.
+//! sets or timeouts, and loads payload into register 1 only; those few
+//! pieces use `nftnl::sys` here, and nowhere else.
 
 use std::{
     ffi::{CStr, CString, c_void},
@@ -256,27 +256,6 @@ impl Expression for LookupAt {
                 expr.as_ptr(),
                 sys::NFTNL_EXPR_LOOKUP_SET_ID as u16,
                 self.set_id,
-            );
-            expr
-        }
-    }
-}
-
-/// `redirect to :PORT`, the port read from a register.
-struct Redirect {
-    port_reg: u32,
-}
-
-impl Expression for Redirect {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        // SAFETY: as for PayloadTo.
-        unsafe {
-            let expr =
-                NonNull::new(sys::nftnl_expr_alloc(c"redir".as_ptr())).expect("out of memory");
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN as u16,
-                self.port_reg,
             );
             expr
         }
@@ -505,18 +484,39 @@ fn grant_lookup(rule: &mut Rule, set: &CStr, set_id: u32, v6: bool) {
     });
 }
 
-/// `meta nfproto F tcp dport RANGE saddr . tcp dport @set redirect to :SERVICE`
+/// `meta nfproto F tcp dport RANGE saddr . tcp dport @set dnat to daddr:SERVICE`
+///
+/// The destination address stays what the client connected to; only the
+/// port changes. `redirect` would do the same on a host with one address,
+/// but it rewrites the address to the interface's first one, which on a
+/// host with several (any IPv6 host with SLAAC) is not always the address
+/// the service listens on.
 fn redirect_rule<'a>(chain: &'a Chain<'a>, door: &DoorRules, index: usize, v6: bool) -> Rule<'a> {
     let mut rule = Rule::new(chain);
     // The range first: it rules out most packets before the set lookup.
     l4proto(&mut rule, libc::IPPROTO_TCP as u8);
     dport_in(&mut rule, &door.grant_ports);
     grant_lookup(&mut rule, &set_name(&door.name, v6), set_id(index, v6), v6);
+    // The lookup is done with the registers; reuse them for the target.
+    let (family, daddr_offset, daddr_len) = if v6 {
+        (ProtoFamily::Ipv6, 24, 16)
+    } else {
+        (ProtoFamily::Ipv4, 16, 4)
+    };
+    rule.add_expr(&PayloadTo {
+        base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+        offset: daddr_offset,
+        len: daddr_len,
+        dreg: Register::Reg1.to_raw(),
+    });
     // Immediate copies its value's in-memory bytes: hand it the port already
     // in network order (a slice would copy the slice's pointer instead).
-    rule.add_expr(&Immediate::new(door.service_port.to_be(), Register::Reg1));
-    rule.add_expr(&Redirect {
-        port_reg: Register::Reg1.to_raw(),
+    rule.add_expr(&Immediate::new(door.service_port.to_be(), Register::Reg2));
+    rule.add_expr(&nftnl::expr::Nat {
+        nat_type: nftnl::expr::NatType::DNat,
+        family,
+        ip_register: Register::Reg1,
+        port_register: Some(Register::Reg2),
     });
     rule
 }
