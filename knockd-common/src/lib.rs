@@ -82,8 +82,9 @@ pub struct Settings {
     pub knock_burst: u32,
 }
 
-/// Per-source token bucket, the value of the rate-limit LRU map (keyed by the
-/// 16-byte source address in network byte order, IPv4-mapped for IPv4).
+/// Per-source token bucket, the value of the rate-limit LRU map (keyed by 16
+/// bytes in network byte order: an IPv4 source, IPv4-mapped, or an IPv6
+/// source's /64, its last 8 bytes zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenBucket {
@@ -228,7 +229,7 @@ pub mod map_names {
     pub const ALLOW: &str = "ALLOW";
     /// `Array<Settings>` with one entry.
     pub const SETTINGS: &str = "SETTINGS";
-    /// `LruHashMap<[u8; 16], TokenBucket>`.
+    /// `LruHashMap<[u8; 16], TokenBucket>`, keyed by IPv4 source or IPv6 /64.
     pub const KNOCK_RATE: &str = "KNOCK_RATE";
     /// `PerCpuArray<u64>`, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";

@@ -407,6 +407,18 @@ fn count_probe(port: u32) {
     }
 }
 
+/// The rate-limit key of a source: its IPv4 address, or its IPv6 /64. One
+/// host holds a whole /64, so a bucket per /128 let a single attacker knock
+/// from as many "sources" as it liked.
+#[inline(always)]
+fn rate_key(ip: &Ip) -> [u8; 16] {
+    let mut key = ip.saddr;
+    if ip.family == 6 {
+        key[8..].fill(0);
+    }
+    key
+}
+
 /// Takes one token from the source's bucket; `false` means over the limit.
 fn take_token(saddr: &[u8; 16], now: u64) -> bool {
     let Some(settings) = SETTINGS.get(0) else {
@@ -466,7 +478,7 @@ fn knock(ctx: &XdpContext, ip: &Ip, dport: u16, tcp_flags: u8) -> Result<Counter
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !take_token(&ip.saddr, now) {
+    if !take_token(&rate_key(ip), now) {
         return Ok(Counter::KnockRateLimited);
     }
     let Some(mut entry) = KNOCK_EVENTS.reserve::<KnockEvent>(0) else {

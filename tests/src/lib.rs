@@ -171,7 +171,12 @@ pub mod addrs {
     pub const OTHER_V4: &str = "198.18.0.3";
     pub const SERVER_V6: &str = "2001:db8::1";
     pub const CLIENT_V6: &str = "2001:db8::2";
-    pub const OTHER_V6: &str = "2001:db8::3";
+    /// In a /64 of its own: the kernel rate-limits knocks per IPv6 /64, so
+    /// a second source in the client's /64 would share its bucket.
+    pub const OTHER_V6: &str = "2001:db8:1::3";
+    /// The server's address in OTHER_V6's /64, which makes that prefix
+    /// on-link for the server's replies.
+    pub const SERVER_V6_OTHER_NET: &str = "2001:db8:1::1";
 
     /// (server, client, other client) for one address family.
     pub fn family(v6: bool) -> (IpAddr, IpAddr, IpAddr) {
@@ -227,14 +232,16 @@ impl Testbed {
             "dev",
             &server_if,
         ]);
-        server.ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", addrs::SERVER_V6),
-            "dev",
-            &server_if,
-            "nodad",
-        ]);
+        for addr in [addrs::SERVER_V6, addrs::SERVER_V6_OTHER_NET] {
+            server.ip(&[
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                &server_if,
+                "nodad",
+            ]);
+        }
         for addr in [addrs::CLIENT_V4, addrs::OTHER_V4] {
             client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &client_if]);
         }

@@ -745,6 +745,44 @@ fn rate_limit_caps_each_source_separately() {
     bench.expect(&from([198, 18, 0, 9]), Counter::KnockRateLimited);
 }
 
+/// IPv6 sources share a bucket per /64: one host holds a whole /64, and a
+/// bucket per address let it knock from as many sources as it liked.
+#[test]
+fn ipv6_sources_share_a_bucket_per_slash_64() {
+    require_privileges!();
+    let mut bench = Bench::new();
+    bench.maps.set_knock_rate(1, 3).unwrap();
+    let from = |src: [u8; 16]| {
+        eth6(frames::ipv6(
+            src,
+            SERVER6,
+            &[],
+            frames::udp(40000, KNOCK_UDP, b"k"),
+        ))
+    };
+    let host = |net: u8, host: u16| -> [u8; 16] {
+        let mut a = [0x20, 0x01, 0x0d, 0xb8, 0, net, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        a[8..10].copy_from_slice(&host.to_be_bytes());
+        a[15] = host as u8;
+        a
+    };
+    // Three addresses of one /64 spend one burst of three.
+    for i in 0..3 {
+        bench.knock(&from(host(1, 100 + i)));
+    }
+    for i in 0..5 {
+        bench.expect(&from(host(1, 200 + i)), Counter::KnockRateLimited);
+    }
+    // The next /64 has its own bucket, and so does an IPv4 address.
+    let other = bench.knock(&from(host(2, 7)));
+    assert_eq!(
+        other.source.ip(),
+        IpAddr::from(host(2, 7)),
+        "the event names the full address"
+    );
+    bench.knock(&v4_knock(b"v4"));
+}
+
 #[test]
 fn a_full_ring_buffer_counts_lost_events_and_still_drops() {
     require_privileges!();
