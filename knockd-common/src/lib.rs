@@ -42,6 +42,25 @@ pub mod policy {
     /// A grant currently uses this (protected) port: SYNs to it from other
     /// sources are probes, counted so the daemon can move the grant away.
     pub const GRANTED: u8 = 1 << 2;
+    /// A one-time knock port: only datagrams shaped like a one-time knock
+    /// ([`super::knock_wire`]) go to userspace; the rest are dropped in the
+    /// kernel, so garbage never costs a ring-buffer slot, a rate-limit token
+    /// or the daemon's time.
+    pub const SHAPED: u8 = 1 << 3;
+}
+
+/// The shape of a one-time knock on the wire (`docs/PROTOCOL.md` §6), as
+/// far as the kernel checks it; `knockd::proto` builds and parses knocks
+/// from these same numbers.
+pub mod knock_wire {
+    /// UDP payload length of a knock.
+    pub const LEN: usize = 68;
+    /// Protocol version, the first byte.
+    pub const VERSION: u8 = 1;
+    /// Message kinds, the second byte: 1 (open) to this (heartbeat).
+    pub const KIND_MAX: u8 = 3;
+    /// Most knocks in a sequence; bytes 3 and 4 are index < count <= this.
+    pub const MAX_KNOCKS: u8 = 16;
 }
 
 /// Key of the allow map: one source address allowed to one destination port.
@@ -168,11 +187,14 @@ pub enum Counter {
     /// A knock whose ring-buffer reservation failed (userspace is behind):
     /// dropped without an event.
     KnockEventLost,
+    /// A datagram to a one-time knock port that cannot be a knock (length,
+    /// version, kind, index or count): dropped without an event.
+    KnockMalformed,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::PassNotIp,
         Counter::PassOtherProto,
         Counter::PassUnprotected,
@@ -184,6 +206,7 @@ impl Counter {
         Counter::KnockForwarded,
         Counter::KnockRateLimited,
         Counter::KnockEventLost,
+        Counter::KnockMalformed,
     ];
 
     /// Number of counter slots.
@@ -216,6 +239,7 @@ impl Counter {
             Counter::KnockForwarded => "knock_forwarded",
             Counter::KnockRateLimited => "knock_rate_limited",
             Counter::KnockEventLost => "knock_event_lost",
+            Counter::KnockMalformed => "knock_malformed",
         }
     }
 }

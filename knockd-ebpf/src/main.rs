@@ -7,8 +7,9 @@
 //!    alive across port rotations and grant expiry (knockd's nftables table
 //!    drops whatever of these is not part of a known flow, so probes with
 //!    other flags still get no answer);
-//! 4. a knock port: rate-limit per source, send the knock to userspace over
-//!    the ring buffer, drop;
+//! 4. a knock port: drop what cannot be a knock (on one-time knock ports:
+//!    the length, version, kind, index and count), rate-limit per source,
+//!    send the knock to userspace over the ring buffer, drop;
 //! 5. a protected port: pass if the exact (source, port, protocol) holds a
 //!    live grant in the allow map, else drop silently (no RST, no ICMP).
 //!
@@ -59,7 +60,7 @@ use aya_log_ebpf::debug;
 use knockd_common::{
     ALLOW_MAX_ENTRIES, AllowKey, AllowValue, Counter, IPPROTO_TCP, IPPROTO_UDP, KNOCK_EVENTS_BYTES,
     KNOCK_PAYLOAD_MAX, KNOCK_RATE_MAX_ENTRIES, KnockEvent, PORT_POLICY_ENTRIES, PROBES_MAX_ENTRIES,
-    Settings, TOKEN_SCALE, TokenBucket, policy, port_policy_index,
+    Settings, TOKEN_SCALE, TokenBucket, knock_wire, policy, port_policy_index,
 };
 
 #[map]
@@ -372,7 +373,7 @@ fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
     // A fragmented knock is never legitimate (knocks are tiny); treat it as
     // a packet to a protected port.
     if flags & policy::KNOCK != 0 && !ip.first_fragment {
-        return knock(ctx, ip, dport, tcp_flags);
+        return knock(ctx, ip, dport, tcp_flags, flags);
     }
     let key = AllowKey {
         addr: ip.saddr,
@@ -461,7 +462,29 @@ fn take_token(saddr: &[u8; 16], now: u64) -> bool {
     }
 }
 
-fn knock(ctx: &XdpContext, ip: &Ip, dport: u16, tcp_flags: u8) -> Result<Counter, Malformed> {
+/// Whether the UDP payload at `offset`, `len` bytes long, has the shape of
+/// a one-time knock. Checked before the rate limit, so garbage spends no
+/// token of the source's.
+#[inline(always)]
+fn knock_shaped(ctx: &XdpContext, offset: usize, len: u16) -> Result<bool, Malformed> {
+    if len as usize != knock_wire::LEN {
+        return Ok(false);
+    }
+    let [version, kind] = bytes2_at(ctx, offset)?;
+    let [index, count] = bytes2_at(ctx, offset + 2)?;
+    Ok(version == knock_wire::VERSION
+        && (1..=knock_wire::KIND_MAX).contains(&kind)
+        && count <= knock_wire::MAX_KNOCKS
+        && index < count)
+}
+
+fn knock(
+    ctx: &XdpContext,
+    ip: &Ip,
+    dport: u16,
+    tcp_flags: u8,
+    flags: u8,
+) -> Result<Counter, Malformed> {
     let l4 = ip.l4_offset;
     let sport = be16_at(ctx, l4)?;
     // UDP's length field is authoritative: Ethernet may pad short frames.
@@ -476,6 +499,12 @@ fn knock(ctx: &XdpContext, ip: &Ip, dport: u16, tcp_flags: u8) -> Result<Counter
     } else {
         0
     };
+    let payload_offset = l4 + UDP_HLEN as usize;
+    if flags & policy::SHAPED != 0
+        && (ip.proto != IPPROTO_UDP || !knock_shaped(ctx, payload_offset, payload_len)?)
+    {
+        return Ok(Counter::KnockMalformed);
+    }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if !take_token(&rate_key(ip), now) {
@@ -509,7 +538,6 @@ fn knock(ctx: &XdpContext, ip: &Ip, dport: u16, tcp_flags: u8) -> Result<Counter
     // Copy the payload in power-of-two chunks so every helper call has a
     // constant length the verifier can bound. bpf_xdp_load_bytes also reads
     // multi-buffer frames.
-    let payload_offset = l4 + UDP_HLEN as usize;
     let mut copied = 0usize;
     let mut chunk = KNOCK_PAYLOAD_MAX;
     while chunk > 0 {

@@ -144,8 +144,36 @@ impl PortPolicy {
                 }
             }
         }
+        // Ports some static sequence or `knock` entry uses take any payload;
+        // the others are one-time knock ports, whose shape XDP checks.
+        let unshaped: BTreeSet<KnockPort> = config
+            .doors
+            .values()
+            .filter(|d| d.mode == DoorMode::Static)
+            .flat_map(|d| d.sequence().iter().copied())
+            .chain(
+                config
+                    .knock
+                    .udp
+                    .iter()
+                    .flat_map(|r| r.ports())
+                    .map(|port| KnockPort {
+                        port,
+                        proto: Proto::Udp,
+                    }),
+            )
+            .collect();
         for knock in knocks {
-            table.set(knock.proto, knock.port, policy::KNOCK | policy::PROTECTED);
+            let shaped = if knock.proto == Proto::Udp && !unshaped.contains(knock) {
+                policy::SHAPED
+            } else {
+                0
+            };
+            table.set(
+                knock.proto,
+                knock.port,
+                policy::KNOCK | policy::PROTECTED | shaped,
+            );
         }
         table
     }
@@ -498,6 +526,40 @@ mod tests {
         );
         let set = table.0.iter().filter(|f| **f != 0).count();
         assert_eq!(set, 6);
+    }
+
+    #[test]
+    fn one_time_knock_ports_are_shaped_static_ones_are_not() {
+        let config = Config::parse(
+            "interfaces: [eth0]\n\
+             knock: { udp: [5100] }\n\
+             devices: { laptop: { key_file: /k/laptop, groups: [admins] } }\n\
+             doors:\n\
+             \x20 ssh: { service_port: 22, allow: { groups: [admins] } }\n\
+             \x20 web: { service_port: 443, mode: static, sequence: [\"6000:udp\", \"6001:tcp\"] }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let udp = |port| KnockPort {
+            port,
+            proto: Proto::Udp,
+        };
+        let knocks: BTreeSet<KnockPort> = [
+            udp(7005),
+            udp(6000),
+            udp(5100),
+            KnockPort {
+                port: 6001,
+                proto: Proto::Tcp,
+            },
+        ]
+        .into();
+        let table = PortPolicy::from_config(&config, &knocks);
+        let knock = policy::KNOCK | policy::PROTECTED;
+        assert_eq!(table.get(Proto::Udp, 7005), knock | policy::SHAPED);
+        assert_eq!(table.get(Proto::Udp, 6000), knock);
+        assert_eq!(table.get(Proto::Udp, 5100), knock);
+        assert_eq!(table.get(Proto::Tcp, 6001), knock);
     }
 
     #[test]

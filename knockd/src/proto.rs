@@ -23,8 +23,9 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
-/// Protocol version carried in the first byte of every message.
-pub const VERSION: u8 = 1;
+/// Protocol version carried in the first byte of every message (the XDP
+/// program checks it too, hence its home in knockd-common).
+pub const VERSION: u8 = knockd_common::knock_wire::VERSION;
 /// Length of a device key.
 pub const KEY_LEN: usize = 32;
 /// Length of a sequence nonce.
@@ -34,7 +35,8 @@ pub const MAC_LEN: usize = 16;
 /// Length of the authenticated part of a knock (everything before the MAC).
 pub const KNOCK_BODY_LEN: usize = 52;
 /// Length of a knock payload.
-pub const KNOCK_LEN: usize = KNOCK_BODY_LEN + MAC_LEN;
+pub const KNOCK_LEN: usize = knockd_common::knock_wire::LEN;
+const _: () = assert!(KNOCK_LEN == KNOCK_BODY_LEN + MAC_LEN);
 /// Length of the clear header of a reply (also its associated data).
 pub const REPLY_HEADER_LEN: usize = 2 + NONCE_LEN;
 /// Length of a reply's plaintext.
@@ -42,7 +44,7 @@ pub const REPLY_PLAINTEXT_LEN: usize = 16;
 /// Length of a reply: header, ciphertext, Poly1305 tag.
 pub const REPLY_LEN: usize = REPLY_HEADER_LEN + REPLY_PLAINTEXT_LEN + 16;
 /// Most knocks one sequence may have.
-pub const MAX_KNOCKS: u8 = 16;
+pub const MAX_KNOCKS: u8 = knockd_common::knock_wire::MAX_KNOCKS;
 /// HKDF salt; changing it changes every derived value, hence the version.
 const SALT: &[u8] = b"knockd/v1";
 
@@ -100,6 +102,9 @@ pub enum Kind {
     /// Keep the sender's lease alive and learn its current port.
     Heartbeat = 3,
 }
+
+// The kernel's shape check accepts exactly these kinds.
+const _: () = assert!(Kind::Heartbeat as u8 == knockd_common::knock_wire::KIND_MAX);
 
 impl Kind {
     fn from_byte(b: u8) -> Option<Kind> {

@@ -783,6 +783,68 @@ fn ipv6_sources_share_a_bucket_per_slash_64() {
     bench.knock(&v4_knock(b"v4"));
 }
 
+/// On a one-time knock port (SHAPED) only a datagram shaped like a knock
+/// reaches the ring buffer: 68 bytes, version 1, kind 1-3, index < count
+/// <= 16. Garbage is dropped in the kernel without spending a token.
+#[test]
+fn one_time_knock_ports_forward_only_knock_shaped_datagrams() {
+    require_privileges!();
+    let mut bench = Bench::new();
+    const SHAPED_PORT: u16 = 7100;
+    let mut table = PortPolicy::empty();
+    table.set(
+        Proto::Udp,
+        SHAPED_PORT,
+        policy::KNOCK | policy::PROTECTED | policy::SHAPED,
+    );
+    table.set(Proto::Udp, KNOCK_UDP, policy::KNOCK | policy::PROTECTED);
+    bench.maps.apply_port_policy(&table).unwrap();
+    // A burst of one: garbage must not spend it.
+    bench.maps.set_knock_rate(1, 1).unwrap();
+    let datagram = |payload: &[u8]| {
+        eth4(frames::ipv4(
+            CLIENT4,
+            SERVER4,
+            frames::udp(40000, SHAPED_PORT, payload),
+            &[],
+            (false, 0),
+        ))
+    };
+    let shaped = |version: u8, kind: u8, index: u8, count: u8| {
+        let mut p = vec![0u8; 68];
+        p[..4].copy_from_slice(&[version, kind, index, count]);
+        p
+    };
+    for garbage in [
+        vec![],
+        vec![1u8; 10],
+        vec![1u8; 67],
+        vec![1u8; 69],
+        vec![7u8; 500],
+        shaped(2, 1, 0, 3),
+        shaped(1, 0, 0, 3),
+        shaped(1, 4, 0, 3),
+        shaped(1, 1, 3, 3),
+        shaped(1, 1, 0, 0),
+        shaped(1, 1, 0, 17),
+    ] {
+        bench.expect(&datagram(&garbage), Counter::KnockMalformed);
+    }
+    assert!(
+        bench.next_knock().is_none(),
+        "garbage never reaches userspace"
+    );
+    // The burst of one is still there for a real knock.
+    bench.knock(&datagram(&shaped(1, 1, 0, 1)));
+    bench.maps.set_knock_rate(1_000_000, 1_000_000).unwrap();
+    for kind in 1..=3 {
+        let event = bench.knock(&datagram(&shaped(1, kind, 15, 16)));
+        assert_eq!(event.payload.len(), 68);
+    }
+    // A knock port without SHAPED (a static sequence's) takes any payload.
+    bench.knock(&v4_knock(b"static"));
+}
+
 #[test]
 fn a_full_ring_buffer_counts_lost_events_and_still_drops() {
     require_privileges!();
