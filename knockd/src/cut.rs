@@ -435,7 +435,8 @@ fn matching_flows(cuts: &[Cut]) -> Result<Vec<Doomed>, Error> {
 }
 
 /// Sends one request that expects an acknowledgement; `Ok(false)` when the
-/// kernel answers that the thing is gone (ENOENT).
+/// kernel answers that the thing is gone (ENOENT, or ESTALE for a cookie
+/// that now names no socket).
 fn acknowledged<I: NetlinkSerializable>(
     socket: &mnl::Socket,
     message: I,
@@ -451,37 +452,96 @@ fn acknowledged<I: NetlinkSerializable>(
         .map_err(|source| Error::Receive { what, source })?;
     match mnl::cb_run(&buffer[..n], seq, socket.portid()) {
         Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        // ESTALE: a destroy by cookie found another socket in the
+        // meantime; that one is not ours to abort.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => Ok(false),
         Err(source) => Err(Error::Refused { what, source }),
     }
 }
 
-/// Aborts the service-side socket of each flow (`SOCK_DESTROY`). Returns
-/// how many it found and aborted.
+/// TCP_LISTEN, from the kernel's tcp_states.h.
+const TCP_LISTEN: u8 = 10;
+
+/// The sock_diag request naming one flow's service-side socket; `cookie`
+/// pins it to one socket (all ones: any socket with that four-tuple).
+fn socket_request(flow: &Flow, cookie: [u8; 8]) -> InetRequest {
+    InetRequest {
+        family: match flow.local {
+            SocketAddr::V4(_) => libc::AF_INET as u8,
+            SocketAddr::V6(_) => libc::AF_INET6 as u8,
+        },
+        protocol: libc::IPPROTO_TCP as u8,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::all(),
+        socket_id: SocketId {
+            source_port: flow.local.port(),
+            destination_port: flow.remote.port(),
+            source_address: flow.local.ip(),
+            destination_address: flow.remote.ip(),
+            interface_id: 0,
+            cookie,
+        },
+    }
+}
+
+/// The cookie of the connected socket at the service end of `flow`, if
+/// there is one. The kernel looks a four-tuple up as a packet would: when
+/// the connection's socket is gone (the flow closed a moment ago, and its
+/// conntrack entry lingers in LAST_ACK, say) it finds the service's
+/// *listening* socket instead. Destroying that would take the service
+/// down for everyone, so a listener, or any socket whose remote end is
+/// not the flow's, is never returned.
+fn connected_socket(socket: &mnl::Socket, flow: &Flow, seq: u32) -> Result<Option<[u8; 8]>, Error> {
+    let what = "finding the service's socket (sock_diag)";
+    let request = SockDiagMessage::InetRequest(socket_request(flow, [0xff; 8]));
+    socket
+        .send(&encode(request, NLM_F_REQUEST, seq))
+        .map_err(|source| Error::Send { what, source })?;
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let n = socket
+        .recv_raw(&mut buffer)
+        .map_err(|source| Error::Receive { what, source })?;
+    let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buffer[..n]).map_err(|e| {
+        Error::Receive {
+            what,
+            source: std::io::Error::other(e.to_string()),
+        }
+    })?;
+    match message.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+            let header = &response.header;
+            let id = &header.socket_id;
+            let connected = header.state != TCP_LISTEN
+                && id.destination_port == flow.remote.port()
+                && id.destination_address == flow.remote.ip()
+                && id.source_port == flow.local.port();
+            Ok(connected.then_some(id.cookie))
+        }
+        NetlinkPayload::Error(e) if e.code.is_some_and(|c| c.get() == -libc::ENOENT) => Ok(None),
+        NetlinkPayload::Error(e) => Err(Error::Refused {
+            what,
+            source: e.to_io(),
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// Aborts the service-side socket of each flow (`SOCK_DESTROY`), by its
+/// cookie, once [`connected_socket`] has shown it is that flow's connected
+/// socket. Returns how many it found and aborted.
 fn abort_sockets(doomed: &[Doomed]) -> Result<usize, Error> {
     let what = "aborting the service's socket (sock_diag)";
     let socket =
         mnl::Socket::new(mnl::Bus::SockDiag).map_err(|source| Error::Open { what, source })?;
     let mut aborted = 0;
-    for (seq, Doomed { flow, .. }) in (1..).zip(doomed) {
-        let request = InetRequest {
-            family: match flow.local {
-                SocketAddr::V4(_) => libc::AF_INET as u8,
-                SocketAddr::V6(_) => libc::AF_INET6 as u8,
-            },
-            protocol: libc::IPPROTO_TCP as u8,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::all(),
-            socket_id: SocketId {
-                source_port: flow.local.port(),
-                destination_port: flow.remote.port(),
-                source_address: flow.local.ip(),
-                destination_address: flow.remote.ip(),
-                interface_id: 0,
-                // "Any cookie": the four-tuple names the socket.
-                cookie: [0xff; 8],
-            },
+    let mut seq = 1;
+    for Doomed { flow, .. } in doomed {
+        seq += 1;
+        let Some(cookie) = connected_socket(&socket, flow, seq)? else {
+            continue;
         };
+        seq += 1;
+        let request = socket_request(flow, cookie);
         let message = SockDiagDestroy::new(SockDiagMessage::InetRequest(request));
         if acknowledged(&socket, message, seq, what)? {
             aborted += 1;

@@ -290,6 +290,65 @@ fn revoke_by_address_cuts_connections_that_outlived_their_grant() {
     assert!(is_cut(&mut stream));
 }
 
+/// A revoke whose conntrack entry outlived the connection's socket (the
+/// flow closed a moment ago and conntrack still lists it, or an entry with
+/// no socket at all) must not abort the service's *listening* socket,
+/// which is what the kernel finds for that four-tuple once the connected
+/// socket is gone. Seen in `bench peers`: after such a revoke, every new
+/// connection to the service got a RST.
+fn revoke_never_aborts_the_services_listener(v6: bool) {
+    let bed = Bed::new(v6);
+    let daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let (answer, _stream) = bed.open_and_connect();
+    // An entry as conntrack keeps it for a connection through the grant,
+    // whose service-side socket no longer exists.
+    let (client, server) = (bed.client.to_string(), bed.server.to_string());
+    let port = answer.reply.port.to_string();
+    let out = bed
+        .testbed
+        .server
+        .command("conntrack")
+        .args(["-I", "-p", "tcp", "-s", &client, "-d", &server])
+        .args(["--sport", "45678", "--dport", &port])
+        .args(["--reply-src", &server, "--reply-dst", &client])
+        .args([
+            "--reply-port-src",
+            &SSH.to_string(),
+            "--reply-port-dst",
+            "45678",
+        ])
+        .args(["--state", "ESTABLISHED", "--timeout", "120"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = knockctl(&socket, &["revoke", &client]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The service still listens: a new grant connects.
+    let (_, mut again) = bed.open_and_connect();
+    assert!(probe::echo_round_trip(&mut again, b"still listening"));
+}
+
+#[test]
+fn revoke_never_aborts_the_services_listener_v4() {
+    require_privileges!();
+    revoke_never_aborts_the_services_listener(false);
+}
+
+#[test]
+fn revoke_never_aborts_the_services_listener_v6() {
+    require_privileges!();
+    revoke_never_aborts_the_services_listener(true);
+}
+
 /// A reload that removes a door ends its grants: gone from status, from the
 /// nftables table (the door's sets with it) and from the XDP allow map, so
 /// the port is silent again. A connection made before carries on (reload
