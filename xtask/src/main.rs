@@ -89,9 +89,10 @@ enum Task {
         runs: Option<u64>,
     },
     /// Benchmarks, printed as ratios against baselines from the same run
-    /// (needs root): `grants`, `knock`, `revoke`, or all of them.
+    /// (needs root): `grants`, `knock`, `revoke`, `peers` (side by side with
+    /// Debian's knockd and fwknopd), or all of them.
     Bench {
-        /// Which benchmark: grants, knock, revoke, or all.
+        /// Which benchmark: grants, knock, revoke, peers, or all.
         #[arg(default_value = "all")]
         which: String,
     },

@@ -14,6 +14,8 @@
 //!   connection, with an empty conntrack table and with 100,000 other
 //!   flows in it (revoke walks the whole table), against a `grants` request
 //!   on the same control socket.
+//! - `peers`: knock-to-open side by side with Debian's knockd and fwknopd
+//!   (see `peers.rs`).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -42,6 +44,8 @@ use netlink_packet_netfilter::{
         Protocol, Tuple,
     },
 };
+
+mod peers;
 
 const SSH: u16 = 22;
 const PLAIN: u16 = 8080;
@@ -292,6 +296,15 @@ fn bench_knock() {
 /// not the limiter (hundreds of knocks from one source in seconds). Returns
 /// the daemon, the devices' keys, and the directory holding their files.
 fn bench_daemon(testbed: &Testbed) -> (Daemon, Vec<DeviceKey>, tempfile::TempDir) {
+    bench_daemon_with(testbed, "")
+}
+
+/// [`bench_daemon`] with more doors: `more_doors` follows the ssh door in
+/// the `doors` map (`, name: { … }`).
+fn bench_daemon_with(
+    testbed: &Testbed,
+    more_doors: &str,
+) -> (Daemon, Vec<DeviceKey>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let keys: Vec<DeviceKey> = (0..16).map(|_| DeviceKey::generate()).collect();
     let mut devices = String::new();
@@ -306,7 +319,7 @@ fn bench_daemon(testbed: &Testbed) -> (Daemon, Vec<DeviceKey>, tempfile::TempDir
     }
     let config = format!(
         "interfaces: [{}]\nxdp_mode: native\nknock: {{ rate_per_sec: 10000, burst: 10000 }}\ndevices:\n{devices}\
-         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }} }}\n",
+         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }}{more_doors} }}\n",
         testbed.server_if
     );
     (Daemon::start(&testbed.server, &config), keys, dir)
@@ -463,5 +476,8 @@ fn main() {
     }
     if which == "revoke" || which == "all" {
         bench_revoke();
+    }
+    if which == "peers" || which == "all" {
+        peers::run();
     }
 }
