@@ -322,6 +322,10 @@ fn bench_daemon_with(
          doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }}{more_doors} }}\n",
         testbed.server_if
     );
+    println!(
+        "(the bench daemon's knock rate limit is 10000/s per source, burst 10000, not the \
+         default 20/s, burst 40: one client knocks hundreds of times in seconds here)"
+    );
     (Daemon::start(&testbed.server, &config), keys, dir)
 }
 
