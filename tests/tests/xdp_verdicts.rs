@@ -276,40 +276,28 @@ fn vlan_stacks_are_walked_to_eight_tags_and_deeper_ones_dropped() {
                 let tags: Vec<u16> = (0..depth)
                     .map(|i| if i == 0 { outer } else { tpids[i % 2] })
                     .collect();
+                // Within the walk the inner packet decides; past it, even an
+                // unprotected port or ARP is dropped: what is inside cannot
+                // be known.
                 let walked = depth <= 8;
-                let protected = if walked {
-                    Counter::DropProtected
-                } else {
-                    Counter::DropMalformed
+                let judged = |inner| {
+                    if walked {
+                        inner
+                    } else {
+                        Counter::DropMalformed
+                    }
                 };
-                bench.expect(
-                    &frames::ether_vid(&tags, vid, frames::ETH_IPV4, &syn4),
-                    protected,
-                );
-                bench.expect(
-                    &frames::ether_vid(&tags, vid, frames::ETH_IPV6, &syn6),
-                    protected,
-                );
-                // Past the walk even an unprotected port or ARP is dropped:
-                // what is inside cannot be known.
-                let open = if walked {
-                    Counter::PassUnprotected
-                } else {
-                    Counter::DropMalformed
-                };
-                bench.expect(
-                    &frames::ether_vid(&tags, vid, frames::ETH_IPV4, &open4),
-                    open,
-                );
-                let arp = if walked {
-                    Counter::PassNotIp
-                } else {
-                    Counter::DropMalformed
-                };
-                bench.expect(
-                    &frames::ether_vid(&tags, vid, frames::ETH_ARP, &[0u8; 28]),
-                    arp,
-                );
+                for (ethertype, packet, inner) in [
+                    (frames::ETH_IPV4, &syn4[..], Counter::DropProtected),
+                    (frames::ETH_IPV6, &syn6[..], Counter::DropProtected),
+                    (frames::ETH_IPV4, &open4[..], Counter::PassUnprotected),
+                    (frames::ETH_ARP, &[0u8; 28][..], Counter::PassNotIp),
+                ] {
+                    bench.expect(
+                        &frames::ether_vid(&tags, vid, ethertype, packet),
+                        judged(inner),
+                    );
+                }
             }
         }
     }
