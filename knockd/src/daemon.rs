@@ -247,7 +247,7 @@ impl Daemon {
                         .collect();
                     let restored = self.grants.restore().and_then(|()| {
                         statics.into_iter().try_for_each(|(key, left)| {
-                            nft::update_static_grant(key, Some(left)).map_err(Into::into)
+                            nft::update_static_grant(key, Some(left), false).map_err(Into::into)
                         })
                     });
                     if let Err(e) = restored {
@@ -378,7 +378,11 @@ impl Daemon {
                 };
                 // nftables first, then XDP: both layers admit the source,
                 // each with its own kernel deadline.
-                nft::update_static_grant(key, Some(open_for))
+                let exists = self
+                    .static_grants
+                    .get(&(door_name.clone(), source))
+                    .is_some_and(|g| g.expires > Instant::now());
+                nft::update_static_grant(key, Some(open_for), exists)
                     .map_err(grants::Error::from)
                     .and_then(|()| {
                         self.maps
@@ -706,7 +710,7 @@ impl Daemon {
                         source,
                         port: d.service_port,
                     };
-                    nft::update_static_grant(key, None).map_err(|e| chain(&e))?;
+                    nft::update_static_grant(key, None, true).map_err(|e| chain(&e))?;
                 }
                 self.static_grants.remove(&(door, source));
                 grants += 1;

@@ -197,7 +197,13 @@ fn admit(testbed: &Testbed, daemon: &Daemon, source: IpAddr, port: u16) {
     daemon.maps().allow(source, Proto::Tcp, port, None).unwrap();
     testbed
         .server
-        .run(|| nft::update_static_grant(GrantKey { source, port }, Some(Duration::from_secs(600))))
+        .run(|| {
+            nft::update_static_grant(
+                GrantKey { source, port },
+                Some(Duration::from_secs(600)),
+                false,
+            )
+        })
         .unwrap();
 }
 
@@ -217,7 +223,7 @@ fn allow_entry_admits_exactly_that_source_and_port(v6: bool) {
     };
     testbed
         .server
-        .run(|| nft::update_static_grant(key, Some(Duration::from_secs(600))))
+        .run(|| nft::update_static_grant(key, Some(Duration::from_secs(600)), false))
         .unwrap();
     assert_eq!(
         connect(&testbed.client, client, SocketAddr::new(server, SSH)),
@@ -278,6 +284,7 @@ fn established_connection_survives_allow_removal(v6: bool) {
                     port: SSH,
                 },
                 None,
+                true,
             )
         })
         .unwrap();

@@ -100,12 +100,12 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
         source: "198.18.0.9".parse().unwrap(),
         port: 2222,
     };
-    ns.run(|| nft::update_static_grant(key, Some(Duration::from_secs(30))).unwrap());
-    ns.run(|| nft::update_static_grant(key, Some(Duration::from_secs(60))).unwrap());
+    ns.run(|| nft::update_static_grant(key, Some(Duration::from_secs(30)), false).unwrap());
+    ns.run(|| nft::update_static_grant(key, Some(Duration::from_secs(60)), true).unwrap());
     let listed = ruleset(&ns);
     assert!(listed.contains("198.18.0.9 . 2222 timeout 1m"), "{listed}");
-    ns.run(|| nft::update_static_grant(key, None).unwrap());
-    ns.run(|| nft::update_static_grant(key, None).unwrap());
+    ns.run(|| nft::update_static_grant(key, None, true).unwrap());
+    ns.run(|| nft::update_static_grant(key, None, true).unwrap());
     assert!(!ruleset(&ns).contains("198.18.0.9"));
 
     let v4 = element("ssh", "198.18.0.2", 40001, 30);
