@@ -892,3 +892,72 @@ fn the_hosts_own_connections_from_guarded_ports_work_v6() {
     require_privileges!();
     the_hosts_own_connections_from_guarded_ports_work(true);
 }
+
+/// The accept loop when the daemon is out of descriptors: its limit is cut
+/// to 48 from outside (prlimit), and `nobody` holds 200 connections to the
+/// metrics endpoint, so accept fails with EMFILE. The old loop retried at
+/// once and spun a core; this one backs off. A knock that cannot record
+/// its sequence is refused, the daemon stays up, and once the attacker is
+/// gone knocks work again.
+#[test]
+fn out_of_descriptors_the_daemon_backs_off_and_survives() {
+    require_privileges!();
+    let mut scene = Scene::new(false);
+    let pid = scene.daemon.pid();
+    sh(Command::new("prlimit").args(["--pid", &pid.to_string(), "--nofile=48:48"]));
+    let script = "import socket,sys,time\n\
+        socks=[]\n\
+        for i in range(200):\n\
+        \x20   s=socket.socket(); s.setblocking(False)\n\
+        \x20   try: s.connect(('127.0.0.1',int(sys.argv[1])))\n\
+        \x20   except BlockingIOError: pass\n\
+        \x20   socks.append(s)\n\
+        print(len(socks),flush=True)\n\
+        time.sleep(float(sys.argv[2]))\n";
+    let mut attacker = scene
+        .bed
+        .testbed
+        .server
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["/usr/bin/python3", "-c", script, &METRICS.to_string(), "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(attacker.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu_before = cpu_secs(pid);
+    let measured = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = (cpu_secs(pid) - cpu_before) / measured.elapsed().as_secs_f64();
+    let fds = open_fds(pid);
+    scene.daemon.assert_running();
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    // The limit binds new descriptors; the few the daemon held above it
+    // before the cut stay.
+    assert!(fds < 60, "{fds} descriptors under a limit of 48");
+    assert!(
+        !scene
+            .daemon
+            .messages("accept failed; backing off", |_| true)
+            .is_empty(),
+        "accept ran out of descriptors (the path under test)"
+    );
+    assert!(
+        cpu < 0.1,
+        "the daemon used {cpu:.2} of a core out of descriptors"
+    );
+    // The connections are gone: descriptors come back, knocks work.
+    std::thread::sleep(Duration::from_secs(1));
+    scene.legitimate_open();
+    let rss = scene.assert_daemon_healthy();
+    eprintln!(
+        "gate: out of descriptors ({fds} of 48): cpu {cpu:.3}, rss {rss} KiB, then opens again"
+    );
+}
