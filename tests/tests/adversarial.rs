@@ -711,16 +711,11 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-/// Issue 9, finding 2: a non-root user holding thousands of connections to
-/// the metrics endpoint used to exhaust the daemon's descriptors, spin its
-/// accept loop and make the next knock's state write fail, which stopped
-/// the daemon. Now the endpoint serves 64 at a time and the rest wait in
-/// the kernel's backlog.
-#[test]
-fn a_local_user_cannot_exhaust_the_daemon_through_the_metrics_endpoint() {
-    require_privileges!();
-    let mut scene = Scene::new(false);
-    let pid = scene.daemon.pid();
+/// `nobody`, with room for `count` sockets of its own, opening `count`
+/// connections to the metrics endpoint in the server namespace and holding
+/// them for `secs`. Returns the process (killed on drop) and how many it
+/// holds.
+fn local_attacker(scene: &Scene, count: usize, secs: u32) -> (Attacker, usize) {
     let script = "import socket,sys,time\n\
         socks=[]\n\
         for i in range(int(sys.argv[1])):\n\
@@ -731,30 +726,54 @@ fn a_local_user_cannot_exhaust_the_daemon_through_the_metrics_endpoint() {
         \x20   socks.append(s)\n\
         print(len(socks),flush=True)\n\
         time.sleep(float(sys.argv[3]))\n";
-    // nobody, with room for 3000 sockets of its own.
-    let mut attacker = scene
+    let mut child = scene
         .bed
         .testbed
         .server
         .command("prlimit")
+        .arg(format!("--nofile={0}:{0}", count + 64))
         .args([
-            "--nofile=4096:4096",
             "setpriv",
             "--reuid=65534",
             "--regid=65534",
+            "--clear-groups",
         ])
-        .args(["--clear-groups", "--", "/usr/bin/python3", "-c", script])
-        .args(["3000", &METRICS.to_string(), "12"])
+        .args(["--", "/usr/bin/python3", "-c", script])
+        .args([count.to_string(), METRICS.to_string(), secs.to_string()])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut first = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(attacker.stdout.as_mut().unwrap()),
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
         &mut first,
     )
     .unwrap();
-    let held: usize = first.trim().parse().unwrap();
+    let held = first.trim().parse().unwrap();
+    (Attacker(child), held)
+}
+
+/// The local attacker's process, killed on drop.
+struct Attacker(std::process::Child);
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 9, finding 2: a non-root user holding thousands of connections to
+/// the metrics endpoint used to exhaust the daemon's descriptors, spin its
+/// accept loop and make the next knock's state write fail, which stopped
+/// the daemon. Now the endpoint serves 64 at a time and the rest wait in
+/// the kernel's backlog.
+#[test]
+fn a_local_user_cannot_exhaust_the_daemon_through_the_metrics_endpoint() {
+    require_privileges!();
+    let mut scene = Scene::new(false);
+    let pid = scene.daemon.pid();
+    let (attacker, held) = local_attacker(&scene, 3000, 12);
     assert!(held >= 2000, "the attacker holds {held} connections");
     std::thread::sleep(Duration::from_millis(500));
     let cpu_before = cpu_secs(pid);
@@ -765,8 +784,7 @@ fn a_local_user_cannot_exhaust_the_daemon_through_the_metrics_endpoint() {
     std::thread::sleep(Duration::from_secs(2));
     let cpu = (cpu_secs(pid) - cpu_before) / measured.elapsed().as_secs_f64();
     let fds = open_fds(pid);
-    let _ = attacker.kill();
-    let _ = attacker.wait();
+    drop(attacker);
     assert!(fds < 200, "the daemon holds {fds} descriptors");
     assert!(cpu < 0.3, "the daemon used {cpu:.2} of a core");
     let rss = scene.assert_daemon_healthy();
@@ -905,31 +923,8 @@ fn out_of_descriptors_the_daemon_backs_off_and_survives() {
     let mut scene = Scene::new(false);
     let pid = scene.daemon.pid();
     sh(Command::new("prlimit").args(["--pid", &pid.to_string(), "--nofile=48:48"]));
-    let script = "import socket,sys,time\n\
-        socks=[]\n\
-        for i in range(200):\n\
-        \x20   s=socket.socket(); s.setblocking(False)\n\
-        \x20   try: s.connect(('127.0.0.1',int(sys.argv[1])))\n\
-        \x20   except BlockingIOError: pass\n\
-        \x20   socks.append(s)\n\
-        print(len(socks),flush=True)\n\
-        time.sleep(float(sys.argv[2]))\n";
-    let mut attacker = scene
-        .bed
-        .testbed
-        .server
-        .command("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .args(["/usr/bin/python3", "-c", script, &METRICS.to_string(), "8"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(attacker.stdout.as_mut().unwrap()),
-        &mut first,
-    )
-    .unwrap();
+    let (attacker, held) = local_attacker(&scene, 200, 8);
+    assert_eq!(held, 200);
     std::thread::sleep(Duration::from_millis(500));
     let cpu_before = cpu_secs(pid);
     let measured = Instant::now();
@@ -937,8 +932,7 @@ fn out_of_descriptors_the_daemon_backs_off_and_survives() {
     let cpu = (cpu_secs(pid) - cpu_before) / measured.elapsed().as_secs_f64();
     let fds = open_fds(pid);
     scene.daemon.assert_running();
-    let _ = attacker.kill();
-    let _ = attacker.wait();
+    drop(attacker);
     // The limit binds new descriptors; the few the daemon held above it
     // before the cut stay.
     assert!(fds < 60, "{fds} descriptors under a limit of 48");
