@@ -76,6 +76,15 @@ pub struct Grant {
     pub retired: Vec<(u16, Instant)>,
 }
 
+/// Why a lease moves to a fresh port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rotation {
+    /// `rotate_every` came round.
+    Scheduled,
+    /// Other sources probed its port (`rotate_on_probes`).
+    Probed,
+}
+
 /// Most retired ports one lease keeps; while it has this many, probes no
 /// longer move it (an on-path attacker who sees each new port could
 /// otherwise make it hold one port per second of its idle time).
@@ -100,6 +109,11 @@ impl Grant {
             },
             timeout: expires.saturating_duration_since(now),
         }
+    }
+
+    /// The current port and the retired ones.
+    fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        std::iter::once(self.port).chain(self.retired.iter().map(|&(port, _)| port))
     }
 
     /// The current element and those of retired ports.
@@ -288,11 +302,7 @@ impl Grants {
     /// A random free port for a new grant on `door`.
     fn fresh_port(&self, door: &str) -> Result<u16, Error> {
         let range = &self.doors[door].range;
-        let taken: HashSet<u16> = self
-            .by_source
-            .values()
-            .flat_map(|g| std::iter::once(g.port).chain(g.retired.iter().map(|r| r.0)))
-            .collect();
+        let taken: HashSet<u16> = self.by_source.values().flat_map(Grant::ports).collect();
         pick_port(range, &taken, port_unbound).ok_or_else(|| Error::Exhausted {
             door: door.to_owned(),
             start: *range.start(),
@@ -423,8 +433,7 @@ impl Grants {
         for element in grant.elements(now) {
             let _ = nft::update_grants(&[], &[element]);
         }
-        maps.revoke(grant.source, Proto::Tcp, grant.port)?;
-        for &(port, _) in &grant.retired {
+        for port in grant.ports() {
             maps.revoke(grant.source, Proto::Tcp, port)?;
         }
         Ok(Some(grant))
@@ -448,22 +457,44 @@ impl Grants {
             .collect();
         let mut rotated = Vec::new();
         for old in due {
-            rotated.push((old.clone(), self.rotate(maps, old, now)?));
+            rotated.push((
+                old.clone(),
+                self.rotate(maps, old, Rotation::Scheduled, now)?,
+            ));
         }
         Ok(rotated)
     }
 
-    fn rotate(&mut self, maps: &mut GuardMaps, old: Grant, now: Instant) -> Result<Grant, Error> {
+    /// Moves a lease to a fresh port. On its schedule the old port closes
+    /// to new connections now and the next rotation is set; after probes
+    /// the old port stays open to the holder until its deadline, and the
+    /// schedule is left as it was.
+    fn rotate(
+        &mut self,
+        maps: &mut GuardMaps,
+        old: Grant,
+        why: Rotation,
+        now: Instant,
+    ) -> Result<Grant, Error> {
         let settings = self.doors[&old.door].clone();
         let port = self.fresh_port(&old.door)?;
-        let grant = Grant {
+        let mut grant = Grant {
             port,
             rotations: old.rotations + 1,
             probes: 0,
-            next_rotation: settings.rotate_every.map(|every| now + every),
             ..old.clone()
         };
-        self.enforce(maps, &grant, Some(&old), now)?;
+        match why {
+            Rotation::Scheduled => {
+                grant.next_rotation = settings.rotate_every.map(|every| now + every);
+                self.enforce(maps, &grant, Some(&old), now)?;
+            }
+            Rotation::Probed => {
+                // The old element and allow entry stay, with their deadline.
+                grant.retired.push((old.port, old.expires));
+                self.enforce(maps, &grant, None, now)?;
+            }
+        }
         self.by_source
             .insert((old.door.clone(), old.source), grant.clone());
         Ok(grant)
@@ -500,21 +531,7 @@ impl Grants {
         }
         let mut rotated = Vec::new();
         for old in due {
-            let port = self.fresh_port(&old.door)?;
-            let mut retired = old.retired.clone();
-            retired.push((old.port, old.expires));
-            let grant = Grant {
-                port,
-                rotations: old.rotations + 1,
-                probes: 0,
-                retired,
-                ..old.clone()
-            };
-            // The old element and allow entry stay, with their deadline.
-            self.enforce(maps, &grant, None, now)?;
-            self.by_source
-                .insert((old.door.clone(), old.source), grant.clone());
-            rotated.push((old, grant));
+            rotated.push((old.clone(), self.rotate(maps, old, Rotation::Probed, now)?));
         }
         Ok(rotated)
     }
