@@ -460,15 +460,9 @@ fn headers_past_the_ip_length_are_not_judged() {
         bench.expect(&eth4(padded), Counter::DropMalformed);
     }
     // A total length shorter than the header itself.
-    let mut bad = frames::ipv4(
-        CLIENT4,
-        SERVER4,
-        frames::tcp(41000, SSH, SYN),
-        &[],
-        (false, 0),
-    );
-    bad[2..4].copy_from_slice(&19u16.to_be_bytes());
-    bench.expect(&eth4(bad), Counter::DropMalformed);
+    let mut bad = v4_tcp(CLIENT4, SSH, SYN);
+    bad[14 + 2..14 + 4].copy_from_slice(&19u16.to_be_bytes());
+    bench.expect(&bad, Counter::DropMalformed);
     // An unprotected port needs only its ports inside the packet.
     let open = frames::ipv4(
         CLIENT4,
@@ -482,15 +476,9 @@ fn headers_past_the_ip_length_are_not_judged() {
     );
     bench.expect(&eth4(open), Counter::PassUnprotected);
     // Ethernet padding after a whole packet changes nothing.
-    let mut padded = frames::ipv4(
-        CLIENT4,
-        SERVER4,
-        frames::tcp(41000, SSH, ACK),
-        &[],
-        (false, 0),
-    );
+    let mut padded = v4_tcp(CLIENT4, SSH, ACK);
     padded.extend_from_slice(&[0x02; 16]);
-    bench.expect(&eth4(padded), Counter::PassNotSyn);
+    bench.expect(&padded, Counter::PassNotSyn);
     // IPv6: the same tiny first fragment, and a payload length of 0.
     let mut tiny6 = frames::ipv6(
         CLIENT6,
