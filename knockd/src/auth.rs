@@ -195,6 +195,9 @@ pub struct Decision {
     pub detail: Option<String>,
     /// Set for accepted one-time knocks.
     pub reply: Option<ReplyTo>,
+    /// The sequence this knock consumed (accepted one-time knocks): it
+    /// must be on disk before the daemon acts or replies.
+    pub consumed: Option<Consumed>,
 }
 
 /// A knock as the engine sees it.
@@ -526,6 +529,7 @@ impl Engine {
             grant_to: knock.source.ip(),
             detail: None,
             reply: None,
+            consumed: None,
         };
         let static_knock = KnockPort {
             port: knock.destination.port(),
@@ -757,6 +761,12 @@ impl Engine {
         }
         *accepts += 1;
         self.consumed.insert(key, fields.step);
+        decision.consumed = Some(Consumed {
+            door: self.doors[candidate.door].name.clone(),
+            device: self.device_ids[candidate.device].clone(),
+            step: fields.step,
+            nonce: fields.nonce,
+        });
         decision.outcome = Outcome::Accepted(match fields.kind {
             Kind::Open => Action::Open,
             Kind::Close => Action::Close,

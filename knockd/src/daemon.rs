@@ -18,7 +18,7 @@ use serde_json::json;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    auth::{Action, Decision, Engine, KnockIn, Outcome, Reason},
+    auth::{Action, Consumed, Decision, Engine, KnockIn, Outcome, Reason},
     config::{Config, Door, DoorMode},
     control::{Command, Response},
     cut,
@@ -107,6 +107,9 @@ pub struct Daemon {
     policy_base: PortPolicy,
     maps: GuardMaps,
     state: StateFile,
+    /// Accepted one-time knocks whose sequences are not yet on disk, with
+    /// their decision time: `flush` records them, then acts.
+    unsynced: Vec<(Action, Decision, u64)>,
     /// One-time doors' grants.
     grants: Grants,
     /// Static doors open, by (door, address).
@@ -139,9 +142,10 @@ impl Daemon {
         config: Config,
         devices: &Devices,
         mut maps: GuardMaps,
-        state: StateFile,
+        mut state: StateFile,
     ) -> Result<Daemon, Error> {
         let consumed = state.load()?;
+        state::crash_point("after_load");
         for (name, door) in &config.doors {
             if door.mode == DoorMode::Static {
                 tracing::warn!(
@@ -151,6 +155,13 @@ impl Daemon {
             }
         }
         let engine = Engine::new(&config, devices, &consumed, unix_ms());
+        // Start from a short log. Failing here costs nothing: the log
+        // still holds what the snapshot would have.
+        if state.log_lines() > 0
+            && let Err(e) = state.compact(&engine.consumed())
+        {
+            tracing::warn!(error = %chain(&e), "compacting the consumed-sequence record failed");
+        }
         let policy_base = PortPolicy::from_config(&config, &engine.knock_ports());
         let mut grants = Grants::new(&config);
         let adopted = grants.install(&mut maps)?;
@@ -166,6 +177,7 @@ impl Daemon {
             policy_base,
             maps,
             state,
+            unsynced: Vec::new(),
             grants,
             static_grants: HashMap::new(),
             table_checked: Instant::now(),
@@ -209,6 +221,16 @@ impl Daemon {
     pub fn tick(&mut self) -> Result<(), Error> {
         if self.engine.tick(unix_ms()) {
             self.policy_base = PortPolicy::from_config(&self.config, &self.engine.knock_ports());
+        }
+        if self
+            .state
+            .wants_compaction(self.engine.state_sizes().consumed)
+            && let Err(e) = self.state.compact(&self.engine.consumed())
+        {
+            self.record_error(format!(
+                "compacting the consumed-sequence record failed: {}",
+                chain(&e)
+            ));
         }
         let now = Instant::now();
         self.static_grants.retain(|_, grant| grant.expires > now);
@@ -284,6 +306,13 @@ impl Daemon {
             Outcome::Rejected(reason) => reason.name(),
         };
         *self.tally.entry(key).or_default() += 1;
+        if let Outcome::Accepted(action) = decision.outcome
+            && decision.consumed.is_some()
+        {
+            // Acted on in `flush`, once its sequence is on disk.
+            self.unsynced.push((action, decision, now_ms));
+            return Ok(());
+        }
         match decision.outcome {
             Outcome::Accepted(action) => self.accept(action, &decision, now_ms)?,
             Outcome::Progress { have, need } => tracing::debug!(
@@ -302,6 +331,42 @@ impl Daemon {
                 "decision"
             ),
             Outcome::Rejected(reason) => self.log_reject(reason, &decision),
+        }
+        Ok(())
+    }
+
+    /// Records every sequence consumed since the last flush with one
+    /// write and one sync, then acts on their knocks. The event loop calls
+    /// it after each batch it reads, so knocks that arrive together share
+    /// the sync, and none is answered before its record is on disk.
+    ///
+    /// If the record cannot be written (a full or failing disk), those
+    /// knocks are refused: acting on them would leave sequences that could
+    /// be replayed after a restart. The daemon goes on serving.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        if self.unsynced.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.unsynced);
+        let records: Vec<Consumed> = batch
+            .iter()
+            .filter_map(|(_, decision, _)| decision.consumed.clone())
+            .collect();
+        if let Err(e) = self.state.append(&records) {
+            let cause = chain(&e);
+            for (_, decision, _) in &batch {
+                *self.tally.entry("state_write_failed").or_default() += 1;
+                self.record_error(format!(
+                    "refused an accepted knock (door {}, device {}, source {}): recording the sequence as used failed: {cause}",
+                    decision.door.as_deref().unwrap_or("-"),
+                    decision.device.as_deref().unwrap_or("-"),
+                    decision.source,
+                ));
+            }
+            return Ok(());
+        }
+        for (action, decision, now_ms) in batch {
+            self.accept(action, &decision, now_ms)?;
         }
         Ok(())
     }
@@ -333,23 +398,6 @@ impl Daemon {
             .clone()
             .expect("accepted knocks name their door");
         let door = self.config.doors[&door_name].clone();
-        // Record the sequence as used before acting on it: a crash between
-        // the two must not leave a replayable sequence behind.
-        // If the record cannot be written (a full or failing disk), this
-        // knock is refused: acting on it would leave a sequence that could
-        // be replayed after a restart. The daemon goes on serving.
-        if decision.reply.is_some()
-            && let Err(e) = self.state.save(&self.engine.consumed())
-        {
-            *self.tally.entry("state_write_failed").or_default() += 1;
-            self.record_error(format!(
-                "refused an accepted knock (door {door_name}, device {}, source {}): recording the sequence as used failed: {}",
-                decision.device.as_deref().unwrap_or("-"),
-                decision.source,
-                chain(&e)
-            ));
-            return Ok(());
-        }
         let source = decision.grant_to;
         let device = decision.device.as_deref();
         let one_time = door.mode == DoorMode::OneTime;
@@ -401,7 +449,10 @@ impl Daemon {
             }
         };
         let (status, port, expires_in) = match result {
-            Ok(done) => done,
+            Ok(done) => {
+                state::crash_point("after_grant");
+                done
+            }
             Err(e) => {
                 // The knock was fine; the kernel side failed. Say so, send
                 // nothing, and keep serving.
@@ -436,6 +487,7 @@ impl Daemon {
             if let Err(e) = send_reply(reply.from, reply.to, &sealed) {
                 tracing::warn!(error = %e, to = %reply.to, "could not send the sealed reply");
             }
+            state::crash_point("after_reply");
         }
         Ok(())
     }

@@ -266,6 +266,7 @@ pub async fn run(
                         Err(e) => tracing::warn!(error = %e, "undecodable knock record"),
                     }
                 }
+                daemon.flush()?;
             }
             _ = tick.tick() => daemon.tick()?,
             Some((command, reply)) = requests.recv() => {

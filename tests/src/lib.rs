@@ -362,7 +362,61 @@ impl Daemon {
         Daemon::spawn(ns, Arc::clone(&self.dir), self.bpffs_dir.clone(), &[])
     }
 
+    /// Starts the daemon again with `KNOCKD_CRASH_AT=point` (honoured by
+    /// debug builds), expecting it to kill itself there before it is
+    /// ready, and reaps it: a crash during start-up. Restart it after.
+    pub fn restart_to_crash(mut self, ns: &NetNs, point: &str) -> Daemon {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.owns_pins = false;
+        let mut daemon = Daemon::spawn_child(
+            ns,
+            Arc::clone(&self.dir),
+            self.bpffs_dir.clone(),
+            &[("KNOCKD_CRASH_AT", point.to_owned())],
+        );
+        daemon.wait_killed(READY_TIMEOUT);
+        daemon
+    }
+
+    /// Waits until the daemon has died of SIGKILL (a crash point it was
+    /// started with), and reaps it.
+    pub fn wait_killed(&mut self, timeout: Duration) {
+        use std::os::unix::process::ExitStatusExt as _;
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not crash; log:\n{:#?}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.child = None;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{status}; log:\n{:#?}",
+            self.log()
+        );
+    }
+
     fn spawn(
+        ns: &NetNs,
+        dir: Arc<tempfile::TempDir>,
+        bpffs_dir: PathBuf,
+        env: &[(&str, String)],
+    ) -> Daemon {
+        let mut daemon = Daemon::spawn_child(ns, dir, bpffs_dir, env);
+        daemon.wait_for("ready", READY_TIMEOUT, |_| true);
+        daemon.assert_running();
+        daemon
+    }
+
+    fn spawn_child(
         ns: &NetNs,
         dir: Arc<tempfile::TempDir>,
         bpffs_dir: PathBuf,
@@ -371,13 +425,15 @@ impl Daemon {
         let config_path = dir.path().join("knockd.yaml");
         let mut child = ns
             .command(knockd_bin())
-            // knockd=debug: tests read the per-knock lines.
+            // knockd=debug: tests read the per-knock lines. Benchmarks
+            // set KNOCKD_TEST_LOG_LEVEL=info, the level that ships.
             .args([
                 "run",
                 "--log-format",
                 "json",
                 "--log-level",
-                "info,knockd=debug",
+                &std::env::var("KNOCKD_TEST_LOG_LEVEL")
+                    .unwrap_or_else(|_| "info,knockd=debug".to_owned()),
                 "--config",
             ])
             .arg(&config_path)
@@ -398,16 +454,13 @@ impl Daemon {
                 reader_log.grew.notify_all();
             }
         });
-        let mut daemon = Daemon {
+        Daemon {
             child: Some(child),
             log,
             bpffs_dir,
             dir,
             owns_pins: true,
-        };
-        daemon.wait_for("ready", READY_TIMEOUT, |_| true);
-        daemon.assert_running();
-        daemon
+        }
     }
 
     /// Where the daemon pinned its maps.
