@@ -21,11 +21,16 @@
 //!    `SOCK_DESTROY`, though the service then learns of it only when it next
 //!    sends.
 //!
-//! Finding the flows takes one conntrack dump per revoked address, which
-//! the kernel filters by source and protocol: with 100,000 other flows in
-//! the table a revoke takes 34 ms p50, 15 ms with none (most of it the
-//! kernel walking its hash buckets); unfiltered, 330 ms (`cargo xtask bench
-//! revoke`). The daemon's loop waits meanwhile; revokes are rare.
+//! Finding the flows never walks the conntrack table, whose size the
+//! daemon does not control (a busy host, or a flood of half-open entries,
+//! holds hundreds of thousands). The service's sockets are the short list:
+//! one sock_diag dump per family lists the connected TCP sockets of this
+//! namespace, those whose local port is a door's service port and whose
+//! peer is the revoked address are kept, and each one's conntrack entry is
+//! fetched by its exact reply tuple (service end → client end, which the
+//! socket names) and checked against the grant. With 100,000 unrelated
+//! conntrack entries a revoke then costs what it does with none (`cargo
+//! xtask bench revoke`); a conntrack dump filtered by source took 13-34 ms.
 //!
 //! Message layouts come from netlink-packet-netfilter and
 //! netlink-packet-sock-diag; the sockets are libmnl's, as in the nft module.
@@ -37,8 +42,8 @@ use std::{
 };
 
 use netlink_packet_core::{
-    DefaultNla, Emitable as _, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Nla,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
@@ -237,33 +242,22 @@ fn conntrack(family: NetfilterProtoFamily, message: ConntrackMessage) -> Netfilt
 /// this crate cannot read does not hide the rest. `Err` for an error
 /// acknowledgement.
 fn messages(datagram: &[u8]) -> impl Iterator<Item = Result<Reply, io::Error>> + '_ {
-    let mut rest = datagram;
-    std::iter::from_fn(move || {
-        let buffer = NetlinkBuffer::new_checked(rest).ok()?;
-        let len = (buffer.length() as usize).min(rest.len());
-        if len == 0 {
-            return None;
-        }
-        // Messages are 4-byte aligned within a datagram.
-        let (this, next) = rest.split_at(len);
-        rest = next.get(len.next_multiple_of(4) - len..).unwrap_or(&[]);
-        Some(
-            match NetlinkMessage::<NetfilterMessage>::deserialize(this) {
-                Ok(message) => match message.payload {
-                    NetlinkPayload::Done(_) => Ok(Reply::Done),
-                    NetlinkPayload::Error(e) => match e.code {
-                        None => Ok(Reply::Ack),
-                        Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
-                    },
-                    NetlinkPayload::InnerMessage(NetfilterMessage {
-                        inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
-                        ..
-                    }) => Ok(Reply::Entry(attributes)),
-                    _ => Ok(Reply::Other),
+    split_messages(datagram).map(|this| {
+        match NetlinkMessage::<NetfilterMessage>::deserialize(this) {
+            Ok(message) => match message.payload {
+                NetlinkPayload::Done(_) => Ok(Reply::Done),
+                NetlinkPayload::Error(e) => match e.code {
+                    None => Ok(Reply::Ack),
+                    Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
                 },
-                Err(_) => Ok(Reply::Other),
+                NetlinkPayload::InnerMessage(NetfilterMessage {
+                    inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
+                    ..
+                }) => Ok(Reply::Entry(attributes)),
+                _ => Ok(Reply::Other),
             },
-        )
+            Err(_) => Ok(Reply::Other),
+        }
     })
 }
 
@@ -291,9 +285,10 @@ pub struct Ended {
 
 /// A flow to cut, and how to name its conntrack entry.
 struct Doomed {
-    flow: Flow,
     family: NetfilterProtoFamily,
     key: Vec<ConntrackAttribute>,
+    /// The service's socket of the flow.
+    socket: InetRequest,
 }
 
 /// Ends every flow a `Cut` describes, in the caller's network namespace:
@@ -303,19 +298,57 @@ pub fn connections(cuts: &[Cut]) -> Result<Ended, Error> {
     if cuts.is_empty() {
         return Ok(Ended::default());
     }
-    let doomed = matching_flows(cuts)?;
+    with_sockets(|diag, conntrack| cut_on(diag, conntrack, cuts))
+}
+
+thread_local! {
+    /// The sock_diag and ctnetlink sockets, kept per thread (a socket
+    /// belongs to the namespace it was opened in) like the nft module's:
+    /// closing a ctnetlink socket that has sent a request costs about 12 ms
+    /// here, most of a revoke's time when it was opened per call (`cargo
+    /// xtask bench revoke`).
+    static SOCKETS: std::cell::RefCell<Option<(mnl::Socket, mnl::Socket)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's sockets. After an error they are dropped, so
+/// replies left unread cannot be taken for the next request's.
+fn with_sockets<T>(
+    f: impl FnOnce(&mnl::Socket, &mnl::Socket) -> Result<T, Error>,
+) -> Result<T, Error> {
+    SOCKETS.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let open =
+                |bus, what| mnl::Socket::new(bus).map_err(|source| Error::Open { what, source });
+            *slot = Some((
+                open(mnl::Bus::SockDiag, "opening a sock_diag socket")?,
+                open(mnl::Bus::Netfilter, "opening a ctnetlink socket")?,
+            ));
+        }
+        let (diag, conntrack) = slot.as_ref().expect("just opened");
+        let result = f(diag, conntrack);
+        if result.is_err() {
+            *slot = None;
+        }
+        result
+    })
+}
+
+fn cut_on(diag: &mnl::Socket, conntrack: &mnl::Socket, cuts: &[Cut]) -> Result<Ended, Error> {
+    let doomed = matching_flows(diag, conntrack, cuts)?;
     let mut ended = Ended {
         more_left: doomed.len() == MAX_FLOWS,
         ..Ended::default()
     };
-    match abort_sockets(&doomed) {
+    match abort_sockets(diag, &doomed) {
         Ok(aborted) => ended.sockets = aborted,
         Err(Error::Refused { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
             ended.sockets_unsupported = true;
         }
         Err(e) => return Err(e),
     }
-    ended.flows = delete_entries(&doomed)?;
+    ended.flows = delete_entries(conntrack, &doomed)?;
     Ok(ended)
 }
 
@@ -328,83 +361,50 @@ fn family_of(addr: IpAddr) -> NetfilterProtoFamily {
     }
 }
 
-/// Kernel-side dump filtering (Linux 5.9 and later): only entries whose
-/// original direction has this source address and protocol are sent. An
-/// older kernel ignores the attribute and sends every entry; `Cut::matches`
-/// decides either way.
-const CTA_FILTER: u16 = 25;
-const CTA_FILTER_ORIG_FLAGS: u16 = 1;
-const CTA_FILTER_F_CTA_IP_SRC: u32 = 1 << 0;
-const CTA_FILTER_F_CTA_PROTO_NUM: u32 = 1 << 3;
-
-/// `CTA_FILTER`, which must carry the nested flag (the kernel parses it
-/// strictly) and so cannot be a `DefaultNla`.
-struct Filter(DefaultNla);
-
-impl Nla for Filter {
-    fn value_len(&self) -> usize {
-        self.0.buffer_len()
-    }
-    fn kind(&self) -> u16 {
-        CTA_FILTER
-    }
-    fn emit_value(&self, buffer: &mut [u8]) {
-        self.0.emit(buffer);
-    }
-    fn is_nested(&self) -> bool {
-        true
-    }
+/// Every state a connection the service holds can be in, but listening
+/// (a listener serves everyone) and the states of one already over.
+/// SYN_RECV brings the handshakes still under way (request sockets): a
+/// revoked client must not complete one after the revoke.
+fn connected_states() -> StateFlags {
+    StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT - StateFlags::CLOSE
 }
 
-/// A dump request for the TCP entries from `source`. Without the kernel's
-/// filter a dump of a busy table costs about 3 µs per entry here, every one
-/// read and decoded to find a client's few (`cargo xtask bench revoke`).
-fn dump_request(source: IpAddr, seq: u32) -> Vec<u8> {
-    let message = conntrack(
-        family_of(source),
-        ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleOrig(vec![
-            Tuple::Ip(vec![IPTuple::SourceAddress(source)]),
-            Tuple::Proto(vec![ProtoTuple::Protocol(Protocol::Tcp)]),
-        ])]),
-    );
-    let mut bytes = encode(message, NLM_F_REQUEST | NLM_F_DUMP, seq);
-    // The filter goes after the message's own attributes; the header's
-    // length then covers it.
-    // IPv6 entries are filtered by protocol only: the kernel's IPv6 source
-    // comparison is inverted (it skips the entries whose source equals the
-    // filter's; seen on 6.18, where the IPv4 one is right). The address is
-    // matched here instead, as on a kernel with no filter at all.
-    let flags = match source {
-        IpAddr::V4(_) => CTA_FILTER_F_CTA_IP_SRC | CTA_FILTER_F_CTA_PROTO_NUM,
-        IpAddr::V6(_) => CTA_FILTER_F_CTA_PROTO_NUM,
-    };
-    let filter = Filter(DefaultNla::new(
-        CTA_FILTER_ORIG_FLAGS,
-        flags.to_ne_bytes().to_vec(),
-    ));
-    let start = bytes.len();
-    bytes.resize(start + filter.buffer_len(), 0);
-    filter.emit(&mut bytes[start..]);
-    let len = bytes.len() as u32;
-    NetlinkBuffer::new(&mut bytes[..]).set_length(len);
-    bytes
+/// One service-side socket as sock_diag lists it.
+#[derive(Debug, Clone)]
+struct ServiceSocket {
+    /// The request that names exactly this socket (its family, four-tuple
+    /// and cookie), for `SOCK_DESTROY`.
+    id: InetRequest,
+    /// Its ends, IPv4-mapped addresses made plain: a dual-stack service
+    /// (sshd on `::`) holds IPv4 clients in IPv6 sockets.
+    local: SocketAddr,
+    remote: SocketAddr,
 }
 
-/// Dumps the conntrack entries of each source `cuts` name and keeps the
-/// flows they describe. Nothing is deleted during a dump: deleting while
-/// the kernel walks its table could make it skip entries.
-fn matching_flows(cuts: &[Cut]) -> Result<Vec<Doomed>, Error> {
-    let what = "listing conntrack entries";
-    let socket =
-        mnl::Socket::new(mnl::Bus::Netfilter).map_err(|source| Error::Open { what, source })?;
-    let mut sources: Vec<IpAddr> = cuts.iter().map(|c| c.source).collect();
-    sources.sort();
-    sources.dedup();
+/// The connected TCP sockets of this namespace whose local port is one of
+/// `cuts`' service ports and whose peer is that cut's source.
+fn service_sockets(socket: &mnl::Socket, cuts: &[Cut]) -> Result<Vec<ServiceSocket>, Error> {
+    let what = "listing the service's sockets (sock_diag)";
     let mut buffer = vec![0u8; RECV_BUFFER];
-    let mut doomed = Vec::new();
-    for (seq, source) in (1..).zip(sources) {
+    let mut found = Vec::new();
+    for (seq, family) in [(1, libc::AF_INET), (2, libc::AF_INET6)] {
+        let request = InetRequest {
+            family: family as u8,
+            protocol: libc::IPPROTO_TCP as u8,
+            extensions: ExtensionFlags::empty(),
+            states: connected_states(),
+            socket_id: if family == libc::AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            },
+        };
         socket
-            .send(&dump_request(source, seq))
+            .send(&encode(
+                SockDiagMessage::InetRequest(request),
+                NLM_F_REQUEST | NLM_F_DUMP,
+                seq,
+            ))
             .map_err(|source| Error::Send { what, source })?;
         'dump: loop {
             let n = socket
@@ -413,20 +413,137 @@ fn matching_flows(cuts: &[Cut]) -> Result<Vec<Doomed>, Error> {
             if n == 0 {
                 break;
             }
-            for reply in messages(&buffer[..n]) {
-                match reply.map_err(|source| Error::Refused { what, source })? {
-                    Reply::Done => break 'dump,
-                    Reply::Entry(attributes) => {
-                        if doomed.len() < MAX_FLOWS
-                            && let Some(flow) = flow_of(&attributes)
-                            && cuts.iter().any(|c| c.matches(&flow))
+            for message in split_messages(&buffer[..n]) {
+                let Ok(message) = NetlinkMessage::<SockDiagMessage>::deserialize(message) else {
+                    continue;
+                };
+                match message.payload {
+                    NetlinkPayload::Done(_) => break 'dump,
+                    NetlinkPayload::Error(e) => {
+                        return Err(Error::Refused {
+                            what,
+                            source: e.to_io(),
+                        });
+                    }
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                        let header = &response.header;
+                        let id = &header.socket_id;
+                        let local =
+                            SocketAddr::new(id.source_address.to_canonical(), id.source_port);
+                        let remote = SocketAddr::new(
+                            id.destination_address.to_canonical(),
+                            id.destination_port,
+                        );
+                        if header.state != TCP_LISTEN
+                            && found.len() < MAX_FLOWS
+                            && cuts
+                                .iter()
+                                .any(|c| c.source == remote.ip() && c.service_port == local.port())
                         {
-                            let family = family_of(flow.source);
-                            let key = delete_key(&attributes);
-                            doomed.push(Doomed { flow, family, key });
+                            found.push(ServiceSocket {
+                                id: InetRequest {
+                                    family: header.family,
+                                    protocol: libc::IPPROTO_TCP as u8,
+                                    extensions: ExtensionFlags::empty(),
+                                    states: StateFlags::all(),
+                                    socket_id: id.clone(),
+                                },
+                                local,
+                                remote,
+                            });
                         }
                     }
-                    Reply::Ack | Reply::Other => {}
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The messages of one datagram, 4-byte aligned, each left undecoded.
+fn split_messages(datagram: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
+    let mut rest = datagram;
+    std::iter::from_fn(move || {
+        let buffer = NetlinkBuffer::new_checked(rest).ok()?;
+        let len = (buffer.length() as usize).min(rest.len());
+        if len == 0 {
+            return None;
+        }
+        let (this, next) = rest.split_at(len);
+        rest = next.get(len.next_multiple_of(4) - len..).unwrap_or(&[]);
+        Some(this)
+    })
+}
+
+/// A TCP tuple, for a conntrack request.
+fn tcp_tuple(from: SocketAddr, to: SocketAddr) -> Vec<Tuple> {
+    vec![
+        Tuple::Ip(vec![
+            IPTuple::SourceAddress(from.ip()),
+            IPTuple::DestinationAddress(to.ip()),
+        ]),
+        Tuple::Proto(vec![
+            ProtoTuple::Protocol(Protocol::Tcp),
+            ProtoTuple::SourcePort(from.port()),
+            ProtoTuple::DestinationPort(to.port()),
+        ]),
+    ]
+}
+
+/// The flows to cut: each service socket whose conntrack entry, fetched by
+/// its exact reply tuple, is one a cut describes (it came in through the
+/// grant's ports). A socket without an entry is no flow a grant let in.
+fn matching_flows(
+    diag: &mnl::Socket,
+    socket: &mnl::Socket,
+    cuts: &[Cut],
+) -> Result<Vec<Doomed>, Error> {
+    let sockets = service_sockets(diag, cuts)?;
+    if sockets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let what = "looking up conntrack entries";
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let mut doomed = Vec::new();
+    for (seq, service) in (1..).zip(sockets) {
+        let family = family_of(service.local.ip());
+        let request = conntrack(
+            family,
+            ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleReply(tcp_tuple(
+                service.local,
+                service.remote,
+            ))]),
+        );
+        socket
+            .send(&encode(request, NLM_F_REQUEST | NLM_F_ACK, seq))
+            .map_err(|source| Error::Send { what, source })?;
+        'reply: loop {
+            let n = socket
+                .recv_raw(&mut buffer)
+                .map_err(|source| Error::Receive { what, source })?;
+            if n == 0 {
+                break;
+            }
+            for reply in messages(&buffer[..n]) {
+                match reply {
+                    Ok(Reply::Entry(attributes)) => {
+                        if flow_of(&attributes)
+                            .is_some_and(|flow| cuts.iter().any(|c| c.matches(&flow)))
+                        {
+                            let key = delete_key(&attributes);
+                            doomed.push(Doomed {
+                                family,
+                                key,
+                                socket: service.id.clone(),
+                            });
+                        }
+                    }
+                    Ok(Reply::Ack | Reply::Done) => break 'reply,
+                    Ok(Reply::Other) => {}
+                    // No entry: the flow did not pass conntrack here.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break 'reply,
+                    Err(source) => return Err(Error::Refused { what, source }),
                 }
             }
         }
@@ -462,88 +579,15 @@ fn acknowledged<I: NetlinkSerializable>(
 /// TCP_LISTEN, from the kernel's tcp_states.h.
 const TCP_LISTEN: u8 = 10;
 
-/// The sock_diag request naming one flow's service-side socket; `cookie`
-/// pins it to one socket (all ones: any socket with that four-tuple).
-fn socket_request(flow: &Flow, cookie: [u8; 8]) -> InetRequest {
-    InetRequest {
-        family: match flow.local {
-            SocketAddr::V4(_) => libc::AF_INET as u8,
-            SocketAddr::V6(_) => libc::AF_INET6 as u8,
-        },
-        protocol: libc::IPPROTO_TCP as u8,
-        extensions: ExtensionFlags::empty(),
-        states: StateFlags::all(),
-        socket_id: SocketId {
-            source_port: flow.local.port(),
-            destination_port: flow.remote.port(),
-            source_address: flow.local.ip(),
-            destination_address: flow.remote.ip(),
-            interface_id: 0,
-            cookie,
-        },
-    }
-}
-
-/// The cookie of the connected socket at the service end of `flow`, if
-/// there is one. The kernel looks a four-tuple up as a packet would: when
-/// the connection's socket is gone (the flow closed a moment ago, and its
-/// conntrack entry lingers in LAST_ACK, say) it finds the service's
-/// *listening* socket instead. Destroying that would take the service
-/// down for everyone, so a listener, or any socket whose remote end is
-/// not the flow's, is never returned.
-fn connected_socket(socket: &mnl::Socket, flow: &Flow, seq: u32) -> Result<Option<[u8; 8]>, Error> {
-    let what = "finding the service's socket (sock_diag)";
-    let request = SockDiagMessage::InetRequest(socket_request(flow, [0xff; 8]));
-    socket
-        .send(&encode(request, NLM_F_REQUEST, seq))
-        .map_err(|source| Error::Send { what, source })?;
-    let mut buffer = vec![0u8; RECV_BUFFER];
-    let n = socket
-        .recv_raw(&mut buffer)
-        .map_err(|source| Error::Receive { what, source })?;
-    let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buffer[..n]).map_err(|e| {
-        Error::Receive {
-            what,
-            source: std::io::Error::other(e.to_string()),
-        }
-    })?;
-    match message.payload {
-        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-            let header = &response.header;
-            let id = &header.socket_id;
-            let connected = header.state != TCP_LISTEN
-                && id.destination_port == flow.remote.port()
-                && id.destination_address == flow.remote.ip()
-                && id.source_port == flow.local.port();
-            Ok(connected.then_some(id.cookie))
-        }
-        NetlinkPayload::Error(e) if e.code.is_some_and(|c| c.get() == -libc::ENOENT) => Ok(None),
-        NetlinkPayload::Error(e) => Err(Error::Refused {
-            what,
-            source: e.to_io(),
-        }),
-        _ => Ok(None),
-    }
-}
-
-/// Aborts the service-side socket of each flow (`SOCK_DESTROY`), by its
-/// cookie, once [`connected_socket`] has shown it is that flow's connected
-/// socket. Returns how many it found and aborted.
-fn abort_sockets(doomed: &[Doomed]) -> Result<usize, Error> {
+/// Aborts the service-side socket of each flow (`SOCK_DESTROY`), named by
+/// its cookie, so a socket that has since closed and whose four-tuple a new
+/// one took is not touched. Returns how many it aborted.
+fn abort_sockets(socket: &mnl::Socket, doomed: &[Doomed]) -> Result<usize, Error> {
     let what = "aborting the service's socket (sock_diag)";
-    let socket =
-        mnl::Socket::new(mnl::Bus::SockDiag).map_err(|source| Error::Open { what, source })?;
     let mut aborted = 0;
-    let mut seq = 1;
-    for Doomed { flow, .. } in doomed {
-        seq += 1;
-        let Some(cookie) = connected_socket(&socket, flow, seq)? else {
-            continue;
-        };
-        seq += 1;
-        let request = socket_request(flow, cookie);
-        let message = SockDiagDestroy::new(SockDiagMessage::InetRequest(request));
-        if acknowledged(&socket, message, seq, what)? {
+    for (seq, Doomed { socket: id, .. }) in (100..).zip(doomed) {
+        let message = SockDiagDestroy::new(SockDiagMessage::InetRequest(id.clone()));
+        if acknowledged(socket, message, seq, what)? {
             aborted += 1;
         }
     }
@@ -551,14 +595,13 @@ fn abort_sockets(doomed: &[Doomed]) -> Result<usize, Error> {
 }
 
 /// Deletes each flow's conntrack entry. Returns how many it deleted.
-fn delete_entries(doomed: &[Doomed]) -> Result<usize, Error> {
+fn delete_entries(socket: &mnl::Socket, doomed: &[Doomed]) -> Result<usize, Error> {
     let what = "deleting conntrack entries";
-    let socket =
-        mnl::Socket::new(mnl::Bus::Netfilter).map_err(|source| Error::Open { what, source })?;
     let mut deleted = 0;
-    for (seq, Doomed { family, key, .. }) in (1..).zip(doomed) {
+    // Past the lookups' sequence numbers on the same socket.
+    for (seq, Doomed { family, key, .. }) in (1 << 20..).zip(doomed) {
         let message = conntrack(*family, ConntrackMessage::Delete(key.clone()));
-        if acknowledged(&socket, message, seq, what)? {
+        if acknowledged(socket, message, seq, what)? {
             deleted += 1;
         }
     }
@@ -669,31 +712,6 @@ mod tests {
         let key = delete_key(&attributes);
         assert_eq!(key.len(), 1);
         assert!(matches!(key[0], ConntrackAttribute::CtaTupleOrig(_)));
-    }
-
-    #[test]
-    fn dump_requests_end_with_a_nested_filter() {
-        for (source, flags) in [
-            (
-                "198.18.0.2",
-                CTA_FILTER_F_CTA_IP_SRC | CTA_FILTER_F_CTA_PROTO_NUM,
-            ),
-            ("2001:db8::2", CTA_FILTER_F_CTA_PROTO_NUM),
-        ] {
-            let bytes = dump_request(source.parse().unwrap(), 7);
-            let header = NetlinkBuffer::new_checked(&bytes[..]).unwrap();
-            assert_eq!(header.length() as usize, bytes.len());
-            assert_eq!(header.sequence_number(), 7);
-            // The last 12 bytes: CTA_FILTER (nested), holding ORIG_FLAGS.
-            let tail = &bytes[bytes.len() - 12..];
-            let kind = u16::from_ne_bytes([tail[2], tail[3]]);
-            assert_eq!(kind, CTA_FILTER | netlink_packet_core::NLA_F_NESTED);
-            assert_eq!(
-                u16::from_ne_bytes([tail[6], tail[7]]),
-                CTA_FILTER_ORIG_FLAGS
-            );
-            assert_eq!(u32::from_ne_bytes(tail[8..12].try_into().unwrap()), flags);
-        }
     }
 
     #[test]

@@ -35,10 +35,24 @@ pub struct Bed {
 impl Bed {
     /// Namespaces, an echo service on 22, and a key for device `laptop`.
     pub fn new(v6: bool) -> Bed {
+        Bed::with_service(v6, false)
+    }
+
+    /// An IPv4 bed whose service listens on `[::]:22` for both families,
+    /// as sshd does by default: it holds IPv4 clients in IPv6 sockets.
+    pub fn dual_stack() -> Bed {
+        Bed::with_service(false, true)
+    }
+
+    fn with_service(v6: bool, dual_stack: bool) -> Bed {
         let testbed = Testbed::new();
         let (server, client, _) = addrs::family(v6);
         testbed.server.run(|| {
-            probe::echo_server(SocketAddr::new(server, SSH));
+            if dual_stack {
+                probe::echo_server_dual_stack(SSH);
+            } else {
+                probe::echo_server(SocketAddr::new(server, SSH));
+            }
         });
         let dir = tempfile::tempdir().unwrap();
         let key = DeviceKey::generate();

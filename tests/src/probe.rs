@@ -76,11 +76,24 @@ pub fn udp_send(from: SocketAddr, to: SocketAddr, payloads: &[impl AsRef<[u8]>])
 /// A TCP listener that echoes every byte back, on its own thread, for as
 /// long as the process lives. Returns the bound address.
 pub fn echo_server(addr: SocketAddr) -> SocketAddr {
+    echo_server_with(addr, true)
+}
+
+/// An echo server on `[::]:port` that takes IPv4 clients too (as
+/// IPv4-mapped addresses), the way sshd listens by default.
+pub fn echo_server_dual_stack(port: u16) -> SocketAddr {
+    echo_server_with(
+        SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
+        false,
+    )
+}
+
+fn echo_server_with(addr: SocketAddr, only_v6: bool) -> SocketAddr {
     let listener = {
         let socket = socket_for(&addr, Type::STREAM, Protocol::TCP);
         socket.set_reuse_address(true).unwrap();
         if addr.is_ipv6() {
-            socket.set_only_v6(true).unwrap();
+            socket.set_only_v6(only_v6).unwrap();
         }
         socket.bind(&SockAddr::from(addr)).unwrap();
         socket.listen(1024).unwrap();

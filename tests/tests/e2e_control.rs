@@ -259,6 +259,32 @@ fn revoke_cuts_established_connections_v6() {
     revoke_cuts_established_connections(true);
 }
 
+/// sshd listens on `[::]` for both families, so an IPv4 client's
+/// connection is an IPv6 socket with an IPv4-mapped peer: revoke finds and
+/// cuts it all the same.
+#[test]
+fn revoke_cuts_ipv4_clients_of_a_dual_stack_service() {
+    require_privileges!();
+    let bed = Bed::dual_stack();
+    let daemon = bed.start("");
+    let (_, mut stream) = bed.open_and_connect();
+    let out = knockctl(
+        &daemon.control_socket(),
+        &["revoke", &bed.client.to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked 1 grant(s), cut 1 connection(s)"
+    );
+    assert!(is_cut(&mut stream), "the connection lives on");
+    assert!(!flows_from(&bed, bed.client).contains(&format!("sport={SSH} ")));
+}
+
 /// Revoking an address also cuts connections whose grant has already
 /// expired: they outlive their grant (by design), not a revoke.
 #[test]

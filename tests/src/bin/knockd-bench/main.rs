@@ -12,8 +12,9 @@
 //!   against a plain connect.
 //! - `revoke`: a revoke request to the real daemon that cuts one established
 //!   connection, with an empty conntrack table and with 100,000 other
-//!   flows in it (revoke walks the whole table), against a `grants` request
-//!   on the same control socket.
+//!   flows in it (revoke looks its flows up by exact tuple, so the table's
+//!   size should not show), against a `grants` request on the same control
+//!   socket.
 //! - `peers`: knock-to-open side by side with Debian's knockd and fwknopd
 //!   (see `peers.rs`).
 
