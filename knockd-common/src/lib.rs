@@ -47,6 +47,11 @@ pub mod policy {
     /// kernel, so garbage never costs a ring-buffer slot, a rate-limit token
     /// or the daemon's time.
     pub const SHAPED: u8 = 1 << 3;
+    /// The allow map may admit someone to this port (a one-time door's
+    /// grant range, a static door's service port). Other protected ports
+    /// drop without the lookup: it was a sixth of what the guard costs per
+    /// dropped packet (`cargo xtask bench drop`).
+    pub const ALLOWS: u8 = 1 << 4;
 }
 
 /// The shape of a one-time knock on the wire (`docs/PROTOCOL.md` §6), as

@@ -10,8 +10,9 @@
 //! 4. a knock port: drop what cannot be a knock (on one-time knock ports:
 //!    the length, version, kind, index and count), rate-limit per source,
 //!    send the knock to userspace over the ring buffer, drop;
-//! 5. a protected port: pass if the exact (source, port, protocol) holds a
-//!    live grant in the allow map, else drop silently (no RST, no ICMP).
+//! 5. a protected port: pass if the port may be granted (`policy::ALLOWS`)
+//!    and the exact (source, port, protocol) holds a live grant in the
+//!    allow map, else drop silently (no RST, no ICMP).
 //!
 //! # Which header shapes are walked, dropped and passed
 //!
@@ -375,19 +376,23 @@ fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
     if flags & policy::KNOCK != 0 && !ip.first_fragment {
         return knock(ctx, ip, dport, tcp_flags, flags);
     }
-    let key = AllowKey {
-        addr: ip.saddr,
-        port: dport,
-        proto: ip.proto,
-        _pad: [0],
-    };
-    // SAFETY: the value is copied out at once; a concurrent update can at
-    // worst give a stale expiry, which the next packet corrects.
-    if let Some(grant) = unsafe { ALLOW.get(key) } {
-        let expires = grant.expires_ns;
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        if expires == 0 || unsafe { bpf_ktime_get_ns() } < expires {
-            return Ok(Counter::PassGranted);
+    // Only ports the daemon may grant are looked up: on the others (a
+    // one-time door's service port, its knock range) the drop costs no hash.
+    if flags & policy::ALLOWS != 0 {
+        let key = AllowKey {
+            addr: ip.saddr,
+            port: dport,
+            proto: ip.proto,
+            _pad: [0],
+        };
+        // SAFETY: the value is copied out at once; a concurrent update can
+        // at worst give a stale expiry, which the next packet corrects.
+        if let Some(grant) = unsafe { ALLOW.get(key) } {
+            let expires = grant.expires_ns;
+            // SAFETY: bpf_ktime_get_ns has no preconditions.
+            if expires == 0 || unsafe { bpf_ktime_get_ns() } < expires {
+                return Ok(Counter::PassGranted);
+            }
         }
     }
     // A new connection to a port some grant uses, from someone else: a probe.

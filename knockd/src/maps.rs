@@ -163,6 +163,22 @@ impl PortPolicy {
                     }),
             )
             .collect();
+        // Where the daemon writes allow entries: grants live in their
+        // door's range, static doors admit to the service port itself.
+        // Marked last, on top of whatever else a port is.
+        for door in config.doors.values() {
+            let ports: Box<dyn Iterator<Item = u16>> = match door.mode {
+                DoorMode::OneTime => Box::new(door.grant_ports().ports()),
+                DoorMode::Static if !door.expose_service_port => {
+                    Box::new(std::iter::once(door.service_port))
+                }
+                DoorMode::Static => Box::new(std::iter::empty()),
+            };
+            for port in ports {
+                let flags = table.get(Proto::Tcp, port);
+                table.set(Proto::Tcp, port, flags | policy::ALLOWS);
+            }
+        }
         for knock in knocks {
             let shaped = if knock.proto == Proto::Udp && !unshaped.contains(knock) {
                 policy::SHAPED
@@ -394,6 +410,12 @@ impl GuardMaps {
         Ok(written)
     }
 
+    /// The port policy the kernel holds (as last written, or as read back
+    /// by [`open_pinned`](Self::open_pinned)).
+    pub fn policy(&self) -> &PortPolicy {
+        &self.policy_mirror
+    }
+
     /// Sets the per-source knock rate limit.
     pub fn set_knock_rate(&mut self, rate_per_sec: u32, burst: u32) -> Result<(), Error> {
         let settings = Settings {
@@ -560,6 +582,14 @@ mod tests {
         assert_eq!(table.get(Proto::Udp, 6000), knock);
         assert_eq!(table.get(Proto::Udp, 5100), knock);
         assert_eq!(table.get(Proto::Tcp, 6001), knock);
+        // The allow map is consulted only where the daemon grants: the
+        // one-time door's grant range and the static door's service port,
+        // not the one-time door's service port or any knock port.
+        let allows = |proto, port| table.get(proto, port) & policy::ALLOWS != 0;
+        assert!(allows(Proto::Tcp, 443));
+        assert!(allows(Proto::Tcp, 40000) && allows(Proto::Tcp, 40999));
+        assert!(!allows(Proto::Tcp, 22));
+        assert!(!allows(Proto::Udp, 7005) && !allows(Proto::Tcp, 6001));
     }
 
     #[test]

@@ -191,10 +191,23 @@ fn nmap_sees_protected_ports_as_filtered_v6() {
     nmap_sees_protected_ports_as_filtered(true);
 }
 
+/// Marks TCP `port` as one the allow map may admit to, as the daemon does
+/// for a static door's service port (this config has only `protect`
+/// ports). The daemon leaves the mark alone: its own view of the port does
+/// not change.
+fn may_grant(maps: &mut knockd::maps::GuardMaps, port: u16) {
+    let mut table = maps.policy().clone();
+    let flags = table.get(Proto::Tcp, port);
+    table.set(Proto::Tcp, port, flags | knockd_common::policy::ALLOWS);
+    maps.apply_port_policy(&table).unwrap();
+}
+
 /// Admits `source` to TCP `port` in both layers, as a static door's grant
 /// does: the XDP allow map and knockd's nftables table.
 fn admit(testbed: &Testbed, daemon: &Daemon, source: IpAddr, port: u16) {
-    daemon.maps().allow(source, Proto::Tcp, port, None).unwrap();
+    let mut maps = daemon.maps();
+    may_grant(&mut maps, port);
+    maps.allow(source, Proto::Tcp, port, None).unwrap();
     testbed
         .server
         .run(|| {
@@ -211,6 +224,7 @@ fn allow_entry_admits_exactly_that_source_and_port(v6: bool) {
     let (testbed, daemon, (server, client, other)) = setup(v6);
     // One layer alone admits nothing: the XDP allow entry without the
     // nftables element, and the element without the entry.
+    may_grant(&mut daemon.maps(), SSH);
     daemon.maps().allow(client, Proto::Tcp, SSH, None).unwrap();
     assert_eq!(
         connect(&testbed.client, client, SocketAddr::new(server, SSH)),

@@ -51,9 +51,11 @@ impl Bench {
         let mut maps = GuardMaps::take(guard.ebpf_mut(), None).unwrap();
         let ring = knockd::maps::take_knock_events(guard.ebpf_mut()).unwrap();
         let mut policy_table = PortPolicy::empty();
-        policy_table.set(Proto::Tcp, SSH, policy::PROTECTED);
+        // SSH and the 40000s may be granted, as a static door's service
+        // port and a grant range are.
+        policy_table.set(Proto::Tcp, SSH, policy::PROTECTED | policy::ALLOWS);
         for port in GRANT_RANGE {
-            policy_table.set(Proto::Tcp, port, policy::PROTECTED);
+            policy_table.set(Proto::Tcp, port, policy::PROTECTED | policy::ALLOWS);
         }
         policy_table.set(Proto::Udp, PROTECTED_UDP, policy::PROTECTED);
         policy_table.set(Proto::Udp, KNOCK_UDP, policy::KNOCK | policy::PROTECTED);
@@ -673,6 +675,35 @@ fn allow_map_admits_exactly_its_source_port_and_protocol() {
     bench.expect(&v4_tcp(CLIENT4, SSH, SYN), Counter::DropProtected);
 }
 
+/// An allow entry counts only on a port the policy says may be granted: a
+/// one-time door's service port or knock range never is, and drops without
+/// looking.
+#[test]
+fn allow_entries_count_only_where_the_policy_allows_grants() {
+    require_privileges!();
+    let mut bench = Bench::new();
+    bench
+        .maps
+        .allow(ip(CLIENT4), Proto::Udp, PROTECTED_UDP, None)
+        .unwrap();
+    let udp = eth4(frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        frames::udp(1, PROTECTED_UDP, b""),
+        &[],
+        (false, 0),
+    ));
+    bench.expect(&udp, Counter::DropProtected);
+    let mut table = bench.maps.policy().clone();
+    table.set(
+        Proto::Udp,
+        PROTECTED_UDP,
+        policy::PROTECTED | policy::ALLOWS,
+    );
+    bench.maps.apply_port_policy(&table).unwrap();
+    bench.expect(&udp, Counter::PassGranted);
+}
+
 #[test]
 fn expired_grants_are_refused_by_the_kernel_itself() {
     require_privileges!();
@@ -855,7 +886,7 @@ fn syns_to_a_granted_port_from_others_are_counted_as_probes() {
     require_privileges!();
     let mut bench = Bench::new();
     let mut table = PortPolicy::empty();
-    table.set(Proto::Tcp, 40003, policy::PROTECTED);
+    table.set(Proto::Tcp, 40003, policy::PROTECTED | policy::ALLOWS);
     table.mark_granted([40003]);
     table.set(Proto::Tcp, SSH, policy::PROTECTED);
     bench.maps.apply_port_policy(&table).unwrap();
