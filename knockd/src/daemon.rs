@@ -197,11 +197,19 @@ impl Daemon {
     /// knock ports valid now, and the ports grants use (to count probes).
     fn load_policy(&mut self) -> Result<(), Error> {
         let mut policy = self.policy_base.clone();
-        policy.mark_granted(self.grants.list().iter().map(|g| g.port));
+        policy.mark_granted(self.grants.current_ports());
         let written = self.maps.apply_port_policy(&policy)?;
         if written > 0 {
             tracing::debug!(entries = written, "port policy updated");
         }
+        Ok(())
+    }
+
+    /// Marks one more port as granted in the XDP port policy.
+    fn mark_granted(&mut self, port: u16) -> Result<(), Error> {
+        let mut policy = self.maps.policy().clone();
+        policy.mark_granted([port]);
+        self.maps.apply_port_policy(&policy)?;
         Ok(())
     }
 
@@ -466,8 +474,14 @@ impl Daemon {
             }
         };
         // The grant is in place; the policy update only marks its port for
-        // probe counting, so a failure here is reported, not fatal.
-        if let Err(e) = self.load_policy() {
+        // probe counting, so a failure here is reported, not fatal. Only
+        // this port: marking every grant's costs a walk of them all (a
+        // millisecond at 100,000 grants), and the tick does that anyway,
+        // unmarking ports grants left.
+        if one_time
+            && status == Status::Granted
+            && let Err(e) = self.mark_granted(port)
+        {
             self.record_error(format!("updating the port policy failed: {}", chain(&e)));
         }
         tracing::info!(
