@@ -14,6 +14,7 @@
 pub mod bed;
 pub mod capture;
 pub mod frames;
+pub mod livegen;
 pub mod probe;
 
 use std::{

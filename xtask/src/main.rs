@@ -48,6 +48,8 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",
     // Replaying captured knocks as an attacker would.
     "tcpreplay",
+    // The benchmarks read veth's per-queue counters and turn GRO on.
+    "ethtool",
 ];
 
 /// The bpf-linker release we build; 0.13 is the one known to build with
@@ -89,10 +91,13 @@ enum Task {
         runs: Option<u64>,
     },
     /// Benchmarks, printed as ratios against baselines from the same run
-    /// (needs root): `grants`, `knock`, `revoke`, `peers` (side by side with
-    /// Debian's knockd and fwknopd), or all of them.
+    /// (needs root): `grants`, `knock`, `revoke`, `drop` (live XDP frames:
+    /// the guard against XDP_DROP and nftables), `footprint`, `peers` (side
+    /// by side with Debian's knockd and fwknopd, and all of drop, floods
+    /// and footprint, written to target/bench/peers.*), or all of them.
     Bench {
-        /// Which benchmark: grants, knock, revoke, peers, or all.
+        /// Which benchmark: grants, knock, revoke, drop, footprint, peers,
+        /// or all.
         #[arg(default_value = "all")]
         which: String,
     },

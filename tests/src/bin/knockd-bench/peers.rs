@@ -34,6 +34,8 @@ use rand::seq::SliceRandom as _;
 
 use crate::{bench_daemon_with, bench_target, percentile};
 
+mod flood;
+
 /// Trials per variant.
 const TRIALS: usize = 100;
 /// Trials for a quick look: KNOCKD_BENCH_TRIALS overrides TRIALS.
@@ -203,6 +205,11 @@ fn fwknop_keys(home: &Path) -> (String, String) {
 }
 
 impl Peers {
+    /// Classic knockd's pid.
+    fn classic_pid(&self) -> u32 {
+        self._classic.0.id()
+    }
+
     fn start(testbed: &Testbed) -> Peers {
         let dir = tempfile::tempdir().unwrap();
         let path = |name: &str| dir.path().join(name);
@@ -355,22 +362,47 @@ impl Peers {
     }
 }
 
-/// One knock-to-open trial of `variant`; `None` if nothing opened in time.
-/// Afterwards the access is taken back, so the next trial starts closed.
-fn trial(variant: Variant, ctx: &Context, spa: Option<&[u8]>) -> Option<Duration> {
-    let (server, client) = (ctx.server, ctx.client);
+/// One knock-to-open trial of `variant`, for at most `timeout`; `None` if
+/// nothing opened in time. A client that learns nothing (all but the
+/// one-time door's) resends its sequence every `client::ATTEMPT_WAIT`, as
+/// the one-time client starts a fresh one. Afterwards the access is taken
+/// back, so the next trial starts closed.
+fn trial(
+    variant: Variant,
+    ctx: &Context,
+    spa: Option<&[u8]>,
+    timeout: Duration,
+) -> Option<Duration> {
+    let server = ctx.server;
+    // Our doors are knocked from many addresses in turn (the default rate
+    // limit is per source); the peers', from the one their setup names.
+    let client = match variant {
+        Variant::OneTime | Variant::Static => ctx.next_source(),
+        Variant::Classic | Variant::Fwknop => ctx.client,
+    };
     let socket = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
     let start = Instant::now();
-    let deadline = start + TRIAL_TIMEOUT;
+    let deadline = start + timeout;
     let send_all = |ports: &[u16]| {
         for port in ports {
             socket.send_to(&[], SocketAddr::new(server, *port)).unwrap();
         }
     };
+    // Sends with `send`, then polls for the port until the next resend.
+    let poll = |send: &dyn Fn(), port: u16| loop {
+        send();
+        let attempt_end = (Instant::now() + client::ATTEMPT_WAIT).min(deadline);
+        if connect_until(client, SocketAddr::new(server, port), attempt_end) {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+    };
     let opened = match variant {
         Variant::OneTime => {
             let target = bench_target(server, &ctx.keys[ctx.next_key()]);
-            match client::knock_from(&socket, &target, Kind::Open, TRIAL_TIMEOUT) {
+            match client::knock_from(&socket, &target, Kind::Open, timeout) {
                 Ok(answer) => {
                     let to = SocketAddr::new(server, answer.reply.port);
                     let outcome = probe::tcp_connect(Some(client), to, TRIAL_TIMEOUT).0;
@@ -385,32 +417,22 @@ fn trial(variant: Variant, ctx: &Context, spa: Option<&[u8]>) -> Option<Duration
                 }
             }
         }
-        Variant::Static => {
-            send_all(&OURS_STATIC_SEQUENCE);
-            connect_until(client, SocketAddr::new(server, OURS_STATIC), deadline)
-        }
-        Variant::Classic => {
-            send_all(&CLASSIC_SEQUENCE);
-            connect_until(client, SocketAddr::new(server, CLASSIC), deadline)
-        }
+        Variant::Static => poll(&|| send_all(&OURS_STATIC_SEQUENCE), OURS_STATIC),
+        Variant::Classic => poll(&|| send_all(&CLASSIC_SEQUENCE), CLASSIC),
         Variant::Fwknop => {
+            let spa = spa.expect("an SPA packet");
+            // fwknopd refuses a replayed SPA packet: it is sent once.
             socket
-                .send_to(
-                    spa.expect("an SPA packet"),
-                    SocketAddr::new(server, SPA_PORT),
-                )
+                .send_to(spa, SocketAddr::new(server, SPA_PORT))
                 .unwrap();
             connect_until(client, SocketAddr::new(server, FWKNOP), deadline)
         }
     };
     let took = start.elapsed();
     if !opened && variant != Variant::OneTime {
-        eprintln!(
-            "{} trial: nothing opened in {TRIAL_TIMEOUT:?}",
-            variant.name()
-        );
+        eprintln!("{} trial: nothing opened in {timeout:?}", variant.name());
     }
-    (ctx.close)(variant);
+    (ctx.close)(variant, client);
     opened.then_some(took)
 }
 
@@ -418,9 +440,12 @@ fn trial(variant: Variant, ctx: &Context, spa: Option<&[u8]>) -> Option<Duration
 struct Context<'a> {
     server: IpAddr,
     client: IpAddr,
+    /// Where our doors are knocked from, in turn.
+    sources: Vec<IpAddr>,
     keys: &'a [knockd::proto::DeviceKey],
     key_index: std::sync::atomic::AtomicUsize,
-    close: &'a (dyn Fn(Variant) + Sync),
+    source_index: std::sync::atomic::AtomicUsize,
+    close: &'a (dyn Fn(Variant, IpAddr) + Sync),
 }
 
 impl Context<'_> {
@@ -431,6 +456,14 @@ impl Context<'_> {
             .key_index
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         i % self.keys.len()
+    }
+
+    /// The next source address for our doors' clients.
+    fn next_source(&self) -> IpAddr {
+        let i = self
+            .source_index
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.sources[i % self.sources.len()]
     }
 }
 
@@ -466,6 +499,8 @@ pub fn run() {
         trials()
     );
     let testbed = Testbed::new();
+    // The flood generator's frames are addressed to these.
+    crate::drop::fixed_macs(&testbed);
     let (server, client, _) = addrs::family(false);
     testbed.server.run(|| {
         for port in [SSH, OURS_STATIC, CLASSIC, FWKNOP] {
@@ -485,12 +520,12 @@ pub fn run() {
     let spa = peers.spa_packets(client, server, trials());
     let control = daemon.control_socket();
     let server_ns = &testbed.server;
-    let close = |variant: Variant| match variant {
-        // A one-time grant ends with a close knock; a static one by revoke.
+    let close = |variant: Variant, source: IpAddr| match variant {
+        // Our grants end by revoke.
         Variant::OneTime | Variant::Static => {
             crate::control(
                 &control,
-                serde_json::json!({"command": "revoke", "target": client.to_string()}),
+                serde_json::json!({"command": "revoke", "target": source.to_string()}),
             );
         }
         Variant::Classic => sh(server_ns
@@ -501,8 +536,10 @@ pub fn run() {
     let ctx = Context {
         server,
         client,
+        sources: crate::client_sources(&testbed, 64),
         keys: &keys,
         key_index: std::sync::atomic::AtomicUsize::new(0),
+        source_index: std::sync::atomic::AtomicUsize::new(0),
         close: &close,
     };
     let mut samples: Vec<(Variant, Option<Duration>)> = Vec::new();
@@ -513,7 +550,7 @@ pub fn run() {
             order.shuffle(&mut rng);
             for variant in order {
                 let spa = (variant == Variant::Fwknop).then(|| spa[round].as_slice());
-                samples.push((variant, trial(variant, &ctx, spa)));
+                samples.push((variant, trial(variant, &ctx, spa, TRIAL_TIMEOUT)));
             }
         }
     });
@@ -544,12 +581,42 @@ pub fn run() {
             }
         })
         .collect();
-    report(&rows);
+    let idle = |variant: Variant| {
+        rows.iter()
+            .find(|r| r.variant == variant.key())
+            .map_or((f64::NAN, f64::NAN), |r| (r.p50_us, r.p99_us))
+    };
+    let floods = flood::run(&testbed, &daemon, peers.classic_pid(), &ctx);
+    let flood_md = flood::table(&floods, &idle);
+    println!("\n{flood_md}");
+    drop(peers);
+    drop(daemon);
+    drop(testbed);
+    let drops = crate::drop::run();
+    let drop_md = crate::drop::table(&drops);
+    println!("\n{drop_md}");
+    let figures = crate::footprint::run();
+    let footprint_md = crate::footprint::table(&figures);
+    println!("\n{footprint_md}");
+    let mut json: Vec<serde_json::Value> = rows.iter().map(Row::json).collect();
+    json.extend(flood::json(&floods));
+    json.extend(crate::drop::json(&drops));
+    json.extend(crate::footprint::json(&figures));
+    report(
+        &rows,
+        &json,
+        &[
+            ("Knock under flood", flood_md),
+            ("Drop cost", drop_md),
+            ("Footprint", footprint_md),
+        ],
+    );
 }
 
-/// Prints the table and writes peers.json, peers.md and peers.svg under
-/// target/bench.
-fn report(rows: &[Row]) {
+/// Prints the knock-to-open table and writes peers.json (`json`: every
+/// measurement), peers.md (the knock-to-open table, then `sections`) and
+/// peers.svg under target/bench.
+fn report(rows: &[Row], json: &[serde_json::Value], sections: &[(&str, String)]) {
     let classic = rows
         .iter()
         .find(|r| r.variant == Variant::Classic.key())
@@ -577,12 +644,14 @@ fn report(rows: &[Row]) {
         );
     }
     println!("\n{md}");
+    for (title, table) in sections {
+        let _ = write!(md, "\n### {title}\n\n{table}");
+    }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
-    let json: Vec<serde_json::Value> = rows.iter().map(Row::json).collect();
     std::fs::write(
         dir.join("peers.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
+        serde_json::to_string_pretty(json).unwrap(),
     )
     .unwrap();
     std::fs::write(dir.join("peers.md"), &md).unwrap();

@@ -1,0 +1,271 @@
+//! Footprint: what the daemon costs to keep around, and how it behaves with
+//! a full table.
+//!
+//! - start → ready: from spawning `knockd run` to its "ready" line (XDP
+//!   attached, nftables installed, control socket listening), `STARTS`
+//!   times on one testbed, and the idle RSS after each;
+//! - 100,000 live grants: written into knockd's nftables table while the
+//!   daemon is stopped (on a second door, see `FLEET_DOOR`), then adopted
+//!   by a restart (its start → ready and RSS with them), a one-time open's
+//!   knock → connect with them, and `knockctl grants --json` (all of
+//!   them, its size and time);
+//! - revoke: a revoke that cuts one connection, with 0 and with 100,000
+//!   unrelated conntrack entries.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use knockd::{
+    client,
+    nft::{self, Element, GrantKey},
+    proto::Kind,
+};
+use knockd_tests::{Daemon, Testbed, addrs, probe};
+
+use crate::{
+    FLOWS, GRANTS, SSH, bench_daemon, bench_daemon_with, bench_target, client_sources,
+    fill_conntrack, percentile, revoke_trials, source,
+};
+
+/// A second door that holds the 100,000 grants. A door holds at most one
+/// grant per port of its range (a port is never shared), so they are
+/// adopted ten to a port over 10,000 ports, which fresh opens never do;
+/// the opens measured use the bench door, whose range stays free.
+const FLEET_DOOR: &str = ", fleet: { service_port: 2300, allow: { groups: [bench] }, \
+     grant_ports: \"20000-29999\", knock_ports: \"8000-8999\" }";
+
+/// Daemon starts measured.
+const STARTS: usize = 5;
+/// Opens measured with the table full.
+const OPENS: usize = 30;
+
+/// One footprint figure.
+pub struct Figure {
+    pub key: &'static str,
+    pub what: String,
+    pub value: String,
+    pub json: serde_json::Value,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The daemon's resident set now, in KiB.
+fn rss_kib(daemon: &Daemon) -> u64 {
+    crate::rss_kib(daemon.pid(), "VmRSS:")
+}
+
+/// `OPENS` one-time opens from `sources`: knock → first connect.
+fn opens(testbed: &Testbed, keys: &[knockd::proto::DeviceKey], daemon: &Daemon) -> Vec<Duration> {
+    let (server, _, _) = addrs::family(false);
+    let sources = client_sources(testbed, 32);
+    let control = daemon.control_socket();
+    (0..OPENS)
+        .map(|i| {
+            let from = sources[i % sources.len()];
+            let target = bench_target(server, &keys[i % keys.len()]);
+            let took = testbed.client.run(|| {
+                let socket = UdpSocket::bind(SocketAddr::new(from, 0)).unwrap();
+                let start = Instant::now();
+                let answer =
+                    client::knock_from(&socket, &target, Kind::Open, Duration::from_secs(10))
+                        .unwrap();
+                let to = SocketAddr::new(server, answer.reply.port);
+                let (outcome, _) = probe::tcp_connect(Some(from), to, Duration::from_secs(2));
+                assert_eq!(outcome, probe::Outcome::Answered);
+                start.elapsed()
+            });
+            crate::control(
+                &control,
+                serde_json::json!({"command": "revoke", "target": from.to_string()}),
+            );
+            took
+        })
+        .collect()
+}
+
+pub fn run() -> Vec<Figure> {
+    println!("\n== footprint");
+    let mut figures = Vec::new();
+    let testbed = Testbed::new();
+    let (server, _, _) = addrs::family(false);
+    testbed
+        .server
+        .run(|| probe::echo_server(SocketAddr::new(server, SSH)));
+
+    let mut starts = Vec::new();
+    let mut idle = Vec::new();
+    for _ in 0..STARTS {
+        let start = Instant::now();
+        let (daemon, _keys, _dir) = bench_daemon(&testbed);
+        starts.push(start.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        idle.push(rss_kib(&daemon));
+    }
+    let start_ready = median(starts.clone());
+    idle.sort();
+    let idle_rss = idle[idle.len() / 2];
+    figures.push(Figure {
+        key: "start_to_ready",
+        what: "start → ready".into(),
+        value: format!(
+            "{:.0} ms (median of {STARTS}, {:.0}-{:.0})",
+            ms(start_ready),
+            ms(*starts.iter().min().unwrap()),
+            ms(*starts.iter().max().unwrap())
+        ),
+        json: serde_json::json!({"p50_us": start_ready.as_secs_f64() * 1e6, "n": STARTS}),
+    });
+    figures.push(Figure {
+        key: "idle_rss",
+        what: "idle RSS".into(),
+        value: format!("{:.1} MiB", idle_rss as f64 / 1024.0),
+        json: serde_json::json!({"rss_kib": idle_rss, "n": STARTS}),
+    });
+
+    // 100,000 grants in the table, adopted by a restart.
+    let (mut daemon, keys, _dir) = bench_daemon_with(&testbed, FLEET_DOOR);
+    assert!(daemon.stop().success());
+    let ttl = Duration::from_secs(900);
+    testbed.server.run(|| {
+        for chunk in 0..GRANTS / 1000 {
+            let elements: Vec<Element> = (chunk * 1000..(chunk + 1) * 1000)
+                .map(|n| Element {
+                    door: "fleet".into(),
+                    key: GrantKey {
+                        source: source(n),
+                        port: 20000 + (n % 10_000) as u16,
+                    },
+                    timeout: ttl,
+                })
+                .collect();
+            nft::update_grants(&elements, &[]).unwrap();
+        }
+    });
+    let start = Instant::now();
+    let daemon = daemon.restart(&testbed.server);
+    let adopted_ready = start.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let full_rss = rss_kib(&daemon);
+    figures.push(Figure {
+        key: "start_to_ready_100k_grants",
+        what: format!("start → ready, adopting {GRANTS} grants"),
+        value: format!("{:.0} ms", ms(adopted_ready)),
+        json: serde_json::json!({"p50_us": adopted_ready.as_secs_f64() * 1e6, "n": 1, "grants": GRANTS}),
+    });
+    figures.push(Figure {
+        key: "rss_100k_grants",
+        what: format!("RSS with {GRANTS} grants"),
+        value: format!("{:.1} MiB", full_rss as f64 / 1024.0),
+        json: serde_json::json!({"rss_kib": full_rss, "grants": GRANTS}),
+    });
+
+    let mut took = opens(&testbed, &keys, &daemon);
+    took.sort();
+    let (p50, p99) = (percentile(&took, 0.5), percentile(&took, 0.99));
+    figures.push(Figure {
+        key: "open_100k_grants",
+        what: format!("one-time knock → connect with {GRANTS} grants"),
+        value: format!("p50 {:.2} ms, p99 {:.2} ms ({OPENS} opens)", ms(p50), ms(p99)),
+        json: serde_json::json!({"p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6, "n": OPENS, "ok": OPENS}),
+    });
+
+    let start = Instant::now();
+    let out = Command::new(knockd_tests::knockctl_bin())
+        .args(["grants", "--json", "--socket"])
+        .arg(daemon.control_socket())
+        .output()
+        .unwrap();
+    let listed_in = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grants: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "knockctl grants --json printed {} bytes that do not parse: {e}",
+            out.stdout.len()
+        )
+    });
+    let listed = grants.as_array().map_or(0, Vec::len);
+    assert!(
+        listed >= GRANTS as usize,
+        "knockctl grants --json listed {listed} of {GRANTS}"
+    );
+    figures.push(Figure {
+        key: "grants_json_100k",
+        what: format!("`knockctl grants --json` with {GRANTS} grants"),
+        value: format!(
+            "{listed} listed, {:.1} MB, {:.0} ms",
+            out.stdout.len() as f64 / 1e6,
+            ms(listed_in)
+        ),
+        json: serde_json::json!({"listed": listed, "bytes": out.stdout.len(), "p50_us": listed_in.as_secs_f64() * 1e6, "n": 1}),
+    });
+    drop(daemon);
+    testbed.server.run(|| nft::uninstall().unwrap());
+
+    // Revoke, with an empty conntrack table and a full one.
+    let (daemon, keys, _dir) = bench_daemon(&testbed);
+    let sources = client_sources(&testbed, 16);
+    let mut trial = 0;
+    for flows in [0, FLOWS] {
+        if flows > 0 {
+            testbed.server.run(|| fill_conntrack(server, flows));
+        }
+        let mut took = revoke_trials(&testbed, &daemon, &keys, &sources, &mut trial);
+        took.sort();
+        let (p50, p99) = (percentile(&took, 0.5), percentile(&took, 0.99));
+        figures.push(Figure {
+            key: if flows == 0 {
+                "revoke_0_flows"
+            } else {
+                "revoke_100k_flows"
+            },
+            what: format!("revoke cutting one connection, {flows} other conntrack entries"),
+            value: format!(
+                "p50 {:.2} ms, p99 {:.2} ms ({} revokes)",
+                ms(p50),
+                ms(p99),
+                took.len()
+            ),
+            json: serde_json::json!({"p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6, "n": took.len(), "flows": flows}),
+        });
+    }
+    for f in &figures {
+        println!("{:<52} {}", f.what, f.value);
+    }
+    figures
+}
+
+/// The footprint table.
+pub fn table(figures: &[Figure]) -> String {
+    let mut md = String::from("| footprint | measured |\n|---|---|\n");
+    for f in figures {
+        md.push_str(&format!("| {} | {} |\n", f.what, f.value));
+    }
+    md
+}
+
+/// The JSON objects of the footprint measurement.
+pub fn json(figures: &[Figure]) -> Vec<serde_json::Value> {
+    figures
+        .iter()
+        .map(|f| {
+            let mut v = f.json.clone();
+            v["measurement"] = "footprint".into();
+            v["variant"] = f.key.into();
+            v
+        })
+        .collect()
+}
