@@ -405,7 +405,11 @@ fn trial(
             match client::knock_from(&socket, &target, Kind::Open, timeout) {
                 Ok(answer) => {
                     let to = SocketAddr::new(server, answer.reply.port);
-                    let outcome = probe::tcp_connect(Some(client), to, TRIAL_TIMEOUT).0;
+                    // TCP retries the SYN for as long as the client waits.
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_secs(1));
+                    let outcome = probe::tcp_connect(Some(client), to, wait).0;
                     if outcome != probe::Outcome::Answered {
                         eprintln!("one-time trial: connect to {to}: {outcome:?}");
                     }

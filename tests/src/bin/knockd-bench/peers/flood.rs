@@ -18,8 +18,12 @@
 //!
 //! For each: opens that succeeded, their p50/p99 beside the idle ones, the
 //! daemon's CPU share and RSS over the flood, the frames the receiver took
-//! per second, and the guard's counters: knocks lost to a full ring buffer,
-//! rate-limited, and malformed.
+//! per second, and the guard's counters (knocks lost to a full ring
+//! buffer, rate-limited, malformed). The generator keeps the veth's ring
+//! full, and the clients' packets share it, so some of theirs never reach
+//! any program, as on a saturated NIC: a knock or a SYN lost there costs
+//! the client a retry that no software on the host could have saved (the
+//! high p99s), and TCP's own SYN retries count among the client's.
 
 use std::{
     net::IpAddr,
