@@ -13,14 +13,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::json;
-
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     auth::{Action, Consumed, Decision, Engine, KnockIn, Outcome, Reason},
     config::{Config, Door, DoorMode},
-    control::{Command, Response},
+    control::{
+        Command, Response,
+        wire::{
+            ConfigInfo, GrantView, InterfaceView, RecentError, Reloaded, Revoked,
+            SequencesInProgress, StaticProgress, StatusReport,
+        },
+    },
     cut,
     devices::Devices,
     events::Knock,
@@ -67,14 +71,6 @@ impl LogLimiter {
             None
         }
     }
-}
-
-/// What a revoke ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Revoked {
-    grants: usize,
-    /// Established connections cut (conntrack entries deleted).
-    connections: usize,
 }
 
 /// A static door open for one address (on its service port).
@@ -563,16 +559,14 @@ impl Daemon {
     pub fn handle(&mut self, command: Command) -> Response {
         match command {
             Command::Status => Response::ok(self.status()),
-            Command::Grants => Response::ok(self.grants_json()),
+            Command::Grants => Response::ok(self.grant_views()),
             Command::Revoke { target } => match self.revoke(&target) {
-                Ok(r) => {
-                    Response::ok(json!({ "revoked": r.grants, "connections_cut": r.connections }))
-                }
+                Ok(revoked) => Response::ok(revoked),
                 Err(e) => Response::error(e),
             },
-            Command::Metrics => Response::ok(json!(self.metrics())),
+            Command::Metrics => Response::ok(self.metrics()),
             Command::Reload => match self.reload() {
-                Ok(summary) => Response::ok(json!({ "reloaded": summary })),
+                Ok(reloaded) => Response::ok(Reloaded { reloaded }),
                 Err(e) => {
                     self.record_error(format!(
                         "reload refused, the running configuration stays: {e}"
@@ -633,82 +627,106 @@ impl Daemon {
         out
     }
 
-    fn grants_json(&self) -> serde_json::Value {
+    fn grant_views(&self) -> Vec<GrantView> {
         let now = Instant::now();
-        let grants: Vec<serde_json::Value> = self
-            .grants
+        self.grants
             .list()
             .into_iter()
-            .map(|g| {
-                json!({
-                    "door": g.door,
-                    "device": g.device,
-                    "source": g.source,
-                    "port": g.port,
-                    "lease": g.leased,
-                    "secs_left": g.secs_left(now),
-                    "rotations": g.rotations,
-                    "probes": g.probes,
-                })
+            .map(|g| GrantView {
+                door: g.door.clone(),
+                device: g.device.clone(),
+                source: g.source,
+                port: g.port,
+                lease: g.leased,
+                secs_left: u64::from(g.secs_left(now)),
+                rotations: g.rotations,
+                probes: g.probes,
             })
-            .chain(self.static_grants.iter().map(|((door, source), g)| {
-                json!({
-                    "door": door,
-                    "device": null,
-                    "source": source,
-                    "port": self.config.doors.get(door).map(|d| d.service_port),
-                    "lease": false,
-                    "secs_left": g.expires.saturating_duration_since(now).as_secs(),
-                    "rotations": 0,
-                    "probes": 0,
+            .chain(self.static_grants.iter().filter_map(|((door, source), g)| {
+                Some(GrantView {
+                    door: door.clone(),
+                    device: None,
+                    source: *source,
+                    port: self.config.doors.get(door)?.service_port,
+                    lease: false,
+                    secs_left: g.expires.saturating_duration_since(now).as_secs(),
+                    rotations: 0,
+                    probes: 0,
                 })
             }))
-            .collect();
-        json!(grants)
+            .collect()
     }
 
-    fn status(&mut self) -> serde_json::Value {
+    fn status(&mut self) -> StatusReport {
         let now = Instant::now();
         let counters = self.maps.counters().ok();
-        let rates = match (&self.previous_counters, &counters) {
+        let named = |c: &maps::Counters| -> BTreeMap<String, u64> {
+            c.iter().map(|(name, v)| (name.to_owned(), v)).collect()
+        };
+        let rates_per_sec = match (&self.previous_counters, &counters) {
             (Some((then, before)), Some(after)) => {
                 let secs = now.duration_since(*then).as_secs_f64().max(0.001);
-                let rates: BTreeMap<&str, f64> = after
-                    .iter()
-                    .zip(before.iter())
-                    .map(|((name, a), (_, b))| (name, a.saturating_sub(b) as f64 / secs))
-                    .collect();
-                json!(rates)
+                Some(
+                    after
+                        .iter()
+                        .zip(before.iter())
+                        .map(|((name, a), (_, b))| {
+                            (name.to_owned(), a.saturating_sub(b) as f64 / secs)
+                        })
+                        .collect(),
+                )
             }
-            _ => json!(null),
+            _ => None,
         };
         if let Some(c) = counters {
             self.previous_counters = Some((now, c));
         }
-        let statics: Vec<serde_json::Value> = self
-            .engine
-            .static_progress()
-            .into_iter()
-            .map(|(source, door, have, of)| json!({ "source": source, "door": door, "knocks": have, "of": of }))
-            .collect();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "config": {
-                "path": self.config_path,
-                "loaded_at_ms": self.loaded_at_ms,
-                "doors": self.config.doors.keys().collect::<Vec<_>>(),
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            config: ConfigInfo {
+                path: self.config_path.clone(),
+                loaded_at_ms: self.loaded_at_ms,
+                doors: self.config.doors.keys().cloned().collect(),
             },
-            "interfaces": self.attachments,
-            "counters": counters,
-            "rates_per_sec": rates,
-            "decisions": self.tally,
-            "grants": self.grants_json(),
-            "sequences_in_progress": {
-                "static": statics,
-                "one_time_pending": self.engine.state_sizes().pending,
+            interfaces: self
+                .attachments
+                .iter()
+                .map(|a| InterfaceView {
+                    interface: a.interface.clone(),
+                    mode: a.mode.name().to_owned(),
+                })
+                .collect(),
+            counters: counters.as_ref().map(named),
+            rates_per_sec,
+            decisions: self
+                .tally
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            grants: self.grant_views(),
+            sequences_in_progress: SequencesInProgress {
+                static_doors: self
+                    .engine
+                    .static_progress()
+                    .into_iter()
+                    .map(|(source, door, knocks, of)| StaticProgress {
+                        source,
+                        door,
+                        knocks,
+                        of,
+                    })
+                    .collect(),
+                one_time_pending: self.engine.state_sizes().pending,
             },
-            "recent_errors": self.recent_errors.iter().map(|(at, m)| json!({ "at_ms": at, "error": m })).collect::<Vec<_>>(),
-        })
+            recent_errors: self
+                .recent_errors
+                .iter()
+                .map(|(at_ms, error)| RecentError {
+                    at_ms: *at_ms,
+                    error: error.clone(),
+                })
+                .collect(),
+        }
     }
 
     /// The flows a door admits for `source`: through its grant range to
@@ -816,8 +834,8 @@ impl Daemon {
             "revoked"
         );
         Ok(Revoked {
-            grants,
-            connections: ended.flows,
+            revoked: grants,
+            connections_cut: ended.flows,
         })
     }
 

@@ -69,6 +69,17 @@ pub enum AttachedMode {
     Adopted,
 }
 
+impl AttachedMode {
+    /// The mode's name, as status reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+            AttachedMode::Adopted => "adopted",
+        }
+    }
+}
+
 /// Where the link of `interface` is pinned under `dir`.
 pub fn link_pin(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link_{interface}"))

@@ -14,7 +14,8 @@
 //! - [`cut`]: ending a revoked grant's established connections (conntrack,
 //!   sock_diag);
 //! - [`grants`]: random ports, leases and rotation, kept in step in nft and maps;
-//! - [`control`]: the control socket and its protocol;
+//! - [`control`]: the control protocol's types (`control::wire`), the
+//!   control socket and the metrics endpoint;
 //! - [`proto`]: the one-time knock wire protocol (`docs/PROTOCOL.md`);
 //! - [`auth`]: knock authentication, a pure state machine;
 //! - [`state`]: the consumed-sequence record;
@@ -23,7 +24,6 @@
 pub mod auth;
 pub mod client;
 pub mod config;
-#[cfg(feature = "daemon")]
 pub mod control;
 #[cfg(feature = "daemon")]
 pub mod cut;
@@ -51,7 +51,6 @@ pub use run::{Error, RunOptions, run};
 
 /// The next value of a xorshift64 sequence: deterministic noise for the
 /// parsers' never-panic tests, reproducible from the seed.
-// Its users (events, control) exist only with the daemon feature.
 #[cfg(all(test, feature = "daemon"))]
 pub(crate) fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state << 13;

@@ -22,6 +22,10 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 use knockd::{
     client::{self, Answer, Target},
     config::PortRange,
+    control::{
+        Command as Request, Response,
+        wire::{GrantView, Reloaded, Revoked, StatusReport},
+    },
     devices::DeviceFile,
     profile::{Profile, Profiles},
     proto::{DeviceKey, Kind, Status},
@@ -186,17 +190,17 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
-/// Asks the daemon for `command` and prints its answer: as JSON, or
+/// Asks the daemon for `request` and prints its answer: as JSON, or
 /// through `table` for people.
-fn show(
+fn show<T: serde::de::DeserializeOwned + serde::Serialize>(
     socket: &SocketArg,
-    command: &str,
+    request: Request,
     json: bool,
-    table: fn(&serde_json::Value),
+    table: fn(&T),
 ) -> Result<(), Failure> {
-    let data = control(&socket.socket, serde_json::json!({ "command": command }))?;
+    let data: T = control(&socket.socket, &request)?;
     if json {
-        println!("{data:#}");
+        println!("{:#}", serde_json::to_value(&data)?);
     } else {
         table(&data);
     }
@@ -214,24 +218,21 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Knock(args) => knock(&args),
         Command::Device(command) => device(command).map_err(Failure::from),
-        Command::Status { socket, json } => show(&socket, "status", json, print_status),
-        Command::Grants { socket, json } => show(&socket, "grants", json, print_grants),
-        Command::Revoke { target, socket } => control(
-            &socket.socket,
-            serde_json::json!({"command": "revoke", "target": target}),
-        )
-        .map(|data| {
-            println!(
-                "revoked {} grant(s), cut {} connection(s)",
-                data["revoked"], data["connections_cut"]
-            )
-        })
-        .map_err(Failure::from),
-        Command::Reload { socket } => {
-            control(&socket.socket, serde_json::json!({"command": "reload"}))
-                .map(|data| println!("reloaded {}", data["reloaded"].as_str().unwrap_or_default()))
+        Command::Status { socket, json } => show(&socket, Request::Status, json, print_status),
+        Command::Grants { socket, json } => show(&socket, Request::Grants, json, print_grants),
+        Command::Revoke { target, socket } => {
+            control::<Revoked>(&socket.socket, &Request::Revoke { target })
+                .map(|r| {
+                    println!(
+                        "revoked {} grant(s), cut {} connection(s)",
+                        r.revoked, r.connections_cut
+                    )
+                })
                 .map_err(Failure::from)
         }
+        Command::Reload { socket } => control::<Reloaded>(&socket.socket, &Request::Reload)
+            .map(|r| println!("reloaded {}", r.reloaded))
+            .map_err(Failure::from),
         Command::CheckConfig { config } => check_config(&config).map_err(Failure::from),
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -252,9 +253,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Sends one request to the control socket; the daemon's error is ours.
-fn control(path: &Path, mut request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    request["version"] = 1.into();
+/// Sends one request to the control socket and reads the reply as `T`;
+/// the daemon's error is ours.
+fn control<T: serde::de::DeserializeOwned>(path: &Path, request: &Request) -> anyhow::Result<T> {
     let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
         format!(
             "connecting to {} (is knockd running, and are you root?)",
@@ -262,19 +263,16 @@ fn control(path: &Path, mut request: serde_json::Value) -> anyhow::Result<serde_
         )
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    writeln!(stream, "{request}")?;
+    writeln!(stream, "{}", request.line())?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line)?;
-    let response: serde_json::Value = serde_json::from_str(&line)
-        .with_context(|| format!("a reply that is not JSON: {line:?}"))?;
-    if response["ok"] == true {
-        Ok(response["data"].clone())
-    } else {
-        bail!(
-            "knockd: {}",
-            response["error"].as_str().unwrap_or("unknown error")
+    let response: Response = serde_json::from_str(&line).with_context(|| {
+        format!(
+            "a reply that is not the control protocol: {:?}",
+            line.chars().take(200).collect::<String>()
         )
-    }
+    })?;
+    response.into_data().map_err(|e| anyhow!("knockd: {e}"))
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
@@ -282,75 +280,76 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_grants(grants: &serde_json::Value) {
+fn print_grants(grants: &Vec<GrantView>) {
     println!(
         "{:<12} {:<12} {:<28} {:>6} {:>6} {:>9} {:>8}",
         "door", "device", "source", "port", "lease", "time left", "rotated"
     );
-    for g in grants.as_array().into_iter().flatten() {
+    for g in grants {
         println!(
             "{:<12} {:<12} {:<28} {:>6} {:>6} {:>8}s {:>8}",
-            g["door"].as_str().unwrap_or("-"),
-            g["device"].as_str().unwrap_or("-"),
-            g["source"].as_str().unwrap_or("-"),
-            g["port"].to_string(),
-            if g["lease"] == true { "yes" } else { "no" },
-            g["secs_left"].to_string(),
-            g["rotations"].to_string()
+            g.door,
+            g.device.as_deref().unwrap_or("-"),
+            g.source.to_string(),
+            g.port,
+            if g.lease { "yes" } else { "no" },
+            g.secs_left,
+            g.rotations
         );
     }
 }
 
-fn print_status(s: &serde_json::Value) {
-    println!("knockd {}", s["version"].as_str().unwrap_or("?"));
+fn print_status(s: &StatusReport) {
+    println!("knockd {}", s.version);
     println!(
-        "config: {} (loaded at unix ms {}), doors: {}",
-        s["config"]["path"].as_str().unwrap_or("-"),
-        s["config"]["loaded_at_ms"],
-        s["config"]["doors"]
+        "config: {} (loaded at unix ms {}), doors: {:?}",
+        s.config
+            .path
+            .as_deref()
+            .map_or("-".into(), |p| p.display().to_string()),
+        s.config.loaded_at_ms,
+        s.config.doors
     );
-    for i in s["interfaces"].as_array().into_iter().flatten() {
-        println!(
-            "interface {}: XDP {}",
-            i["interface"].as_str().unwrap_or("?"),
-            i["mode"].as_str().unwrap_or("?")
-        );
+    for i in &s.interfaces {
+        println!("interface {}: XDP {}", i.interface, i.mode);
     }
     println!("\n{:<20} {:>12} {:>12}", "counter", "packets", "per second");
-    if let Some(counters) = s["counters"].as_object() {
-        for (name, value) in counters {
-            let rate = s["rates_per_sec"][name]
-                .as_f64()
-                .map_or("-".into(), |r| format!("{r:.1}"));
-            println!("{name:<20} {:>12} {rate:>12}", value.to_string());
-        }
+    for (name, value) in s.counters.iter().flatten() {
+        let rate = s
+            .rates_per_sec
+            .as_ref()
+            .and_then(|r| r.get(name))
+            .map_or("-".into(), |r| format!("{r:.1}"));
+        println!("{name:<20} {value:>12} {rate:>12}");
     }
-    println!("\ndecisions: {}", s["decisions"]);
+    println!(
+        "\ndecisions: {}",
+        serde_json::to_string(&s.decisions).unwrap_or_default()
+    );
     println!("\ngrants:");
-    print_grants(&s["grants"]);
-    let seq = &s["sequences_in_progress"];
+    print_grants(&s.grants);
+    let seq = &s.sequences_in_progress;
     println!(
         "\nsequences in progress: {} one-time (partial), {} static",
-        seq["one_time_pending"],
-        seq["static"].as_array().map_or(0, Vec::len)
+        seq.one_time_pending,
+        seq.static_doors.len()
     );
-    for p in seq["static"].as_array().into_iter().flatten() {
+    for p in &seq.static_doors {
         println!(
             "  {} on {}: {} of {} knocks",
-            p["source"], p["door"], p["knocks"], p["of"]
+            p.source, p.door, p.knocks, p.of
         );
     }
-    let errors = s["recent_errors"].as_array().cloned().unwrap_or_default();
     println!(
         "\nrecent errors: {}",
-        if errors.is_empty() {
+        if s.recent_errors.is_empty() {
             "none".to_owned()
         } else {
-            errors.len().to_string()
+            s.recent_errors.len().to_string()
         }
     );
-    for e in errors {
-        println!("  {} {}", e["at_ms"], e["error"].as_str().unwrap_or(""));
+    for e in &s.recent_errors {
+        println!("  {} {}", e.at_ms, e.error);
     }
 }
 

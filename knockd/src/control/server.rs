@@ -1,17 +1,5 @@
-//! The control socket: a Unix stream socket speaking newline-delimited JSON.
-//!
-//! Protocol, version 1 (documented in the README): each request is one JSON
-//! object on one line, at most [`REQUEST_MAX`] bytes, and gets one JSON line
-//! back:
-//!
-//! ```text
-//! {"version":1,"command":"status"}             -> {"ok":true,"data":{…}}
-//! {"version":1,"command":"grants"}             -> {"ok":true,"data":[…]}
-//! {"version":1,"command":"revoke","target":"198.18.0.2" | "laptop"}
-//!                                 -> {"ok":true,"data":{"revoked":N,"connections_cut":M}}
-//! {"version":1,"command":"reload"}
-//! anything else                                 -> {"ok":false,"error":"…"}
-//! ```
+//! The control socket: a Unix stream socket speaking the protocol in
+//! [`super::wire`], one JSON request line in, one JSON line out.
 //!
 //! The socket is created 0600 (root only) unless a group is configured, then
 //! 0660 for that group. A malformed or oversized request gets an error reply
@@ -31,17 +19,14 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot, watch},
 };
 
-/// Protocol version spoken here.
-pub const VERSION: u32 = 1;
-/// Largest request accepted, in bytes.
-pub const REQUEST_MAX: usize = 4096;
+use super::wire::{Command, REQUEST_MAX, Response, parse};
+
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to take its reply.
@@ -64,95 +49,12 @@ pub enum Error {
     },
 }
 
-/// A request, as parsed.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Command {
-    Status,
-    Grants,
-    Revoke {
-        target: String,
-    },
-    Reload,
-    /// The OpenMetrics text (also what the metrics endpoint serves).
-    Metrics,
-}
-
-#[derive(Deserialize)]
-struct Envelope {
-    version: u32,
-    #[serde(flatten)]
-    command: serde_json::Value,
-}
-
-/// Parses one request line: bounded, versioned, unknown commands and
-/// fields rejected with a message saying which.
-pub fn parse(line: &str) -> Result<Command, String> {
-    if line.len() > REQUEST_MAX {
-        return Err(format!("request longer than {REQUEST_MAX} bytes"));
-    }
-    let envelope: Envelope =
-        serde_json::from_str(line).map_err(|e| format!("not a request: {e}"))?;
-    if envelope.version != VERSION {
-        return Err(format!(
-            "protocol version {} (this daemon speaks {VERSION})",
-            envelope.version
-        ));
-    }
-    let command = envelope.command;
-    // serde does not reject extra fields on internally tagged unit variants,
-    // so each command's fields are checked here.
-    let object = command.as_object().ok_or("a request is a JSON object")?;
-    let name = object
-        .get("command")
-        .and_then(serde_json::Value::as_str)
-        .ok_or("missing field `command`")?;
-    let allowed: &[&str] = match name {
-        "revoke" => &["command", "target"],
-        _ => &["command"],
-    };
-    if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(format!(
-            "bad request: unknown field `{extra}` for command `{name}`"
-        ));
-    }
-    serde_json::from_value(command).map_err(|e| format!("bad request: {e}"))
-}
-
-/// A response line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Response {
-    pub fn ok(data: serde_json::Value) -> Response {
-        Response {
-            ok: true,
-            data: Some(data),
-            error: None,
-        }
-    }
-
-    pub fn error(message: impl Into<String>) -> Response {
-        Response {
-            ok: false,
-            data: None,
-            error: Some(message.into()),
-        }
-    }
-}
-
 /// A request on its way to the main loop, with the way back.
 pub type Request = (Command, oneshot::Sender<Response>);
 
 /// Something that accepts connections: the control socket or the metrics
 /// endpoint.
-trait Accept: Send + 'static {
+pub(super) trait Accept: Send + 'static {
     type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static;
     fn accept(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
 }
@@ -177,7 +79,7 @@ impl Accept for tokio::net::TcpListener {
 /// before each accept, so at most [`CONNECTIONS_MAX`] connections are open;
 /// a failed accept waits (doubling, up to [`BACKOFF_MAX`]) before the next;
 /// the loop ends when `shutdown` says so.
-struct Listener<L> {
+pub(super) struct Listener<L> {
     listener: L,
     /// What it serves, for the log.
     what: &'static str,
@@ -186,7 +88,7 @@ struct Listener<L> {
 }
 
 impl<L: Accept> Listener<L> {
-    fn new(listener: L, what: &'static str, shutdown: watch::Receiver<bool>) -> Self {
+    pub(super) fn new(listener: L, what: &'static str, shutdown: watch::Receiver<bool>) -> Self {
         Listener {
             listener,
             what,
@@ -196,7 +98,7 @@ impl<L: Accept> Listener<L> {
     }
 
     /// Serves every connection with `serve` until shutdown.
-    async fn run<F, Fut>(mut self, serve: F)
+    pub(super) async fn run<F, Fut>(mut self, serve: F)
     where
         F: Fn(L::Stream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -237,7 +139,7 @@ impl<L: Accept> Listener<L> {
 
 /// Reads one line of at most `max` bytes within [`READ_TIMEOUT`]: `None`
 /// for a client that closed without one.
-async fn read_request<R: tokio::io::AsyncRead + Unpin>(
+pub(super) async fn read_request<R: tokio::io::AsyncRead + Unpin>(
     read: R,
     max: usize,
 ) -> Result<Option<String>, String> {
@@ -251,52 +153,8 @@ async fn read_request<R: tokio::io::AsyncRead + Unpin>(
 
 /// Writes `bytes` within [`WRITE_TIMEOUT`]; a client that does not read is
 /// dropped.
-async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(mut write: W, bytes: &[u8]) {
+pub(super) async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(mut write: W, bytes: &[u8]) {
     let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(bytes)).await;
-}
-
-/// Serves `GET /metrics` on `listen` (a loopback address, checked by the
-/// configuration) with the OpenMetrics text the main loop produces, until
-/// `shutdown`. Any other request gets 404; requests are bounded like
-/// control requests.
-pub async fn serve_metrics(
-    listen: std::net::SocketAddr,
-    requests: mpsc::Sender<Request>,
-    shutdown: watch::Receiver<bool>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let listener = Listener::new(listener, "metrics", shutdown);
-    Ok(tokio::spawn(listener.run(move |stream| {
-        metrics_connection(stream, requests.clone())
-    })))
-}
-
-async fn metrics_connection(stream: tokio::net::TcpStream, requests: mpsc::Sender<Request>) {
-    let (read, write) = stream.into_split();
-    let Ok(Some(request_line)) = read_request(read, REQUEST_MAX).await else {
-        return;
-    };
-    let reply = if request_line.starts_with("GET /metrics ") || request_line == "GET /metrics" {
-        let (tx, rx) = oneshot::channel();
-        let body = if requests.send((Command::Metrics, tx)).await.is_ok() {
-            rx.await
-                .ok()
-                .and_then(|r| r.data)
-                .and_then(|d| d.as_str().map(str::to_owned))
-        } else {
-            None
-        };
-        match body {
-            Some(body) => format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            ),
-            None => "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n".to_owned(),
-        }
-    } else {
-        "HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n".to_owned()
-    };
-    write_reply(write, reply.as_bytes()).await;
 }
 
 /// Binds the socket at `path` (replacing a stale one), with its
@@ -360,47 +218,6 @@ async fn connection(stream: UnixStream, requests: mpsc::Sender<Request>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_parse_strictly() {
-        assert_eq!(
-            parse(r#"{"version":1,"command":"status"}"#),
-            Ok(Command::Status)
-        );
-        assert_eq!(
-            parse(r#"{"version":1,"command":"revoke","target":"laptop"}"#),
-            Ok(Command::Revoke {
-                target: "laptop".into()
-            })
-        );
-        assert!(
-            parse(r#"{"version":2,"command":"status"}"#)
-                .unwrap_err()
-                .contains("version 2")
-        );
-        assert!(
-            parse(r#"{"version":1,"command":"format_disk"}"#)
-                .unwrap_err()
-                .contains("format_disk")
-        );
-        assert!(
-            parse(r#"{"version":1,"command":"status","extra":1}"#)
-                .unwrap_err()
-                .contains("extra")
-        );
-        assert!(
-            parse(r#"{"version":1,"command":"revoke"}"#)
-                .unwrap_err()
-                .contains("target")
-        );
-        assert!(parse("").is_err());
-        assert!(parse("\u{0}\u{1}garbage").is_err());
-        assert!(
-            parse(&"x".repeat(REQUEST_MAX + 1))
-                .unwrap_err()
-                .contains("longer")
-        );
-    }
 
     #[test]
     fn arbitrary_lines_never_panic() {

@@ -1,0 +1,348 @@
+//! The control protocol's messages, as types: the daemon builds them and
+//! `knockctl` reads them back, so a renamed or retyped field breaks the
+//! build instead of a client at run time. No I/O here, and no tokio: the
+//! client builds without the daemon.
+//!
+//! `docs/CONTROL.md` documents the protocol for people and other clients:
+//! the framing, every command and reply field, and the version rule.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Protocol version spoken here. Adding a reply field keeps it; removing
+/// or renaming a field, changing its type or meaning, or changing a
+/// command bumps it (`docs/CONTROL.md`).
+pub const VERSION: u32 = 1;
+/// Largest request accepted, in bytes.
+pub const REQUEST_MAX: usize = 4096;
+
+/// A request, as parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    Status,
+    Grants,
+    Revoke {
+        target: String,
+    },
+    Reload,
+    /// The OpenMetrics text (also what the metrics endpoint serves).
+    Metrics,
+}
+
+impl Command {
+    /// The request line for this command (without the newline).
+    pub fn line(&self) -> String {
+        let mut value = serde_json::to_value(self).expect("commands serialize");
+        value["version"] = VERSION.into();
+        value.to_string()
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    version: u32,
+    #[serde(flatten)]
+    command: serde_json::Value,
+}
+
+/// Parses one request line: bounded, versioned, unknown commands and
+/// fields rejected with a message saying which.
+pub fn parse(line: &str) -> Result<Command, String> {
+    if line.len() > REQUEST_MAX {
+        return Err(format!("request longer than {REQUEST_MAX} bytes"));
+    }
+    let envelope: Envelope =
+        serde_json::from_str(line).map_err(|e| format!("not a request: {e}"))?;
+    if envelope.version != VERSION {
+        return Err(format!(
+            "protocol version {} (this daemon speaks {VERSION})",
+            envelope.version
+        ));
+    }
+    let command = envelope.command;
+    // serde does not reject extra fields on internally tagged unit variants,
+    // so each command's fields are checked here.
+    let object = command.as_object().ok_or("a request is a JSON object")?;
+    let name = object
+        .get("command")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("missing field `command`")?;
+    let allowed: &[&str] = match name {
+        "revoke" => &["command", "target"],
+        _ => &["command"],
+    };
+    if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!(
+            "bad request: unknown field `{extra}` for command `{name}`"
+        ));
+    }
+    serde_json::from_value(command).map_err(|e| format!("bad request: {e}"))
+}
+
+/// A response line: `data` on success (the command's reply type, below),
+/// `error` otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// Success carrying `data`.
+    pub fn ok(data: impl Serialize) -> Response {
+        Response {
+            ok: true,
+            data: Some(serde_json::to_value(data).expect("replies serialize")),
+            error: None,
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            data: None,
+            error: Some(message.into()),
+        }
+    }
+
+    /// The reply as `T`, or the daemon's error.
+    pub fn into_data<T: DeserializeOwned>(self) -> Result<T, String> {
+        if !self.ok {
+            return Err(self.error.unwrap_or_else(|| "unknown error".into()));
+        }
+        serde_json::from_value(self.data.unwrap_or(serde_json::Value::Null))
+            .map_err(|e| format!("a reply this knockctl does not understand: {e}"))
+    }
+}
+
+/// `status`: the daemon at a glance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The daemon's package version.
+    pub version: String,
+    pub config: ConfigInfo,
+    /// Where the XDP guard is attached.
+    pub interfaces: Vec<InterfaceView>,
+    /// XDP verdict counters by name; `null` if the maps could not be read.
+    pub counters: Option<BTreeMap<String, u64>>,
+    /// Their rates since the previous `status`; `null` the first time.
+    pub rates_per_sec: Option<BTreeMap<String, f64>>,
+    /// Knock decisions by outcome or reason code.
+    pub decisions: BTreeMap<String, u64>,
+    pub grants: Vec<GrantView>,
+    pub sequences_in_progress: SequencesInProgress,
+    /// The last errors (at most 20), oldest first.
+    pub recent_errors: Vec<RecentError>,
+}
+
+/// The running configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigInfo {
+    /// The file it came from, if any.
+    pub path: Option<PathBuf>,
+    /// When it was loaded, Unix ms.
+    pub loaded_at_ms: u64,
+    pub doors: Vec<String>,
+}
+
+/// One interface the guard is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceView {
+    pub interface: String,
+    /// `native`, `generic`, or `adopted` (the link an earlier run pinned).
+    pub mode: String,
+}
+
+/// One live grant (`grants`, and in `status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    pub door: String,
+    /// The device that opened it; `null` for static doors and grants
+    /// adopted after a restart.
+    pub device: Option<String>,
+    pub source: IpAddr,
+    /// The granted port (a static door's: its service port).
+    pub port: u16,
+    /// Whether heartbeats keep it alive.
+    pub lease: bool,
+    pub secs_left: u64,
+    pub rotations: u32,
+    /// SYNs from other sources to its port.
+    pub probes: u64,
+}
+
+/// Knock sequences begun and not finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequencesInProgress {
+    #[serde(rename = "static")]
+    pub static_doors: Vec<StaticProgress>,
+    pub one_time_pending: usize,
+}
+
+/// A static sequence part-way through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaticProgress {
+    pub source: IpAddr,
+    pub door: String,
+    /// Knocks matched so far, of `of`.
+    pub knocks: usize,
+    pub of: usize,
+}
+
+/// An error kept for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentError {
+    pub at_ms: u64,
+    pub error: String,
+}
+
+/// `revoke`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// Grants ended.
+    pub revoked: usize,
+    /// Established connections cut.
+    pub connections_cut: usize,
+}
+
+/// `reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// What was loaded, and what changes only on restart.
+    pub reloaded: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        assert_eq!(
+            parse(r#"{"version":1,"command":"status"}"#),
+            Ok(Command::Status)
+        );
+        assert_eq!(
+            parse(r#"{"version":1,"command":"revoke","target":"laptop"}"#),
+            Ok(Command::Revoke {
+                target: "laptop".into()
+            })
+        );
+        assert!(
+            parse(r#"{"version":2,"command":"status"}"#)
+                .unwrap_err()
+                .contains("version 2")
+        );
+        assert!(
+            parse(r#"{"version":1,"command":"format_disk"}"#)
+                .unwrap_err()
+                .contains("format_disk")
+        );
+        assert!(
+            parse(r#"{"version":1,"command":"status","extra":1}"#)
+                .unwrap_err()
+                .contains("extra")
+        );
+        assert!(
+            parse(r#"{"version":1,"command":"revoke"}"#)
+                .unwrap_err()
+                .contains("target")
+        );
+        assert!(parse("").is_err());
+        assert!(parse("\u{0}\u{1}garbage").is_err());
+        assert!(
+            parse(&"x".repeat(REQUEST_MAX + 1))
+                .unwrap_err()
+                .contains("longer")
+        );
+    }
+
+    #[test]
+    fn every_command_round_trips_through_its_line() {
+        for command in [
+            Command::Status,
+            Command::Grants,
+            Command::Revoke {
+                target: "198.18.0.2".into(),
+            },
+            Command::Reload,
+            Command::Metrics,
+        ] {
+            assert_eq!(parse(&command.line()), Ok(command));
+        }
+    }
+
+    /// The field names are the protocol: a reply read back is the reply
+    /// sent, and the names on the wire are the documented ones.
+    #[test]
+    fn replies_round_trip_with_their_documented_names() {
+        let grant = GrantView {
+            door: "ssh".into(),
+            device: Some("laptop".into()),
+            source: "198.18.0.2".parse().unwrap(),
+            port: 40123,
+            lease: true,
+            secs_left: 29,
+            rotations: 1,
+            probes: 0,
+        };
+        let status = StatusReport {
+            version: "0.1.0".into(),
+            config: ConfigInfo {
+                path: Some("/etc/knockd/knockd.yaml".into()),
+                loaded_at_ms: 1,
+                doors: vec!["ssh".into()],
+            },
+            interfaces: vec![InterfaceView {
+                interface: "eth0".into(),
+                mode: "native".into(),
+            }],
+            counters: Some([("drop_protected".to_owned(), 3)].into()),
+            rates_per_sec: None,
+            decisions: [("accepted".to_owned(), 1)].into(),
+            grants: vec![grant.clone()],
+            sequences_in_progress: SequencesInProgress {
+                static_doors: vec![StaticProgress {
+                    source: "198.18.0.3".parse().unwrap(),
+                    door: "legacy".into(),
+                    knocks: 1,
+                    of: 3,
+                }],
+                one_time_pending: 0,
+            },
+            recent_errors: vec![RecentError {
+                at_ms: 2,
+                error: "e".into(),
+            }],
+        };
+        let line = serde_json::to_string(&Response::ok(&status)).unwrap();
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.into_data::<StatusReport>(), Ok(status));
+        for name in [
+            "\"config\":{",
+            "\"path\":",
+            "\"loaded_at_ms\"",
+            "\"secs_left\"",
+            "\"sequences_in_progress\"",
+            "\"static\":[",
+            "\"recent_errors\"",
+        ] {
+            assert!(line.contains(name), "{name} in {line}");
+        }
+        let revoked = serde_json::to_string(&Revoked {
+            revoked: 1,
+            connections_cut: 2,
+        })
+        .unwrap();
+        assert_eq!(revoked, r#"{"revoked":1,"connections_cut":2}"#);
+        assert_eq!(
+            Response::error("no").into_data::<Revoked>(),
+            Err("no".into())
+        );
+    }
+}
