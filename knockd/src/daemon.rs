@@ -1,13 +1,13 @@
 //! The running daemon's decisions turned into effects: grants, sealed
 //! replies, the consumed-sequence record and the decision log.
 //!
-//! One-time doors grant a random port through [`crate::grants`] (nftables
-//! redirect plus XDP allow entry). Static doors, whose classic clients
-//! cannot learn a port, admit the source to the service port itself through
-//! the XDP allow map. Either way the kernel expires the grant on its own.
+//! Every grant, a one-time door's random port or a static door's service
+//! port, is [`crate::grants`]'s: this module decides, `grants` opens, renews
+//! and closes in both kernel places, and the kernel expires grants on its
+//! own.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
@@ -30,7 +30,7 @@ use crate::{
     events::Knock,
     grants::{self, Grants},
     guard::Attachment,
-    maps::{self, GuardMaps, PortPolicy, Proto},
+    maps::{self, GuardMaps, PortPolicy},
     nft,
     proto::{Status, unix_ms},
     state::{self, StateFile},
@@ -49,17 +49,16 @@ struct LogLimiter {
 }
 
 impl LogLimiter {
-    fn new() -> LogLimiter {
+    fn new(now: Instant) -> LogLimiter {
         LogLimiter {
             tokens: REJECT_LOG_BURST,
-            last: Instant::now(),
+            last: now,
             suppressed: 0,
         }
     }
 
     /// Whether to log now; if so, how many lines were suppressed before.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
+    fn allow(&mut self, now: Instant) -> Option<u64> {
         let refill = now.duration_since(self.last).as_secs_f64() * REJECT_LOGS_PER_SEC;
         self.tokens = (self.tokens + refill).min(REJECT_LOG_BURST);
         self.last = now;
@@ -71,12 +70,6 @@ impl LogLimiter {
             None
         }
     }
-}
-
-/// A static door open for one address (on its service port).
-#[derive(Debug, Clone)]
-struct StaticGrant {
-    expires: Instant,
 }
 
 /// How often the daemon checks that its nftables table is still there.
@@ -106,10 +99,8 @@ pub struct Daemon {
     /// Accepted one-time knocks whose sequences are not yet on disk, with
     /// their decision time: `flush` records them, then acts.
     unsynced: Vec<(Action, Decision, u64)>,
-    /// One-time doors' grants.
+    /// Every door's grants.
     grants: Grants,
-    /// Static doors open, by (door, address).
-    static_grants: HashMap<(String, IpAddr), StaticGrant>,
     /// When the nftables table was last checked.
     table_checked: Instant,
     /// Unauthenticated rejects, rate-limited in the log.
@@ -160,7 +151,7 @@ impl Daemon {
         }
         let policy_base = PortPolicy::from_config(&config, &engine.knock_ports());
         let mut grants = Grants::new(&config);
-        let adopted = grants.install(&mut maps)?;
+        let adopted = grants.install(&mut grants::Real(&mut maps), Instant::now())?;
         if adopted > 0 {
             tracing::info!(
                 grants = adopted,
@@ -175,9 +166,8 @@ impl Daemon {
             state,
             unsynced: Vec::new(),
             grants,
-            static_grants: HashMap::new(),
             table_checked: Instant::now(),
-            reject_log: LogLimiter::new(),
+            reject_log: LogLimiter::new(Instant::now()),
             tally: BTreeMap::new(),
             config_path: None,
             loaded_at_ms: unix_ms(),
@@ -237,14 +227,16 @@ impl Daemon {
             ));
         }
         let now = Instant::now();
-        self.static_grants.retain(|_, grant| grant.expires > now);
-        let rotated = self.grants.tick(&mut self.maps);
+        let rotated = self.grants.tick(&mut grants::Real(&mut self.maps), now);
         self.log_rotations(rotated, false);
         let probed = self
             .maps
             .drain_probes()
             .map_err(grants::Error::from)
-            .and_then(|probes| self.grants.rotate_probed(&mut self.maps, &probes));
+            .and_then(|probes| {
+                self.grants
+                    .rotate_probed(&mut grants::Real(&mut self.maps), &probes, now)
+            });
         self.log_rotations(probed, true);
         // Knock ports turn with the time step; granted ports with grants.
         self.load_policy()?;
@@ -256,26 +248,7 @@ impl Daemon {
                     tracing::warn!(
                         "the knockd nftables table is gone (flushed?); restoring it and its grants"
                     );
-                    let statics: Vec<(nft::GrantKey, Duration)> = self
-                        .static_grants
-                        .iter()
-                        .filter_map(|((door, source), grant)| {
-                            let port = self.config.doors.get(door)?.service_port;
-                            let left = grant.expires.saturating_duration_since(now);
-                            Some((
-                                nft::GrantKey {
-                                    source: *source,
-                                    port,
-                                },
-                                left,
-                            ))
-                        })
-                        .collect();
-                    let restored = self.grants.restore().and_then(|()| {
-                        statics.into_iter().try_for_each(|(key, left)| {
-                            nft::update_static_grant(key, Some(left), false).map_err(Into::into)
-                        })
-                    });
+                    let restored = self.grants.restore(&mut grants::Real(&mut self.maps), now);
                     if let Err(e) = restored {
                         self.record_error(format!(
                             "restoring the nftables table failed: {}",
@@ -381,7 +354,7 @@ impl Daemon {
         let suppressed = if reason.authenticated() {
             Some(0)
         } else {
-            self.reject_log.allow()
+            self.reject_log.allow(Instant::now())
         };
         let Some(suppressed) = suppressed else { return };
         tracing::warn!(
@@ -405,52 +378,28 @@ impl Daemon {
         let source = decision.grant_to;
         let device = decision.device.as_deref();
         let one_time = door.mode == DoorMode::OneTime;
-        let result: Result<(Status, u16, u32), grants::Error> = match (action, one_time) {
-            (Action::Open, true) => self
+        let now = Instant::now();
+        let kernel = &mut grants::Real(&mut self.maps);
+        // Static doors only ever complete an `open`, which admits the
+        // source to the service port itself. The seconds a reply states are
+        // what is left when it is written, rounded down: never more than
+        // the client really has.
+        let result: Result<(Status, u16, u32), grants::Error> = match action {
+            Action::Open => self
                 .grants
-                .open(&mut self.maps, &door_name, source, device)
+                .open(kernel, &door_name, source, device, now)
                 .map(|g| (Status::Granted, g.port, g.secs_left(Instant::now()))),
-            (Action::Heartbeat, true) => self
+            Action::Heartbeat => self
                 .grants
-                .heartbeat(&mut self.maps, &door_name, source, device)
+                .heartbeat(kernel, &door_name, source, device, now)
                 .map(|g| match g {
                     Some(g) => (Status::Granted, g.port, g.secs_left(Instant::now())),
                     None => (Status::NoGrant, 0, 0),
                 }),
-            (Action::Close, true) => self
+            Action::Close => self
                 .grants
-                .close(&mut self.maps, &door_name, source)
+                .close(kernel, &door_name, source, now)
                 .map(|_| (Status::Closed, 0, 0)),
-            // Static doors: only `open` exists, and it opens the service port.
-            (_, false) => {
-                let open_for = Duration::from_secs(u64::from(door.open_for_secs()));
-                let key = nft::GrantKey {
-                    source,
-                    port: door.service_port,
-                };
-                // nftables first, then XDP: both layers admit the source,
-                // each with its own kernel deadline.
-                let exists = self
-                    .static_grants
-                    .get(&(door_name.clone(), source))
-                    .is_some_and(|g| g.expires > Instant::now());
-                nft::update_static_grant(key, Some(open_for), exists)
-                    .map_err(grants::Error::from)
-                    .and_then(|()| {
-                        self.maps
-                            .allow(source, Proto::Tcp, door.service_port, Some(open_for))
-                            .map_err(grants::Error::from)
-                    })
-                    .map(|()| {
-                        self.static_grants.insert(
-                            (door_name.clone(), source),
-                            StaticGrant {
-                                expires: Instant::now() + open_for,
-                            },
-                        );
-                        (Status::Granted, door.service_port, door.open_for_secs())
-                    })
-            }
         };
         let (status, port, expires_in) = match result {
             Ok(done) => {
@@ -609,11 +558,7 @@ impl Daemon {
         let leases = grants.iter().filter(|g| g.leased).count();
         let _ = writeln!(out, "# TYPE knockd_grants gauge");
         let _ = writeln!(out, "# HELP knockd_grants Live grants (leases included).");
-        let _ = writeln!(
-            out,
-            "knockd_grants {}",
-            grants.len() + self.static_grants.len()
-        );
+        let _ = writeln!(out, "knockd_grants {}", grants.len());
         let _ = writeln!(out, "# TYPE knockd_leases gauge");
         let _ = writeln!(out, "# HELP knockd_leases Live leases.");
         let _ = writeln!(out, "knockd_leases {leases}");
@@ -642,18 +587,6 @@ impl Daemon {
                 rotations: g.rotations,
                 probes: g.probes,
             })
-            .chain(self.static_grants.iter().filter_map(|((door, source), g)| {
-                Some(GrantView {
-                    door: door.clone(),
-                    device: None,
-                    source: *source,
-                    port: self.config.doors.get(door)?.service_port,
-                    lease: false,
-                    secs_left: g.expires.saturating_duration_since(now).as_secs(),
-                    rotations: 0,
-                    probes: 0,
-                })
-            }))
             .collect()
     }
 
@@ -767,10 +700,15 @@ impl Daemon {
             .map(|g| (g.door.clone(), g.source))
             .collect();
         let mut cuts = Vec::new();
-        let mut grants = doomed.len();
+        let grants = doomed.len();
         for (door, source) in doomed {
             self.grants
-                .close(&mut self.maps, &door, source)
+                .close(
+                    &mut grants::Real(&mut self.maps),
+                    &door,
+                    source,
+                    Instant::now(),
+                )
                 .map_err(|e| chain(&e))?;
             if by_ip.is_none()
                 && let Some(d) = self.config.doors.get(&door)
@@ -779,26 +717,6 @@ impl Daemon {
             }
         }
         if let Some(ip) = by_ip {
-            let statics: Vec<(String, IpAddr)> = self
-                .static_grants
-                .keys()
-                .filter(|(_, s)| *s == ip)
-                .cloned()
-                .collect();
-            for (door, source) in statics {
-                if let Some(d) = self.config.doors.get(&door) {
-                    self.maps
-                        .revoke(source, Proto::Tcp, d.service_port)
-                        .map_err(|e| chain(&e))?;
-                    let key = nft::GrantKey {
-                        source,
-                        port: d.service_port,
-                    };
-                    nft::update_static_grant(key, None, true).map_err(|e| chain(&e))?;
-                }
-                self.static_grants.remove(&(door, source));
-                grants += 1;
-            }
             cuts.extend(self.config.doors.values().map(|d| Self::door_cut(d, ip)));
         }
         if grants == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
@@ -861,7 +779,9 @@ impl Daemon {
         }
         let engine = Engine::new(&config, &devices, &self.engine.consumed(), unix_ms());
         let mut grants = Grants::new(&config);
-        grants.install(&mut self.maps).map_err(|e| chain(&e))?;
+        grants
+            .install(&mut grants::Real(&mut self.maps), Instant::now())
+            .map_err(|e| chain(&e))?;
         grants.inherit(&self.grants);
         // Grants of doors that are gone end now (best effort: the kernel
         // expires them anyway).
@@ -873,7 +793,12 @@ impl Daemon {
             .map(|g| (g.door.clone(), g.source))
             .collect();
         for (door, source) in gone {
-            let _ = self.grants.close(&mut self.maps, &door, source);
+            let _ = self.grants.close(
+                &mut grants::Real(&mut self.maps),
+                &door,
+                source,
+                Instant::now(),
+            );
         }
         self.maps
             .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)
@@ -917,4 +842,25 @@ fn send_reply(from: SocketAddr, to: SocketAddr, bytes: &[u8]) -> std::io::Result
     socket.bind(&from.into())?;
     socket.send_to(bytes, &to.into())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of 20 lines, then 5 a second; what was held back is counted
+    /// and reported with the next line let through.
+    #[test]
+    fn the_reject_log_allows_a_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let mut limiter = LogLimiter::new(t0);
+        let burst = (0..100).filter(|_| limiter.allow(t0).is_some()).count();
+        assert_eq!(burst, 20);
+        assert_eq!(limiter.allow(t0 + Duration::from_millis(100)), None);
+        // 0.2 s later a token has refilled: 81 lines were held back.
+        assert_eq!(limiter.allow(t0 + Duration::from_millis(200)), Some(81));
+        let later = t0 + Duration::from_secs(60);
+        let refilled = (0..100).filter(|_| limiter.allow(later).is_some()).count();
+        assert_eq!(refilled, 20, "never more than the burst");
+    }
 }

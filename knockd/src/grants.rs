@@ -1,11 +1,16 @@
-//! Grants: which source may reach which one-time door, through which random
-//! port, until when.
+//! Grants: which source may reach which door, through which port, until
+//! when. The one owner of "who may reach what", for both kinds of door:
+//! - a one-time door's grant is a random port of its range, redirected to
+//!   the service, which can become a lease that heartbeats keep alive and
+//!   that moves to fresh ports;
+//! - a static door's grant is the service port itself (classic clients
+//!   cannot learn a port), open for the door's `open_for`.
 //!
 //! A grant exists twice in the kernel, and this module keeps the two in
-//! step: an nftables element (the redirect from the random port to the
-//! service, with a kernel timeout) and an XDP allow-map entry (the
-//! admission of new connections to that port, with the same deadline). Both
-//! expire by themselves, so a dead daemon leaves no open door behind.
+//! step: an nftables element (a one-time grant's redirect, or a static
+//! grant's element in the static sets) and an XDP allow-map entry (the
+//! admission of new connections to that port), with the same deadline.
+//! Both expire by themselves, so a dead daemon leaves no open door behind.
 
 use std::{
     collections::HashMap,
@@ -34,9 +39,75 @@ pub enum Error {
     Exhausted { door: String, start: u16, end: u16 },
 }
 
-/// A one-time door's grant settings.
+/// What grants need of the kernel: nftables' grant elements and the XDP
+/// allow map (TCP entries), and whether a port is bound. [`Real`] is the
+/// kernel; the unit tests below use a recording fake, so the grant
+/// lifecycle (rotation, probes, leases, adoption, a full range) is tested
+/// without root and without sleeping.
+pub trait Kernel {
+    fn install(&mut self, rules: &nft::TableRules) -> Result<(), Error>;
+    fn list_grants(&mut self, doors: &[&str]) -> Result<Vec<Element>, Error>;
+    fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), Error>;
+    /// A static grant's element (`None`: remove it); `exists` says whether
+    /// it is live, as [`nft::update_static_grant`] needs to know.
+    fn update_static_grant(
+        &mut self,
+        key: GrantKey,
+        timeout: Option<Duration>,
+        exists: bool,
+    ) -> Result<(), Error>;
+    fn allow(&mut self, source: IpAddr, port: u16, ttl: Option<Duration>) -> Result<(), Error>;
+    fn revoke(&mut self, source: IpAddr, port: u16) -> Result<(), Error>;
+    fn port_unbound(&self, port: u16) -> bool;
+}
+
+/// The kernel: the nft module's netlink calls and the guard's maps.
+pub struct Real<'a>(pub &'a mut GuardMaps);
+
+impl Kernel for Real<'_> {
+    fn install(&mut self, rules: &nft::TableRules) -> Result<(), Error> {
+        Ok(nft::install(rules)?)
+    }
+    fn list_grants(&mut self, doors: &[&str]) -> Result<Vec<Element>, Error> {
+        Ok(nft::list_grants(doors)?)
+    }
+    fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), Error> {
+        Ok(nft::update_grants(add, remove)?)
+    }
+    fn update_static_grant(
+        &mut self,
+        key: GrantKey,
+        timeout: Option<Duration>,
+        exists: bool,
+    ) -> Result<(), Error> {
+        Ok(nft::update_static_grant(key, timeout, exists)?)
+    }
+    fn allow(&mut self, source: IpAddr, port: u16, ttl: Option<Duration>) -> Result<(), Error> {
+        Ok(self.0.allow(source, Proto::Tcp, port, ttl)?)
+    }
+    fn revoke(&mut self, source: IpAddr, port: u16) -> Result<(), Error> {
+        Ok(self.0.revoke(source, Proto::Tcp, port)?)
+    }
+    fn port_unbound(&self, port: u16) -> bool {
+        port_unbound(port)
+    }
+}
+
+/// Which port a door grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// A random port of the door's range, redirected to the service
+    /// (one-time doors).
+    Redirect,
+    /// The service port itself (static doors).
+    ServicePort,
+}
+
+/// A door's grant settings.
 #[derive(Debug, Clone)]
 struct DoorGrants {
+    kind: GrantKind,
     range: RangeInclusive<u16>,
     service_port: u16,
     open_for: Duration,
@@ -49,12 +120,14 @@ struct DoorGrants {
 /// One open door for one address.
 #[derive(Debug, Clone, Serialize)]
 pub struct Grant {
+    pub kind: GrantKind,
     pub door: String,
     pub source: IpAddr,
     /// The device that opened it, when known (grants adopted after a
     /// restart have none until the device's next heartbeat).
     pub device: Option<String>,
-    /// The random port it connects through.
+    /// The port it admits to: a random one, or a static door's service
+    /// port.
     pub port: u16,
     /// Whether heartbeats keep it alive (and its port rotates).
     pub leased: bool,
@@ -182,26 +255,39 @@ pub fn pick_port(range: &RangeInclusive<u16>, free: impl Fn(u16) -> bool) -> Opt
 }
 
 impl Grants {
-    /// The one-time doors of `config`.
+    /// The doors of `config`.
     pub fn new(config: &Config) -> Grants {
         let doors = config
             .doors
             .iter()
-            .filter(|(_, d)| d.mode == DoorMode::OneTime)
             .map(|(name, d)| {
-                let range = d.grant_ports();
-                let rotate = d.rotate_every_secs();
-                (
-                    name.clone(),
-                    DoorGrants {
-                        range: range.start..=range.end,
+                let open_for = Duration::from_secs(u64::from(d.open_for_secs()));
+                let settings = match d.mode {
+                    DoorMode::OneTime => {
+                        let range = d.grant_ports();
+                        let rotate = d.rotate_every_secs();
+                        DoorGrants {
+                            kind: GrantKind::Redirect,
+                            range: range.start..=range.end,
+                            service_port: d.service_port,
+                            open_for,
+                            lease_idle: Duration::from_secs(u64::from(d.lease_idle_secs())),
+                            rotate_every: (rotate > 0)
+                                .then(|| Duration::from_secs(u64::from(rotate))),
+                            rotate_on_probes: u64::from(d.rotate_on_probes()),
+                        }
+                    }
+                    DoorMode::Static => DoorGrants {
+                        kind: GrantKind::ServicePort,
+                        range: d.service_port..=d.service_port,
                         service_port: d.service_port,
-                        open_for: Duration::from_secs(u64::from(d.open_for_secs())),
-                        lease_idle: Duration::from_secs(u64::from(d.lease_idle_secs())),
-                        rotate_every: (rotate > 0).then(|| Duration::from_secs(u64::from(rotate))),
-                        rotate_on_probes: u64::from(d.rotate_on_probes()),
+                        open_for,
+                        lease_idle: open_for,
+                        rotate_every: None,
+                        rotate_on_probes: 0,
                     },
-                )
+                };
+                (name.clone(), settings)
             })
             .collect();
         // The ports XDP protects whatever the time step: knock ports that
@@ -224,7 +310,12 @@ impl Grants {
     /// Rebuilds `taken` from the grants held.
     fn refresh_taken(&mut self) {
         self.taken.fill(false);
-        for port in self.by_source.values().flat_map(Grant::ports) {
+        for port in self
+            .by_source
+            .values()
+            .filter(|g| g.kind == GrantKind::Redirect)
+            .flat_map(Grant::ports)
+        {
             self.taken[usize::from(port)] = true;
         }
     }
@@ -234,6 +325,7 @@ impl Grants {
         let mut doors: Vec<DoorRules> = self
             .doors
             .iter()
+            .filter(|(_, d)| d.kind == GrantKind::Redirect)
             .map(|(name, d)| DoorRules {
                 name: name.clone(),
                 grant_ports: d.range.clone(),
@@ -249,18 +341,17 @@ impl Grants {
 
     /// Installs the table and takes over the grants it already holds (from
     /// before a restart), rebuilding their XDP allow entries.
-    pub fn install(&mut self, maps: &mut GuardMaps) -> Result<usize, Error> {
-        nft::install(&self.rules())?;
-        let names: Vec<&str> = self.doors.keys().map(String::as_str).collect();
-        let existing = nft::list_grants(&names)?;
-        let now = Instant::now();
+    pub fn install(&mut self, kernel: &mut impl Kernel, now: Instant) -> Result<usize, Error> {
+        kernel.install(&self.rules())?;
+        let names: Vec<&str> = self
+            .doors
+            .iter()
+            .filter(|(_, d)| d.kind == GrantKind::Redirect)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let existing = kernel.list_grants(&names)?;
         for element in &existing {
-            maps.allow(
-                element.key.source,
-                Proto::Tcp,
-                element.key.port,
-                Some(element.timeout),
-            )?;
+            kernel.allow(element.key.source, element.key.port, Some(element.timeout))?;
             let (port, expires) = (element.key.port, now + element.timeout);
             let key = (element.door.clone(), element.key.source);
             match self.by_source.get_mut(&key) {
@@ -279,6 +370,7 @@ impl Grants {
                     self.by_source.insert(
                         key,
                         Grant {
+                            kind: GrantKind::Redirect,
                             door: element.door.clone(),
                             source: element.key.source,
                             device: None,
@@ -300,29 +392,42 @@ impl Grants {
 
     /// Puts the table back after someone removed it (`nft flush ruleset`),
     /// with every live grant and its remaining time.
-    pub fn restore(&self) -> Result<(), Error> {
-        nft::install(&self.rules())?;
-        let now = Instant::now();
+    pub fn restore(&self, kernel: &mut impl Kernel, now: Instant) -> Result<(), Error> {
+        kernel.install(&self.rules())?;
         let elements: Vec<Element> = self
             .by_source
             .values()
+            .filter(|g| g.kind == GrantKind::Redirect)
             .flat_map(|g| g.elements(now))
             .collect();
-        nft::update_grants(&elements, &[])?;
+        kernel.update_grants(&elements, &[])?;
+        for g in self
+            .by_source
+            .values()
+            .filter(|g| g.kind == GrantKind::ServicePort)
+        {
+            let key = GrantKey {
+                source: g.source,
+                port: g.port,
+            };
+            kernel.update_static_grant(
+                key,
+                Some(g.expires.saturating_duration_since(now)),
+                false,
+            )?;
+        }
         Ok(())
     }
 
     /// A random free port for a new grant on `door`.
-    fn fresh_port(&mut self, door: &str) -> Result<u16, Error> {
+    fn fresh_port(&mut self, kernel: &impl Kernel, door: &str) -> Result<u16, Error> {
         let range = &self.doors[door].range;
         let taken = &self.taken;
-        let port =
-            pick_port(range, |p| !taken[usize::from(p)] && port_unbound(p)).ok_or_else(|| {
-                Error::Exhausted {
-                    door: door.to_owned(),
-                    start: *range.start(),
-                    end: *range.end(),
-                }
+        let port = pick_port(range, |p| !taken[usize::from(p)] && kernel.port_unbound(p))
+            .ok_or_else(|| Error::Exhausted {
+                door: door.to_owned(),
+                start: *range.start(),
+                end: *range.end(),
             })?;
         self.taken[usize::from(port)] = true;
         Ok(port)
@@ -332,27 +437,42 @@ impl Grants {
     /// that exists is replaced, so its timeout restarts.
     fn enforce(
         &self,
-        maps: &mut GuardMaps,
+        kernel: &mut impl Kernel,
         grant: &Grant,
         replace: Option<&Grant>,
         now: Instant,
     ) -> Result<(), Error> {
-        let add = [grant.element(now)];
-        let remove: Vec<Element> = replace.map(|old| old.element(now)).into_iter().collect();
-        if nft::update_grants(&add, &remove).is_err() {
-            // The old element may have expired in the kernel a moment ago.
-            nft::update_grants(&add, &[])?;
+        match grant.kind {
+            GrantKind::Redirect => {
+                let add = [grant.element(now)];
+                let remove: Vec<Element> =
+                    replace.map(|old| old.element(now)).into_iter().collect();
+                if kernel.update_grants(&add, &remove).is_err() {
+                    // The old element may have expired in the kernel a
+                    // moment ago.
+                    kernel.update_grants(&add, &[])?;
+                }
+            }
+            GrantKind::ServicePort => {
+                let key = GrantKey {
+                    source: grant.source,
+                    port: grant.port,
+                };
+                // Live if the grant it replaces had not expired yet.
+                let exists = replace.is_some_and(|old| old.expires > now);
+                let timeout = grant.expires.saturating_duration_since(now);
+                kernel.update_static_grant(key, Some(timeout), exists)?;
+            }
         }
-        maps.allow(
+        kernel.allow(
             grant.source,
-            Proto::Tcp,
             grant.port,
             Some(grant.expires.saturating_duration_since(now)),
         )?;
         if let Some(old) = replace
             && old.port != grant.port
         {
-            maps.revoke(old.source, Proto::Tcp, old.port)?;
+            kernel.revoke(old.source, old.port)?;
         }
         Ok(())
     }
@@ -361,13 +481,13 @@ impl Grants {
     /// with its deadline renewed. Returns the grant.
     pub fn open(
         &mut self,
-        maps: &mut GuardMaps,
+        kernel: &mut impl Kernel,
         door: &str,
         source: IpAddr,
         device: Option<&str>,
+        now: Instant,
     ) -> Result<Grant, Error> {
         let settings = self.doors[door].clone();
-        let now = Instant::now();
         let key = (door.to_owned(), source);
         let existing = self.by_source.get(&key).cloned();
         let grant = match &existing {
@@ -382,8 +502,12 @@ impl Grants {
                 ..old.clone()
             },
             None => {
-                let port = self.fresh_port(door)?;
+                let port = match settings.kind {
+                    GrantKind::Redirect => self.fresh_port(kernel, door)?,
+                    GrantKind::ServicePort => settings.service_port,
+                };
                 Grant {
+                    kind: settings.kind,
                     door: door.to_owned(),
                     source,
                     device: device.map(str::to_owned),
@@ -397,7 +521,7 @@ impl Grants {
                 }
             }
         };
-        self.enforce(maps, &grant, existing.as_ref(), now)?;
+        self.enforce(kernel, &grant, existing.as_ref(), now)?;
         self.by_source.insert(key, grant.clone());
         Ok(grant)
     }
@@ -407,18 +531,20 @@ impl Grants {
     /// device holds no grant on the door from this address.
     pub fn heartbeat(
         &mut self,
-        maps: &mut GuardMaps,
+        kernel: &mut impl Kernel,
         door: &str,
         source: IpAddr,
         device: Option<&str>,
+        now: Instant,
     ) -> Result<Option<Grant>, Error> {
         let settings = self.doors[door].clone();
-        let now = Instant::now();
         let key = (door.to_owned(), source);
         let Some(old) = self.by_source.get(&key).cloned() else {
             return Ok(None);
         };
-        if old.device.is_some() && old.device.as_deref() != device {
+        if old.kind != GrantKind::Redirect
+            || (old.device.is_some() && old.device.as_deref() != device)
+        {
             return Ok(None);
         }
         let grant = Grant {
@@ -430,7 +556,7 @@ impl Grants {
                 .or(settings.rotate_every.map(|every| now + every)),
             ..old.clone()
         };
-        self.enforce(maps, &grant, Some(&old), now)?;
+        self.enforce(kernel, &grant, Some(&old), now)?;
         self.by_source.insert(key, grant.clone());
         Ok(Some(grant))
     }
@@ -438,21 +564,32 @@ impl Grants {
     /// Ends a grant now. Established connections carry on (conntrack).
     pub fn close(
         &mut self,
-        maps: &mut GuardMaps,
+        kernel: &mut impl Kernel,
         door: &str,
         source: IpAddr,
+        now: Instant,
     ) -> Result<Option<Grant>, Error> {
         let Some(grant) = self.by_source.remove(&(door.to_owned(), source)) else {
             return Ok(None);
         };
         // Elements may have just expired; their absence is the goal, so
         // each goes in its own batch (one missing would fail the others).
-        let now = Instant::now();
-        for element in grant.elements(now) {
-            let _ = nft::update_grants(&[], &[element]);
+        match grant.kind {
+            GrantKind::Redirect => {
+                for element in grant.elements(now) {
+                    let _ = kernel.update_grants(&[], &[element]);
+                }
+            }
+            GrantKind::ServicePort => {
+                let key = GrantKey {
+                    source: grant.source,
+                    port: grant.port,
+                };
+                let _ = kernel.update_static_grant(key, None, grant.expires > now);
+            }
         }
         for port in grant.ports() {
-            maps.revoke(grant.source, Proto::Tcp, port)?;
+            kernel.revoke(grant.source, port)?;
         }
         Ok(Some(grant))
     }
@@ -460,8 +597,11 @@ impl Grants {
     /// Forgets expired grants (the kernel already dropped them) and moves
     /// leases whose rotation is due to fresh ports. Returns the rotations
     /// made, as (old, new) grants.
-    pub fn tick(&mut self, maps: &mut GuardMaps) -> Result<Vec<(Grant, Grant)>, Error> {
-        let now = Instant::now();
+    pub fn tick(
+        &mut self,
+        kernel: &mut impl Kernel,
+        now: Instant,
+    ) -> Result<Vec<(Grant, Grant)>, Error> {
         self.by_source.retain(|_, g| g.expires > now);
         // The kernel closed retired ports at their deadline already.
         for grant in self.by_source.values_mut() {
@@ -477,7 +617,7 @@ impl Grants {
         for old in due {
             rotated.push((
                 old.clone(),
-                self.rotate(maps, old, Rotation::Scheduled, now)?,
+                self.rotate(kernel, old, Rotation::Scheduled, now)?,
             ));
         }
         self.refresh_taken();
@@ -490,13 +630,13 @@ impl Grants {
     /// schedule is left as it was.
     fn rotate(
         &mut self,
-        maps: &mut GuardMaps,
+        kernel: &mut impl Kernel,
         old: Grant,
         why: Rotation,
         now: Instant,
     ) -> Result<Grant, Error> {
         let settings = self.doors[&old.door].clone();
-        let port = self.fresh_port(&old.door)?;
+        let port = self.fresh_port(kernel, &old.door)?;
         let mut grant = Grant {
             port,
             rotations: old.rotations + 1,
@@ -506,12 +646,12 @@ impl Grants {
         match why {
             Rotation::Scheduled => {
                 grant.next_rotation = settings.rotate_every.map(|every| now + every);
-                self.enforce(maps, &grant, Some(&old), now)?;
+                self.enforce(kernel, &grant, Some(&old), now)?;
             }
             Rotation::Probed => {
                 // The old element and allow entry stay, with their deadline.
                 grant.retired.push((old.port, old.expires));
-                self.enforce(maps, &grant, None, now)?;
+                self.enforce(kernel, &grant, None, now)?;
             }
         }
         self.by_source
@@ -530,10 +670,10 @@ impl Grants {
     /// pairs of the leases moved.
     pub fn rotate_probed(
         &mut self,
-        maps: &mut GuardMaps,
+        kernel: &mut impl Kernel,
         probes: &[(u16, u64)],
+        now: Instant,
     ) -> Result<Vec<(Grant, Grant)>, Error> {
-        let now = Instant::now();
         let mut due = Vec::new();
         for (port, count) in probes {
             for grant in self.by_source.values_mut().filter(|g| g.port == *port) {
@@ -550,7 +690,10 @@ impl Grants {
         }
         let mut rotated = Vec::new();
         for old in due {
-            rotated.push((old.clone(), self.rotate(maps, old, Rotation::Probed, now)?));
+            rotated.push((
+                old.clone(),
+                self.rotate(kernel, old, Rotation::Probed, now)?,
+            ));
         }
         Ok(rotated)
     }
@@ -573,12 +716,27 @@ impl Grants {
                 }
             }
         }
+        // The kernel lists no static grants; those of static doors that
+        // remain carry over as they were.
+        for (key, grant) in &old.by_source {
+            if grant.kind == GrantKind::ServicePort
+                && self.doors.get(&key.0).is_some_and(|d| {
+                    d.kind == GrantKind::ServicePort && d.service_port == grant.port
+                })
+            {
+                self.by_source.insert(key.clone(), grant.clone());
+            }
+        }
         self.refresh_taken();
     }
 
-    /// The ports grants use now (not retired ones), in no order.
+    /// The random ports grants use now (not retired ones, not static
+    /// doors' service ports), in no order: the ports probes are counted on.
     pub fn current_ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.by_source.values().map(|g| g.port)
+        self.by_source
+            .values()
+            .filter(|g| g.kind == GrantKind::Redirect)
+            .map(|g| g.port)
     }
 
     /// Every live grant.
@@ -591,9 +749,327 @@ impl Grants {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
+    use std::{collections::HashSet, path::Path};
 
     use super::*;
+
+    /// The kernel as a recording: nftables elements (door, source, port) with
+    /// their timeouts, XDP allow entries with theirs, bound ports.
+    #[derive(Default)]
+    struct Fake {
+        elements: HashMap<(String, IpAddr, u16), Duration>,
+        allowed: HashMap<(IpAddr, u16), Option<Duration>>,
+        bound: HashSet<u16>,
+        /// What `list_grants` finds (a table from before a restart).
+        existing: Vec<Element>,
+        installs: usize,
+    }
+
+    impl Kernel for Fake {
+        fn install(&mut self, _rules: &nft::TableRules) -> Result<(), Error> {
+            self.installs += 1;
+            Ok(())
+        }
+        fn list_grants(&mut self, _doors: &[&str]) -> Result<Vec<Element>, Error> {
+            Ok(self.existing.clone())
+        }
+        fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), Error> {
+            for e in remove {
+                self.elements
+                    .remove(&(e.door.clone(), e.key.source, e.key.port));
+            }
+            for e in add {
+                self.elements
+                    .insert((e.door.clone(), e.key.source, e.key.port), e.timeout);
+            }
+            Ok(())
+        }
+        fn update_static_grant(
+            &mut self,
+            key: GrantKey,
+            timeout: Option<Duration>,
+            _exists: bool,
+        ) -> Result<(), Error> {
+            let element = ("static".to_owned(), key.source, key.port);
+            match timeout {
+                Some(t) => self.elements.insert(element, t),
+                None => self.elements.remove(&element),
+            };
+            Ok(())
+        }
+        fn allow(&mut self, source: IpAddr, port: u16, ttl: Option<Duration>) -> Result<(), Error> {
+            self.allowed.insert((source, port), ttl);
+            Ok(())
+        }
+        fn revoke(&mut self, source: IpAddr, port: u16) -> Result<(), Error> {
+            self.allowed.remove(&(source, port));
+            Ok(())
+        }
+        fn port_unbound(&self, port: u16) -> bool {
+            !self.bound.contains(&port)
+        }
+    }
+
+    impl Fake {
+        /// Whether both kernel places admit `source` to `port`.
+        fn admits(&self, source: IpAddr, port: u16) -> bool {
+            self.allowed.contains_key(&(source, port))
+                && self.elements.contains_key(&("ssh".into(), source, port))
+        }
+    }
+
+    const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+    /// Door "ssh": grants from 40000-40015, open 30 s, leases idle out
+    /// after 90 s and move every 300 s or after 10 probes.
+    fn grants() -> Grants {
+        let config = Config::parse(
+            "interfaces: [eth0]\n\
+             devices: { laptop: { key_file: /k/laptop, groups: [admins] } }\n\
+             doors:\n\
+             \x20 ssh: { service_port: 22, allow: { groups: [admins] }, grant_ports: \"40000-40015\",\
+             \x20 open_for_secs: 30, lease_idle_secs: 90, rotate_every_secs: 300, rotate_on_probes: 10 }\n\
+             \x20 legacy: { service_port: 2222, mode: static, open_for_secs: 20, sequence: [\"6000:udp\", \"6001:udp\"] }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        Grants::new(&config)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_open_is_in_both_kernel_places_and_a_reopen_keeps_its_port() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let a = ip("198.18.0.2");
+        let g = grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        assert!((40000..=40015).contains(&g.port));
+        assert!(k.admits(a, g.port));
+        assert_eq!(k.allowed[&(a, g.port)], Some(SECS(30)));
+        let again = grants
+            .open(&mut k, "ssh", a, Some("laptop"), t0 + SECS(20))
+            .unwrap();
+        assert_eq!(again.port, g.port, "a renewal keeps the port");
+        assert_eq!(again.expires, t0 + SECS(50));
+        assert_eq!(k.elements.len(), 1);
+        // Another source gets another port.
+        let b = grants
+            .open(&mut k, "ssh", ip("198.18.0.3"), None, t0)
+            .unwrap();
+        assert_ne!(b.port, g.port);
+    }
+
+    #[test]
+    fn a_lease_moves_on_schedule_and_a_plain_grant_never_does() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let (a, b) = (ip("198.18.0.2"), ip("198.18.0.3"));
+        let plain = grants.open(&mut k, "ssh", b, None, t0).unwrap();
+        let opened = grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        let lease = grants
+            .heartbeat(&mut k, "ssh", a, Some("laptop"), t0)
+            .unwrap()
+            .unwrap();
+        assert!(lease.leased);
+        assert_eq!(lease.next_rotation, Some(t0 + SECS(300)));
+        // Heartbeats every 60 s keep it; the plain grant closes at 30 s.
+        for i in 1..5 {
+            grants
+                .heartbeat(&mut k, "ssh", a, Some("laptop"), t0 + SECS(60 * i))
+                .unwrap()
+                .unwrap();
+        }
+        let rotated = grants.tick(&mut k, t0 + SECS(300)).unwrap();
+        assert_eq!(rotated.len(), 1, "only the lease moves");
+        let (old, new) = &rotated[0];
+        assert_eq!((old.port, new.rotations), (opened.port, 1));
+        assert_ne!(new.port, old.port);
+        assert!(k.admits(a, new.port) && !k.allowed.contains_key(&(a, old.port)));
+        assert!(!grants.list().iter().any(|g| g.source == b));
+        assert_eq!(new.next_rotation, Some(t0 + SECS(600)));
+        let _ = plain;
+    }
+
+    #[test]
+    fn an_idle_lease_ends_and_a_heartbeat_without_a_grant_finds_none() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let a = ip("198.18.0.2");
+        grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        grants
+            .heartbeat(&mut k, "ssh", a, Some("laptop"), t0)
+            .unwrap();
+        grants.tick(&mut k, t0 + SECS(89)).unwrap();
+        assert_eq!(grants.list().len(), 1);
+        grants.tick(&mut k, t0 + SECS(91)).unwrap();
+        assert!(grants.list().is_empty(), "idle past lease_idle");
+        assert!(
+            grants
+                .heartbeat(&mut k, "ssh", a, Some("laptop"), t0 + SECS(92))
+                .unwrap()
+                .is_none()
+        );
+        // Another device's heartbeat never takes over a grant.
+        grants
+            .open(&mut k, "ssh", a, Some("laptop"), t0 + SECS(100))
+            .unwrap();
+        assert!(
+            grants
+                .heartbeat(&mut k, "ssh", a, Some("intern"), t0 + SECS(100))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn probes_move_a_lease_and_keep_its_old_port_for_the_holder() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let (a, b) = (ip("198.18.0.2"), ip("198.18.0.3"));
+        let first = grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        grants
+            .heartbeat(&mut k, "ssh", a, Some("laptop"), t0)
+            .unwrap();
+        let plain = grants.open(&mut k, "ssh", b, None, t0).unwrap();
+        // Nine probes do nothing; the tenth moves the lease, never the
+        // plain grant, however probed.
+        assert!(
+            grants
+                .rotate_probed(&mut k, &[(first.port, 9), (plain.port, 50)], t0)
+                .unwrap()
+                .is_empty()
+        );
+        let moved = grants
+            .rotate_probed(&mut k, &[(first.port, 1)], t0 + SECS(1))
+            .unwrap();
+        assert_eq!(moved.len(), 1);
+        let new = &moved[0].1;
+        assert_ne!(new.port, first.port);
+        assert_eq!(new.retired, vec![(first.port, t0 + SECS(90))]);
+        assert!(k.admits(a, first.port), "the holder keeps the old port");
+        assert!(k.admits(a, new.port));
+        assert_eq!(
+            grants.list().iter().find(|g| g.source == b).unwrap().port,
+            plain.port
+        );
+        // Retired ports close at their deadline.
+        grants.tick(&mut k, t0 + SECS(91)).unwrap();
+        assert!(grants.list().iter().all(|g| g.retired.is_empty()));
+    }
+
+    #[test]
+    fn a_full_range_is_exhausted_and_bound_ports_are_never_given() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        // Bound by someone else: all but three ports of the range.
+        k.bound.insert(40001);
+        k.bound.extend(40004..=40015);
+        let ports: HashSet<u16> = (2..5)
+            .map(|i| {
+                grants
+                    .open(&mut k, "ssh", ip(&format!("198.18.0.{i}")), None, t0)
+                    .unwrap()
+                    .port
+            })
+            .collect();
+        assert_eq!(ports, HashSet::from([40000, 40002, 40003]));
+        let full = grants.open(&mut k, "ssh", ip("198.18.0.9"), None, t0);
+        assert!(
+            matches!(
+                full,
+                Err(Error::Exhausted {
+                    start: 40000,
+                    end: 40015,
+                    ..
+                })
+            ),
+            "{full:?}"
+        );
+        // A closed grant's port is free again at the next tick.
+        grants
+            .close(&mut k, "ssh", ip("198.18.0.2"), t0)
+            .unwrap()
+            .unwrap();
+        grants.tick(&mut k, t0).unwrap();
+        assert!(
+            grants
+                .open(&mut k, "ssh", ip("198.18.0.9"), None, t0)
+                .is_ok()
+        );
+    }
+
+    /// A static door's grant is the service port itself, in the static
+    /// sets and the allow map; it never becomes a lease, is never counted
+    /// for probes, and survives a reload that keeps its door.
+    #[test]
+    fn a_static_grant_opens_the_service_port_and_is_one_grant_among_the_rest() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let a = ip("198.18.0.2");
+        let g = grants.open(&mut k, "legacy", a, None, t0).unwrap();
+        assert_eq!((g.kind, g.port), (GrantKind::ServicePort, 2222));
+        assert_eq!(k.allowed[&(a, 2222)], Some(SECS(20)));
+        assert_eq!(k.elements[&("static".into(), a, 2222)], SECS(20));
+        let renewed = grants
+            .open(&mut k, "legacy", a, None, t0 + SECS(10))
+            .unwrap();
+        assert_eq!(renewed.expires, t0 + SECS(30));
+        assert!(
+            grants
+                .heartbeat(&mut k, "legacy", a, None, t0)
+                .unwrap()
+                .is_none(),
+            "no lease on a static door"
+        );
+        grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        assert_eq!(grants.list().len(), 2, "one list for both kinds");
+        assert!(!grants.current_ports().any(|p| p == 2222));
+        let mut reloaded = self::grants();
+        reloaded.inherit(&grants);
+        assert!(reloaded.list().iter().any(|g| g.door == "legacy"));
+        grants.close(&mut k, "legacy", a, t0 + SECS(11)).unwrap();
+        assert!(!k.allowed.contains_key(&(a, 2222)));
+        assert!(!k.elements.contains_key(&("static".into(), a, 2222)));
+        // Expired, it is forgotten at the next tick.
+        grants.open(&mut k, "legacy", a, None, t0).unwrap();
+        grants.tick(&mut k, t0 + SECS(21)).unwrap();
+        assert!(!grants.list().iter().any(|g| g.door == "legacy"));
+    }
+
+    #[test]
+    fn a_restart_adopts_the_table_and_a_reload_keeps_what_it_knew() {
+        let (mut before, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let a = ip("198.18.0.2");
+        before.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        let lease = before
+            .heartbeat(&mut k, "ssh", a, Some("laptop"), t0)
+            .unwrap()
+            .unwrap();
+        // Two elements for one source (a probe rotation's retired port):
+        // the longest-lived is the grant.
+        let element = |port, secs| Element {
+            door: "ssh".into(),
+            key: GrantKey { source: a, port },
+            timeout: SECS(secs),
+        };
+        k.existing = vec![element(40003, 20), element(lease.port, 80)];
+        let mut adopted = grants();
+        assert_eq!(adopted.install(&mut k, t0).unwrap(), 2);
+        let g = adopted.list()[0].clone();
+        assert_eq!(
+            (g.port, g.retired.clone()),
+            (lease.port, vec![(40003, t0 + SECS(20))])
+        );
+        assert!(k.allowed.contains_key(&(a, 40003)));
+        assert_eq!(
+            (g.device.clone(), g.leased),
+            (None, false),
+            "the kernel keeps neither"
+        );
+        adopted.inherit(&before);
+        let g = adopted.list()[0].clone();
+        assert_eq!((g.device.as_deref(), g.leased), (Some("laptop"), true));
+        // Closing ends every port it held, retired ones too.
+        adopted.close(&mut k, "ssh", a, t0).unwrap();
+        assert!(k.elements.is_empty() && k.allowed.is_empty());
+    }
 
     #[test]
     fn picked_ports_are_free_and_spread() {
