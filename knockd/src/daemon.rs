@@ -149,7 +149,7 @@ impl Daemon {
         {
             tracing::warn!(error = %chain(&e), "compacting the consumed-sequence record failed");
         }
-        let policy_base = PortPolicy::from_config(&config, &engine.knock_ports());
+        let policy_base = crate::policy::port_policy(&config, &engine.knock_ports());
         let mut grants = Grants::new(&config);
         let adopted = grants.install(&mut grants::Real(&mut maps), Instant::now())?;
         if adopted > 0 {
@@ -214,7 +214,7 @@ impl Daemon {
     /// due, and put the nftables table back if someone removed it.
     pub fn tick(&mut self) -> Result<(), Error> {
         if self.engine.tick(unix_ms()) {
-            self.policy_base = PortPolicy::from_config(&self.config, &self.engine.knock_ports());
+            self.policy_base = crate::policy::port_policy(&self.config, &self.engine.knock_ports());
         }
         if self
             .state
@@ -809,7 +809,7 @@ impl Daemon {
             bpffs_dir: self.config.bpffs_dir.clone(),
             ..config
         };
-        self.policy_base = PortPolicy::from_config(&self.config, &engine.knock_ports());
+        self.policy_base = crate::policy::port_policy(&self.config, &engine.knock_ports());
         self.engine = engine;
         self.grants = grants;
         self.loaded_at_ms = unix_ms();

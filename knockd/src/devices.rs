@@ -296,13 +296,10 @@ fn parse_device_file(path: &Path) -> Result<DeviceFile, Error> {
 
 /// Parses and checks the text of a device file; `path` names it in errors.
 pub fn parse_device_text(text: &str, path: &Path) -> Result<DeviceFile, Error> {
-    let file: DeviceFile = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
-        text,
-    ))
-    .map_err(|e| Error::DeviceFile {
+    let file: DeviceFile = crate::config::parse_yaml(text).map_err(|e| Error::DeviceFile {
         path: path.to_owned(),
-        key: e.path().to_string(),
-        message: e.into_inner().to_string(),
+        key: e.key,
+        message: e.message,
     })?;
     if !crate::config::is_valid_name(&file.id, crate::config::DEVICE_ID_MAX) {
         return Err(Error::DeviceFile {

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::{
     config::{Config, DoorMode},
-    maps::{self, GuardMaps, PortPolicy, Proto},
+    maps::{self, GuardMaps, Proto},
     nft::{self, DoorRules, Element, GrantKey},
 };
 
@@ -292,7 +292,7 @@ impl Grants {
             .collect();
         // The ports XDP protects whatever the time step: knock ports that
         // are valid now lie inside protected ranges already.
-        let protected = PortPolicy::from_config(config, &Default::default());
+        let protected = crate::policy::port_policy(config, &Default::default());
         let table = nft::TableRules {
             doors: Vec::new(),
             interfaces: config.interfaces.clone(),

@@ -9,6 +9,7 @@
 //! - [`devices`]: devices and their key files;
 //! - [`guard`]: loading and attaching the XDP program;
 //! - [`maps`]: every read and write of the program's maps;
+//! - [`policy`]: the port policy a configuration asks of the guard;
 //! - [`events`]: the knock ring buffer;
 //! - [`nft`]: the nftables table, its rules and grant sets;
 //! - [`cut`]: ending a revoked grant's established connections (conntrack,
@@ -40,6 +41,8 @@ pub mod guard;
 pub mod maps;
 #[cfg(feature = "daemon")]
 pub mod nft;
+#[cfg(feature = "daemon")]
+pub mod policy;
 pub mod profile;
 pub mod proto;
 pub mod state;

@@ -118,8 +118,7 @@ impl Profiles {
             message,
         };
         let profiles: Profiles =
-            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
-                .map_err(|e| invalid(e.path().to_string(), e.into_inner().to_string()))?;
+            crate::config::parse_yaml(text).map_err(|e| invalid(e.key, e.message))?;
         for (name, profile) in &profiles.profiles {
             profile
                 .device_key()

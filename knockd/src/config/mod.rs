@@ -6,13 +6,17 @@
 //! for the rules serde cannot express.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt,
+    collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
-use knockd_common::{IPPROTO_TCP, IPPROTO_UDP};
-use serde::{Deserialize, Deserializer, Serialize, de};
+use serde::{Deserialize, de::DeserializeOwned};
+
+mod ports;
+mod validate;
+
+pub use ports::{KnockPort, PortRange, Proto};
+pub use validate::{DEVICE_ID_MAX, STATIC_SEQUENCE_MAX, is_valid_name};
 
 /// Where the XDP program pins its maps unless the config says otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/knockd";
@@ -58,42 +62,6 @@ impl Error {
             key: key.into(),
             reason: reason.into(),
         }
-    }
-}
-
-/// Transport protocol of a port rule or grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    /// The IP protocol number.
-    pub const fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => IPPROTO_TCP,
-            Proto::Udp => IPPROTO_UDP,
-        }
-    }
-
-    /// The protocol with IP protocol number `n`, if it is one we handle.
-    pub const fn from_number(n: u8) -> Option<Proto> {
-        match n {
-            IPPROTO_TCP => Some(Proto::Tcp),
-            IPPROTO_UDP => Some(Proto::Udp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
     }
 }
 
@@ -188,59 +156,6 @@ pub enum DoorMode {
     /// A fixed port sequence, compatible with classic knockd clients
     /// (R-AUTH-1). Anyone who sees it can replay it.
     Static,
-}
-
-/// One knock of a static sequence: a port and its protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KnockPort {
-    pub port: u16,
-    pub proto: Proto,
-}
-
-impl fmt::Display for KnockPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.port, self.proto)
-    }
-}
-
-impl std::str::FromStr for KnockPort {
-    type Err = String;
-
-    /// `7000:udp`, `7000:tcp`, or `7000` (TCP, as in classic knockd).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (port, proto) = match s.split_once(':') {
-            Some((port, "udp")) => (port, Proto::Udp),
-            Some((port, "tcp")) => (port, Proto::Tcp),
-            Some((_, other)) => return Err(format!("protocol {other:?} is not tcp or udp")),
-            None => (s, Proto::Tcp),
-        };
-        Ok(KnockPort {
-            port: parse_port(port)?,
-            proto,
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for KnockPort {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl de::Visitor<'_> for Visitor {
-            type Value = KnockPort;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a knock such as \"7000:udp\", \"7000:tcp\" or 7000")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<KnockPort, E> {
-                v.to_string().parse().map_err(E::custom)
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<KnockPort, E> {
-                Err(E::custom(format!("port {v} is not in 1-65535")))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<KnockPort, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        deserializer.deserialize_any(Visitor)
-    }
 }
 
 /// Who may open a one-time door.
@@ -439,75 +354,35 @@ impl Default for Knock {
     }
 }
 
-/// An inclusive port range; a single port is a range of one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub start: u16,
-    pub end: u16,
+/// Where a YAML document did not fit its type: the dotted key, and what
+/// was wrong there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YamlError {
+    pub key: String,
+    pub message: String,
 }
 
-impl PortRange {
-    /// Every port in the range.
-    pub fn ports(self) -> impl Iterator<Item = u16> {
-        self.start..=self.end
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.start == self.end {
-            write!(f, "{}", self.start)
-        } else {
-            write!(f, "{}-{}", self.start, self.end)
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl de::Visitor<'_> for Visitor {
-            type Value = PortRange;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a port (1-65535) or a range such as \"40000-40999\"")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
-                v.to_string().parse().map_err(E::custom)
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
-                Err(E::custom(format!("port {v} is not in 1-65535")))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        deserializer.deserialize_any(Visitor)
-    }
-}
-
-impl std::str::FromStr for PortRange {
-    type Err = String;
-
-    /// `22` or `40000-40999`, as in the configuration and on command lines.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (start, end) = match s.split_once('-') {
-            Some((a, b)) => (parse_port(a)?, parse_port(b)?),
-            None => (parse_port(s)?, parse_port(s)?),
+/// Parses YAML `text` into `T` with the path to any error: the one reader
+/// of the configuration, device files and client profiles, so all three
+/// name the key at fault the same way.
+pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
+    serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // serde_yaml prefixes its own (shorter) path; keep ours only.
+        let message = match message.split_once(": ") {
+            Some((prefix, rest)) if key.starts_with(prefix) => rest.to_owned(),
+            _ => message,
         };
-        if start > end {
-            return Err(format!("start {start} > end {end}"));
+        YamlError {
+            key: if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
+            message,
         }
-        Ok(PortRange { start, end })
-    }
-}
-
-fn parse_port(s: &str) -> Result<u16, String> {
-    let s = s.trim();
-    match s.parse::<u32>() {
-        Ok(p @ 1..=65535) => Ok(p as u16),
-        Ok(p) => Err(format!("port {p} is not in 1-65535")),
-        Err(_) => Err(format!("{s:?} is not a port number")),
-    }
+    })
 }
 
 impl Config {
@@ -522,297 +397,13 @@ impl Config {
 
     /// Parses and validates `text`; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        let deserializer = serde_yaml::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let key = e.path().to_string();
-            let message = e.into_inner().to_string();
-            // serde_yaml prefixes its own (shorter) path; keep ours only.
-            let message = match message.split_once(": ") {
-                Some((prefix, rest)) if key.starts_with(prefix) => rest.to_owned(),
-                _ => message,
-            };
-            Error::Parse {
-                path: path.to_owned(),
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                message,
-            }
+        let config: Config = parse_yaml(text).map_err(|e| Error::Parse {
+            path: path.to_owned(),
+            key: e.key,
+            message: e.message,
         })?;
         config.validate()?;
         Ok(config)
-    }
-
-    /// Checks the rules serde cannot: non-empty and well-formed interface
-    /// names, no port both a knock port and plain-protected, sane limits.
-    pub fn validate(&self) -> Result<(), Error> {
-        if self.interfaces.is_empty() {
-            return Err(Error::invalid(
-                "interfaces",
-                "at least one interface is needed",
-            ));
-        }
-        let mut seen = BTreeSet::new();
-        for (i, name) in self.interfaces.iter().enumerate() {
-            let key = format!("interfaces[{i}]");
-            if name.is_empty() || name.len() > IFNAME_MAX {
-                return Err(Error::invalid(
-                    key,
-                    format!("{name:?} is not a valid interface name (1-{IFNAME_MAX} bytes)"),
-                ));
-            }
-            if name.contains(['/', ' ', '\0']) || name == "." || name == ".." {
-                return Err(Error::invalid(
-                    key,
-                    format!("{name:?} is not a valid interface name"),
-                ));
-            }
-            if !seen.insert(name) {
-                return Err(Error::invalid(key, format!("{name:?} is listed twice")));
-            }
-        }
-        for (key, value) in [
-            ("knock.rate_per_sec", self.knock.rate_per_sec),
-            ("knock.burst", self.knock.burst),
-        ] {
-            if !(1..=KNOCK_RATE_MAX).contains(&value) {
-                return Err(Error::invalid(
-                    key,
-                    format!("{value} is not in 1-{KNOCK_RATE_MAX}"),
-                ));
-            }
-        }
-        for (key, path) in [
-            ("bpffs_dir", Some(&self.bpffs_dir)),
-            ("state_dir", Some(&self.state_dir)),
-            ("devices_dir", self.devices_dir.as_ref()),
-            ("control_socket", Some(&self.control_socket)),
-        ] {
-            if let Some(path) = path
-                && !path.is_absolute()
-            {
-                return Err(Error::invalid(
-                    key,
-                    format!("{} is not an absolute path", path.display()),
-                ));
-            }
-        }
-        if let Some(metrics) = &self.metrics
-            && !metrics.listen.ip().is_loopback()
-        {
-            return Err(Error::invalid(
-                "metrics.listen",
-                format!(
-                    "{} is not a loopback address; the endpoint is for this host only",
-                    metrics.listen.ip()
-                ),
-            ));
-        }
-        for (id, device) in &self.devices {
-            validate_name(id, DEVICE_ID_MAX, &format!("devices.{id}"))?;
-            for (i, group) in device.groups.iter().enumerate() {
-                validate_name(group, DEVICE_ID_MAX, &format!("devices.{id}.groups[{i}]"))?;
-            }
-        }
-        self.validate_doors()
-    }
-
-    fn validate_doors(&self) -> Result<(), Error> {
-        // Every (protocol, port) has one owner, so no knock is ambiguous.
-        let mut owners: BTreeMap<KnockPort, String> = BTreeMap::new();
-        let mut claim = |knock: KnockPort, key: String| -> Result<(), Error> {
-            if let Some(owner) = owners.get(&knock) {
-                return Err(Error::invalid(
-                    key,
-                    format!("{knock} is already used by {owner}"),
-                ));
-            }
-            owners.insert(knock, key);
-            Ok(())
-        };
-        for (proto, ranges, section) in [
-            (Proto::Tcp, &self.protect.tcp, "protect.tcp"),
-            (Proto::Udp, &self.protect.udp, "protect.udp"),
-            (Proto::Tcp, &self.knock.tcp, "knock.tcp"),
-            (Proto::Udp, &self.knock.udp, "knock.udp"),
-        ] {
-            // Ranges within one list may overlap; each port is claimed once.
-            let mut listed = BTreeSet::new();
-            for (i, range) in ranges.iter().enumerate() {
-                for port in range.ports() {
-                    if listed.insert(port) {
-                        claim(KnockPort { port, proto }, format!("{section}[{i}]"))?;
-                    }
-                }
-            }
-        }
-        // Grant ranges may be shared between doors, so claim each port once.
-        let mut grant_range_ports = BTreeSet::new();
-        for (name, door) in &self.doors {
-            let key = |field: &str| format!("doors.{name}.{field}");
-            validate_name(name, DOOR_NAME_MAX, &format!("doors.{name}"))?;
-            if door.service_port == 0 {
-                return Err(Error::invalid(
-                    key("service_port"),
-                    "port 0 is not in 1-65535",
-                ));
-            }
-            claim(
-                KnockPort {
-                    port: door.service_port,
-                    proto: Proto::Tcp,
-                },
-                key("service_port"),
-            )?;
-            check_bounds(&key("open_for_secs"), door.open_for_secs, 1, 86_400)?;
-            check_bounds(&key("lease_idle_secs"), door.lease_idle_secs, 1, 86_400)?;
-            check_bounds(&key("rotate_every_secs"), door.rotate_every_secs, 0, 86_400)?;
-            check_bounds(
-                &key("rotate_on_probes"),
-                door.rotate_on_probes,
-                0,
-                1_000_000,
-            )?;
-            let grant_ports = door.grant_ports();
-            if door.mode == DoorMode::OneTime && grant_ports.end - grant_ports.start < 15 {
-                return Err(Error::invalid(
-                    key("grant_ports"),
-                    format!(
-                        "{grant_ports} is too small to draw random ports from: give it at least 16"
-                    ),
-                ));
-            }
-            // Static doors draw no ports (their clients could not learn one):
-            // a static grant opens the service port itself.
-            if door.mode == DoorMode::OneTime {
-                for port in grant_ports.ports() {
-                    if grant_range_ports.insert(port) {
-                        claim(
-                            KnockPort {
-                                port,
-                                proto: Proto::Tcp,
-                            },
-                            key("grant_ports"),
-                        )?;
-                    }
-                }
-            }
-            let one_time_fields = [
-                ("grant_ports", door.grant_ports.is_some()),
-                ("expose_service_port", door.expose_service_port),
-                ("lease_idle_secs", door.lease_idle_secs.is_some()),
-                ("rotate_every_secs", door.rotate_every_secs.is_some()),
-                ("rotate_on_probes", door.rotate_on_probes.is_some()),
-                ("knock_ports", door.knock_ports.is_some()),
-                ("knocks", door.knocks.is_some()),
-                ("step_secs", door.step_secs.is_some()),
-                ("skew_steps", door.skew_steps.is_some()),
-                ("allow", door.allow.is_some()),
-            ];
-            let static_fields = [
-                ("sequence", door.sequence.is_some()),
-                ("seq_timeout_secs", door.seq_timeout_secs.is_some()),
-            ];
-            let (foreign, mode) = match door.mode {
-                DoorMode::OneTime => (static_fields.as_slice(), "static"),
-                DoorMode::Static => (one_time_fields.as_slice(), "one_time"),
-            };
-            if let Some((field, _)) = foreign.iter().find(|(_, set)| *set) {
-                return Err(Error::invalid(
-                    key(field),
-                    format!("only {mode} doors take this setting"),
-                ));
-            }
-            match door.mode {
-                DoorMode::OneTime => {
-                    check_bounds(
-                        &key("knocks"),
-                        door.knocks.map(u32::from),
-                        1,
-                        u32::from(crate::proto::MAX_KNOCKS),
-                    )?;
-                    check_bounds(&key("step_secs"), door.step_secs, 5, 3600)?;
-                    check_bounds(&key("skew_steps"), door.skew_steps, 0, 10)?;
-                    for port in door.knock_ports().ports() {
-                        claim(
-                            KnockPort {
-                                port,
-                                proto: Proto::Udp,
-                            },
-                            key("knock_ports"),
-                        )?;
-                    }
-                }
-                DoorMode::Static => {
-                    let sequence = door.sequence();
-                    if sequence.is_empty() || sequence.len() > STATIC_SEQUENCE_MAX {
-                        return Err(Error::invalid(
-                            key("sequence"),
-                            format!("a static door needs 1-{STATIC_SEQUENCE_MAX} knocks"),
-                        ));
-                    }
-                    check_bounds(&key("seq_timeout_secs"), door.seq_timeout_secs, 1, 3600)?;
-                    let mut mine = BTreeSet::new();
-                    for (i, knock) in sequence.iter().enumerate() {
-                        if i > 0 && sequence[i - 1] == *knock {
-                            return Err(Error::invalid(
-                                format!("doors.{name}.sequence[{i}]"),
-                                format!(
-                                    "{knock} repeats the knock before it; repeats are tolerated, so it could never count"
-                                ),
-                            ));
-                        }
-                        if mine.insert(*knock) {
-                            claim(*knock, format!("doors.{name}.sequence[{i}]"))?;
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Longest device id or group name.
-pub const DEVICE_ID_MAX: usize = 64;
-/// Longest door name.
-const DOOR_NAME_MAX: usize = 32;
-/// Longest static sequence.
-pub const STATIC_SEQUENCE_MAX: usize = 256;
-
-/// Whether `name` may name a door, device or group: names become log
-/// fields, file names and key-derivation input, so they keep to a plain
-/// alphabet (1-`max` of A-Z a-z 0-9 . _ -, not starting with a dot).
-pub fn is_valid_name(name: &str, max: usize) -> bool {
-    !name.is_empty()
-        && name.len() <= max
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !name.starts_with('.')
-}
-
-fn validate_name(name: &str, max: usize, key: &str) -> Result<(), Error> {
-    if is_valid_name(name, max) {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            key,
-            format!(
-                "{name:?} is not a valid name (1-{max} of A-Z a-z 0-9 . _ -, not starting with .)"
-            ),
-        ))
-    }
-}
-
-fn check_bounds(key: &str, value: Option<u32>, min: u32, max: u32) -> Result<(), Error> {
-    match value {
-        Some(v) if !(min..=max).contains(&v) => {
-            Err(Error::invalid(key, format!("{v} is not in {min}-{max}")))
-        }
-        _ => Ok(()),
     }
 }
 

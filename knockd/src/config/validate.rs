@@ -1,0 +1,277 @@
+//! The rules serde cannot express: names, bounds, and no port claimed twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+
+impl Config {
+    /// Checks the rules serde cannot: non-empty and well-formed interface
+    /// names, no port both a knock port and plain-protected, sane limits.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.interfaces.is_empty() {
+            return Err(Error::invalid(
+                "interfaces",
+                "at least one interface is needed",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, name) in self.interfaces.iter().enumerate() {
+            let key = format!("interfaces[{i}]");
+            if name.is_empty() || name.len() > IFNAME_MAX {
+                return Err(Error::invalid(
+                    key,
+                    format!("{name:?} is not a valid interface name (1-{IFNAME_MAX} bytes)"),
+                ));
+            }
+            if name.contains(['/', ' ', '\0']) || name == "." || name == ".." {
+                return Err(Error::invalid(
+                    key,
+                    format!("{name:?} is not a valid interface name"),
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(Error::invalid(key, format!("{name:?} is listed twice")));
+            }
+        }
+        for (key, value) in [
+            ("knock.rate_per_sec", self.knock.rate_per_sec),
+            ("knock.burst", self.knock.burst),
+        ] {
+            if !(1..=KNOCK_RATE_MAX).contains(&value) {
+                return Err(Error::invalid(
+                    key,
+                    format!("{value} is not in 1-{KNOCK_RATE_MAX}"),
+                ));
+            }
+        }
+        for (key, path) in [
+            ("bpffs_dir", Some(&self.bpffs_dir)),
+            ("state_dir", Some(&self.state_dir)),
+            ("devices_dir", self.devices_dir.as_ref()),
+            ("control_socket", Some(&self.control_socket)),
+        ] {
+            if let Some(path) = path
+                && !path.is_absolute()
+            {
+                return Err(Error::invalid(
+                    key,
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        if let Some(metrics) = &self.metrics
+            && !metrics.listen.ip().is_loopback()
+        {
+            return Err(Error::invalid(
+                "metrics.listen",
+                format!(
+                    "{} is not a loopback address; the endpoint is for this host only",
+                    metrics.listen.ip()
+                ),
+            ));
+        }
+        for (id, device) in &self.devices {
+            validate_name(id, DEVICE_ID_MAX, &format!("devices.{id}"))?;
+            for (i, group) in device.groups.iter().enumerate() {
+                validate_name(group, DEVICE_ID_MAX, &format!("devices.{id}.groups[{i}]"))?;
+            }
+        }
+        self.validate_doors()
+    }
+
+    fn validate_doors(&self) -> Result<(), Error> {
+        // Every (protocol, port) has one owner, so no knock is ambiguous.
+        let mut owners: BTreeMap<KnockPort, String> = BTreeMap::new();
+        let mut claim = |knock: KnockPort, key: String| -> Result<(), Error> {
+            if let Some(owner) = owners.get(&knock) {
+                return Err(Error::invalid(
+                    key,
+                    format!("{knock} is already used by {owner}"),
+                ));
+            }
+            owners.insert(knock, key);
+            Ok(())
+        };
+        for (proto, ranges, section) in [
+            (Proto::Tcp, &self.protect.tcp, "protect.tcp"),
+            (Proto::Udp, &self.protect.udp, "protect.udp"),
+            (Proto::Tcp, &self.knock.tcp, "knock.tcp"),
+            (Proto::Udp, &self.knock.udp, "knock.udp"),
+        ] {
+            // Ranges within one list may overlap; each port is claimed once.
+            let mut listed = BTreeSet::new();
+            for (i, range) in ranges.iter().enumerate() {
+                for port in range.ports() {
+                    if listed.insert(port) {
+                        claim(KnockPort { port, proto }, format!("{section}[{i}]"))?;
+                    }
+                }
+            }
+        }
+        // Grant ranges may be shared between doors, so claim each port once.
+        let mut grant_range_ports = BTreeSet::new();
+        for (name, door) in &self.doors {
+            let key = |field: &str| format!("doors.{name}.{field}");
+            validate_name(name, DOOR_NAME_MAX, &format!("doors.{name}"))?;
+            if door.service_port == 0 {
+                return Err(Error::invalid(
+                    key("service_port"),
+                    "port 0 is not in 1-65535",
+                ));
+            }
+            claim(
+                KnockPort {
+                    port: door.service_port,
+                    proto: Proto::Tcp,
+                },
+                key("service_port"),
+            )?;
+            check_bounds(&key("open_for_secs"), door.open_for_secs, 1, 86_400)?;
+            check_bounds(&key("lease_idle_secs"), door.lease_idle_secs, 1, 86_400)?;
+            check_bounds(&key("rotate_every_secs"), door.rotate_every_secs, 0, 86_400)?;
+            check_bounds(
+                &key("rotate_on_probes"),
+                door.rotate_on_probes,
+                0,
+                1_000_000,
+            )?;
+            let grant_ports = door.grant_ports();
+            if door.mode == DoorMode::OneTime && grant_ports.end - grant_ports.start < 15 {
+                return Err(Error::invalid(
+                    key("grant_ports"),
+                    format!(
+                        "{grant_ports} is too small to draw random ports from: give it at least 16"
+                    ),
+                ));
+            }
+            // Static doors draw no ports (their clients could not learn one):
+            // a static grant opens the service port itself.
+            if door.mode == DoorMode::OneTime {
+                for port in grant_ports.ports() {
+                    if grant_range_ports.insert(port) {
+                        claim(
+                            KnockPort {
+                                port,
+                                proto: Proto::Tcp,
+                            },
+                            key("grant_ports"),
+                        )?;
+                    }
+                }
+            }
+            let one_time_fields = [
+                ("grant_ports", door.grant_ports.is_some()),
+                ("expose_service_port", door.expose_service_port),
+                ("lease_idle_secs", door.lease_idle_secs.is_some()),
+                ("rotate_every_secs", door.rotate_every_secs.is_some()),
+                ("rotate_on_probes", door.rotate_on_probes.is_some()),
+                ("knock_ports", door.knock_ports.is_some()),
+                ("knocks", door.knocks.is_some()),
+                ("step_secs", door.step_secs.is_some()),
+                ("skew_steps", door.skew_steps.is_some()),
+                ("allow", door.allow.is_some()),
+            ];
+            let static_fields = [
+                ("sequence", door.sequence.is_some()),
+                ("seq_timeout_secs", door.seq_timeout_secs.is_some()),
+            ];
+            let (foreign, mode) = match door.mode {
+                DoorMode::OneTime => (static_fields.as_slice(), "static"),
+                DoorMode::Static => (one_time_fields.as_slice(), "one_time"),
+            };
+            if let Some((field, _)) = foreign.iter().find(|(_, set)| *set) {
+                return Err(Error::invalid(
+                    key(field),
+                    format!("only {mode} doors take this setting"),
+                ));
+            }
+            match door.mode {
+                DoorMode::OneTime => {
+                    check_bounds(
+                        &key("knocks"),
+                        door.knocks.map(u32::from),
+                        1,
+                        u32::from(crate::proto::MAX_KNOCKS),
+                    )?;
+                    check_bounds(&key("step_secs"), door.step_secs, 5, 3600)?;
+                    check_bounds(&key("skew_steps"), door.skew_steps, 0, 10)?;
+                    for port in door.knock_ports().ports() {
+                        claim(
+                            KnockPort {
+                                port,
+                                proto: Proto::Udp,
+                            },
+                            key("knock_ports"),
+                        )?;
+                    }
+                }
+                DoorMode::Static => {
+                    let sequence = door.sequence();
+                    if sequence.is_empty() || sequence.len() > STATIC_SEQUENCE_MAX {
+                        return Err(Error::invalid(
+                            key("sequence"),
+                            format!("a static door needs 1-{STATIC_SEQUENCE_MAX} knocks"),
+                        ));
+                    }
+                    check_bounds(&key("seq_timeout_secs"), door.seq_timeout_secs, 1, 3600)?;
+                    let mut mine = BTreeSet::new();
+                    for (i, knock) in sequence.iter().enumerate() {
+                        if i > 0 && sequence[i - 1] == *knock {
+                            return Err(Error::invalid(
+                                format!("doors.{name}.sequence[{i}]"),
+                                format!(
+                                    "{knock} repeats the knock before it; repeats are tolerated, so it could never count"
+                                ),
+                            ));
+                        }
+                        if mine.insert(*knock) {
+                            claim(*knock, format!("doors.{name}.sequence[{i}]"))?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest device id or group name.
+pub const DEVICE_ID_MAX: usize = 64;
+/// Longest door name.
+const DOOR_NAME_MAX: usize = 32;
+/// Longest static sequence.
+pub const STATIC_SEQUENCE_MAX: usize = 256;
+
+/// Whether `name` may name a door, device or group: names become log
+/// fields, file names and key-derivation input, so they keep to a plain
+/// alphabet (1-`max` of A-Z a-z 0-9 . _ -, not starting with a dot).
+pub fn is_valid_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.')
+}
+
+fn validate_name(name: &str, max: usize, key: &str) -> Result<(), Error> {
+    if is_valid_name(name, max) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            key,
+            format!(
+                "{name:?} is not a valid name (1-{max} of A-Z a-z 0-9 . _ -, not starting with .)"
+            ),
+        ))
+    }
+}
+
+fn check_bounds(key: &str, value: Option<u32>, min: u32, max: u32) -> Result<(), Error> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) => {
+            Err(Error::invalid(key, format!("{v} is not in {min}-{max}")))
+        }
+        _ => Ok(()),
+    }
+}
