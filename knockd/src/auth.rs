@@ -25,7 +25,7 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, DoorMode, KnockPort, Proto},
+    config::{self, Config, KnockPort, Proto},
     devices::Devices,
     proto::{self, DoorKeys, Kind, NONCE_LEN},
 };
@@ -247,7 +247,7 @@ struct Candidate {
 }
 
 #[derive(Debug)]
-struct OneTimeDoor {
+struct OneTimeJudge {
     knocks: u8,
     step_secs: u32,
     skew_steps: u32,
@@ -258,28 +258,31 @@ struct OneTimeDoor {
     built_for: Option<u64>,
 }
 
-impl OneTimeDoor {
+impl OneTimeJudge {
     fn window(&self) -> u64 {
         u64::from(self.skew_steps + SKEW_REPORT_STEPS)
     }
 }
 
 #[derive(Debug)]
-struct StaticDoor {
+struct StaticJudge {
     sequence: Vec<KnockPort>,
     timeout_ms: u64,
 }
 
+/// How the engine judges one door's knocks: the configuration's settings
+/// ([`config::DoorKind`]) plus what it derives from them and keeps (each
+/// allowed device's door keys, the step its port index was built for).
 #[derive(Debug)]
-enum DoorKind {
-    OneTime(OneTimeDoor),
-    Static(StaticDoor),
+enum Judging {
+    OneTime(OneTimeJudge),
+    Static(StaticJudge),
 }
 
 #[derive(Debug)]
 struct Door {
     name: String,
-    kind: DoorKind,
+    kind: Judging,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -328,13 +331,13 @@ impl Engine {
         let mut doors = Vec::new();
         let mut static_ports = HashMap::new();
         for (name, door) in &config.doors {
-            let kind = match door.mode {
-                DoorMode::OneTime => {
-                    let range = door.knock_ports();
-                    DoorKind::OneTime(OneTimeDoor {
-                        knocks: door.knocks(),
-                        step_secs: door.step_secs(),
-                        skew_steps: door.skew_steps(),
+            let kind = match &door.kind {
+                config::DoorKind::OneTime(door) => {
+                    let range = door.knock_ports;
+                    Judging::OneTime(OneTimeJudge {
+                        knocks: door.knocks,
+                        step_secs: door.step_secs,
+                        skew_steps: door.skew_steps,
                         range: range.start..=range.end,
                         keys: devices
                             .allowed(config, name)
@@ -345,13 +348,13 @@ impl Engine {
                         built_for: None,
                     })
                 }
-                DoorMode::Static => {
-                    for knock in door.sequence() {
+                config::DoorKind::Static(door) => {
+                    for knock in &door.sequence {
                         static_ports.insert(*knock, doors.len());
                     }
-                    DoorKind::Static(StaticDoor {
-                        sequence: door.sequence().to_vec(),
-                        timeout_ms: u64::from(door.seq_timeout_secs()) * 1000,
+                    Judging::Static(StaticJudge {
+                        sequence: door.sequence.clone(),
+                        timeout_ms: u64::from(door.seq_timeout_secs) * 1000,
                     })
                 }
             };
@@ -393,7 +396,7 @@ impl Engine {
     pub fn tick(&mut self, now_ms: u64) -> bool {
         let mut changed = false;
         for door in &mut self.doors {
-            if let DoorKind::OneTime(one_time) = &mut door.kind {
+            if let Judging::OneTime(one_time) = &mut door.kind {
                 let step = proto::step_of(now_ms, one_time.step_secs);
                 if one_time.built_for != Some(step) {
                     one_time.built_for = Some(step);
@@ -405,11 +408,11 @@ impl Engine {
             self.rebuild_port_index();
             let doors = &self.doors;
             let live = |door: DoorId, step: u64| match &doors[door].kind {
-                DoorKind::OneTime(d) => {
+                Judging::OneTime(d) => {
                     let now = d.built_for.unwrap_or(0);
                     step + d.window() >= now
                 }
-                DoorKind::Static(_) => false,
+                Judging::Static(_) => false,
             };
             self.consumed.retain(|key, step| live(key.door, *step));
             let stale: Vec<SequenceKey> = self
@@ -425,10 +428,10 @@ impl Engine {
                 .doors
                 .iter()
                 .filter_map(|d| match &d.kind {
-                    DoorKind::OneTime(d) => {
+                    Judging::OneTime(d) => {
                         Some(d.built_for.unwrap_or(0).saturating_sub(d.window()))
                     }
-                    DoorKind::Static(_) => None,
+                    Judging::Static(_) => None,
                 })
                 .min()
                 .unwrap_or(0);
@@ -440,7 +443,7 @@ impl Engine {
     fn rebuild_port_index(&mut self) {
         self.port_index.clear();
         for (door_id, door) in self.doors.iter().enumerate() {
-            let DoorKind::OneTime(d) = &door.kind else {
+            let Judging::OneTime(d) = &door.kind else {
                 continue;
             };
             let now = d.built_for.unwrap_or(0);
@@ -511,8 +514,8 @@ impl Engine {
             .iter()
             .map(|((source, door), p)| {
                 let len = match &self.doors[*door].kind {
-                    DoorKind::Static(s) => s.sequence.len(),
-                    DoorKind::OneTime(_) => 0,
+                    Judging::Static(s) => s.sequence.len(),
+                    Judging::OneTime(_) => 0,
                 };
                 (*source, self.doors[*door].name.clone(), p.matched, len)
             })
@@ -560,7 +563,7 @@ impl Engine {
         now_ms: u64,
         detail: &mut Option<String>,
     ) -> Outcome {
-        let DoorKind::Static(d) = &self.doors[door].kind else {
+        let Judging::Static(d) = &self.doors[door].kind else {
             unreachable!("static_ports only maps to static doors")
         };
         let need = d.sequence.len();
@@ -648,7 +651,7 @@ impl Engine {
         let mut tried = None;
         let mut authentic = None;
         for candidate in candidates {
-            let DoorKind::OneTime(door) = &self.doors[candidate.door].kind else {
+            let Judging::OneTime(door) = &self.doors[candidate.door].kind else {
                 continue;
             };
             let Some((_, keys)) = door.keys.iter().find(|(d, _)| *d == candidate.device) else {
@@ -674,7 +677,7 @@ impl Engine {
         // Authenticated from here on: the log may name the device.
         decision.door = Some(self.doors[candidate.door].name.clone());
         decision.device = Some(self.device_ids[candidate.device].clone());
-        let DoorKind::OneTime(door) = &self.doors[candidate.door].kind else {
+        let Judging::OneTime(door) = &self.doors[candidate.door].kind else {
             unreachable!("candidates only name one-time doors")
         };
         let now_step = proto::step_of(now_ms, door.step_secs);

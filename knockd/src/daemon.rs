@@ -17,7 +17,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     auth::{Action, Consumed, Decision, Engine, KnockIn, Outcome, Reason},
-    config::{Config, Door, DoorMode},
+    config::{Config, Door, DoorKind},
     control::{
         Command, Response,
         wire::{
@@ -134,7 +134,7 @@ impl Daemon {
         let consumed = state.load()?;
         state::crash_point("after_load");
         for (name, door) in &config.doors {
-            if door.mode == DoorMode::Static {
+            if door.static_door().is_some() {
                 tracing::warn!(
                     door = %name,
                     "door uses a static knock sequence: anyone who observes it can replay it; prefer mode: one_time"
@@ -377,7 +377,7 @@ impl Daemon {
         let door = self.config.doors[&door_name].clone();
         let source = decision.grant_to;
         let device = decision.device.as_deref();
-        let one_time = door.mode == DoorMode::OneTime;
+        let one_time = door.one_time().is_some();
         let now = Instant::now();
         let kernel = &mut grants::Real(&mut self.maps);
         // Static doors only ever complete an `open`, which admits the
@@ -665,14 +665,11 @@ impl Daemon {
     /// The flows a door admits for `source`: through its grant range to
     /// the service (one-time), or to the service port itself (static).
     fn door_cut(door: &Door, source: IpAddr) -> cut::Cut {
-        let ports = match door.mode {
-            DoorMode::OneTime => {
-                // Every port of the range: connections made through ports
-                // the grant held before a rotation too.
-                let range = door.grant_ports();
-                range.start..=range.end
-            }
-            DoorMode::Static => door.service_port..=door.service_port,
+        let ports = match &door.kind {
+            // Every port of the range: connections made through ports the
+            // grant held before a rotation too.
+            DoorKind::OneTime(d) => d.grant_ports.start..=d.grant_ports.end,
+            DoorKind::Static(_) => door.service_port..=door.service_port,
         };
         cut::Cut {
             source,

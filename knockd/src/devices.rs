@@ -14,10 +14,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{
-    config::{Config, DoorMode},
-    proto::DeviceKey,
-};
+use crate::{config::Config, proto::DeviceKey};
 
 /// Most bytes read from a key file or a device file: both are tiny, and a
 /// huge file must cost nothing.
@@ -222,10 +219,10 @@ impl Devices {
     /// is only a warning, since devices may be provisioned later.
     fn check_references(&mut self, config: &Config) -> Result<(), Error> {
         for (name, door) in &config.doors {
-            if door.mode != DoorMode::OneTime {
+            let Some(door) = door.one_time() else {
                 continue;
-            }
-            let allow = door.allow.clone().unwrap_or_default();
+            };
+            let allow = &door.allow;
             for (i, id) in allow.devices.iter().enumerate() {
                 if !self.by_id.contains_key(id) {
                     return Err(Error::Reference {
@@ -255,7 +252,11 @@ impl Devices {
         config: &'a Config,
         door: &str,
     ) -> impl Iterator<Item = &'a Device> + 'a {
-        let allow = config.doors.get(door).and_then(|d| d.allow.as_ref());
+        let allow = config
+            .doors
+            .get(door)
+            .and_then(|d| d.one_time())
+            .map(|d| &d.allow);
         self.by_id.values().filter(move |device| {
             allow.is_some_and(|allow| {
                 allow.devices.contains(&device.id)

@@ -23,7 +23,7 @@ use rand::Rng as _;
 use serde::Serialize;
 
 use crate::{
-    config::{Config, DoorMode},
+    config::{Config, DoorKind},
     maps::{self, GuardMaps, Proto},
     nft::{self, DoorRules, Element, GrantKey},
 };
@@ -261,23 +261,19 @@ impl Grants {
             .doors
             .iter()
             .map(|(name, d)| {
-                let open_for = Duration::from_secs(u64::from(d.open_for_secs()));
-                let settings = match d.mode {
-                    DoorMode::OneTime => {
-                        let range = d.grant_ports();
-                        let rotate = d.rotate_every_secs();
-                        DoorGrants {
-                            kind: GrantKind::Redirect,
-                            range: range.start..=range.end,
-                            service_port: d.service_port,
-                            open_for,
-                            lease_idle: Duration::from_secs(u64::from(d.lease_idle_secs())),
-                            rotate_every: (rotate > 0)
-                                .then(|| Duration::from_secs(u64::from(rotate))),
-                            rotate_on_probes: u64::from(d.rotate_on_probes()),
-                        }
-                    }
-                    DoorMode::Static => DoorGrants {
+                let open_for = Duration::from_secs(u64::from(d.open_for_secs));
+                let secs = |s: u32| Duration::from_secs(u64::from(s));
+                let settings = match &d.kind {
+                    DoorKind::OneTime(o) => DoorGrants {
+                        kind: GrantKind::Redirect,
+                        range: o.grant_ports.start..=o.grant_ports.end,
+                        service_port: d.service_port,
+                        open_for,
+                        lease_idle: secs(o.lease_idle_secs),
+                        rotate_every: (o.rotate_every_secs > 0).then(|| secs(o.rotate_every_secs)),
+                        rotate_on_probes: u64::from(o.rotate_on_probes),
+                    },
+                    DoorKind::Static(_) => DoorGrants {
                         kind: GrantKind::ServicePort,
                         range: d.service_port..=d.service_port,
                         service_port: d.service_port,

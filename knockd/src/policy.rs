@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use knockd_common::policy;
 
 use crate::{
-    config::{Config, DoorMode, KnockPort, PortRange},
+    config::{Config, Door, DoorKind, KnockPort, PortRange},
     maps::{PortPolicy, Proto},
 };
 
@@ -43,17 +43,17 @@ pub fn port_policy(config: &Config, knocks: &BTreeSet<KnockPort>) -> PortPolicy 
         if !door.expose_service_port {
             table.set(Proto::Tcp, door.service_port, policy::PROTECTED);
         }
-        match door.mode {
-            DoorMode::OneTime => {
-                for port in door.knock_ports().ports() {
+        match &door.kind {
+            DoorKind::OneTime(d) => {
+                for port in d.knock_ports.ports() {
                     table.set(Proto::Udp, port, policy::PROTECTED);
                 }
-                for port in door.grant_ports().ports() {
+                for port in d.grant_ports.ports() {
                     table.set(Proto::Tcp, port, policy::PROTECTED);
                 }
             }
-            DoorMode::Static => {
-                for knock in door.sequence() {
+            DoorKind::Static(d) => {
+                for knock in &d.sequence {
                     table.set(knock.proto, knock.port, policy::PROTECTED);
                 }
             }
@@ -64,8 +64,8 @@ pub fn port_policy(config: &Config, knocks: &BTreeSet<KnockPort>) -> PortPolicy 
     let unshaped: BTreeSet<KnockPort> = config
         .doors
         .values()
-        .filter(|d| d.mode == DoorMode::Static)
-        .flat_map(|d| d.sequence().iter().copied())
+        .filter_map(Door::static_door)
+        .flat_map(|d| d.sequence.iter().copied())
         .chain(
             config
                 .knock
@@ -82,12 +82,12 @@ pub fn port_policy(config: &Config, knocks: &BTreeSet<KnockPort>) -> PortPolicy 
     // door's range, static doors admit to the service port itself.
     // Marked last, on top of whatever else a port is.
     for door in config.doors.values() {
-        let ports: Box<dyn Iterator<Item = u16>> = match door.mode {
-            DoorMode::OneTime => Box::new(door.grant_ports().ports()),
-            DoorMode::Static if !door.expose_service_port => {
+        let ports: Box<dyn Iterator<Item = u16>> = match &door.kind {
+            DoorKind::OneTime(d) => Box::new(d.grant_ports.ports()),
+            DoorKind::Static(_) if !door.expose_service_port => {
                 Box::new(std::iter::once(door.service_port))
             }
-            DoorMode::Static => Box::new(std::iter::empty()),
+            DoorKind::Static(_) => Box::new(std::iter::empty()),
         };
         for port in ports {
             let flags = table.get(Proto::Tcp, port);

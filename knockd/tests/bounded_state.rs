@@ -76,11 +76,11 @@ fn a_million_random_knocks_leave_bounded_state() {
             },
         );
     }
-    let door = &config.doors["ssh"];
+    let door = config.doors["ssh"].one_time().expect("a one-time door");
     let params = DoorParams {
-        knock_ports: door.knock_ports().start..=door.knock_ports().end,
-        knocks: door.knocks(),
-        step_secs: door.step_secs(),
+        knock_ports: door.knock_ports.start..=door.knock_ports.end,
+        knocks: door.knocks,
+        step_secs: door.step_secs,
     };
     let keys = DoorKeys::derive(&devices.by_id["a"].key, "ssh");
     let statics: Vec<KnockPort> = door_sequence(&config);
@@ -189,5 +189,9 @@ fn udp_ports(engine: &Engine) -> Vec<u16> {
 }
 
 fn door_sequence(config: &Config) -> Vec<KnockPort> {
-    config.doors["old"].sequence().to_vec()
+    config.doors["old"]
+        .static_door()
+        .expect("a static door")
+        .sequence
+        .clone()
 }

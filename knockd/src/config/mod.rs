@@ -79,10 +79,12 @@ pub enum XdpMode {
     Generic,
 }
 
-/// The whole configuration file.
+/// The whole configuration file. `D` is how doors are held: as written
+/// ([`RawDoor`], what serde reads and [`Config::validate`] checks), or as
+/// [`Door`], the typed form everything else uses (the default).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct Config<D = Door> {
     /// Interfaces to attach the XDP guard to. Traffic arriving elsewhere is
     /// not protected, so the list must not be empty.
     pub interfaces: Vec<String>,
@@ -108,8 +110,8 @@ pub struct Config {
     #[serde(default)]
     pub devices_dir: Option<PathBuf>,
     /// The protected services and how they are opened, by name.
-    #[serde(default)]
-    pub doors: BTreeMap<String, Door>,
+    #[serde(default = "BTreeMap::new")]
+    pub doors: BTreeMap<String, D>,
     /// Devices that may knock, by id.
     #[serde(default)]
     pub devices: BTreeMap<String, DeviceEntry>,
@@ -170,11 +172,13 @@ pub struct Allow {
     pub devices: Vec<String>,
 }
 
-/// A protected service and how it is opened. Fields of the other mode are
-/// rejected, so a door never silently carries settings that do nothing.
+/// A door as the file writes it: every setting of either mode optional.
+/// [`Config::validate`] rejects fields of the other mode (so a door never
+/// silently carries settings that do nothing), and the conversion to
+/// [`Door`] applies the defaults, once.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Door {
+pub struct RawDoor {
     /// The TCP port of the service behind the door (sshd's 22, say). It is
     /// protected: reachable only through a grant.
     pub service_port: u16,
@@ -240,54 +244,145 @@ pub mod door_defaults {
     pub const SEQ_TIMEOUT_SECS: u32 = 10;
 }
 
-impl Door {
-    /// Seconds a grant admits new connections.
-    pub fn open_for_secs(&self) -> u32 {
-        self.open_for_secs.unwrap_or(door_defaults::OPEN_FOR_SECS)
-    }
+/// The settings validation reads with their defaults (the same defaults
+/// [`Door`] gets).
+impl RawDoor {
     /// The TCP range grants are drawn from.
-    pub fn grant_ports(&self) -> PortRange {
+    pub(crate) fn grant_ports(&self) -> PortRange {
         self.grant_ports.unwrap_or(door_defaults::GRANT_PORTS)
     }
-    /// Seconds without a heartbeat after which a lease ends.
-    pub fn lease_idle_secs(&self) -> u32 {
-        self.lease_idle_secs
-            .unwrap_or(door_defaults::LEASE_IDLE_SECS)
-    }
-    /// Seconds between rotations of a lease's port (0: never).
-    pub fn rotate_every_secs(&self) -> u32 {
-        self.rotate_every_secs
-            .unwrap_or(door_defaults::ROTATE_EVERY_SECS)
-    }
-    /// Probes of a granted port that make it move (0: never).
-    pub fn rotate_on_probes(&self) -> u32 {
-        self.rotate_on_probes
-            .unwrap_or(door_defaults::ROTATE_ON_PROBES)
-    }
     /// One-time knock port range.
-    pub fn knock_ports(&self) -> PortRange {
+    pub(crate) fn knock_ports(&self) -> PortRange {
         self.knock_ports.unwrap_or(door_defaults::KNOCK_PORTS)
     }
-    /// One-time knocks per sequence.
-    pub fn knocks(&self) -> u8 {
-        self.knocks.unwrap_or(door_defaults::KNOCKS)
-    }
-    /// One-time step length.
-    pub fn step_secs(&self) -> u32 {
-        self.step_secs.unwrap_or(door_defaults::STEP_SECS)
-    }
-    /// One-time accepted skew, in steps.
-    pub fn skew_steps(&self) -> u32 {
-        self.skew_steps.unwrap_or(door_defaults::SKEW_STEPS)
-    }
     /// Static sequence (empty for one-time doors).
-    pub fn sequence(&self) -> &[KnockPort] {
+    pub(crate) fn sequence(&self) -> &[KnockPort] {
         self.sequence.as_deref().unwrap_or_default()
     }
-    /// Static sequence timeout.
-    pub fn seq_timeout_secs(&self) -> u32 {
-        self.seq_timeout_secs
-            .unwrap_or(door_defaults::SEQ_TIMEOUT_SECS)
+}
+
+/// A protected service and how it is opened, with every default applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Door {
+    /// The TCP port of the service behind the door: reachable only through
+    /// a grant, unless `expose_service_port`.
+    pub service_port: u16,
+    pub expose_service_port: bool,
+    /// Seconds a grant admits new connections.
+    pub open_for_secs: u32,
+    pub kind: DoorKind,
+}
+
+/// How a door is opened, and the settings only that way has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DoorKind {
+    /// Time-based one-time sequences keyed per device (R-AUTH-2).
+    OneTime(OneTimeDoor),
+    /// A fixed port sequence, compatible with classic knockd clients
+    /// (R-AUTH-1). Anyone who sees it can replay it.
+    Static(StaticDoor),
+}
+
+/// A one-time door's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneTimeDoor {
+    /// The TCP range grants are drawn from.
+    pub grant_ports: PortRange,
+    /// Seconds without a heartbeat after which a lease ends.
+    pub lease_idle_secs: u32,
+    /// Seconds between rotations of a lease's port (0: never).
+    pub rotate_every_secs: u32,
+    /// Probes of a leased port that make it move (0: never).
+    pub rotate_on_probes: u32,
+    /// The UDP range knock ports are derived in.
+    pub knock_ports: PortRange,
+    /// Knocks per sequence.
+    pub knocks: u8,
+    /// Length of a time step.
+    pub step_secs: u32,
+    /// Clock skew accepted, in steps either way.
+    pub skew_steps: u32,
+    /// Who may open it.
+    pub allow: Allow,
+}
+
+/// A static door's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticDoor {
+    pub sequence: Vec<KnockPort>,
+    /// Seconds a sequence may take from its first knock.
+    pub seq_timeout_secs: u32,
+}
+
+impl Door {
+    /// The one-time settings, for a one-time door.
+    pub fn one_time(&self) -> Option<&OneTimeDoor> {
+        match &self.kind {
+            DoorKind::OneTime(d) => Some(d),
+            DoorKind::Static(_) => None,
+        }
+    }
+
+    /// The static settings, for a static door.
+    pub fn static_door(&self) -> Option<&StaticDoor> {
+        match &self.kind {
+            DoorKind::Static(d) => Some(d),
+            DoorKind::OneTime(_) => None,
+        }
+    }
+}
+
+impl From<RawDoor> for Door {
+    /// Applies the defaults; `Config::validate` has checked the rest.
+    fn from(raw: RawDoor) -> Door {
+        use door_defaults as d;
+        let kind = match raw.mode {
+            DoorMode::OneTime => DoorKind::OneTime(OneTimeDoor {
+                grant_ports: raw.grant_ports.unwrap_or(d::GRANT_PORTS),
+                lease_idle_secs: raw.lease_idle_secs.unwrap_or(d::LEASE_IDLE_SECS),
+                rotate_every_secs: raw.rotate_every_secs.unwrap_or(d::ROTATE_EVERY_SECS),
+                rotate_on_probes: raw.rotate_on_probes.unwrap_or(d::ROTATE_ON_PROBES),
+                knock_ports: raw.knock_ports.unwrap_or(d::KNOCK_PORTS),
+                knocks: raw.knocks.unwrap_or(d::KNOCKS),
+                step_secs: raw.step_secs.unwrap_or(d::STEP_SECS),
+                skew_steps: raw.skew_steps.unwrap_or(d::SKEW_STEPS),
+                allow: raw.allow.unwrap_or_default(),
+            }),
+            DoorMode::Static => DoorKind::Static(StaticDoor {
+                sequence: raw.sequence.unwrap_or_default(),
+                seq_timeout_secs: raw.seq_timeout_secs.unwrap_or(d::SEQ_TIMEOUT_SECS),
+            }),
+        };
+        Door {
+            service_port: raw.service_port,
+            expose_service_port: raw.expose_service_port,
+            open_for_secs: raw.open_for_secs.unwrap_or(d::OPEN_FOR_SECS),
+            kind,
+        }
+    }
+}
+
+impl Config<RawDoor> {
+    /// The typed configuration: every door with its defaults applied.
+    fn into_typed(self) -> Config {
+        Config {
+            interfaces: self.interfaces,
+            xdp_mode: self.xdp_mode,
+            protect: self.protect,
+            knock: self.knock,
+            bpffs_dir: self.bpffs_dir,
+            state_dir: self.state_dir,
+            devices_dir: self.devices_dir,
+            doors: self
+                .doors
+                .into_iter()
+                .map(|(name, door)| (name, Door::from(door)))
+                .collect(),
+            devices: self.devices,
+            control_socket: self.control_socket,
+            control_group: self.control_group,
+            metrics: self.metrics,
+        }
     }
 }
 
@@ -397,13 +492,13 @@ impl Config {
 
     /// Parses and validates `text`; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        let config: Config = parse_yaml(text).map_err(|e| Error::Parse {
+        let raw: Config<RawDoor> = parse_yaml(text).map_err(|e| Error::Parse {
             path: path.to_owned(),
             key: e.key,
             message: e.message,
         })?;
-        config.validate()?;
-        Ok(config)
+        raw.validate()?;
+        Ok(raw.into_typed())
     }
 }
 
@@ -536,19 +631,18 @@ mod tests {
     #[test]
     fn doors_parse_with_defaults() {
         let config = parse(DOORS).unwrap();
-        let ssh = &config.doors["ssh"];
-        assert_eq!(ssh.mode, DoorMode::OneTime);
-        assert_eq!(
-            (ssh.knocks(), ssh.step_secs(), ssh.skew_steps()),
-            (3, 30, 1)
-        );
-        assert_eq!(ssh.knock_ports(), door_defaults::KNOCK_PORTS);
-        assert_eq!(ssh.open_for_secs(), 30);
-        let web = &config.doors["web"];
-        assert_eq!(web.mode, DoorMode::Static);
-        let seq: Vec<String> = web.sequence().iter().map(ToString::to_string).collect();
+        assert_eq!(config.doors["ssh"].open_for_secs, 30);
+        let ssh = config.doors["ssh"]
+            .one_time()
+            .expect("one_time is the default");
+        assert_eq!((ssh.knocks, ssh.step_secs, ssh.skew_steps), (3, 30, 1));
+        assert_eq!(ssh.knock_ports, door_defaults::KNOCK_PORTS);
+        assert_eq!(ssh.grant_ports, door_defaults::GRANT_PORTS);
+        assert_eq!(ssh.allow.groups, ["admins"]);
+        let web = config.doors["web"].static_door().expect("a static door");
+        let seq: Vec<String> = web.sequence.iter().map(ToString::to_string).collect();
         assert_eq!(seq, ["6000:udp", "8000:tcp", "9000:udp"]);
-        assert_eq!(web.seq_timeout_secs(), 10);
+        assert_eq!(web.seq_timeout_secs, 10);
         assert_eq!(config.devices["laptop"].groups, ["admins"]);
         assert_eq!(config.state_dir, Path::new(DEFAULT_STATE_DIR));
     }

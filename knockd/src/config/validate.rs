@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
-impl Config {
+impl Config<RawDoor> {
     /// Checks the rules serde cannot: non-empty and well-formed interface
     /// names, no port both a knock port and plain-protected, sane limits.
     pub fn validate(&self) -> Result<(), Error> {
