@@ -86,6 +86,33 @@ pub enum Error {
     Grants(#[from] grants::Error),
 }
 
+/// Why a control request failed. Its message, with its sources, is the
+/// reply's error; the daemon carries on.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("no device {0:?} and no grant for it")]
+    UnknownTarget(String),
+    #[error("revoked {grants} grant(s) of {target}, but cutting their connections failed")]
+    Cut {
+        grants: usize,
+        target: String,
+        #[source]
+        source: cut::Error,
+    },
+    #[error("the daemon was not started from a configuration file")]
+    NoConfigFile,
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Devices(#[from] crate::devices::Error),
+    #[error(transparent)]
+    Grants(#[from] grants::Error),
+    #[error(transparent)]
+    Maps(#[from] maps::Error),
+    #[error(transparent)]
+    Daemon(#[from] Error),
+}
+
 /// Everything the event loop acts on.
 pub struct Daemon {
     config: Config,
@@ -511,12 +538,18 @@ impl Daemon {
             Command::Grants => Response::ok(self.grant_views()),
             Command::Revoke { target } => match self.revoke(&target) {
                 Ok(revoked) => Response::ok(revoked),
-                Err(e) => Response::error(e),
+                Err(e) => {
+                    if matches!(e, RequestError::Cut { .. }) {
+                        self.record_error(chain(&e));
+                    }
+                    Response::error(chain(&e))
+                }
             },
             Command::Metrics => Response::ok(self.metrics()),
             Command::Reload => match self.reload() {
                 Ok(reloaded) => Response::ok(Reloaded { reloaded }),
                 Err(e) => {
+                    let e = chain(&e);
                     self.record_error(format!(
                         "reload refused, the running configuration stays: {e}"
                     ));
@@ -684,7 +717,7 @@ impl Daemon {
     /// connection in between. For an address, that is every connection any
     /// door admitted from it, including those whose grant has expired since;
     /// for a device, those from the addresses of its live grants.
-    fn revoke(&mut self, target: &str) -> Result<Revoked, String> {
+    fn revoke(&mut self, target: &str) -> Result<Revoked, RequestError> {
         let by_ip: Option<IpAddr> = target.parse().ok();
         let doomed: Vec<(String, IpAddr)> = self
             .grants
@@ -699,14 +732,12 @@ impl Daemon {
         let mut cuts = Vec::new();
         let grants = doomed.len();
         for (door, source) in doomed {
-            self.grants
-                .close(
-                    &mut grants::Real(&mut self.maps),
-                    &door,
-                    source,
-                    Instant::now(),
-                )
-                .map_err(|e| chain(&e))?;
+            self.grants.close(
+                &mut grants::Real(&mut self.maps),
+                &door,
+                source,
+                Instant::now(),
+            )?;
             if by_ip.is_none()
                 && let Some(d) = self.config.doors.get(&door)
             {
@@ -717,16 +748,13 @@ impl Daemon {
             cuts.extend(self.config.doors.values().map(|d| Self::door_cut(d, ip)));
         }
         if grants == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
-            return Err(format!("no device {target:?} and no grant for it"));
+            return Err(RequestError::UnknownTarget(target.to_owned()));
         }
-        self.load_policy().map_err(|e| chain(&e))?;
-        let ended = cut::connections(&cuts).map_err(|e| {
-            let message = format!(
-                "revoked {grants} grant(s) of {target}, but cutting their connections failed: {}",
-                chain(&e)
-            );
-            self.record_error(message.clone());
-            message
+        self.load_policy()?;
+        let ended = cut::connections(&cuts).map_err(|source| RequestError::Cut {
+            grants,
+            target: target.to_owned(),
+            source,
         })?;
         if ended.more_left {
             tracing::warn!(
@@ -757,13 +785,10 @@ impl Daemon {
     /// Loads the configuration file again; it takes effect only if it is
     /// valid as a whole. Grants of doors that remain survive; interfaces,
     /// XDP mode and bpffs_dir need a restart to change.
-    pub fn reload(&mut self) -> Result<String, String> {
-        let path = self
-            .config_path
-            .clone()
-            .ok_or("the daemon was not started from a configuration file")?;
-        let config = Config::load(&path).map_err(|e| chain(&e))?;
-        let devices = Devices::load(&config, &path).map_err(|e| chain(&e))?;
+    pub fn reload(&mut self) -> Result<String, RequestError> {
+        let path = self.config_path.clone().ok_or(RequestError::NoConfigFile)?;
+        let config = Config::load(&path)?;
+        let devices = Devices::load(&config, &path)?;
         for warning in &devices.warnings {
             tracing::warn!("{warning}");
         }
@@ -776,9 +801,7 @@ impl Daemon {
         }
         let engine = Engine::new(&config, &devices, &self.engine.consumed(), unix_ms());
         let mut grants = Grants::new(&config);
-        grants
-            .install(&mut grants::Real(&mut self.maps), Instant::now())
-            .map_err(|e| chain(&e))?;
+        grants.install(&mut grants::Real(&mut self.maps), Instant::now())?;
         grants.inherit(&self.grants);
         // Grants of doors that are gone end now (best effort: the kernel
         // expires them anyway).
@@ -798,8 +821,7 @@ impl Daemon {
             );
         }
         self.maps
-            .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)
-            .map_err(|e| chain(&e))?;
+            .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
         self.config = Config {
             interfaces: self.config.interfaces.clone(),
             xdp_mode: self.config.xdp_mode,
@@ -810,7 +832,7 @@ impl Daemon {
         self.engine = engine;
         self.grants = grants;
         self.loaded_at_ms = unix_ms();
-        self.load_policy().map_err(|e| chain(&e))?;
+        self.load_policy()?;
         let summary = format!(
             "{}: doors {:?}, {} devices{}",
             path.display(),
