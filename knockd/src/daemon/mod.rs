@@ -4,28 +4,27 @@
 //! Every grant, a one-time door's random port or a static door's service
 //! port, is [`crate::grants`]'s: this module decides, `grants` opens, renews
 //! and closes in both kernel places, and the kernel expires grants on its
-//! own.
+//! own. What the daemon reports about itself is in `report`; the control
+//! requests that change things (revoke, reload) are in `requests`.
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+mod report;
+mod requests;
+
+pub use requests::RequestError;
+
 use crate::{
     auth::{Action, Consumed, Decision, Engine, KnockIn, Outcome, Reason},
-    config::{Config, Door, DoorKind},
-    control::{
-        Command, Response,
-        wire::{
-            ConfigInfo, GrantView, InterfaceView, RecentError, Reloaded, Revoked,
-            SequencesInProgress, StaticProgress, StatusReport,
-        },
-    },
-    cut,
+    config::Config,
+    control::{Command, Response, wire::Reloaded},
     devices::Devices,
     events::Knock,
     grants::{self, Grants},
@@ -84,33 +83,6 @@ pub enum Error {
     State(#[from] state::Error),
     #[error(transparent)]
     Grants(#[from] grants::Error),
-}
-
-/// Why a control request failed. Its message, with its sources, is the
-/// reply's error; the daemon carries on.
-#[derive(Debug, thiserror::Error)]
-pub enum RequestError {
-    #[error("no device {0:?} and no grant for it")]
-    UnknownTarget(String),
-    #[error("revoked {grants} grant(s) of {target}, but cutting their connections failed")]
-    Cut {
-        grants: usize,
-        target: String,
-        #[source]
-        source: cut::Error,
-    },
-    #[error("the daemon was not started from a configuration file")]
-    NoConfigFile,
-    #[error(transparent)]
-    Config(#[from] crate::config::Error),
-    #[error(transparent)]
-    Devices(#[from] crate::devices::Error),
-    #[error(transparent)]
-    Grants(#[from] grants::Error),
-    #[error(transparent)]
-    Maps(#[from] maps::Error),
-    #[error(transparent)]
-    Daemon(#[from] Error),
 }
 
 /// Everything the event loop acts on.
@@ -557,295 +529,6 @@ impl Daemon {
                 }
             },
         }
-    }
-
-    /// The OpenMetrics text exposition.
-    fn metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let _ = writeln!(out, "# TYPE knockd_xdp_packets counter");
-        let _ = writeln!(
-            out,
-            "# HELP knockd_xdp_packets Packets the XDP guard judged, by verdict."
-        );
-        if let Ok(counters) = self.maps.counters() {
-            for (verdict, value) in counters.iter() {
-                let _ = writeln!(
-                    out,
-                    "knockd_xdp_packets_total{{verdict=\"{verdict}\"}} {value}"
-                );
-            }
-        }
-        let _ = writeln!(out, "# TYPE knockd_decisions counter");
-        let _ = writeln!(
-            out,
-            "# HELP knockd_decisions Knock decisions, by outcome or reason code."
-        );
-        for (outcome, value) in &self.tally {
-            let _ = writeln!(
-                out,
-                "knockd_decisions_total{{outcome=\"{outcome}\"}} {value}"
-            );
-        }
-        let grants = self.grants.list();
-        let leases = grants.iter().filter(|g| g.leased).count();
-        let _ = writeln!(out, "# TYPE knockd_grants gauge");
-        let _ = writeln!(out, "# HELP knockd_grants Live grants (leases included).");
-        let _ = writeln!(out, "knockd_grants {}", grants.len());
-        let _ = writeln!(out, "# TYPE knockd_leases gauge");
-        let _ = writeln!(out, "# HELP knockd_leases Live leases.");
-        let _ = writeln!(out, "knockd_leases {leases}");
-        let _ = writeln!(out, "# TYPE knockd_errors gauge");
-        let _ = writeln!(
-            out,
-            "# HELP knockd_errors Errors kept for status (at most {RECENT_ERRORS})."
-        );
-        let _ = writeln!(out, "knockd_errors {}", self.recent_errors.len());
-        out.push_str("# EOF\n");
-        out
-    }
-
-    fn grant_views(&self) -> Vec<GrantView> {
-        let now = Instant::now();
-        self.grants
-            .list()
-            .into_iter()
-            .map(|g| GrantView {
-                door: g.door.clone(),
-                device: g.device.clone(),
-                source: g.source,
-                port: g.port,
-                lease: g.leased,
-                secs_left: u64::from(g.secs_left(now)),
-                rotations: g.rotations,
-                probes: g.probes,
-            })
-            .collect()
-    }
-
-    fn status(&mut self) -> StatusReport {
-        let now = Instant::now();
-        let counters = self.maps.counters().ok();
-        let named = |c: &maps::Counters| -> BTreeMap<String, u64> {
-            c.iter().map(|(name, v)| (name.to_owned(), v)).collect()
-        };
-        let rates_per_sec = match (&self.previous_counters, &counters) {
-            (Some((then, before)), Some(after)) => {
-                let secs = now.duration_since(*then).as_secs_f64().max(0.001);
-                Some(
-                    after
-                        .iter()
-                        .zip(before.iter())
-                        .map(|((name, a), (_, b))| {
-                            (name.to_owned(), a.saturating_sub(b) as f64 / secs)
-                        })
-                        .collect(),
-                )
-            }
-            _ => None,
-        };
-        if let Some(c) = counters {
-            self.previous_counters = Some((now, c));
-        }
-        StatusReport {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            config: ConfigInfo {
-                path: self.config_path.clone(),
-                loaded_at_ms: self.loaded_at_ms,
-                doors: self.config.doors.keys().cloned().collect(),
-            },
-            interfaces: self
-                .attachments
-                .iter()
-                .map(|a| InterfaceView {
-                    interface: a.interface.clone(),
-                    mode: a.mode.name().to_owned(),
-                })
-                .collect(),
-            counters: counters.as_ref().map(named),
-            rates_per_sec,
-            decisions: self
-                .tally
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
-            grants: self.grant_views(),
-            sequences_in_progress: SequencesInProgress {
-                static_doors: self
-                    .engine
-                    .static_progress()
-                    .into_iter()
-                    .map(|(source, door, knocks, of)| StaticProgress {
-                        source,
-                        door,
-                        knocks,
-                        of,
-                    })
-                    .collect(),
-                one_time_pending: self.engine.state_sizes().pending,
-            },
-            recent_errors: self
-                .recent_errors
-                .iter()
-                .map(|(at_ms, error)| RecentError {
-                    at_ms: *at_ms,
-                    error: error.clone(),
-                })
-                .collect(),
-        }
-    }
-
-    /// The flows a door admits for `source`: through its grant range to
-    /// the service (one-time), or to the service port itself (static).
-    fn door_cut(door: &Door, source: IpAddr) -> cut::Cut {
-        let ports = match &door.kind {
-            // Every port of the range: connections made through ports the
-            // grant held before a rotation too.
-            DoorKind::OneTime(d) => d.grant_ports.start..=d.grant_ports.end,
-            DoorKind::Static(_) => door.service_port..=door.service_port,
-        };
-        cut::Cut {
-            source,
-            ports,
-            service_port: door.service_port,
-        }
-    }
-
-    /// Ends every grant of an address, or of a device (by id), and cuts the
-    /// connections grants let in (their conntrack entries and the service's
-    /// sockets). Admission ends first, so the client cannot open a new
-    /// connection in between. For an address, that is every connection any
-    /// door admitted from it, including those whose grant has expired since;
-    /// for a device, those from the addresses of its live grants.
-    fn revoke(&mut self, target: &str) -> Result<Revoked, RequestError> {
-        let by_ip: Option<IpAddr> = target.parse().ok();
-        let doomed: Vec<(String, IpAddr)> = self
-            .grants
-            .list()
-            .into_iter()
-            .filter(|g| match by_ip {
-                Some(ip) => g.source == ip,
-                None => g.device.as_deref() == Some(target),
-            })
-            .map(|g| (g.door.clone(), g.source))
-            .collect();
-        let mut cuts = Vec::new();
-        let grants = doomed.len();
-        for (door, source) in doomed {
-            self.grants.close(
-                &mut grants::Real(&mut self.maps),
-                &door,
-                source,
-                Instant::now(),
-            )?;
-            if by_ip.is_none()
-                && let Some(d) = self.config.doors.get(&door)
-            {
-                cuts.push(Self::door_cut(d, source));
-            }
-        }
-        if let Some(ip) = by_ip {
-            cuts.extend(self.config.doors.values().map(|d| Self::door_cut(d, ip)));
-        }
-        if grants == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
-            return Err(RequestError::UnknownTarget(target.to_owned()));
-        }
-        self.load_policy()?;
-        let ended = cut::connections(&cuts).map_err(|source| RequestError::Cut {
-            grants,
-            target: target.to_owned(),
-            source,
-        })?;
-        if ended.more_left {
-            tracing::warn!(
-                target,
-                cut = ended.flows,
-                "revoke cut as many flows as one call does; revoke the address again to cut the rest"
-            );
-        }
-        if ended.sockets_unsupported {
-            tracing::warn!(
-                "this kernel cannot abort sockets (no CONFIG_INET_DIAG_DESTROY): revoked \
-                 connections were cut in conntrack, and the service notices when it next sends"
-            );
-        }
-        tracing::info!(
-            target,
-            grants,
-            connections = ended.flows,
-            service_sockets_aborted = ended.sockets,
-            "revoked"
-        );
-        Ok(Revoked {
-            revoked: grants,
-            connections_cut: ended.flows,
-        })
-    }
-
-    /// Loads the configuration file again; it takes effect only if it is
-    /// valid as a whole. Grants of doors that remain survive; interfaces,
-    /// XDP mode and bpffs_dir need a restart to change.
-    pub fn reload(&mut self) -> Result<String, RequestError> {
-        let path = self.config_path.clone().ok_or(RequestError::NoConfigFile)?;
-        let config = Config::load(&path)?;
-        let devices = Devices::load(&config, &path)?;
-        for warning in &devices.warnings {
-            tracing::warn!("{warning}");
-        }
-        let mut kept = Vec::new();
-        if config.interfaces != self.config.interfaces
-            || config.xdp_mode != self.config.xdp_mode
-            || config.bpffs_dir != self.config.bpffs_dir
-        {
-            kept.push("interfaces, xdp_mode and bpffs_dir change only on restart");
-        }
-        let engine = Engine::new(&config, &devices, &self.engine.consumed(), unix_ms());
-        let mut grants = Grants::new(&config);
-        grants.install(&mut grants::Real(&mut self.maps), Instant::now())?;
-        grants.inherit(&self.grants);
-        // Grants of doors that are gone end now (best effort: the kernel
-        // expires them anyway).
-        let gone: Vec<(String, IpAddr)> = self
-            .grants
-            .list()
-            .into_iter()
-            .filter(|g| !config.doors.contains_key(&g.door))
-            .map(|g| (g.door.clone(), g.source))
-            .collect();
-        for (door, source) in gone {
-            let _ = self.grants.close(
-                &mut grants::Real(&mut self.maps),
-                &door,
-                source,
-                Instant::now(),
-            );
-        }
-        self.maps
-            .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
-        self.config = Config {
-            interfaces: self.config.interfaces.clone(),
-            xdp_mode: self.config.xdp_mode,
-            bpffs_dir: self.config.bpffs_dir.clone(),
-            ..config
-        };
-        self.policy_base = crate::policy::port_policy(&self.config, &engine.knock_ports());
-        self.engine = engine;
-        self.grants = grants;
-        self.loaded_at_ms = unix_ms();
-        self.load_policy()?;
-        let summary = format!(
-            "{}: doors {:?}, {} devices{}",
-            path.display(),
-            self.config.doors.keys().collect::<Vec<_>>(),
-            devices.by_id.len(),
-            if kept.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", kept.join("; "))
-            }
-        );
-        tracing::info!("reloaded {summary}");
-        Ok(summary)
     }
 }
 

@@ -1,0 +1,199 @@
+//! Control requests that change things: revoking an address or a device
+//! (its grants end and their connections are cut), and reloading the
+//! configuration.
+
+use std::{net::IpAddr, time::Instant};
+
+use super::{Daemon, Error};
+use crate::{
+    auth::Engine,
+    config::{Config, Door, DoorKind},
+    control::wire::Revoked,
+    cut,
+    devices::Devices,
+    grants::{self, Grants},
+    maps,
+    proto::unix_ms,
+};
+
+/// Why a control request failed. Its message, with its sources, is the
+/// reply's error; the daemon carries on.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("no device {0:?} and no grant for it")]
+    UnknownTarget(String),
+    #[error("revoked {grants} grant(s) of {target}, but cutting their connections failed")]
+    Cut {
+        grants: usize,
+        target: String,
+        #[source]
+        source: cut::Error,
+    },
+    #[error("the daemon was not started from a configuration file")]
+    NoConfigFile,
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Devices(#[from] crate::devices::Error),
+    #[error(transparent)]
+    Grants(#[from] grants::Error),
+    #[error(transparent)]
+    Maps(#[from] maps::Error),
+    #[error(transparent)]
+    Daemon(#[from] Error),
+}
+
+impl Daemon {
+    /// The flows a door admits for `source`: through its grant range to
+    /// the service (one-time), or to the service port itself (static).
+    fn door_cut(door: &Door, source: IpAddr) -> cut::Cut {
+        let ports = match &door.kind {
+            // Every port of the range: connections made through ports the
+            // grant held before a rotation too.
+            DoorKind::OneTime(d) => d.grant_ports.start..=d.grant_ports.end,
+            DoorKind::Static(_) => door.service_port..=door.service_port,
+        };
+        cut::Cut {
+            source,
+            ports,
+            service_port: door.service_port,
+        }
+    }
+
+    /// Ends every grant of an address, or of a device (by id), and cuts the
+    /// connections grants let in (their conntrack entries and the service's
+    /// sockets). Admission ends first, so the client cannot open a new
+    /// connection in between. For an address, that is every connection any
+    /// door admitted from it, including those whose grant has expired since;
+    /// for a device, those from the addresses of its live grants.
+    pub(super) fn revoke(&mut self, target: &str) -> Result<Revoked, RequestError> {
+        let by_ip: Option<IpAddr> = target.parse().ok();
+        let doomed: Vec<(String, IpAddr)> = self
+            .grants
+            .list()
+            .into_iter()
+            .filter(|g| match by_ip {
+                Some(ip) => g.source == ip,
+                None => g.device.as_deref() == Some(target),
+            })
+            .map(|g| (g.door.clone(), g.source))
+            .collect();
+        let mut cuts = Vec::new();
+        let grants = doomed.len();
+        for (door, source) in doomed {
+            self.grants.close(
+                &mut grants::Real(&mut self.maps),
+                &door,
+                source,
+                Instant::now(),
+            )?;
+            if by_ip.is_none()
+                && let Some(d) = self.config.doors.get(&door)
+            {
+                cuts.push(Self::door_cut(d, source));
+            }
+        }
+        if let Some(ip) = by_ip {
+            cuts.extend(self.config.doors.values().map(|d| Self::door_cut(d, ip)));
+        }
+        if grants == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
+            return Err(RequestError::UnknownTarget(target.to_owned()));
+        }
+        self.load_policy()?;
+        let ended = cut::connections(&cuts).map_err(|source| RequestError::Cut {
+            grants,
+            target: target.to_owned(),
+            source,
+        })?;
+        if ended.more_left {
+            tracing::warn!(
+                target,
+                cut = ended.flows,
+                "revoke cut as many flows as one call does; revoke the address again to cut the rest"
+            );
+        }
+        if ended.sockets_unsupported {
+            tracing::warn!(
+                "this kernel cannot abort sockets (no CONFIG_INET_DIAG_DESTROY): revoked \
+                 connections were cut in conntrack, and the service notices when it next sends"
+            );
+        }
+        tracing::info!(
+            target,
+            grants,
+            connections = ended.flows,
+            service_sockets_aborted = ended.sockets,
+            "revoked"
+        );
+        Ok(Revoked {
+            revoked: grants,
+            connections_cut: ended.flows,
+        })
+    }
+
+    /// Loads the configuration file again; it takes effect only if it is
+    /// valid as a whole. Grants of doors that remain survive; interfaces,
+    /// XDP mode and bpffs_dir need a restart to change.
+    pub fn reload(&mut self) -> Result<String, RequestError> {
+        let path = self.config_path.clone().ok_or(RequestError::NoConfigFile)?;
+        let config = Config::load(&path)?;
+        let devices = Devices::load(&config, &path)?;
+        for warning in &devices.warnings {
+            tracing::warn!("{warning}");
+        }
+        let mut kept = Vec::new();
+        if config.interfaces != self.config.interfaces
+            || config.xdp_mode != self.config.xdp_mode
+            || config.bpffs_dir != self.config.bpffs_dir
+        {
+            kept.push("interfaces, xdp_mode and bpffs_dir change only on restart");
+        }
+        let engine = Engine::new(&config, &devices, &self.engine.consumed(), unix_ms());
+        let mut grants = Grants::new(&config);
+        grants.install(&mut grants::Real(&mut self.maps), Instant::now())?;
+        grants.inherit(&self.grants);
+        // Grants of doors that are gone end now (best effort: the kernel
+        // expires them anyway).
+        let gone: Vec<(String, IpAddr)> = self
+            .grants
+            .list()
+            .into_iter()
+            .filter(|g| !config.doors.contains_key(&g.door))
+            .map(|g| (g.door.clone(), g.source))
+            .collect();
+        for (door, source) in gone {
+            let _ = self.grants.close(
+                &mut grants::Real(&mut self.maps),
+                &door,
+                source,
+                Instant::now(),
+            );
+        }
+        self.maps
+            .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
+        self.config = Config {
+            interfaces: self.config.interfaces.clone(),
+            xdp_mode: self.config.xdp_mode,
+            bpffs_dir: self.config.bpffs_dir.clone(),
+            ..config
+        };
+        self.policy_base = crate::policy::port_policy(&self.config, &engine.knock_ports());
+        self.engine = engine;
+        self.grants = grants;
+        self.loaded_at_ms = unix_ms();
+        self.load_policy()?;
+        let summary = format!(
+            "{}: doors {:?}, {} devices{}",
+            path.display(),
+            self.config.doors.keys().collect::<Vec<_>>(),
+            devices.by_id.len(),
+            if kept.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", kept.join("; "))
+            }
+        );
+        tracing::info!("reloaded {summary}");
+        Ok(summary)
+    }
+}
