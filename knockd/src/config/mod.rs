@@ -151,7 +151,7 @@ fn default_state_dir() -> PathBuf {
 /// How a door is opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DoorMode {
+pub(crate) enum DoorMode {
     /// Time-based one-time sequences keyed per device (R-AUTH-2).
     #[default]
     OneTime,
@@ -178,7 +178,7 @@ pub struct Allow {
 /// [`Door`] applies the defaults, once.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDoor {
+pub(crate) struct RawDoor {
     /// The TCP port of the service behind the door (sshd's 22, say). It is
     /// protected: reachable only through a grant.
     pub service_port: u16,

@@ -7,7 +7,7 @@ use super::*;
 impl Config<RawDoor> {
     /// Checks the rules serde cannot: non-empty and well-formed interface
     /// names, no port both a knock port and plain-protected, sane limits.
-    pub fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         if self.interfaces.is_empty() {
             return Err(Error::invalid(
                 "interfaces",

@@ -16,6 +16,9 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use log_limit::LogLimiter;
+
+mod log_limit;
 mod report;
 mod requests;
 
@@ -34,42 +37,6 @@ use crate::{
     proto::{Status, unix_ms},
     state::{self, StateFile},
 };
-
-/// Unauthenticated rejects logged per second on average, and in a burst.
-/// Past that they are only counted, so a flood cannot flood the journal.
-const REJECT_LOGS_PER_SEC: f64 = 5.0;
-const REJECT_LOG_BURST: f64 = 20.0;
-
-/// A token bucket for log lines.
-struct LogLimiter {
-    tokens: f64,
-    last: Instant,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    fn new(now: Instant) -> LogLimiter {
-        LogLimiter {
-            tokens: REJECT_LOG_BURST,
-            last: now,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether to log now; if so, how many lines were suppressed before.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        let refill = now.duration_since(self.last).as_secs_f64() * REJECT_LOGS_PER_SEC;
-        self.tokens = (self.tokens + refill).min(REJECT_LOG_BURST);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
 
 /// How often the daemon checks that its nftables table is still there.
 const TABLE_CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -544,25 +511,4 @@ fn send_reply(from: SocketAddr, to: SocketAddr, bytes: &[u8]) -> std::io::Result
     socket.bind(&from.into())?;
     socket.send_to(bytes, &to.into())?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A burst of 20 lines, then 5 a second; what was held back is counted
-    /// and reported with the next line let through.
-    #[test]
-    fn the_reject_log_allows_a_burst_then_its_rate() {
-        let t0 = Instant::now();
-        let mut limiter = LogLimiter::new(t0);
-        let burst = (0..100).filter(|_| limiter.allow(t0).is_some()).count();
-        assert_eq!(burst, 20);
-        assert_eq!(limiter.allow(t0 + Duration::from_millis(100)), None);
-        // 0.2 s later a token has refilled: 81 lines were held back.
-        assert_eq!(limiter.allow(t0 + Duration::from_millis(200)), Some(81));
-        let later = t0 + Duration::from_secs(60);
-        let refilled = (0..100).filter(|_| limiter.allow(later).is_some()).count();
-        assert_eq!(refilled, 20, "never more than the burst");
-    }
 }
