@@ -39,8 +39,8 @@ pub enum Error {
     Exhausted { door: String, start: u16, end: u16 },
 }
 
-/// What grants need of the kernel: nftables' grant elements and the XDP
-/// allow map (TCP entries), and whether a port is bound. [`Real`] is the
+/// What grants need of the kernel: nftables' grant elements, the XDP allow
+/// map (TCP entries) and probe counts, and whether a port is bound. [`Real`] is the
 /// kernel; the unit tests below use a recording fake, so the grant
 /// lifecycle (rotation, probes, leases, adoption, a full range) is tested
 /// without root and without sleeping.
@@ -59,6 +59,9 @@ pub trait Kernel {
     fn allow(&mut self, source: IpAddr, port: u16, ttl: Option<Duration>) -> Result<(), Error>;
     fn revoke(&mut self, source: IpAddr, port: u16) -> Result<(), Error>;
     fn port_unbound(&self, port: u16) -> bool;
+    /// The SYNs XDP counted since the last call, by granted port, as
+    /// (port, count); the counts start again from zero.
+    fn drain_probes(&mut self) -> Result<Vec<(u16, u64)>, Error>;
 }
 
 /// The kernel: the nft module's netlink calls and the guard's maps.
@@ -90,6 +93,9 @@ impl Kernel for Real<'_> {
     }
     fn port_unbound(&self, port: u16) -> bool {
         port_unbound(port)
+    }
+    fn drain_probes(&mut self) -> Result<Vec<(u16, u64)>, Error> {
+        Ok(self.0.drain_probes()?)
     }
 }
 
@@ -667,11 +673,11 @@ impl Grants {
     pub fn rotate_probed(
         &mut self,
         kernel: &mut impl Kernel,
-        probes: &[(u16, u64)],
         now: Instant,
     ) -> Result<Vec<(Grant, Grant)>, Error> {
+        let probes = kernel.drain_probes()?;
         let mut due = Vec::new();
-        for (port, count) in probes {
+        for (port, count) in &probes {
             for grant in self.by_source.values_mut().filter(|g| g.port == *port) {
                 grant.probes += count;
                 let threshold = self.doors[&grant.door].rotate_on_probes;
@@ -758,6 +764,8 @@ mod tests {
         bound: HashSet<u16>,
         /// What `list_grants` finds (a table from before a restart).
         existing: Vec<Element>,
+        /// What `drain_probes` finds next.
+        probes: Vec<(u16, u64)>,
         installs: usize,
     }
 
@@ -803,6 +811,9 @@ mod tests {
         }
         fn port_unbound(&self, port: u16) -> bool {
             !self.bound.contains(&port)
+        }
+        fn drain_probes(&mut self) -> Result<Vec<(u16, u64)>, Error> {
+            Ok(std::mem::take(&mut self.probes))
         }
     }
 
@@ -928,15 +939,10 @@ mod tests {
         let plain = grants.open(&mut k, "ssh", b, None, t0).unwrap();
         // Nine probes do nothing; the tenth moves the lease, never the
         // plain grant, however probed.
-        assert!(
-            grants
-                .rotate_probed(&mut k, &[(first.port, 9), (plain.port, 50)], t0)
-                .unwrap()
-                .is_empty()
-        );
-        let moved = grants
-            .rotate_probed(&mut k, &[(first.port, 1)], t0 + SECS(1))
-            .unwrap();
+        k.probes = vec![(first.port, 9), (plain.port, 50)];
+        assert!(grants.rotate_probed(&mut k, t0).unwrap().is_empty());
+        k.probes = vec![(first.port, 1)];
+        let moved = grants.rotate_probed(&mut k, t0 + SECS(1)).unwrap();
         assert_eq!(moved.len(), 1);
         let new = &moved[0].1;
         assert_ne!(new.port, first.port);

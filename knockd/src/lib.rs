@@ -14,7 +14,8 @@
 //! - [`nft`]: the nftables table, its rules and grant sets;
 //! - [`cut`]: ending a revoked grant's established connections (conntrack,
 //!   sock_diag);
-//! - [`grants`]: random ports, leases and rotation, kept in step in nft and maps;
+//! - [`grants`]: every grant (one-time doors' random ports, leases and
+//!   rotation; static doors' service ports), kept in step in nft and maps;
 //! - [`control`]: the control protocol's types (`control::wire`), the
 //!   control socket and the metrics endpoint;
 //! - [`proto`]: the one-time knock wire protocol (`docs/PROTOCOL.md`);

@@ -196,13 +196,8 @@ impl Daemon {
         let rotated = self.grants.tick(&mut grants::Real(&mut self.maps), now);
         self.log_rotations(rotated, false);
         let probed = self
-            .maps
-            .drain_probes()
-            .map_err(grants::Error::from)
-            .and_then(|probes| {
-                self.grants
-                    .rotate_probed(&mut grants::Real(&mut self.maps), &probes, now)
-            });
+            .grants
+            .rotate_probed(&mut grants::Real(&mut self.maps), now);
         self.log_rotations(probed, true);
         // Knock ports turn with the time step; granted ports with grants.
         self.load_policy()?;
