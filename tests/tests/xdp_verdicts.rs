@@ -131,6 +131,17 @@ fn v4_knock(payload: &[u8]) -> Vec<u8> {
     ))
 }
 
+/// A UDP datagram from the client to `dport`.
+fn v4_udp(dport: u16, payload: &[u8]) -> Vec<u8> {
+    eth4(frames::ipv4(
+        CLIENT4,
+        SERVER4,
+        frames::udp(1234, dport, payload),
+        &[],
+        (false, 0),
+    ))
+}
+
 fn v4_tcp(src: [u8; 4], dport: u16, flags: Flags) -> Vec<u8> {
     eth4(frames::ipv4(
         src,
@@ -322,13 +333,7 @@ fn protected_ports_drop_new_connections_only() {
     };
     bench.expect(&v4_tcp(CLIENT4, SSH, rst), Counter::PassNotSyn);
     // UDP has no handshake: every datagram to a protected port drops.
-    let dgram = eth4(frames::ipv4(
-        CLIENT4,
-        SERVER4,
-        frames::udp(1234, PROTECTED_UDP, b"x"),
-        &[],
-        (false, 0),
-    ));
+    let dgram = v4_udp(PROTECTED_UDP, b"x");
     bench.expect(&dgram, Counter::DropProtected);
     // Ports without policy, and the other protocol on a protected number, pass.
     bench.expect(&v4_tcp(CLIENT4, OPEN, SYN), Counter::PassUnprotected);
@@ -655,13 +660,7 @@ fn allow_map_admits_exactly_its_source_port_and_protocol() {
     bench.expect(&v4_tcp(CLIENT4, SSH, SYN), Counter::PassGranted);
     bench.expect(&v4_tcp(OTHER4, SSH, SYN), Counter::DropProtected);
     bench.expect(&v4_tcp(CLIENT4, 40001, SYN), Counter::DropProtected);
-    let udp = eth4(frames::ipv4(
-        CLIENT4,
-        SERVER4,
-        frames::udp(1, PROTECTED_UDP, b""),
-        &[],
-        (false, 0),
-    ));
+    let udp = v4_udp(PROTECTED_UDP, b"");
     bench.expect(&udp, Counter::DropProtected);
     // IPv6 grants are separate entries.
     bench.expect(&v6_tcp(SSH, SYN), Counter::DropProtected);
@@ -686,13 +685,7 @@ fn allow_entries_count_only_where_the_policy_allows_grants() {
         .maps
         .allow(ip(CLIENT4), Proto::Udp, PROTECTED_UDP, None)
         .unwrap();
-    let udp = eth4(frames::ipv4(
-        CLIENT4,
-        SERVER4,
-        frames::udp(1, PROTECTED_UDP, b""),
-        &[],
-        (false, 0),
-    ));
+    let udp = v4_udp(PROTECTED_UDP, b"");
     bench.expect(&udp, Counter::DropProtected);
     let mut table = bench.maps.policy().clone();
     table.set(

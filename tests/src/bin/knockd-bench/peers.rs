@@ -440,6 +440,29 @@ fn trial(
     opened.then_some(took)
 }
 
+/// The trials of `variant` that opened, sorted, and their percentiles in
+/// µs (NaN when none did).
+fn outcomes(
+    samples: &[(Variant, Option<Duration>)],
+    variant: Variant,
+) -> (Vec<Duration>, impl Fn(f64) -> f64) {
+    let mut took: Vec<Duration> = samples
+        .iter()
+        .filter(|(v, _)| *v == variant)
+        .filter_map(|(_, d)| *d)
+        .collect();
+    took.sort();
+    let sorted = took.clone();
+    let us = move |p| {
+        if sorted.is_empty() {
+            f64::NAN
+        } else {
+            percentile(&sorted, p).as_secs_f64() * 1e6
+        }
+    };
+    (took, us)
+}
+
 /// What the trials share.
 struct Context<'a> {
     server: IpAddr,
@@ -561,19 +584,7 @@ pub fn run() {
     let rows: Vec<Row> = Variant::ALL
         .iter()
         .map(|&variant| {
-            let mut took: Vec<Duration> = samples
-                .iter()
-                .filter(|(v, _)| *v == variant)
-                .filter_map(|(_, d)| *d)
-                .collect();
-            took.sort();
-            let us = |p| {
-                if took.is_empty() {
-                    f64::NAN
-                } else {
-                    percentile(&took, p).as_secs_f64() * 1e6
-                }
-            };
+            let (took, us) = outcomes(&samples, variant);
             Row {
                 measurement: "knock_to_open",
                 variant: variant.key().to_owned(),

@@ -47,7 +47,6 @@ use knockd_tests::{
 };
 
 use super::{Context, Variant, trial};
-use crate::percentile;
 
 /// Frames per generator call; the generator loops until told to stop.
 const FRAMES_PER_CALL: u32 = 1_000_000;
@@ -324,19 +323,7 @@ pub fn run(testbed: &Testbed, daemon: &Daemon, classic_pid: u32, ctx: &Context<'
         let after = daemon.maps().counters().unwrap();
         let delta = |c: Counter| after.get(c) - counters.get(c);
         for &variant in flood.doors {
-            let mut took: Vec<Duration> = samples
-                .iter()
-                .filter(|(v, _)| *v == variant)
-                .filter_map(|(_, d)| *d)
-                .collect();
-            took.sort();
-            let us = |p| {
-                if took.is_empty() {
-                    f64::NAN
-                } else {
-                    percentile(&took, p).as_secs_f64() * 1e6
-                }
-            };
+            let (took, us) = super::outcomes(&samples, variant);
             results.push(Result {
                 flood: flood.key,
                 variant,
