@@ -288,9 +288,11 @@ impl GuardMaps {
     /// Makes the kernel's port-policy array equal `desired`, writing only the
     /// entries that differ. Returns how many were written.
     ///
-    /// Runs after every accepted knock, and nearly all of the 131,072
-    /// entries are equal: whole chunks are compared first (a memcmp) and
-    /// only differing ones walked entry by entry.
+    /// Runs every tick, and nearly all of the 131,072 entries are equal:
+    /// whole chunks are compared first (a memcmp) and only differing ones
+    /// walked entry by entry. One port's change is [`add_port_flags`].
+    ///
+    /// [`add_port_flags`]: Self::add_port_flags
     pub fn apply_port_policy(&mut self, desired: &PortPolicy) -> Result<usize, Error> {
         const CHUNK: usize = 256;
         let mut written = 0;
@@ -320,6 +322,23 @@ impl GuardMaps {
     /// by [`open_pinned`](Self::open_pinned)).
     pub fn policy(&self) -> &PortPolicy {
         &self.policy_mirror
+    }
+
+    /// Adds `flags` to one port's policy, writing that entry alone (an
+    /// accepted knock marks its grant's port; a whole-table diff per knock
+    /// would copy and compare 128 KiB).
+    pub fn add_port_flags(&mut self, proto: Proto, port: u16, flags: u8) -> Result<(), Error> {
+        let Some(index) = port_policy_index(proto.number(), port) else {
+            return Ok(());
+        };
+        let have = self.policy_mirror.get(proto, port);
+        if have | flags != have {
+            self.port_policy
+                .set(index, have | flags, 0)
+                .map_err(map_err(map_names::PORT_POLICY))?;
+            self.policy_mirror.set(proto, port, have | flags);
+        }
+        Ok(())
     }
 
     /// Sets the per-source knock rate limit.

@@ -196,10 +196,8 @@ fn nmap_sees_protected_ports_as_filtered_v6() {
 /// ports). The daemon leaves the mark alone: its own view of the port does
 /// not change.
 fn may_grant(maps: &mut knockd::maps::GuardMaps, port: u16) {
-    let mut table = maps.policy().clone();
-    let flags = table.get(Proto::Tcp, port);
-    table.set(Proto::Tcp, port, flags | knockd_common::policy::ALLOWS);
-    maps.apply_port_policy(&table).unwrap();
+    maps.add_port_flags(Proto::Tcp, port, knockd_common::policy::ALLOWS)
+        .unwrap();
 }
 
 /// Admits `source` to TCP `port` in both layers, as a static door's grant

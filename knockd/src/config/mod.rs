@@ -338,11 +338,11 @@ impl From<RawDoor> for Door {
         use door_defaults as d;
         let kind = match raw.mode {
             DoorMode::OneTime => DoorKind::OneTime(OneTimeDoor {
-                grant_ports: raw.grant_ports.unwrap_or(d::GRANT_PORTS),
+                grant_ports: raw.grant_ports(),
                 lease_idle_secs: raw.lease_idle_secs.unwrap_or(d::LEASE_IDLE_SECS),
                 rotate_every_secs: raw.rotate_every_secs.unwrap_or(d::ROTATE_EVERY_SECS),
                 rotate_on_probes: raw.rotate_on_probes.unwrap_or(d::ROTATE_ON_PROBES),
-                knock_ports: raw.knock_ports.unwrap_or(d::KNOCK_PORTS),
+                knock_ports: raw.knock_ports(),
                 knocks: raw.knocks.unwrap_or(d::KNOCKS),
                 step_secs: raw.step_secs.unwrap_or(d::STEP_SECS),
                 skew_steps: raw.skew_steps.unwrap_or(d::SKEW_STEPS),

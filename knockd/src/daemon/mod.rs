@@ -159,10 +159,9 @@ impl Daemon {
 
     /// Marks one more port as granted in the XDP port policy.
     fn mark_granted(&mut self, port: u16) -> Result<(), Error> {
-        let mut policy = self.maps.policy().clone();
-        policy.mark_granted([port]);
-        self.maps.apply_port_policy(&policy)?;
-        Ok(())
+        Ok(self
+            .maps
+            .add_port_flags(maps::Proto::Tcp, port, knockd_common::policy::GRANTED)?)
     }
 
     /// The maps, for counters.
@@ -335,10 +334,9 @@ impl Daemon {
             .door
             .clone()
             .expect("accepted knocks name their door");
-        let door = self.config.doors[&door_name].clone();
+        let one_time = self.config.doors[&door_name].one_time().is_some();
         let source = decision.grant_to;
         let device = decision.device.as_deref();
-        let one_time = door.one_time().is_some();
         let now = Instant::now();
         let kernel = &mut grants::Real(&mut self.maps);
         // Static doors only ever complete an `open`, which admits the
