@@ -87,6 +87,14 @@ impl Setup {
 }
 
 fn start(v6: bool) -> (Testbed, Setup, Daemon, (IpAddr, IpAddr, IpAddr)) {
+    start_with_env(v6, &[])
+}
+
+/// [`start`], with extra environment for the daemon.
+fn start_with_env(
+    v6: bool,
+    env: &[(&str, String)],
+) -> (Testbed, Setup, Daemon, (IpAddr, IpAddr, IpAddr)) {
     let testbed = Testbed::new();
     let family = addrs::family(v6);
     let server = family.0;
@@ -96,7 +104,7 @@ fn start(v6: bool) -> (Testbed, Setup, Daemon, (IpAddr, IpAddr, IpAddr)) {
         }
     });
     let setup = Setup::new();
-    let daemon = Daemon::start(&testbed.server, &setup.config(&testbed));
+    let daemon = Daemon::start_with_env(&testbed.server, &setup.config(&testbed), env);
     (testbed, setup, daemon, family)
 }
 
@@ -355,14 +363,8 @@ fn a_replay_after_a_restart_is_rejected() {
 fn a_crash_at_any_step_never_readmits_a_replay() {
     require_privileges!();
     for point in ["after_append", "after_sync", "after_grant", "after_reply"] {
-        let testbed = Testbed::new();
-        let (server, client, _) = addrs::family(false);
-        let setup = Setup::new();
-        let mut daemon = Daemon::start_with_env(
-            &testbed.server,
-            &setup.config(&testbed),
-            &[("KNOCKD_CRASH_AT", point.to_owned())],
-        );
+        let (testbed, setup, mut daemon, (server, client, _)) =
+            start_with_env(false, &[("KNOCKD_CRASH_AT", point.to_owned())]);
         let capture = Capture::start(&testbed.client, &testbed.client_if);
         let socket = client_socket(&testbed.client, client);
         let answered = client::knock_from(

@@ -20,6 +20,21 @@ use knockd_tests::{
     require_privileges, sh,
 };
 
+/// `knockctl revoke ADDRESS`, which must end one grant and cut one
+/// connection.
+fn revoke_one(socket: &Path, address: std::net::IpAddr) {
+    let out = knockctl(socket, &["revoke", &address.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked 1 grant(s), cut 1 connection(s)"
+    );
+}
+
 fn knockctl(socket: &Path, args: &[&str]) -> Output {
     Command::new(knockctl_bin())
         .args(args)
@@ -213,16 +228,7 @@ fn revoke_cuts_established_connections(v6: bool) {
 
     let service = format!("sport={SSH} ");
     assert!(flows_from(&bed, bed.client).contains(&service));
-    let out = knockctl(&socket, &["revoke", &bed.client.to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "revoked 1 grant(s), cut 1 connection(s)"
-    );
+    revoke_one(&socket, bed.client);
     let left = flows_from(&bed, bed.client);
     assert!(
         !left.contains(&service),
@@ -268,19 +274,7 @@ fn revoke_cuts_ipv4_clients_of_a_dual_stack_service() {
     let bed = Bed::dual_stack();
     let daemon = bed.start("");
     let (_, mut stream) = bed.open_and_connect();
-    let out = knockctl(
-        &daemon.control_socket(),
-        &["revoke", &bed.client.to_string()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "revoked 1 grant(s), cut 1 connection(s)"
-    );
+    revoke_one(&daemon.control_socket(), bed.client);
     assert!(is_cut(&mut stream), "the connection lives on");
     assert!(!flows_from(&bed, bed.client).contains(&format!("sport={SSH} ")));
 }

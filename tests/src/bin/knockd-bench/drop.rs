@@ -44,7 +44,7 @@ use knockd_common::policy;
 use knockd_tests::{
     Daemon, Testbed, addrs,
     frames::{self, CLIENT_MAC, SERVER_MAC, SYN},
-    livegen, probe,
+    livegen, probe, sh,
 };
 use rand::seq::SliceRandom as _;
 
@@ -111,10 +111,6 @@ struct Stand {
     /// Keep the receiver's bare XDP_DROP and the sender's XDP_PASS
     /// attached.
     _links: [Option<OwnedFd>; 2],
-}
-
-fn sh(cmd: &mut Command) -> String {
-    knockd_tests::sh(cmd)
 }
 
 /// The pids of the kernel's NAPI threads now.
@@ -263,7 +259,9 @@ impl Stand {
     }
 }
 
-fn tcp_syn(src: IpAddr, dst: IpAddr, dport: u16) -> Vec<u8> {
+/// A SYN from `src` to `dst:dport` (IPv4), as the drop and flood benches
+/// send it.
+pub fn tcp_syn(src: IpAddr, dst: IpAddr, dport: u16) -> Vec<u8> {
     let (IpAddr::V4(src), IpAddr::V4(dst)) = (src, dst) else {
         unreachable!("IPv4 frames")
     };
@@ -276,17 +274,22 @@ fn tcp_syn(src: IpAddr, dst: IpAddr, dport: u16) -> Vec<u8> {
     ))
 }
 
-fn udp(src: IpAddr, dst: IpAddr, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let (IpAddr::V4(src), IpAddr::V4(dst)) = (src, dst) else {
-        unreachable!("IPv4 frames")
-    };
-    frames::eth4(frames::ipv4(
-        src.octets(),
-        dst.octets(),
-        frames::udp(40000, dport, payload),
-        &[],
-        (false, 0),
-    ))
+/// A UDP datagram from `src` to `dst:dport`, IPv4 or IPv6.
+pub fn udp(src: IpAddr, dst: IpAddr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let l4 = frames::udp(40000, dport, payload);
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => frames::eth4(frames::ipv4(
+            src.octets(),
+            dst.octets(),
+            l4,
+            &[],
+            (false, 0),
+        )),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            frames::eth6(frames::ipv6(src.octets(), dst.octets(), &[], l4))
+        }
+        _ => unreachable!("one family"),
+    }
 }
 
 /// One variant's results over the rounds.

@@ -18,16 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use knockd::{
-    client,
-    nft::{self, Element, GrantKey},
-    proto::Kind,
-};
+use knockd::{client, nft, proto::Kind};
 use knockd_tests::{Daemon, Testbed, addrs, probe};
 
 use crate::{
     FLOWS, GRANTS, SSH, bench_daemon, bench_daemon_with, bench_target, client_sources,
-    fill_conntrack, percentile, revoke_trials, source,
+    fill_conntrack, percentile, revoke_trials, synthetic_grants,
 };
 
 /// A second door that holds the 100,000 grants. A door holds at most one
@@ -138,16 +134,7 @@ pub fn run() -> Vec<Figure> {
     let ttl = Duration::from_secs(900);
     testbed.server.run(|| {
         for chunk in 0..GRANTS / 1000 {
-            let elements: Vec<Element> = (chunk * 1000..(chunk + 1) * 1000)
-                .map(|n| Element {
-                    door: "fleet".into(),
-                    key: GrantKey {
-                        source: source(n),
-                        port: 20000 + (n % 10_000) as u16,
-                    },
-                    timeout: ttl,
-                })
-                .collect();
+            let elements = synthetic_grants("fleet", chunk * 1000, 1000, 20000, 10_000, ttl);
             nft::update_grants(&elements, &[]).unwrap();
         }
     });

@@ -114,6 +114,28 @@ fn source(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(base + n))
 }
 
+/// Grants `first..first + n` of door `door`: source [`source`]`(i)`, port
+/// `base + i % span`, each for `ttl`.
+fn synthetic_grants(
+    door: &str,
+    first: u32,
+    n: u32,
+    base: u16,
+    span: u32,
+    ttl: Duration,
+) -> Vec<Element> {
+    (first..first + n)
+        .map(|i| Element {
+            door: door.into(),
+            key: GrantKey {
+                source: source(i),
+                port: base + (i % span) as u16,
+            },
+            timeout: ttl,
+        })
+        .collect()
+}
+
 fn bench_grants() {
     println!("== grants: install rate and connect latency at 1 and {GRANTS} grants");
     let testbed = Testbed::new();
@@ -208,16 +230,7 @@ fn bench_grants() {
     let start = Instant::now();
     let mut nft_time = Duration::ZERO;
     for chunk in 0..GRANTS / batch {
-        let elements: Vec<Element> = (chunk * batch..(chunk + 1) * batch)
-            .map(|n| Element {
-                door: "ssh".into(),
-                key: GrantKey {
-                    source: source(n),
-                    port: 40002 + (n % 998) as u16,
-                },
-                timeout: ttl,
-            })
-            .collect();
+        let elements = synthetic_grants("ssh", chunk * batch, batch, 40002, 998, ttl);
         let t = Instant::now();
         testbed
             .server
