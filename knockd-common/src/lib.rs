@@ -52,6 +52,11 @@ pub mod policy {
     /// drop without the lookup: it was a sixth of what the guard costs per
     /// dropped packet (`cargo xtask bench drop`).
     pub const ALLOWS: u8 = 1 << 4;
+    /// A closed port of a dark host (`closed_ports: drop`): set together
+    /// with [`PROTECTED`] on every TCP port nothing else claims, so a bare
+    /// SYN to it is dropped, and counted apart from drops on ports the
+    /// configuration protects by name.
+    pub const CLOSED: u8 = 1 << 5;
 }
 
 /// The shape of a one-time knock on the wire (`docs/PROTOCOL.md` §6), as
@@ -195,11 +200,14 @@ pub enum Counter {
     /// A datagram to a one-time knock port that cannot be a knock (length,
     /// version, kind, index or count): dropped without an event.
     KnockMalformed,
+    /// A bare SYN to a closed port of a dark host (`closed_ports: drop`):
+    /// dropped silently.
+    DropClosed,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::PassNotIp,
         Counter::PassOtherProto,
         Counter::PassUnprotected,
@@ -212,6 +220,7 @@ impl Counter {
         Counter::KnockRateLimited,
         Counter::KnockEventLost,
         Counter::KnockMalformed,
+        Counter::DropClosed,
     ];
 
     /// Number of counter slots.
@@ -245,6 +254,7 @@ impl Counter {
             Counter::KnockRateLimited => "knock_rate_limited",
             Counter::KnockEventLost => "knock_event_lost",
             Counter::KnockMalformed => "knock_malformed",
+            Counter::DropClosed => "drop_closed",
         }
     }
 }

@@ -12,7 +12,9 @@
 //!    send the knock to userspace over the ring buffer, drop;
 //! 5. a protected port: pass if the port may be granted (`policy::ALLOWS`)
 //!    and the exact (source, port, protocol) holds a live grant in the
-//!    allow map, else drop silently (no RST, no ICMP).
+//!    allow map, else drop silently (no RST, no ICMP). On a dark host
+//!    (`closed_ports: drop`) every TCP port nothing else claims is
+//!    protected too (`policy::CLOSED`), so a bare SYN to it drops here.
 //!
 //! # Which header shapes are walked, dropped and passed
 //!
@@ -398,6 +400,9 @@ fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
     // A new connection to a port some grant uses, from someone else: a probe.
     if ip.proto == IPPROTO_TCP && flags & policy::GRANTED != 0 {
         count_probe(u32::from(dport));
+    }
+    if flags & policy::CLOSED != 0 {
+        return Ok(Counter::DropClosed);
     }
     Ok(Counter::DropProtected)
 }

@@ -63,7 +63,11 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
     let config = Config::load(path)?;
     let devices = Devices::load(&config, path)?;
     let mut report = String::new();
-    for warning in &devices.warnings {
+    for warning in devices
+        .warnings
+        .iter()
+        .chain(&crate::lockout::check(&config, &devices))
+    {
         report.push_str(&format!("warning: {warning}\n"));
     }
     report.push_str(&format!(

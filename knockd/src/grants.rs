@@ -300,6 +300,8 @@ impl Grants {
             interfaces: config.interfaces.clone(),
             guarded_tcp: protected.protected_ranges(Proto::Tcp),
             guarded_udp: protected.protected_ranges(Proto::Udp),
+            dark: (config.closed_ports == crate::config::ClosedPorts::Drop)
+                .then(|| config.public.udp.iter().map(|r| r.start..=r.end).collect()),
         };
         Grants {
             doors,

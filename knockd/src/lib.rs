@@ -38,6 +38,7 @@ pub mod events;
 pub mod grants;
 #[cfg(feature = "daemon")]
 pub mod guard;
+pub mod lockout;
 #[cfg(feature = "daemon")]
 pub mod maps;
 #[cfg(feature = "daemon")]

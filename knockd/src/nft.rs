@@ -27,6 +27,12 @@
 //!     # per range of protected ports, the same ports XDP protects:
 //!     meta l4proto tcp tcp dport START-END drop
 //!     meta l4proto udp udp dport START-END drop
+//!     # a dark host (closed_ports: drop) only; its closed TCP ports are
+//!     # among the protected ranges above:
+//!     meta l4proto udp udp dport PUBLIC accept
+//!     meta l4proto udp drop
+//!     icmp type echo-request drop
+//!     icmpv6 type echo-request drop
 //!   }
 //! }
 //! ```
@@ -143,6 +149,10 @@ pub struct TableRules {
     pub guarded_tcp: Vec<RangeInclusive<u16>>,
     /// Protected UDP ports, as ranges (knock ranges, `protect.udp`).
     pub guarded_udp: Vec<RangeInclusive<u16>>,
+    /// A dark host (`closed_ports: drop`): UDP that starts no known flow,
+    /// except to these public ports, and ICMP echo requests are dropped
+    /// too. (Closed TCP ports are in `guarded_tcp` already.)
+    pub dark: Option<Vec<RangeInclusive<u16>>>,
 }
 
 /// A grant element: who, on which port.
@@ -563,6 +573,48 @@ fn guard_rules<'a>(chain: &'a Chain<'a>, table: &TableRules) -> Vec<Rule<'a>> {
             rule.add_expr(&nft_expr!(verdict drop));
             rules.push(rule);
         }
+    }
+    if let Some(public_udp) = &table.dark {
+        rules.extend(dark_rules(chain, public_udp));
+    }
+    rules
+}
+
+/// A dark host's last rules, after known flows and grants were accepted:
+/// public UDP ports accept, any other UDP drops (a new datagram to a
+/// closed port would draw an ICMP port unreachable), and so do ICMP echo
+/// requests. Other ICMP passes: errors about the host's own flows are
+/// RELATED (accepted above) and IPv6 neighbour discovery is untracked.
+fn dark_rules<'a>(chain: &'a Chain<'a>, public_udp: &[RangeInclusive<u16>]) -> Vec<Rule<'a>> {
+    let mut rules = Vec::new();
+    let udp = libc::IPPROTO_UDP as u8;
+    for ports in public_udp {
+        let mut rule = Rule::new(chain);
+        l4proto(&mut rule, udp);
+        dport_in(&mut rule, ports);
+        rule.add_expr(&nft_expr!(verdict accept));
+        rules.push(rule);
+    }
+    let mut closed = Rule::new(chain);
+    l4proto(&mut closed, udp);
+    closed.add_expr(&nft_expr!(verdict drop));
+    rules.push(closed);
+    // ICMP type 8 and ICMPv6 type 128: echo request.
+    for (proto, echo_request) in [
+        (libc::IPPROTO_ICMP as u8, 8u8),
+        (libc::IPPROTO_ICMPV6 as u8, 128),
+    ] {
+        let mut rule = Rule::new(chain);
+        l4proto(&mut rule, proto);
+        rule.add_expr(&PayloadTo {
+            base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
+            offset: 0,
+            len: 1,
+            dreg: Register::Reg1.to_raw(),
+        });
+        rule.add_expr(&nft_expr!(cmp == echo_request));
+        rule.add_expr(&nft_expr!(verdict drop));
+        rules.push(rule);
     }
     rules
 }

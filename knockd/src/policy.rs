@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use knockd_common::policy;
 
 use crate::{
-    config::{Config, Door, DoorKind, KnockPort, PortRange},
+    config::{ClosedPorts, Config, Door, DoorKind, KnockPort, PortRange},
     maps::{PortPolicy, Proto},
 };
 
@@ -92,6 +92,31 @@ pub fn port_policy(config: &Config, knocks: &BTreeSet<KnockPort>) -> PortPolicy 
         for port in ports {
             let flags = table.get(Proto::Tcp, port);
             table.set(Proto::Tcp, port, flags | policy::ALLOWS);
+        }
+    }
+    // A dark host: every TCP port nothing above claimed is closed, except
+    // the public ones and service ports a door leaves exposed. Only TCP:
+    // telling a UDP reply from a probe needs conntrack (nftables does it).
+    if config.closed_ports == ClosedPorts::Drop {
+        let mut open = vec![false; usize::from(u16::MAX) + 1];
+        let exposed = config
+            .doors
+            .values()
+            .filter(|d| d.expose_service_port)
+            .map(|d| d.service_port);
+        for port in config
+            .public
+            .tcp
+            .iter()
+            .flat_map(|r| r.ports())
+            .chain(exposed)
+        {
+            open[usize::from(port)] = true;
+        }
+        for port in 0..=u16::MAX {
+            if !open[usize::from(port)] && table.get(Proto::Tcp, port) == 0 {
+                table.set(Proto::Tcp, port, policy::PROTECTED | policy::CLOSED);
+            }
         }
     }
     for knock in knocks {

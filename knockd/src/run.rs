@@ -169,7 +169,11 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    for warning in &devices.warnings {
+    for warning in devices
+        .warnings
+        .iter()
+        .chain(&crate::lockout::check(&config, &devices))
+    {
         tracing::warn!("{warning}");
     }
     raise_nofile_limit();

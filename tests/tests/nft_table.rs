@@ -25,6 +25,7 @@ fn doors() -> TableRules {
         interfaces: vec!["veth-k0".into(), "veth-k1".into()],
         guarded_tcp: vec![22..=22, 40000..=40999],
         guarded_udp: vec![7000..=7999],
+        dark: None,
     }
 }
 
@@ -184,4 +185,37 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
     ns.run(|| nft::uninstall().unwrap());
     assert!(!ns.run(|| nft::table_exists().unwrap()));
     ns.run(|| nft::uninstall().unwrap());
+}
+
+/// A dark host's rules, as `nft` reads them back: public UDP accepted,
+/// other UDP and echo requests dropped, after the protected ports.
+#[test]
+fn a_dark_hosts_rules_read_back() {
+    require_privileges!();
+    let ns = NetNs::new("n");
+    let rules = TableRules {
+        dark: Some(vec![53..=53, 5300..=5310]),
+        ..doors()
+    };
+    ns.run(|| nft::install(&rules).unwrap());
+    let listed = ruleset(&ns);
+    let guard = listed.split("chain guard").nth(1).unwrap();
+    let mut at = 0;
+    for expected in [
+        "udp dport 7000-7999 drop",
+        "udp dport 53 accept",
+        "udp dport 5300-5310 accept",
+        "meta l4proto udp drop",
+        "icmp type echo-request drop",
+        "icmpv6 type echo-request drop",
+    ] {
+        let found = guard[at..]
+            .find(expected)
+            .unwrap_or_else(|| panic!("{expected:?} missing or out of order in:\n{listed}"));
+        at += found + expected.len();
+    }
+    // Without dark, none of them.
+    ns.run(|| nft::install(&doors()).unwrap());
+    let listed = ruleset(&ns);
+    assert!(!listed.contains("echo-request") && !listed.contains("l4proto udp drop"));
 }

@@ -896,3 +896,33 @@ fn syns_to_a_granted_port_from_others_are_counted_as_probes() {
     assert_eq!(bench.maps.drain_probes().unwrap(), [(40003, 2)]);
     assert!(bench.maps.drain_probes().unwrap().is_empty(), "drained");
 }
+
+/// A dark host's policy, as the daemon computes it from its configuration:
+/// a bare SYN to any port no rule names drops (counted apart as
+/// `drop_closed`), the rest of the handshake and public ports pass, and UDP
+/// is left to nftables, which can tell a reply from a probe.
+#[test]
+fn a_dark_host_drops_syns_to_every_port_no_rule_names() {
+    require_privileges!();
+    let mut bench = Bench::new();
+    let config = knockd::config::Config::parse(
+        "interfaces: [eth0]\nclosed_ports: drop\npublic: { tcp: [443] }\n\
+         doors: { ssh: { service_port: 22, grant_ports: \"40000-40015\" } }\n",
+        std::path::Path::new("dark.yaml"),
+    )
+    .unwrap();
+    let table = knockd::policy::port_policy(&config, &Default::default());
+    bench.maps.apply_port_policy(&table).unwrap();
+    for port in [OPEN, 1, 8080, 65535] {
+        bench.expect(&v4_tcp(CLIENT4, port, SYN), Counter::DropClosed);
+        bench.expect(&v4_tcp(CLIENT4, port, ACK), Counter::PassNotSyn);
+        bench.expect(&v4_tcp(CLIENT4, port, SYN_ACK), Counter::PassNotSyn);
+    }
+    bench.expect(&v6_tcp(OPEN, SYN), Counter::DropClosed);
+    bench.expect(&v4_tcp(CLIENT4, 443, SYN), Counter::PassUnprotected);
+    bench.expect(&v6_tcp(443, SYN), Counter::PassUnprotected);
+    // Named ports keep their own reason.
+    bench.expect(&v4_tcp(CLIENT4, SSH, SYN), Counter::DropProtected);
+    bench.expect(&v4_tcp(CLIENT4, 40005, SYN), Counter::DropProtected);
+    bench.expect(&v4_udp(OPEN, b"x"), Counter::PassUnprotected);
+}

@@ -79,6 +79,21 @@ pub enum XdpMode {
     Generic,
 }
 
+/// What the guard does with ports the configuration does not mention.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClosedPorts {
+    /// Leave them to the host's own firewall (today's behaviour).
+    #[default]
+    Pass,
+    /// A dark host: a bare TCP SYN to any port that is neither public nor
+    /// granted is dropped in XDP; UDP that starts no known flow, and ICMP
+    /// echo requests, are dropped in nftables (they need conntrack to tell
+    /// a reply from a probe). Replies to the host's own connections and
+    /// established flows pass.
+    Drop,
+}
+
 /// The whole configuration file. `D` is how doors are held: as written
 /// ([`RawDoor`], what serde reads and [`Config::validate`] checks), or as
 /// [`Door`], the typed form everything else uses (the default).
@@ -97,6 +112,17 @@ pub struct Config<D = Door> {
     /// Ports whose packets are knocks (and so are protected too).
     #[serde(default)]
     pub knock: Knock,
+    /// What happens to a new connection or datagram to a port no rule
+    /// here mentions: `pass` (the default) leaves it to the host's own
+    /// firewall, so closed ports answer as they always did (RST, ICMP
+    /// port unreachable); `drop` makes the host dark (R-XDP-6).
+    #[serde(default)]
+    pub closed_ports: ClosedPorts,
+    /// Ports anyone may reach even with `closed_ports: drop`, such as a
+    /// web server's 80 and 443. They must not be protected, knock, service
+    /// or grant ports.
+    #[serde(default)]
+    pub public: PortSet,
     /// bpffs directory the maps are pinned under, so `knockd stats` and later
     /// a restarted daemon can find them.
     #[serde(default = "default_bpffs_dir")]
@@ -370,6 +396,8 @@ impl Config<RawDoor> {
             xdp_mode: self.xdp_mode,
             protect: self.protect,
             knock: self.knock,
+            closed_ports: self.closed_ports,
+            public: self.public,
             bpffs_dir: self.bpffs_dir,
             state_dir: self.state_dir,
             devices_dir: self.devices_dir,
@@ -512,6 +540,35 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn dark_host_settings_parse_and_public_ports_have_one_owner() {
+        let config = parse(
+            "interfaces: [eth0]\nclosed_ports: drop\npublic: { tcp: [443, \"80-81\"], udp: [546] }\n",
+        )
+        .unwrap();
+        assert_eq!(config.closed_ports, ClosedPorts::Drop);
+        assert_eq!(config.public.tcp.len(), 2);
+        assert_eq!(
+            parse("interfaces: [eth0]\n").unwrap().closed_ports,
+            ClosedPorts::Pass
+        );
+        assert_eq!(
+            err("interfaces: [eth0]\nclosed_ports: shut\n"),
+            "test.yaml: closed_ports: unknown variant `shut`, expected `pass` or `drop` at line 2 column 15"
+        );
+        assert_eq!(
+            err("interfaces: [eth0]\npublic: { tcp: [22] }\n\
+                 doors: { ssh: { service_port: 22 } }\n"),
+            "doors.ssh.service_port: 22:tcp is already used by public.tcp[0]"
+        );
+        assert_eq!(
+            err(
+                "interfaces: [eth0]\npublic: { udp: [7005] }\ndoors: { ssh: { service_port: 22 } }\n"
+            ),
+            "doors.ssh.knock_ports: 7005:udp is already used by public.udp[0]"
+        );
     }
 
     #[test]

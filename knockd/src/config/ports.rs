@@ -89,6 +89,11 @@ pub struct PortRange {
 }
 
 impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port)
+    }
+
     /// Every port in the range.
     pub fn ports(self) -> impl Iterator<Item = u16> {
         self.start..=self.end

@@ -97,6 +97,8 @@ impl Config<RawDoor> {
             (Proto::Udp, &self.protect.udp, "protect.udp"),
             (Proto::Tcp, &self.knock.tcp, "knock.tcp"),
             (Proto::Udp, &self.knock.udp, "knock.udp"),
+            (Proto::Tcp, &self.public.tcp, "public.tcp"),
+            (Proto::Udp, &self.public.udp, "public.udp"),
         ] {
             // Ranges within one list may overlap; each port is claimed once.
             let mut listed = BTreeSet::new();

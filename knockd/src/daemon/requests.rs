@@ -138,7 +138,11 @@ impl Daemon {
         let path = self.config_path.clone().ok_or(RequestError::NoConfigFile)?;
         let config = Config::load(&path)?;
         let devices = Devices::load(&config, &path)?;
-        for warning in &devices.warnings {
+        for warning in devices
+            .warnings
+            .iter()
+            .chain(&crate::lockout::check(&config, &devices))
+        {
             tracing::warn!("{warning}");
         }
         let mut kept = Vec::new();

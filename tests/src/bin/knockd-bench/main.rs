@@ -165,6 +165,7 @@ fn bench_grants() {
             interfaces: vec![server_if.clone()],
             guarded_tcp: vec![SSH..=SSH, door.grant_ports.clone()],
             guarded_udp: Vec::new(),
+            dark: None,
         };
         nft::install(&rules).unwrap();
         guard
