@@ -117,6 +117,9 @@ struct Flow {
     remote: SocketAddr,
     /// Conntrack's TCP state, when it reports one.
     tcp_state: Option<u8>,
+    /// When conntrack created the entry (`CLOCK_REALTIME` nanoseconds), if
+    /// the kernel keeps timestamps (`nf_conntrack_timestamp`).
+    started_ns: Option<u64>,
 }
 
 /// Conntrack's TCP states in which a connection is over: no data can flow,
@@ -127,12 +130,99 @@ const TCP_CLOSE: u8 = 8;
 
 impl Cut {
     fn matches(&self, flow: &Flow) -> bool {
-        flow.source == self.source
-            && flow.protocol == libc::IPPROTO_TCP as u8
+        flow.source == self.source && self.scope().admitted(flow)
+    }
+
+    fn scope(&self) -> Scope {
+        Scope {
+            ports: self.ports.clone(),
+            service_port: self.service_port,
+        }
+    }
+}
+
+/// The flows a door lets in, whatever their source: TCP to one of `ports`
+/// that conntrack sends on to `service_port` (for a static door `ports`
+/// is the service port itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub ports: RangeInclusive<u16>,
+    pub service_port: u16,
+}
+
+impl Scope {
+    /// Whether `flow` came in through this door and is not over yet.
+    fn admitted(&self, flow: &Flow) -> bool {
+        flow.protocol == libc::IPPROTO_TCP as u8
             && self.ports.contains(&flow.dport)
             && flow.local.port() == self.service_port
             && !matches!(flow.tcp_state, Some(TCP_TIME_WAIT | TCP_CLOSE))
     }
+}
+
+/// A connection some door let in, as [`sessions`] finds it.
+pub struct Session {
+    /// Index of the [`Scope`] it came in through.
+    pub scope: usize,
+    /// The client's end and the service's end.
+    pub client: SocketAddr,
+    pub service: SocketAddr,
+    /// The port the client connected to (the grant's).
+    pub granted_port: u16,
+    /// When conntrack created the entry, if the kernel keeps timestamps.
+    pub started: Option<std::time::SystemTime>,
+    doomed: Doomed,
+}
+
+/// Turns on conntrack's entry timestamps in this network namespace
+/// (`net.netfilter.nf_conntrack_timestamp`), which session caps age
+/// connections by. `Ok(true)` when they are on.
+pub fn enable_timestamps() -> io::Result<bool> {
+    const SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_timestamp";
+    if std::fs::read_to_string(SYSCTL)?.trim() == "1" {
+        return Ok(true);
+    }
+    std::fs::write(SYSCTL, "1")?;
+    Ok(std::fs::read_to_string(SYSCTL)?.trim() == "1")
+}
+
+/// Every connection in progress that one of `scopes` let in, found the way
+/// a revoke finds them (service sockets, then each one's conntrack entry).
+pub fn sessions(scopes: &[Scope]) -> Result<Vec<Session>, Error> {
+    if scopes.is_empty() {
+        return Ok(Vec::new());
+    }
+    with_sockets(|diag, conntrack| {
+        let flows = matching_flows(
+            diag,
+            conntrack,
+            |local, _| scopes.iter().any(|s| s.service_port == local.port()),
+            |flow| scopes.iter().position(|s| s.admitted(flow)),
+        )?;
+        Ok(flows
+            .into_iter()
+            .map(|(scope, flow, doomed)| Session {
+                scope,
+                client: flow.remote,
+                service: flow.local,
+                granted_port: flow.dport,
+                started: flow
+                    .started_ns
+                    .map(|ns| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)),
+                doomed,
+            })
+            .collect())
+    })
+}
+
+/// Ends `sessions` the way a revoke ends a flow: aborts the service's
+/// socket, then deletes the conntrack entry.
+pub fn end(sessions: &[Session]) -> Result<Ended, Error> {
+    if sessions.is_empty() {
+        return Ok(Ended::default());
+    }
+    let doomed: Vec<&Doomed> = sessions.iter().map(|s| &s.doomed).collect();
+    with_sockets(|diag, conntrack| end_on(diag, conntrack, &doomed))
 }
 
 /// The (source, destination) addresses and the protocol and ports of one
@@ -179,8 +269,18 @@ fn parts_of(tuples: &[Tuple]) -> Parts {
 /// entry of a protocol without ports, say).
 fn flow_of(attributes: &[ConntrackAttribute]) -> Option<Flow> {
     let (mut orig, mut reply, mut tcp_state) = (Parts::default(), Parts::default(), None);
+    let mut started_ns = None;
     for attribute in attributes {
         match attribute {
+            // The kernel flags it nested, and this crate keeps the flag.
+            ConntrackAttribute::Other(nla)
+                if netlink_packet_core::Nla::kind(nla) & netlink_packet_core::NLA_TYPE_MASK
+                    == CTA_TIMESTAMP =>
+            {
+                let mut value = vec![0u8; netlink_packet_core::Nla::value_len(nla)];
+                netlink_packet_core::Nla::emit_value(nla, &mut value);
+                started_ns = timestamp_start(&value);
+            }
             ConntrackAttribute::CtaTupleOrig(tuples) => orig = parts_of(tuples),
             ConntrackAttribute::CtaTupleReply(tuples) => reply = parts_of(tuples),
             ConntrackAttribute::CtaProtoInfo(infos) => {
@@ -204,7 +304,29 @@ fn flow_of(attributes: &[ConntrackAttribute]) -> Option<Flow> {
         local: SocketAddr::new(reply.source?, reply.sport?),
         remote: SocketAddr::new(reply.destination?, reply.dport?),
         tcp_state,
+        started_ns,
     })
+}
+
+/// CTA_TIMESTAMP, from the kernel's nfnetlink_conntrack.h, and its nested
+/// CTA_TIMESTAMP_START (a big-endian u64 of nanoseconds).
+const CTA_TIMESTAMP: u16 = 20;
+const CTA_TIMESTAMP_START: u16 = 1;
+
+/// The start time in a CTA_TIMESTAMP attribute's nested attributes.
+fn timestamp_start(mut nested: &[u8]) -> Option<u64> {
+    while nested.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([nested[0], nested[1]]));
+        let kind = u16::from_ne_bytes([nested[2], nested[3]]) & 0x3fff;
+        if len < 4 || len > nested.len() {
+            return None;
+        }
+        if kind == CTA_TIMESTAMP_START && len == 12 {
+            return Some(u64::from_be_bytes(nested[4..12].try_into().ok()?));
+        }
+        nested = nested.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+    }
+    None
 }
 
 /// What identifies an entry for deletion: its original tuple, and its zone
@@ -284,6 +406,7 @@ pub struct Ended {
 }
 
 /// A flow to cut, and how to name its conntrack entry.
+#[derive(Debug, Clone)]
 struct Doomed {
     family: NetfilterProtoFamily,
     key: Vec<ConntrackAttribute>,
@@ -336,19 +459,32 @@ fn with_sockets<T>(
 }
 
 fn cut_on(diag: &mnl::Socket, conntrack: &mnl::Socket, cuts: &[Cut]) -> Result<Ended, Error> {
-    let doomed = matching_flows(diag, conntrack, cuts)?;
-    let mut ended = Ended {
-        more_left: doomed.len() == MAX_FLOWS,
-        ..Ended::default()
-    };
-    match abort_sockets(diag, &doomed) {
+    let flows = matching_flows(
+        diag,
+        conntrack,
+        |local, remote| {
+            cuts.iter()
+                .any(|c| c.source == remote.ip() && c.service_port == local.port())
+        },
+        |flow| cuts.iter().any(|c| c.matches(flow)).then_some(()),
+    )?;
+    let doomed: Vec<&Doomed> = flows.iter().map(|(_, _, d)| d).collect();
+    let mut ended = end_on(diag, conntrack, &doomed)?;
+    ended.more_left = doomed.len() == MAX_FLOWS;
+    Ok(ended)
+}
+
+/// Aborts each flow's socket, then deletes its conntrack entry.
+fn end_on(diag: &mnl::Socket, conntrack: &mnl::Socket, doomed: &[&Doomed]) -> Result<Ended, Error> {
+    let mut ended = Ended::default();
+    match abort_sockets(diag, doomed) {
         Ok(aborted) => ended.sockets = aborted,
         Err(Error::Refused { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
             ended.sockets_unsupported = true;
         }
         Err(e) => return Err(e),
     }
-    ended.flows = delete_entries(conntrack, &doomed)?;
+    ended.flows = delete_entries(conntrack, doomed)?;
     Ok(ended)
 }
 
@@ -381,9 +517,12 @@ struct ServiceSocket {
     remote: SocketAddr,
 }
 
-/// The connected TCP sockets of this namespace whose local port is one of
-/// `cuts`' service ports and whose peer is that cut's source.
-fn service_sockets(socket: &mnl::Socket, cuts: &[Cut]) -> Result<Vec<ServiceSocket>, Error> {
+/// The connected TCP sockets of this namespace that `keep` (given their
+/// local and remote ends) keeps.
+fn service_sockets(
+    socket: &mnl::Socket,
+    keep: impl Fn(SocketAddr, SocketAddr) -> bool,
+) -> Result<Vec<ServiceSocket>, Error> {
     let what = "listing the service's sockets (sock_diag)";
     let mut buffer = vec![0u8; RECV_BUFFER];
     let mut found = Vec::new();
@@ -436,9 +575,7 @@ fn service_sockets(socket: &mnl::Socket, cuts: &[Cut]) -> Result<Vec<ServiceSock
                         );
                         if header.state != TCP_LISTEN
                             && found.len() < MAX_FLOWS
-                            && cuts
-                                .iter()
-                                .any(|c| c.source == remote.ip() && c.service_port == local.port())
+                            && keep(local, remote)
                         {
                             found.push(ServiceSocket {
                                 id: InetRequest {
@@ -491,15 +628,17 @@ fn tcp_tuple(from: SocketAddr, to: SocketAddr) -> Vec<Tuple> {
     ]
 }
 
-/// The flows to cut: each service socket whose conntrack entry, fetched by
-/// its exact reply tuple, is one a cut describes (it came in through the
-/// grant's ports). A socket without an entry is no flow a grant let in.
-fn matching_flows(
+/// The flows a door let in: each service socket `keep_socket` keeps whose
+/// conntrack entry, fetched by its exact reply tuple, `keep_flow` maps to
+/// something (it came in through a grant's ports). A socket without an
+/// entry is no flow a grant let in.
+fn matching_flows<T>(
     diag: &mnl::Socket,
     socket: &mnl::Socket,
-    cuts: &[Cut],
-) -> Result<Vec<Doomed>, Error> {
-    let sockets = service_sockets(diag, cuts)?;
+    keep_socket: impl Fn(SocketAddr, SocketAddr) -> bool,
+    keep_flow: impl Fn(&Flow) -> Option<T>,
+) -> Result<Vec<(T, Flow, Doomed)>, Error> {
+    let sockets = service_sockets(diag, keep_socket)?;
     if sockets.is_empty() {
         return Ok(Vec::new());
     }
@@ -528,15 +667,20 @@ fn matching_flows(
             for reply in messages(&buffer[..n]) {
                 match reply {
                     Ok(Reply::Entry(attributes)) => {
-                        if flow_of(&attributes)
-                            .is_some_and(|flow| cuts.iter().any(|c| c.matches(&flow)))
-                        {
+                        let Some(flow) = flow_of(&attributes) else {
+                            continue;
+                        };
+                        if let Some(tag) = keep_flow(&flow) {
                             let key = delete_key(&attributes);
-                            doomed.push(Doomed {
-                                family,
-                                key,
-                                socket: service.id.clone(),
-                            });
+                            doomed.push((
+                                tag,
+                                flow,
+                                Doomed {
+                                    family,
+                                    key,
+                                    socket: service.id.clone(),
+                                },
+                            ));
                         }
                     }
                     Ok(Reply::Ack | Reply::Done) => break 'reply,
@@ -582,7 +726,7 @@ const TCP_LISTEN: u8 = 10;
 /// Aborts the service-side socket of each flow (`SOCK_DESTROY`), named by
 /// its cookie, so a socket that has since closed and whose four-tuple a new
 /// one took is not touched. Returns how many it aborted.
-fn abort_sockets(socket: &mnl::Socket, doomed: &[Doomed]) -> Result<usize, Error> {
+fn abort_sockets(socket: &mnl::Socket, doomed: &[&Doomed]) -> Result<usize, Error> {
     let what = "aborting the service's socket (sock_diag)";
     let mut aborted = 0;
     for (seq, Doomed { socket: id, .. }) in (100..).zip(doomed) {
@@ -595,7 +739,7 @@ fn abort_sockets(socket: &mnl::Socket, doomed: &[Doomed]) -> Result<usize, Error
 }
 
 /// Deletes each flow's conntrack entry. Returns how many it deleted.
-fn delete_entries(socket: &mnl::Socket, doomed: &[Doomed]) -> Result<usize, Error> {
+fn delete_entries(socket: &mnl::Socket, doomed: &[&Doomed]) -> Result<usize, Error> {
     let what = "deleting conntrack entries";
     let mut deleted = 0;
     // Past the lookups' sequence numbers on the same socket.
@@ -704,6 +848,31 @@ mod tests {
         assert!(yes(with_state("198.18.0.2", Protocol::Tcp, 40500, 22, 5)));
         // An entry without ports is no flow to cut.
         assert_eq!(flow_of(&[ConntrackAttribute::CtaMark(1)]), None);
+    }
+
+    #[test]
+    fn the_start_time_is_read_from_the_nested_timestamp() {
+        // A pad attribute (CTA_TIMESTAMP_PAD, 3) first, as 32-bit kernels
+        // put one; then CTA_TIMESTAMP_START, big-endian.
+        let mut nested = vec![4, 0, 3, 0];
+        nested.extend_from_slice(&[12, 0, 1, 0]);
+        nested.extend_from_slice(&1_700_000_000_123_456_789u64.to_be_bytes());
+        assert_eq!(timestamp_start(&nested), Some(1_700_000_000_123_456_789));
+        assert_eq!(timestamp_start(&nested[..10]), None);
+        assert_eq!(timestamp_start(&[0, 0, 1, 0]), None);
+        // The whole attribute, flagged nested as the kernel sends it.
+        let mut attribute = vec![(4 + nested.len()) as u8, 0, 20, 0x80];
+        attribute.extend_from_slice(&nested);
+        let nla = netlink_packet_core::NlaBuffer::new_checked(&attribute[..]).unwrap();
+        let parsed =
+            <netlink_packet_core::DefaultNla as netlink_packet_core::Parseable<_>>::parse(&nla)
+                .unwrap();
+        let mut attributes = entry("198.18.0.2", Protocol::Tcp, 40500, 22);
+        attributes.push(ConntrackAttribute::Other(parsed));
+        assert_eq!(
+            flow_of(&attributes).unwrap().started_ns,
+            Some(1_700_000_000_123_456_789)
+        );
     }
 
     #[test]

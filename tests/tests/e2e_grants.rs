@@ -407,3 +407,99 @@ fn a_scan_never_costs_a_holder_without_a_lease_its_grant() {
             .is_empty()
     );
 }
+
+/// The status of the daemon, as JSON.
+fn status_json(daemon: &knockd_tests::Daemon) -> serde_json::Value {
+    let out = std::process::Command::new(knockd_tests::knockctl_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(daemon.control_socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// R-GRANT-3: a connection a grant let in lives at most `max_session_secs`,
+/// heartbeats or not, then is cut the way revoke cuts it; status shows its
+/// time left meanwhile. The lease itself lives on: a new connection works.
+fn a_session_is_cut_at_its_cap(v6: bool) {
+    const CAP: u64 = 4;
+    let bed = Bed::new(v6);
+    let mut daemon = bed.start(&format!(", max_session_secs: {CAP}, lease_idle_secs: 30"));
+    let socket = bed.socket();
+    let (answer, mut stream) = bed.open_and_connect();
+    let connected = Instant::now();
+    let status = status_json(&daemon);
+    let sessions = status["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "{status:#}");
+    assert_eq!(sessions[0]["granted_port"], answer.reply.port);
+    assert_eq!(sessions[0]["stamped"], true, "conntrack timestamps are on");
+    let left = sessions[0]["secs_left"].as_u64().unwrap();
+    assert!((CAP - 1..=CAP).contains(&left), "{status:#}");
+    // Heartbeats and traffic all along: neither extends the session.
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // (A device may use 16 sequences a step: a heartbeat a second.)
+    let mut beat = Instant::now();
+    let cut_after = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if beat.elapsed() >= Duration::from_secs(1) {
+            beat = Instant::now();
+            let reply = bed.knock(&socket, Kind::Heartbeat).reply;
+            assert_eq!(reply.port, answer.reply.port);
+        }
+        use std::io::{Read as _, Write as _};
+        let alive = stream.write_all(b"ping").is_ok() && {
+            let mut buf = [0; 4];
+            stream.read_exact(&mut buf).is_ok()
+        };
+        if !alive {
+            break connected.elapsed();
+        }
+        assert!(
+            connected.elapsed() < Duration::from_secs(CAP + 2),
+            "the session outlived its {CAP} s cap"
+        );
+    };
+    assert!(
+        cut_after >= Duration::from_secs(CAP - 1),
+        "cut after {cut_after:?}, before its cap"
+    );
+    let line = daemon.wait_for("session cut at its cap", Duration::from_secs(2), |_| true);
+    assert_eq!(line["max_session_secs"], CAP);
+    assert!(line["age_secs"].as_u64().unwrap() >= CAP);
+    eprintln!(
+        "session cut {:.2} s after connecting (cap {CAP} s, log age {} s)",
+        cut_after.as_secs_f64(),
+        line["age_secs"]
+    );
+    // The lease is still there, and a new session through it starts afresh.
+    let (outcome, stream) = bed.connect(answer.reply.port);
+    assert_eq!(outcome, Outcome::Answered);
+    let mut again = stream.unwrap();
+    assert!(probe::echo_round_trip(&mut again, b"again"));
+    let status = status_json(&daemon);
+    let sessions = status["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "{status:#}");
+    assert!(
+        sessions[0]["secs_left"].as_u64().unwrap() >= CAP - 1,
+        "{status:#}"
+    );
+}
+
+#[test]
+fn a_session_is_cut_at_its_cap_v4() {
+    require_privileges!();
+    a_session_is_cut_at_its_cap(false);
+}
+
+#[test]
+fn a_session_is_cut_at_its_cap_v6() {
+    require_privileges!();
+    a_session_is_cut_at_its_cap(true);
+}

@@ -328,6 +328,28 @@ fn print_status(s: &StatusReport) {
     );
     println!("\ngrants:");
     print_grants(&s.grants);
+    println!("\nsessions (connections grants let in):");
+    println!(
+        "{:<12} {:<46} {:>6} {:>9} {:>10}",
+        "door", "client", "port", "age", "cap in"
+    );
+    for session in &s.sessions {
+        println!(
+            "{:<12} {:<46} {:>6} {:>8}s {:>10}{}",
+            session.door,
+            session.client.to_string(),
+            session.granted_port,
+            session.age_secs,
+            session
+                .secs_left
+                .map_or("no cap".to_owned(), |left| format!("{left}s")),
+            if session.stamped {
+                ""
+            } else {
+                " (age since first seen)"
+            }
+        );
+    }
     let seq = &s.sequences_in_progress;
     println!(
         "\nsequences in progress: {} one-time (partial), {} static",

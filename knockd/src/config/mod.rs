@@ -214,6 +214,10 @@ pub(crate) struct RawDoor {
     /// How long a grant admits new connections, in seconds (default 30).
     /// Established connections outlive it.
     pub open_for_secs: Option<u32>,
+    /// How long a connection a grant let in may live, in seconds (default
+    /// 86400; 0: no cap). At the cap it is cut the way `knockctl revoke`
+    /// cuts; heartbeats do not extend it (R-GRANT-3).
+    pub max_session_secs: Option<u32>,
     /// The TCP range grants are drawn from (default 40000-40999): each
     /// grant is a random free port here, redirected to the service port for
     /// the granted source only. Doors may share a range: a port serves one
@@ -253,6 +257,7 @@ pub(crate) struct RawDoor {
 pub mod door_defaults {
     use super::PortRange;
     pub const OPEN_FOR_SECS: u32 = 30;
+    pub const MAX_SESSION_SECS: u32 = 86_400;
     pub const GRANT_PORTS: PortRange = PortRange {
         start: 40000,
         end: 40999,
@@ -296,6 +301,8 @@ pub struct Door {
     pub expose_service_port: bool,
     /// Seconds a grant admits new connections.
     pub open_for_secs: u32,
+    /// Seconds a connection it let in may live (0: no cap).
+    pub max_session_secs: u32,
     pub kind: DoorKind,
 }
 
@@ -383,6 +390,7 @@ impl From<RawDoor> for Door {
             service_port: raw.service_port,
             expose_service_port: raw.expose_service_port,
             open_for_secs: raw.open_for_secs.unwrap_or(d::OPEN_FOR_SECS),
+            max_session_secs: raw.max_session_secs.unwrap_or(d::MAX_SESSION_SECS),
             kind,
         }
     }

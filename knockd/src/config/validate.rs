@@ -129,6 +129,12 @@ impl Config<RawDoor> {
                 key("service_port"),
             )?;
             check_bounds(&key("open_for_secs"), door.open_for_secs, 1, 86_400)?;
+            check_bounds(
+                &key("max_session_secs"),
+                door.max_session_secs,
+                0,
+                31_536_000,
+            )?;
             check_bounds(&key("lease_idle_secs"), door.lease_idle_secs, 1, 86_400)?;
             check_bounds(&key("rotate_every_secs"), door.rotate_every_secs, 0, 86_400)?;
             check_bounds(

@@ -135,6 +135,9 @@ pub struct StatusReport {
     /// Knock decisions by outcome or reason code.
     pub decisions: BTreeMap<String, u64>,
     pub grants: Vec<GrantView>,
+    /// Connections in progress that a grant let in, with their caps.
+    #[serde(default)]
+    pub sessions: Vec<SessionView>,
     pub sequences_in_progress: SequencesInProgress,
     /// The last errors (at most 20), oldest first.
     pub recent_errors: Vec<RecentError>,
@@ -174,6 +177,22 @@ pub struct GrantView {
     pub rotations: u32,
     /// SYNs from other sources to its port.
     pub probes: u64,
+}
+
+/// A connection in progress that a grant let in (in `status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub door: String,
+    /// The client's address and port.
+    pub client: std::net::SocketAddr,
+    /// The port it connected to (its grant's).
+    pub granted_port: u16,
+    pub age_secs: u64,
+    /// Seconds until `max_session_secs` cuts it; `null` without a cap.
+    pub secs_left: Option<u64>,
+    /// Whether the age is conntrack's own (true), or counted from when
+    /// knockd first saw the session (conntrack kept no timestamp).
+    pub stamped: bool,
 }
 
 /// Knock sequences begun and not finished.
@@ -306,6 +325,14 @@ mod tests {
             rates_per_sec: None,
             decisions: [("accepted".to_owned(), 1)].into(),
             grants: vec![grant.clone()],
+            sessions: vec![SessionView {
+                door: "ssh".into(),
+                client: "198.18.0.2:50000".parse().unwrap(),
+                granted_port: 40123,
+                age_secs: 5,
+                secs_left: Some(86_395),
+                stamped: true,
+            }],
             sequences_in_progress: SequencesInProgress {
                 static_doors: vec![StaticProgress {
                     source: "198.18.0.3".parse().unwrap(),

@@ -21,6 +21,7 @@ use log_limit::LogLimiter;
 mod log_limit;
 mod report;
 mod requests;
+mod sessions;
 
 pub use requests::RequestError;
 
@@ -83,6 +84,8 @@ pub struct Daemon {
     attachments: Vec<Attachment>,
     /// Counters at the previous status, for rates.
     previous_counters: Option<(Instant, maps::Counters)>,
+    /// When sessions next meet their caps.
+    session_caps: sessions::SessionCaps,
 }
 
 /// Errors kept for `knockctl status`.
@@ -124,6 +127,17 @@ impl Daemon {
                 "adopted the grants the nftables table held"
             );
         }
+        // The table's conntrack expressions have loaded conntrack, so its
+        // sysctls exist now.
+        if config.doors.values().any(|d| d.max_session_secs > 0) {
+            match crate::cut::enable_timestamps() {
+                Ok(true) => {}
+                Ok(false) | Err(_) => tracing::warn!(
+                    "could not turn on conntrack timestamps (net.netfilter.nf_conntrack_timestamp); \
+                     session caps count from when knockd first sees a session, and may cut up to an eighth of a cap late"
+                ),
+            }
+        }
         let mut daemon = Daemon {
             config,
             engine,
@@ -140,6 +154,7 @@ impl Daemon {
             recent_errors: VecDeque::new(),
             attachments: Vec::new(),
             previous_counters: None,
+            session_caps: sessions::SessionCaps::new(Instant::now()),
         };
         daemon.load_policy()?;
         Ok(daemon)
@@ -200,6 +215,9 @@ impl Daemon {
         self.log_rotations(probed, true);
         // Knock ports turn with the time step; granted ports with grants.
         self.load_policy()?;
+        if self.session_caps.due(now) {
+            self.enforce_session_caps(now);
+        }
         if now.duration_since(self.table_checked) >= TABLE_CHECK_EVERY {
             self.table_checked = now;
             match nft::table_exists() {
@@ -222,6 +240,28 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Cuts the sessions past their door's cap, logging each.
+    fn enforce_session_caps(&mut self, now: Instant) {
+        match self
+            .session_caps
+            .enforce(&self.config, now, std::time::SystemTime::now())
+        {
+            Ok(cut) => {
+                for session in cut {
+                    tracing::info!(
+                        door = %session.door,
+                        client = %session.client,
+                        age_secs = session.age_secs,
+                        max_session_secs = session.cap_secs,
+                        "session cut at its cap"
+                    );
+                    *self.tally.entry("session_capped").or_default() += 1;
+                }
+            }
+            Err(e) => self.record_error(format!("enforcing session caps failed: {}", chain(&e))),
+        }
     }
 
     /// Judges a knock and acts on the decision.

@@ -58,6 +58,21 @@ impl Daemon {
         out
     }
 
+    /// The sessions grants let in, looked up now; a failed lookup is
+    /// recorded and shows none.
+    pub(super) fn session_views(&mut self) -> Vec<crate::control::wire::SessionView> {
+        match self
+            .session_caps
+            .list(&self.config, std::time::SystemTime::now())
+        {
+            Ok(sessions) => sessions,
+            Err(e) => {
+                self.record_error(format!("listing sessions failed: {}", super::chain(&e)));
+                Vec::new()
+            }
+        }
+    }
+
     pub(super) fn grant_views(&self) -> Vec<GrantView> {
         let now = Instant::now();
         self.grants
@@ -123,6 +138,7 @@ impl Daemon {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
             grants: self.grant_views(),
+            sessions: self.session_views(),
             sequences_in_progress: SequencesInProgress {
                 static_doors: self
                     .engine

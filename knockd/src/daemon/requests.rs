@@ -185,6 +185,7 @@ impl Daemon {
         self.engine = engine;
         self.grants = grants;
         self.loaded_at_ms = unix_ms();
+        self.session_caps.rescan(Instant::now());
         self.load_policy()?;
         let summary = format!(
             "{}: doors {:?}, {} devices{}",
