@@ -105,19 +105,6 @@ impl Reason {
             Reason::Timeout => "timeout",
         }
     }
-
-    /// Whether the knock authenticated before it was rejected: such rejects
-    /// name the device and are never rate-limited away in the log.
-    pub fn authenticated(self) -> bool {
-        matches!(
-            self,
-            Reason::ClockSkew
-                | Reason::Replay
-                | Reason::SourceMismatch
-                | Reason::WrongCount
-                | Reason::RateLimited
-        )
-    }
 }
 
 /// What a completed sequence asks for.
@@ -642,6 +629,31 @@ impl Engine {
                 return reject(decision, Reason::Malformed);
             }
         };
+        // The window (§7 rule 1): the steps whose knock ports the server
+        // listens on. A knock that claims a step outside it cannot be
+        // matched to a device (its port is not derived for that step), so
+        // it is a clock_skew reject, unauthenticated: it names no device.
+        let window = self.doors.iter().find_map(|d| match &d.kind {
+            Judging::OneTime(one_time) if one_time.range.contains(&knock.destination.port()) => {
+                Some((
+                    d.name.clone(),
+                    one_time.built_for.unwrap_or(0),
+                    one_time.window(),
+                ))
+            }
+            _ => None,
+        });
+        if let Some((door, server_step, window)) = window
+            && fields.step.abs_diff(server_step) > window
+        {
+            decision.door = Some(door);
+            decision.detail = Some(format!(
+                "the knock is for step {}, {} steps from the server's; only ±{window} are listened on, so it cannot be authenticated",
+                fields.step,
+                fields.step as i128 - server_step as i128
+            ));
+            return reject(decision, Reason::ClockSkew);
+        }
         let candidates = self
             .port_index
             .get(&knock.destination.port())
@@ -680,6 +692,18 @@ impl Engine {
         let Judging::OneTime(door) = &self.doors[candidate.door].kind else {
             unreachable!("candidates only name one-time doors")
         };
+        // `time` is the sender's clock when it built the sequence; `step`
+        // must be its step, or the offset the skew check reports would not
+        // be the one that made it fail.
+        if proto::step_of(fields.time_ms, door.step_secs) != fields.step {
+            decision.detail = Some(format!(
+                "time {} ms is in step {}, the knock says step {}",
+                fields.time_ms,
+                proto::step_of(fields.time_ms, door.step_secs),
+                fields.step
+            ));
+            return reject(decision, Reason::Malformed);
+        }
         let now_step = proto::step_of(now_ms, door.step_secs);
         if fields.step.abs_diff(now_step) > u64::from(door.skew_steps) {
             let offset_ms = fields.time_ms as i128 - now_ms as i128;

@@ -598,6 +598,39 @@ impl Grants {
         Ok(Some(grant))
     }
 
+    /// Ends, now, what a device's `close` knock ends: every grant the
+    /// device holds on `door`, from any address of either family (a
+    /// dual-stack client may hold one per family), and the grant of
+    /// `source` if no device is known for it (adopted after a restart).
+    /// Another device's grant on the same address is left alone.
+    pub fn close_device(
+        &mut self,
+        kernel: &mut impl Kernel,
+        door: &str,
+        source: IpAddr,
+        device: &str,
+        now: Instant,
+    ) -> Result<Vec<Grant>, Error> {
+        let mut sources: Vec<IpAddr> = self
+            .by_source
+            .iter()
+            .filter(|((d, _), g)| d == door && g.device.as_deref() == Some(device))
+            .map(|((_, s), _)| *s)
+            .collect();
+        if self
+            .by_source
+            .get(&(door.to_owned(), source))
+            .is_some_and(|g| g.device.is_none())
+        {
+            sources.push(source);
+        }
+        let mut ended = Vec::new();
+        for source in sources {
+            ended.extend(self.close(kernel, door, source, now)?);
+        }
+        Ok(ended)
+    }
+
     /// Forgets expired grants (the kernel already dropped them) and moves
     /// leases whose rotation is due to fresh ports. Returns the rotations
     /// made, as (old, new) grants.
@@ -1035,6 +1068,42 @@ mod tests {
         grants.open(&mut k, "legacy", a, None, t0).unwrap();
         grants.tick(&mut k, t0 + SECS(21)).unwrap();
         assert!(!grants.list().iter().any(|g| g.door == "legacy"));
+    }
+
+    /// A device's close ends its grants from both families; another
+    /// device's grant, even on the same address, stays.
+    #[test]
+    fn a_close_ends_the_devices_grants_over_both_families() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let (v4, v6, other) = (ip("198.18.0.2"), ip("2001:db8::2"), ip("198.18.0.3"));
+        grants.open(&mut k, "ssh", v4, Some("laptop"), t0).unwrap();
+        grants.open(&mut k, "ssh", v6, Some("laptop"), t0).unwrap();
+        grants
+            .open(&mut k, "ssh", other, Some("sensor"), t0)
+            .unwrap();
+        let ended = grants
+            .close_device(&mut k, "ssh", v4, "laptop", t0)
+            .unwrap();
+        let mut sources: Vec<IpAddr> = ended.iter().map(|g| g.source).collect();
+        sources.sort();
+        assert_eq!(sources, [v4, v6]);
+        let left: Vec<IpAddr> = grants.list().iter().map(|g| g.source).collect();
+        assert_eq!(left, [other]);
+        // Nothing left to close: an empty answer (the reply says no_grant).
+        assert!(
+            grants
+                .close_device(&mut k, "ssh", v6, "laptop", t0)
+                .unwrap()
+                .is_empty()
+        );
+        // The sensor's close from the laptop's address ends only its own.
+        assert_eq!(
+            grants
+                .close_device(&mut k, "ssh", v4, "sensor", t0)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -493,11 +493,28 @@ fn a_close_knock_ends_the_grant() {
         (heartbeat.reply.status, heartbeat.reply.port),
         (Status::Granted, opened.reply.port)
     );
+    // The same device also holds a grant over IPv6.
+    let (server6, client6, _) = addrs::family(true);
+    let target6 = setup.target(server6, &setup.laptop);
+    let socket6 = client_socket(&testbed.client, client6);
+    let opened6 =
+        client::knock_from(&socket6, &target6, Kind::Open, Duration::from_secs(10)).unwrap();
+    let granted6 = SocketAddr::new(server6, opened6.reply.port);
+    // (The service listens on IPv4 only: the grant shows as a RST from
+    // the service port, where without it there is silence.)
+    assert_eq!(
+        connect(&testbed.client, client6, granted6),
+        Outcome::Refused
+    );
+    // One close, over IPv4, ends the device's grants in both families.
     let closed = knock(Kind::Close);
     assert_eq!(closed.reply.status, Status::Closed);
     assert_eq!(connect(&testbed.client, client, granted), Outcome::Silent);
     assert_eq!(connect(&testbed.client, client, ssh), Outcome::Silent);
+    assert_eq!(connect(&testbed.client, client6, granted6), Outcome::Silent);
     assert_eq!(knock(Kind::Heartbeat).reply.status, Status::NoGrant);
+    // A close with nothing to close says so.
+    assert_eq!(knock(Kind::Close).reply.status, Status::NoGrant);
 }
 
 #[test]

@@ -238,6 +238,70 @@ fn skew_of_one_step_is_accepted_two_is_reported() {
     );
 }
 
+/// §7 rule 1: a knock for a step outside the window cannot be matched to
+/// a device, even on a port that happens to be valid now; it is reported
+/// as clock skew, unauthenticated (no device named), as the rules say.
+#[test]
+fn a_knock_beyond_the_window_on_a_valid_port_is_clock_skew() {
+    let mut w = world(T0);
+    let now_port = w.knocks("laptop", Kind::Open, T0, 1)[0].0;
+    for offset in [6i64, 7, -7] {
+        let client = (T0 as i64 + offset * STEP_MS as i64) as u64;
+        let far = w.knocks("laptop", Kind::Open, client, 2);
+        let decision = w.send_raw(CLIENT, now_port, &far[0].1, T0);
+        assert_eq!(
+            decision.outcome,
+            Outcome::Rejected(Reason::ClockSkew),
+            "offset {offset}"
+        );
+        assert_eq!(decision.device, None, "unauthenticated");
+        assert_eq!(decision.door.as_deref(), Some("ssh"));
+        let detail = decision.detail.unwrap();
+        assert!(
+            detail.contains(&format!("{offset} steps from the server's"))
+                && detail.contains("only ±5"),
+            "{detail}"
+        );
+    }
+}
+
+/// The `time` field must fall in the knock's `step`: it is what the skew
+/// report measures the offset with.
+#[test]
+fn a_time_outside_its_step_is_malformed() {
+    let mut w = world(T0);
+    let keys = w.keys("laptop", "ssh");
+    let step = crate::proto::step_of(T0, 30);
+    let knock = crate::proto::Knock {
+        kind: Kind::Close,
+        index: 0,
+        count: 1,
+        step,
+        time_ms: T0 + 3 * STEP_MS,
+        nonce: [9; 16],
+        bind: None,
+    };
+    let port = keys.port(step, 0, &(7000..=7999));
+    let decision = w.send_raw(CLIENT, port, &knock.encode(&keys), T0);
+    assert_eq!(decision.outcome, Outcome::Rejected(Reason::Malformed));
+    assert_eq!(decision.device.as_deref(), Some("laptop"));
+    assert!(
+        decision
+            .detail
+            .unwrap()
+            .contains(&format!("says step {step}")),
+        "the detail names the step"
+    );
+    let fine = crate::proto::Knock {
+        time_ms: T0 + STEP_MS - 1,
+        ..knock
+    };
+    assert_eq!(
+        w.send_raw(CLIENT, port, &fine.encode(&keys), T0).outcome,
+        Outcome::Accepted(Action::Close)
+    );
+}
+
 #[test]
 fn a_replay_fails_within_the_step_and_after_a_restart() {
     let mut w = world(T0);

@@ -351,7 +351,7 @@ impl Daemon {
     fn log_reject(&mut self, reason: Reason, decision: &Decision) {
         // Authenticated rejects name a device and are rare: always log them.
         // Anyone can cause the others, so they are rate-limited.
-        let suppressed = if reason.authenticated() {
+        let suppressed = if decision.device.is_some() {
             Some(0)
         } else {
             self.reject_log.allow(Instant::now())
@@ -395,10 +395,19 @@ impl Daemon {
                     Some(g) => (Status::Granted, g.port, g.secs_left(Instant::now())),
                     None => (Status::NoGrant, 0, 0),
                 }),
+            // A close names its device (it authenticated): it ends that
+            // device's grants on the door, whatever their address.
             Action::Close => self
                 .grants
-                .close(kernel, &door_name, source, now)
-                .map(|_| (Status::Closed, 0, 0)),
+                .close_device(kernel, &door_name, source, device.unwrap_or_default(), now)
+                .map(|ended| {
+                    let status = if ended.is_empty() {
+                        Status::NoGrant
+                    } else {
+                        Status::Closed
+                    };
+                    (status, 0, 0)
+                }),
         };
         let (status, port, expires_in) = match result {
             Ok(done) => {
