@@ -57,6 +57,12 @@ pub mod policy {
     /// SYN to it is dropped, and counted apart from drops on ports the
     /// configuration protects by name.
     pub const CLOSED: u8 = 1 << 5;
+    /// A port of a one-time door's knock range that no sequence uses now.
+    /// A datagram shaped like a knock to one is still dropped, but counted
+    /// ([`super::Counter::KnockUnmatched`]): that is what a device with a
+    /// wrong key, a clock off by more than the window, or a profile with
+    /// other door settings sends, and the daemon never sees it.
+    pub const KNOCK_RANGE: u8 = 1 << 6;
 }
 
 /// The shape of a one-time knock on the wire (`docs/PROTOCOL.md` §6), as
@@ -203,11 +209,15 @@ pub enum Counter {
     /// A bare SYN to a closed port of a dark host (`closed_ports: drop`):
     /// dropped silently.
     DropClosed,
+    /// A datagram shaped like a one-time knock to a port of a knock range
+    /// that no sequence uses now (wrong key, clock or door settings; or a
+    /// forgery): dropped without an event, and counted.
+    KnockUnmatched,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::PassNotIp,
         Counter::PassOtherProto,
         Counter::PassUnprotected,
@@ -221,6 +231,7 @@ impl Counter {
         Counter::KnockEventLost,
         Counter::KnockMalformed,
         Counter::DropClosed,
+        Counter::KnockUnmatched,
     ];
 
     /// Number of counter slots.
@@ -255,6 +266,7 @@ impl Counter {
             Counter::KnockEventLost => "knock_event_lost",
             Counter::KnockMalformed => "knock_malformed",
             Counter::DropClosed => "drop_closed",
+            Counter::KnockUnmatched => "knock_unmatched",
         }
     }
 }

@@ -404,6 +404,9 @@ fn transport(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Malformed> {
     if flags & policy::CLOSED != 0 {
         return Ok(Counter::DropClosed);
     }
+    if flags & policy::KNOCK_RANGE != 0 && ip.proto == IPPROTO_UDP && unmatched_knock(ctx, ip)? {
+        return Ok(Counter::KnockUnmatched);
+    }
     Ok(Counter::DropProtected)
 }
 
@@ -486,6 +489,20 @@ fn knock_shaped(ctx: &XdpContext, offset: usize, len: u16) -> Result<bool, Malfo
         && (1..=knock_wire::KIND_MAX).contains(&kind)
         && count <= knock_wire::MAX_KNOCKS
         && index < count)
+}
+
+/// Whether a UDP datagram to a knock-range port is shaped like a knock.
+#[inline(always)]
+fn unmatched_knock(ctx: &XdpContext, ip: &Ip) -> Result<bool, Malformed> {
+    let l4 = ip.l4_offset;
+    let udp_len = be16_at(ctx, l4 + 4)?;
+    if l4 + udp_len as usize > ip.end {
+        return Err(Malformed);
+    }
+    let Some(payload_len) = udp_len.checked_sub(UDP_HLEN) else {
+        return Err(Malformed);
+    };
+    knock_shaped(ctx, l4 + UDP_HLEN as usize, payload_len)
 }
 
 fn knock(

@@ -46,7 +46,7 @@ pub fn port_policy(config: &Config, knocks: &BTreeSet<KnockPort>) -> PortPolicy 
         match &door.kind {
             DoorKind::OneTime(d) => {
                 for port in d.knock_ports.ports() {
-                    table.set(Proto::Udp, port, policy::PROTECTED);
+                    table.set(Proto::Udp, port, policy::PROTECTED | policy::KNOCK_RANGE);
                 }
                 for port in d.grant_ports.ports() {
                     table.set(Proto::Tcp, port, policy::PROTECTED);

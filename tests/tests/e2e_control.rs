@@ -560,3 +560,42 @@ fn metrics_are_off_by_default_and_served_on_loopback_when_on() {
     assert!(reply.ends_with("# EOF\n"), "{reply}");
     assert!(get("/other").starts_with("HTTP/1.1 404"));
 }
+
+/// A client with a wrong key gets no answer, and its knocks never reach
+/// the daemon (XDP drops them: their ports are not valid now); status
+/// counts them and says what that usually means.
+#[test]
+fn status_hints_at_a_wrong_key() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let quiet = json(&knockctl(&socket, &["status", "--json"]));
+    assert_eq!(quiet["counters"]["knock_unmatched"], 0);
+    assert!(quiet["hints"].as_array().unwrap().is_empty());
+    let target = knockd::client::Target {
+        server: bed.server,
+        door: "ssh".into(),
+        params: knockd::proto::DoorParams {
+            knock_ports: 7000..=7999,
+            knocks: 3,
+            step_secs: 30,
+        },
+        key: knockd::proto::DeviceKey::generate(),
+        bind: None,
+    };
+    let sock = bed.socket();
+    let answer = knockd::client::knock_from(&sock, &target, Kind::Open, Duration::from_secs(2));
+    assert!(answer.is_err(), "a wrong key is never answered");
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    let unmatched = status["counters"]["knock_unmatched"].as_u64().unwrap();
+    assert!(unmatched >= 3, "{status:#}");
+    let hint = status["hints"][0].as_str().unwrap();
+    assert!(hint.contains("wrong key"), "{hint}");
+    let table = knockctl(&socket, &["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("hint: ") && table.contains("knock_unmatched"),
+        "{table}"
+    );
+}

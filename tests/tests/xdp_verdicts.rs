@@ -926,3 +926,30 @@ fn a_dark_host_drops_syns_to_every_port_no_rule_names() {
     bench.expect(&v4_tcp(CLIENT4, 40005, SYN), Counter::DropProtected);
     bench.expect(&v4_udp(OPEN, b"x"), Counter::PassUnprotected);
 }
+
+/// A datagram shaped like a one-time knock, to a port of a knock range
+/// that no sequence uses now (what a wrong key or a wrong clock sends), is
+/// dropped like any other, but counted apart so the operator can see it;
+/// garbage to the same port is a plain protected drop.
+#[test]
+fn knock_shaped_datagrams_to_unused_range_ports_are_counted() {
+    require_privileges!();
+    let mut bench = Bench::new();
+    let config = knockd::config::Config::parse(
+        "interfaces: [eth0]\ndoors: { ssh: { service_port: 22 } }\n",
+        std::path::Path::new("range.yaml"),
+    )
+    .unwrap();
+    let table = knockd::policy::port_policy(&config, &Default::default());
+    bench.maps.apply_port_policy(&table).unwrap();
+    let mut shaped = vec![0u8; knockd_common::knock_wire::LEN];
+    shaped[..4].copy_from_slice(&[1, 1, 0, 3]);
+    for port in [7000, 7100, 7999] {
+        bench.expect(&v4_udp(port, &shaped), Counter::KnockUnmatched);
+        bench.expect(&v4_udp(port, b"garbage"), Counter::DropProtected);
+    }
+    let mut bad_version = shaped.clone();
+    bad_version[0] = 2;
+    bench.expect(&v4_udp(7100, &bad_version), Counter::DropProtected);
+    bench.expect(&v4_udp(8000, &shaped), Counter::PassUnprotected);
+}

@@ -326,6 +326,9 @@ fn print_status(s: &StatusReport) {
         "\ndecisions: {}",
         serde_json::to_string(&s.decisions).unwrap_or_default()
     );
+    for hint in &s.hints {
+        println!("\nhint: {hint}");
+    }
     println!("\ngrants:");
     print_grants(&s.grants);
     println!("\nsessions (connections grants let in):");

@@ -138,6 +138,10 @@ pub struct StatusReport {
     /// Connections in progress that a grant let in, with their caps.
     #[serde(default)]
     pub sessions: Vec<SessionView>,
+    /// What the counters suggest is wrong, in words (for example knocks
+    /// that match no sequence: a client with a wrong key).
+    #[serde(default)]
+    pub hints: Vec<String>,
     pub sequences_in_progress: SequencesInProgress,
     /// The last errors (at most 20), oldest first.
     pub recent_errors: Vec<RecentError>,
@@ -333,6 +337,7 @@ mod tests {
                 secs_left: Some(86_395),
                 stamped: true,
             }],
+            hints: Vec::new(),
             sequences_in_progress: SequencesInProgress {
                 static_doors: vec![StaticProgress {
                     source: "198.18.0.3".parse().unwrap(),

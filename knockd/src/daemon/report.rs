@@ -73,6 +73,21 @@ impl Daemon {
         }
     }
 
+    /// Hints for the operator from the counters.
+    fn hints(&self, counters: &maps::Counters) -> Vec<String> {
+        let mut hints = Vec::new();
+        let unmatched = counters.get(knockd_common::Counter::KnockUnmatched);
+        if unmatched > 0 {
+            hints.push(format!(
+                "{unmatched} datagrams shaped like one-time knocks reached knock ports no \
+                 sequence uses now, and were dropped in XDP: a client with a wrong key, a \
+                 clock off by more than the window, or a profile whose knock_ports, knocks \
+                 or step_secs differ from the door's (`knockctl device add` writes them all)"
+            ));
+        }
+        hints
+    }
+
     pub(super) fn grant_views(&self) -> Vec<GrantView> {
         let now = Instant::now();
         self.grants
@@ -139,6 +154,7 @@ impl Daemon {
                 .collect(),
             grants: self.grant_views(),
             sessions: self.session_views(),
+            hints: counters.as_ref().map(|c| self.hints(c)).unwrap_or_default(),
             sequences_in_progress: SequencesInProgress {
                 static_doors: self
                     .engine
