@@ -1,16 +1,24 @@
 //! Client profiles: what a device needs to knock on a door, in one YAML
-//! file on the client (`knockctl device add` prints the entry).
+//! file on the client. `docs/PROTOCOL.md` §12 specifies the format;
+//! `knockctl device add` prints one profile as a document of it, and
+//! `knockctl profile import` merges such documents into the file.
 //!
 //! ```yaml
+//! ---
+//! version: 1
 //! profiles:
 //!   bastion:
 //!     host: bastion.example.org
 //!     door: ssh
 //!     key: 64 hex digits
-//!     knock_ports: "7000-7999"   # optional: these are the defaults
+//!     knock_ports: "7000-7999"
 //!     knocks: 3
 //!     step_secs: 30
 //! ```
+//!
+//! A file is a YAML stream: documents appended one after the other (each
+//! `device add` output starts with `---`) merge, as long as no profile
+//! name is given two different profiles.
 
 use std::{
     collections::BTreeMap,
@@ -24,11 +32,20 @@ use crate::{
     proto::{DeviceKey, DoorParams},
 };
 
+/// The profile format this code reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
 /// A profile-file error, naming the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading {path}")]
     Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}")]
+    Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -39,6 +56,11 @@ pub enum Error {
         key: String,
         message: String,
     },
+    #[error(
+        "{path}: mode {mode:04o} lets group or others read the device keys in it; \
+         `chmod 600 {path}` (or import it again with `knockctl profile import`)"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
     #[error("{path}: no profile named {name:?}, and none for host {name:?} (profiles: {known})")]
     NotFound {
         path: PathBuf,
@@ -47,12 +69,22 @@ pub enum Error {
     },
 }
 
-/// The client's file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Every profile of a file (all its documents), by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Profiles {
-    #[serde(default)]
     pub profiles: BTreeMap<String, Profile>,
+}
+
+/// One document of a profile file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    /// The format version. Files written before it existed have none and
+    /// are read as version 1, which they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+    #[serde(default)]
+    profiles: BTreeMap<String, Profile>,
 }
 
 /// One door on one server, as one device.
@@ -65,13 +97,13 @@ pub struct Profile {
     pub door: String,
     /// The device key, 64 hex digits.
     pub key: String,
-    /// The door's knock-port range, if not the default.
+    /// The door's knock-port range (default 7000-7999).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub knock_ports: Option<PortRange>,
-    /// Knocks per sequence, if not the default.
+    /// Knocks per sequence (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub knocks: Option<u8>,
-    /// The time step, if not the default.
+    /// The time step in seconds (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_secs: Option<u32>,
 }
@@ -99,40 +131,166 @@ impl Profile {
     }
 }
 
+/// What [`Profiles::merge`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Merged {
+    pub added: Vec<String>,
+    pub replaced: Vec<String>,
+    /// Already there, the same.
+    pub unchanged: Vec<String>,
+}
+
 impl Profiles {
-    /// Reads and checks `path`: every key must parse.
+    /// Reads and checks `path`, refusing a file others may read (it holds
+    /// device keys, as an ssh private key does).
     pub fn load(path: &Path) -> Result<Profiles, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        let file = std::fs::File::open(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mode = {
+            use std::os::unix::fs::PermissionsExt as _;
+            file.metadata()
+                .map_err(|source| Error::Read {
+                    path: path.to_owned(),
+                    source,
+                })?
+                .permissions()
+                .mode()
+        };
+        if mode & 0o077 != 0 {
+            return Err(Error::Exposed {
+                path: path.to_owned(),
+                mode: mode & 0o7777,
+            });
+        }
+        let text = std::io::read_to_string(file).map_err(|source| Error::Read {
             path: path.to_owned(),
             source,
         })?;
         Profiles::parse(&text, path)
     }
 
-    /// Parses and checks the text of a profile file; `path` names it in
-    /// errors.
+    /// Parses and checks the text of a profile file (a stream of one or
+    /// more documents); `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Profiles, Error> {
         let invalid = |key: String, message: String| Error::Invalid {
             path: path.to_owned(),
             key,
             message,
         };
-        let profiles: Profiles =
-            crate::config::parse_yaml(text).map_err(|e| invalid(e.key, e.message))?;
-        for (name, profile) in &profiles.profiles {
-            profile
-                .device_key()
-                .map_err(|e| invalid(format!("profiles.{name}.key"), e))?;
-            if let Some(knocks) = profile.knocks
-                && !(1..=crate::proto::MAX_KNOCKS).contains(&knocks)
-            {
+        let mut merged = Profiles::default();
+        for (n, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let place = |key: &str| format!("document {}: {key}", n + 1);
+            let document: Document = crate::config::parse_yaml_document(document)
+                .map_err(|e| invalid(place(&e.key), e.message))?;
+            let version = document.version.unwrap_or(FORMAT_VERSION);
+            if version != FORMAT_VERSION {
                 return Err(invalid(
-                    format!("profiles.{name}.knocks"),
-                    format!("{knocks} is not in 1-{}", crate::proto::MAX_KNOCKS),
+                    place("version"),
+                    format!("format {version} is not one this knockctl reads ({FORMAT_VERSION})"),
                 ));
             }
+            for (name, profile) in document.profiles {
+                let key = |field: &str| place(&format!("profiles.{name}.{field}"));
+                profile.device_key().map_err(|e| invalid(key("key"), e))?;
+                if let Some(knocks) = profile.knocks
+                    && !(1..=crate::proto::MAX_KNOCKS).contains(&knocks)
+                {
+                    return Err(invalid(
+                        key("knocks"),
+                        format!("{knocks} is not in 1-{}", crate::proto::MAX_KNOCKS),
+                    ));
+                }
+                if let Some(step) = profile.step_secs
+                    && step == 0
+                {
+                    return Err(invalid(key("step_secs"), "0 is not a time step".into()));
+                }
+                match merged.profiles.get(&name) {
+                    Some(earlier) if *earlier != profile => {
+                        return Err(invalid(
+                            place(&format!("profiles.{name}")),
+                            "an earlier document has a different profile of this name".into(),
+                        ));
+                    }
+                    _ => {
+                        merged.profiles.insert(name, profile);
+                    }
+                }
+            }
         }
-        Ok(profiles)
+        Ok(merged)
+    }
+
+    /// The file's text: one document of the current format, starting with
+    /// `---` so that it can be appended to another profile file.
+    pub fn to_yaml(&self) -> String {
+        let document = Document {
+            version: Some(FORMAT_VERSION),
+            profiles: self.profiles.clone(),
+        };
+        format!(
+            "---\n{}",
+            serde_yaml::to_string(&document).expect("profiles serialize")
+        )
+    }
+
+    /// Adds `other`'s profiles. A name both hold with different profiles is
+    /// refused unless `replace`; the same profile twice is fine.
+    pub fn merge(&mut self, other: Profiles, replace: bool) -> Result<Merged, String> {
+        let mut merged = Merged::default();
+        for (name, profile) in &other.profiles {
+            match self.profiles.get(name) {
+                Some(mine) if mine == profile => merged.unchanged.push(name.clone()),
+                Some(_) if !replace => {
+                    return Err(format!(
+                        "profile {name:?} exists with other settings (--replace replaces it)"
+                    ));
+                }
+                Some(_) => merged.replaced.push(name.clone()),
+                None => merged.added.push(name.clone()),
+            }
+        }
+        self.profiles.extend(other.profiles);
+        Ok(merged)
+    }
+
+    /// Writes the file atomically (a 0600 temporary file renamed over it),
+    /// creating its directory (0700) if needed.
+    pub fn save(&self, path: &Path) -> Result<(), Error> {
+        use std::{
+            io::Write as _,
+            os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+        };
+        let write_err = |source| Error::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir
+            && !dir.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(write_err)?;
+        }
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(".tmp");
+        let temp = PathBuf::from(temp);
+        let _ = std::fs::remove_file(&temp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(write_err)?;
+        file.write_all(self.to_yaml().as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(write_err)?;
+        std::fs::rename(&temp, path).map_err(write_err)
     }
 
     /// The profile named `name`, or else the one for host `name` and `door`.
@@ -167,6 +325,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("profiles.yaml");
         std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         (dir, path)
     }
 
@@ -201,12 +361,105 @@ mod tests {
     fn bad_profiles_name_their_key() {
         let (_dir, path) = write("profiles:\n  b: { host: h, door: ssh, key: abc }\n");
         let e = Profiles::load(&path).unwrap_err().to_string();
-        assert!(e.contains("profiles.b.key: expected 64 hex digits"), "{e}");
+        assert!(
+            e.contains("document 1: profiles.b.key: expected 64 hex digits"),
+            "{e}"
+        );
         let (_dir, path) = write("profiles:\n  b: { host: h, door: ssh, key: abc, colour: red }\n");
         let e = Profiles::load(&path).unwrap_err().to_string();
         assert!(
             e.contains("profiles.b.colour") && e.contains("unknown field"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn appended_documents_merge_and_conflicts_are_named() {
+        let (k1, k2) = (
+            DeviceKey::generate().to_hex(),
+            DeviceKey::generate().to_hex(),
+        );
+        let one = |name: &str, key: &str| Profiles {
+            profiles: [(
+                name.to_owned(),
+                Profile {
+                    host: "198.18.0.1".into(),
+                    door: "ssh".into(),
+                    key: key.to_owned(),
+                    knock_ports: Some(PortRange {
+                        start: 9000,
+                        end: 9099,
+                    }),
+                    knocks: Some(5),
+                    step_secs: Some(60),
+                },
+            )]
+            .into(),
+        };
+        // Two `device add` outputs appended, and an old file without a
+        // version in front.
+        let old = format!("profiles:\n  legacy: {{ host: h, door: ssh, key: {k1} }}\n");
+        let text = format!(
+            "{old}{}{}",
+            one("laptop", &k1).to_yaml(),
+            one("phone", &k2).to_yaml()
+        );
+        let (_dir, path) = write(&text);
+        let all = Profiles::load(&path).unwrap();
+        assert_eq!(all.profiles.len(), 3);
+        assert_eq!(all.profiles["phone"].params().knock_ports, 9000..=9099);
+        assert_eq!(all.profiles["phone"].params().step_secs, 60);
+        // The same profile twice is fine; a different one under the name is not.
+        let (_dir, path) = write(&format!(
+            "{}{}",
+            one("laptop", &k1).to_yaml(),
+            one("laptop", &k1).to_yaml()
+        ));
+        assert_eq!(Profiles::load(&path).unwrap().profiles.len(), 1);
+        let (_dir, path) = write(&format!(
+            "{}{}",
+            one("laptop", &k1).to_yaml(),
+            one("laptop", &k2).to_yaml()
+        ));
+        let e = Profiles::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("document 2: profiles.laptop: an earlier document"),
+            "{e}"
+        );
+        // A version this code does not know is refused, naming it.
+        let (_dir, path) = write("version: 2\nprofiles: {}\n");
+        let e = Profiles::load(&path).unwrap_err().to_string();
+        assert!(e.contains("document 1: version: format 2"), "{e}");
+        // Merging, as `profile import` does.
+        let mut mine = one("laptop", &k1);
+        let merged = mine.merge(one("phone", &k2), false).unwrap();
+        assert_eq!(merged.added, ["phone"]);
+        assert!(mine.merge(one("laptop", &k2), false).is_err());
+        assert_eq!(
+            mine.merge(one("laptop", &k2), true).unwrap().replaced,
+            ["laptop"]
+        );
+    }
+
+    #[test]
+    fn a_profile_file_others_can_read_is_refused_and_save_writes_0600() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = DeviceKey::generate().to_hex();
+        let (dir, path) = write(&format!(
+            "profiles:\n  b: {{ host: h, door: ssh, key: {key} }}\n"
+        ));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Profiles::load(&path).unwrap_err().to_string();
+        assert!(e.contains("mode 0644 lets group or others read"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let profiles = Profiles::load(&path).unwrap();
+        let saved = dir.path().join("new/profiles.yaml");
+        profiles.save(&saved).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            (mode(&saved), mode(saved.parent().unwrap())),
+            (0o600, 0o700)
+        );
+        assert_eq!(Profiles::load(&saved).unwrap(), profiles);
     }
 }

@@ -3,6 +3,7 @@
 //! server side; and OpenSSH going through it as a ProxyCommand.
 
 use std::{
+    io::Write as _,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -17,8 +18,21 @@ use knockd_tests::{
 
 const SSH: u16 = 22;
 
-/// A server with one door (provisioned through `knockctl device add`) and
-/// the client's profiles file.
+/// The server's configuration: one door whose knock settings are none of
+/// the defaults, with `door_extra` settings.
+fn server_config_text(testbed: &Testbed, devices: &Path, door_extra: &str) -> String {
+    format!(
+        "interfaces: [{}]\nxdp_mode: native\ndevices_dir: {}\n\
+         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }}, \
+         knock_ports: \"9000-9099\", knocks: 4, step_secs: 20{door_extra} }} }}\n",
+        testbed.server_if,
+        devices.display()
+    )
+}
+
+/// A server with one door, whose knock settings are none of the defaults
+/// (provisioned through `knockctl device add`), and the client's profiles
+/// file (filled by `knockctl profile import`).
 struct Setup {
     testbed: Testbed,
     dir: tempfile::TempDir,
@@ -37,13 +51,17 @@ impl Setup {
         }
         let dir = tempfile::tempdir().unwrap();
         let devices = dir.path().join("devices.d");
+        // A door whose knock settings are none of the defaults: the profile
+        // `device add` prints must carry them, or no knock would land.
+        let server_config = dir.path().join("server.yaml");
+        std::fs::write(&server_config, server_config_text(&testbed, &devices, "")).unwrap();
         let added = Command::new(knockctl_bin())
             .args([
                 "device", "add", "laptop", "--group", "admins", "--door", "ssh", "--host",
             ])
             .arg(server.to_string())
-            .arg("--devices-dir")
-            .arg(&devices)
+            .arg("--config")
+            .arg(&server_config)
             .output()
             .unwrap();
         assert!(
@@ -51,13 +69,45 @@ impl Setup {
             "{}",
             String::from_utf8_lossy(&added.stderr)
         );
+        let printed = String::from_utf8_lossy(&added.stdout);
+        for line in [
+            "version: 1",
+            "knock_ports: 9000-9099",
+            "knocks: 4",
+            "step_secs: 20",
+        ] {
+            assert!(printed.contains(line), "{line:?} in:\n{printed}");
+        }
         let key = devices.join("laptop.key");
         assert_eq!(
             std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        let profiles = dir.path().join("profiles.yaml");
-        std::fs::write(&profiles, &added.stdout).unwrap();
+        // The client takes it in with `profile import`, from standard input.
+        let profiles = dir.path().join("client/profiles.yaml");
+        let mut import = Command::new(knockctl_bin())
+            .args(["profile", "import", "-", "--profiles"])
+            .arg(&profiles)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        import
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&added.stdout)
+            .unwrap();
+        let imported = import.wait_with_output().unwrap();
+        assert!(
+            imported.status.success(),
+            "{}",
+            String::from_utf8_lossy(&imported.stderr)
+        );
+        assert_eq!(
+            std::fs::metadata(&profiles).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         Setup {
             testbed,
             dir,
@@ -67,12 +117,13 @@ impl Setup {
     }
 
     fn start(&self) -> Daemon {
-        let config = format!(
-            "interfaces: [{}]\nxdp_mode: native\ndevices_dir: {}\n\
-             doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }} }} }}\n",
-            self.testbed.server_if,
-            self.dir.path().join("devices.d").display()
-        );
+        self.start_with("")
+    }
+
+    /// The daemon, with `door_extra` settings on its door.
+    fn start_with(&self, door_extra: &str) -> Daemon {
+        let devices = self.dir.path().join("devices.d");
+        let config = server_config_text(&self.testbed, &devices, door_extra);
         Daemon::start(&self.testbed.server, &config)
     }
 
@@ -168,6 +219,7 @@ fn errors_are_clear_and_have_exit_codes() {
         text.replace(key_line, &format!("    key: {other}")),
     )
     .unwrap();
+    std::fs::set_permissions(&forged, std::fs::Permissions::from_mode(0o600)).unwrap();
     let start = Instant::now();
     let out = setup
         .testbed
@@ -185,6 +237,37 @@ fn errors_are_clear_and_have_exit_codes() {
         "{stderr}"
     );
     assert!(start.elapsed() < Duration::from_secs(6));
+    // A profile file others can read is refused (it holds a key), naming
+    // the file and the fix.
+    std::fs::set_permissions(&forged, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = setup
+        .testbed
+        .client
+        .command(knockctl_bin())
+        .args(["knock", "--profiles"])
+        .arg(&forged)
+        .arg("laptop")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("mode 0644 lets group or others read") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    // Importing it where a different "laptop" exists is refused.
+    let out = Command::new(knockctl_bin())
+        .args(["profile", "import", "--profiles"])
+        .arg(&setup.profiles)
+        .arg(&forged)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists with other settings"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // An unknown profile: exit 1, naming the file and the profiles known.
     let out = setup.knockctl(&["nowhere"]);
     assert_eq!(out.status.code(), Some(1));
@@ -199,13 +282,7 @@ fn errors_are_clear_and_have_exit_codes() {
 /// port, or (with `exec`) starting `--exec`'s command for it.
 fn a_lease_follows_rotations(exec: bool) {
     let setup = Setup::new(false, true);
-    let config = format!(
-        "interfaces: [{}]\nxdp_mode: native\ndevices_dir: {}\n\
-         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }}, rotate_every_secs: 2 }} }}\n",
-        setup.testbed.server_if,
-        setup.dir.path().join("devices.d").display()
-    );
-    let _daemon = Daemon::start(&setup.testbed.server, &config);
+    let _daemon = setup.start_with(", rotate_every_secs: 2");
     let mut command = setup.testbed.client.command(knockctl_bin());
     command
         .args(["knock", "--lease", "--heartbeat-every", "1", "--profiles"])

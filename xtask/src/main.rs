@@ -685,6 +685,10 @@ fn demo() -> Result<()> {
         ])
         .arg("--devices-dir")
         .arg(dir.join("devices.d"))
+        // The door's knock settings come from the configuration the demo
+        // runs (the example's).
+        .arg("--config")
+        .arg(workspace_root().join("deploy/knockd.example.yaml"))
         .output()?;
     ensure!(
         profile.status.success(),

@@ -49,6 +49,9 @@ enum Command {
     /// Manage the devices of a knockd server (run it there).
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Manage this client's profiles.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
     /// Show the running daemon: interfaces, counters and rates, grants and
     /// leases, sequences in progress, configuration, recent errors.
     Status {
@@ -147,18 +150,20 @@ enum DeviceCommand {
         /// Groups the device belongs to (repeatable).
         #[arg(long = "group")]
         groups: Vec<String>,
-        /// The server's devices directory.
-        #[arg(long, default_value = "/etc/knockd/devices.d")]
-        devices_dir: PathBuf,
+        /// The server's configuration: the door's knock settings go into
+        /// the profile from it, and its devices_dir is the default.
+        #[arg(long, default_value = "/etc/knockd/knockd.yaml")]
+        config: PathBuf,
+        /// The server's devices directory (default: the configuration's
+        /// devices_dir, else /etc/knockd/devices.d).
+        #[arg(long)]
+        devices_dir: Option<PathBuf>,
         /// The host clients reach the server at, for the printed profile.
         #[arg(long, default_value = "SERVER")]
         host: String,
         /// The door the profile opens.
         #[arg(long, default_value = "ssh")]
         door: String,
-        /// The door's knock-port range, if not the default.
-        #[arg(long)]
-        knock_ports: Option<String>,
     },
     /// List the devices in the devices directory.
     List {
@@ -170,6 +175,24 @@ enum DeviceCommand {
         name: String,
         #[arg(long, default_value = "/etc/knockd/devices.d")]
         devices_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Merge profiles (what `knockctl device add` printed) into the
+    /// profiles file, creating it 0600.
+    Import {
+        /// Files of profiles, or - for standard input.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The profiles file.
+        #[arg(long, env = "KNOCKCTL_PROFILES", default_value_os_t = default_profiles())]
+        profiles: PathBuf,
+        /// Replace a profile of the same name with other settings (else
+        /// that is refused).
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -218,6 +241,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Knock(args) => knock(&args),
         Command::Device(command) => device(command).map_err(Failure::from),
+        Command::Profile(command) => profile(command).map_err(Failure::from),
         Command::Status { socket, json } => show(&socket, Request::Status, json, print_status),
         Command::Grants { socket, json } => show(&socket, Request::Grants, json, print_grants),
         Command::Revoke { target, socket } => {
@@ -574,16 +598,112 @@ fn lease(
     }
 }
 
+/// The knock settings of one-time door `door` in the server configuration
+/// at `path`, and its devices_dir. Without the file (a device made away
+/// from the server), the defaults, with a warning.
+fn door_settings(
+    path: &Path,
+    door: &str,
+) -> anyhow::Result<(knockd::proto::DoorParams, Option<PathBuf>)> {
+    let defaults = || {
+        let d = knockd::config::door_defaults::KNOCK_PORTS;
+        knockd::proto::DoorParams {
+            knock_ports: d.start..=d.end,
+            knocks: knockd::config::door_defaults::KNOCKS,
+            step_secs: knockd::config::door_defaults::STEP_SECS,
+        }
+    };
+    if !path.exists() {
+        eprintln!(
+            "knockctl: warning: no {}: the profile carries the default door settings \
+             (knock_ports 7000-7999, knocks 3, step_secs 30); use --config",
+            path.display()
+        );
+        return Ok((defaults(), None));
+    }
+    let config = knockd::config::Config::load(path)?;
+    let Some(found) = config.doors.get(door) else {
+        bail!(
+            "{}: no door {door:?} (doors: {})",
+            path.display(),
+            config.doors.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    };
+    let Some(one_time) = found.one_time() else {
+        bail!(
+            "{}: door {door:?} is static: it takes no device keys",
+            path.display()
+        );
+    };
+    let range = one_time.knock_ports;
+    Ok((
+        knockd::proto::DoorParams {
+            knock_ports: range.start..=range.end,
+            knocks: one_time.knocks,
+            step_secs: one_time.step_secs,
+        },
+        config.devices_dir.clone(),
+    ))
+}
+
+fn profile(command: ProfileCommand) -> anyhow::Result<()> {
+    match command {
+        ProfileCommand::Import {
+            files,
+            profiles: path,
+            replace,
+        } => {
+            let mut mine = if path.exists() {
+                Profiles::load(&path)?
+            } else {
+                Profiles::default()
+            };
+            for file in &files {
+                let (text, name) = if file.as_os_str() == "-" {
+                    (
+                        std::io::read_to_string(std::io::stdin())?,
+                        PathBuf::from("(stdin)"),
+                    )
+                } else {
+                    let text = std::fs::read_to_string(file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    (text, file.clone())
+                };
+                let theirs = Profiles::parse(&text, &name)?;
+                let merged = mine
+                    .merge(theirs, replace)
+                    .map_err(|e| anyhow!("{}: {e}", name.display()))?;
+                for (what, names) in [
+                    ("added", &merged.added),
+                    ("replaced", &merged.replaced),
+                    ("already there", &merged.unchanged),
+                ] {
+                    if !names.is_empty() {
+                        eprintln!("{}: {what}: {}", name.display(), names.join(", "));
+                    }
+                }
+            }
+            mine.save(&path)?;
+            eprintln!("wrote {} (0600)", path.display());
+            Ok(())
+        }
+    }
+}
+
 fn device(command: DeviceCommand) -> anyhow::Result<()> {
     match command {
         DeviceCommand::Add {
             name,
             groups,
+            config,
             devices_dir,
             host,
             door,
-            knock_ports,
         } => {
+            let (params, configured_dir) = door_settings(&config, &door)?;
+            let devices_dir = devices_dir
+                .or(configured_dir)
+                .unwrap_or_else(|| PathBuf::from("/etc/knockd/devices.d"));
             let file = DeviceFile {
                 id: name.clone(),
                 key_file: PathBuf::from(format!("{name}.key")),
@@ -610,10 +730,6 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             writeln!(out, "{}", key.to_hex())?;
             std::fs::write(&yaml_path, serde_yaml::to_string(&file)?)
                 .with_context(|| format!("writing {}", yaml_path.display()))?;
-            let knock_ports = knock_ports
-                .map(|r| r.parse::<PortRange>())
-                .transpose()
-                .map_err(|e| anyhow!("--knock-ports: {e}"))?;
             let profile = Profiles {
                 profiles: [(
                     name.clone(),
@@ -621,9 +737,12 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                         host,
                         door,
                         key: key.to_hex(),
-                        knock_ports,
-                        knocks: None,
-                        step_secs: None,
+                        knock_ports: Some(PortRange {
+                            start: *params.knock_ports.start(),
+                            end: *params.knock_ports.end(),
+                        }),
+                        knocks: Some(params.knocks),
+                        step_secs: Some(params.step_secs),
                     },
                 )]
                 .into(),
@@ -633,7 +752,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 yaml_path.display(),
                 key_path.display()
             );
-            print!("{}", serde_yaml::to_string(&profile)?);
+            print!("{}", profile.to_yaml());
             Ok(())
         }
         DeviceCommand::List { devices_dir } => {

@@ -497,7 +497,14 @@ pub struct YamlError {
 /// of the configuration, device files and client profiles, so all three
 /// name the key at fault the same way.
 pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
-    serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+    parse_yaml_document(serde_yaml::Deserializer::from_str(text))
+}
+
+/// [`parse_yaml`] for one document of a YAML stream (`---` separated).
+pub fn parse_yaml_document<T: DeserializeOwned>(
+    document: serde_yaml::Deserializer<'_>,
+) -> Result<T, YamlError> {
+    serde_path_to_error::deserialize(document).map_err(|e| {
         let key = e.path().to_string();
         let message = e.into_inner().to_string();
         // serde_yaml prefixes its own (shorter) path; keep ours only.
