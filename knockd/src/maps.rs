@@ -44,6 +44,13 @@ pub enum Error {
         #[source]
         source: PinError,
     },
+    /// The pin directory is not on a bpffs mount, so nothing can be pinned.
+    #[error(
+        "bpffs_dir {0} is not on a bpffs mount. Mount one (`mount -t bpf bpf /sys/fs/bpf`) \
+         or set bpffs_dir to a directory on one; under `ip netns exec`, /sys is a fresh \
+         sysfs without it (see the README, \"In a network namespace\")"
+    )]
+    NotBpffs(PathBuf),
     /// The pin directory could not be prepared.
     #[error("{path} (is bpffs mounted there?)")]
     PinDir {
@@ -51,6 +58,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Whether `dir` is on a bpffs mount (its statfs magic is BPF_FS_MAGIC).
+fn on_bpffs(dir: &Path) -> bool {
+    const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer for one statfs.
+    let ok = unsafe { libc::statfs(path.as_ptr(), stat.as_mut_ptr()) } == 0;
+    // SAFETY: statfs filled it when it returned 0. (f_type's type differs
+    // between architectures; the magic fits 32 bits on all of them.)
+    ok && unsafe { stat.assume_init() }.f_type as u32 == BPF_FS_MAGIC
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -201,6 +222,12 @@ impl GuardMaps {
     /// The policy mirror starts empty because a new object's arrays are zero.
     pub fn take(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Self, Error> {
         if let Some(dir) = pin_dir {
+            // Only directories on bpffs hold pins: check where the path
+            // already exists before creating the rest of it.
+            let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(dir);
+            if !on_bpffs(existing) {
+                return Err(Error::NotBpffs(dir.to_owned()));
+            }
             std::fs::create_dir_all(dir).map_err(|source| Error::PinDir {
                 path: dir.to_owned(),
                 source,

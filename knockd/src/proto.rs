@@ -674,7 +674,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        assert_eq!(blocks.len(), 2, "vectors in PROTOCOL.md");
+        assert_eq!(blocks.len(), 5, "vectors in PROTOCOL.md");
         for v in blocks {
             let name = v["vector"];
             let mut key = [0; KEY_LEN];

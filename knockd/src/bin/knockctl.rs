@@ -425,7 +425,7 @@ fn send(
             client::Error::Io(_) => 1,
         };
         let hint = match code {
-            2 => " (is the door's knock-port range right, is UDP to it allowed, and is this clock right?)",
+            2 => " (are the key and the profile's knock_ports, knocks and step_secs the door's, is UDP to it allowed, and is this clock right? `knockctl status` on the server counts such knocks as knock_unmatched)",
             _ => "",
         };
         Failure(code, anyhow!("{e}{hint}"))
