@@ -54,6 +54,9 @@ pub enum CheckError {
     Config(#[from] crate::config::Error),
     #[error(transparent)]
     Devices(#[from] Error),
+    /// An interface the guard would attach to does not exist (now).
+    #[error("{key}: no interface {name:?} on this host")]
+    NoInterface { key: String, name: String },
 }
 
 /// Validates a configuration file with its devices and key files, as
@@ -62,6 +65,18 @@ pub enum CheckError {
 pub fn check_config(path: &Path) -> Result<String, CheckError> {
     let config = Config::load(path)?;
     let devices = Devices::load(&config, path)?;
+    for (i, name) in config.interfaces.iter().enumerate() {
+        let Ok(c_name) = std::ffi::CString::new(name.as_str()) else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated name; the call only reads it.
+        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+            return Err(CheckError::NoInterface {
+                key: format!("interfaces[{i}]"),
+                name: name.clone(),
+            });
+        }
+    }
     let mut report = String::new();
     for warning in devices
         .warnings

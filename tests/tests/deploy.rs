@@ -21,10 +21,15 @@ fn the_unit_verifies_without_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let unit = std::fs::read_to_string(workspace().join("deploy/knockd.service")).unwrap();
     // systemd-analyze checks that ExecStart's binary exists.
-    let unit = unit.replace(
-        "/usr/local/sbin/knockd",
-        &knockd_bin().display().to_string(),
-    );
+    let unit = unit
+        .replace(
+            "/usr/local/sbin/knockd",
+            &knockd_bin().display().to_string(),
+        )
+        .replace(
+            "/usr/local/bin/knockctl",
+            &knockd_tests::knockctl_bin().display().to_string(),
+        );
     let path = dir.path().join("knockd.service");
     std::fs::write(&path, unit).unwrap();
     let out = Command::new("systemd-analyze")

@@ -7,7 +7,6 @@ use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt as _,
     path::PathBuf,
-    process::Command,
     time::Duration,
 };
 
@@ -560,7 +559,10 @@ fn check_config_names_an_unsafe_key_file() {
     let config = setup.dir.path().join("knockd.yaml");
     std::fs::write(&config, setup.config(&testbed)).unwrap();
     let check = || {
-        Command::new(knockd_tests::knockd_bin())
+        // In the server's namespace: its interface must exist.
+        testbed
+            .server
+            .command(knockd_tests::knockd_bin())
             .arg("check-config")
             .arg(&config)
             .output()
@@ -576,10 +578,42 @@ fn check_config_names_an_unsafe_key_file() {
     let key = setup.dir.path().join("laptop.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let bad = check();
-    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(bad.status.code(), Some(78), "EX_CONFIG");
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(
         stderr.contains(&format!("key file {}: mode 0644", key.display())),
+        "{stderr}"
+    );
+    // The daemon refuses the same configuration with EX_CONFIG, which the
+    // unit lists in RestartPreventExitStatus=.
+    let run = testbed
+        .server
+        .command(knockd_tests::knockd_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // An interface this host does not have is refused, by check-config and
+    // by `knockd run` alike.
+    std::fs::write(
+        &config,
+        setup
+            .config(&testbed)
+            .replace(&testbed.server_if, "kdnosuch0"),
+    )
+    .unwrap();
+    let missing = check();
+    assert_eq!(missing.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("interfaces[0]: no interface \"kdnosuch0\" on this host"),
         "{stderr}"
     );
 }

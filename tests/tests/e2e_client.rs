@@ -542,7 +542,7 @@ fn device_list_remove_check_config_and_completions() {
     std::fs::write(
         &config,
         format!(
-            "interfaces: [eth0]\ndevices_dir: {}\ndoors: {{ ssh: {{ service_port: 22, allow: {{ groups: [fleet] }} }} }}\n",
+            "interfaces: [lo]\ndevices_dir: {}\ndoors: {{ ssh: {{ service_port: 22, allow: {{ groups: [fleet] }} }} }}\n",
             devices.display()
         ),
     )
@@ -579,7 +579,7 @@ fn device_list_remove_check_config_and_completions() {
     // A broken config is named, with exit code 1.
     std::fs::write(
         &config,
-        "interfaces: [eth0]\ndoors: { ssh: { service_port: 0 } }\n",
+        "interfaces: [lo]\ndoors: { ssh: { service_port: 0 } }\n",
     )
     .unwrap();
     let broken = ctl(&["check-config", &config.display().to_string()]);

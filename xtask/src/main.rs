@@ -760,7 +760,10 @@ fn demo() -> Result<()> {
     banner(&format!(
         "starting knockd with deploy/knockd.example.yaml on {server_if}"
     ));
-    run(Command::new(&knockd).arg("check-config").arg(&config_path))?;
+    run(server
+        .command(&knockd)
+        .arg("check-config")
+        .arg(&config_path))?;
     let log_path = dir.join("knockd.log");
     let log = std::fs::File::create(&log_path)?;
     let daemon = Background(

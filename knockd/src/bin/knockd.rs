@@ -37,8 +37,9 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Validate a configuration file, its devices and key files, and exit:
-    /// 0 if valid, 1 naming the offending key or file if not.
+    /// Validate a configuration file, its devices and key files, and that
+    /// its interfaces exist, and exit: 0 if valid, 78 (EX_CONFIG) naming the
+    /// offending key or file if not.
     CheckConfig {
         /// Configuration file.
         #[arg(default_value = DEFAULT_CONFIG)]
@@ -113,8 +114,29 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("knockd: {e:#}");
-            ExitCode::FAILURE
+            exit_code(&e)
         }
+    }
+}
+
+/// EX_CONFIG (sysexits.h): the configuration, a device or key file is
+/// wrong. The unit lists it in RestartPreventExitStatus=, so systemd does
+/// not restart into the same error forever.
+const EX_CONFIG: u8 = 78;
+
+/// 78 for an error in the configuration (or its devices and key files),
+/// 1 for anything else (a missing interface may yet appear; retrying is
+/// right there).
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    let config_error = e.chain().any(|cause| {
+        cause.is::<knockd::config::Error>()
+            || cause.is::<knockd::devices::Error>()
+            || cause.is::<knockd::devices::CheckError>()
+    });
+    if config_error {
+        ExitCode::from(EX_CONFIG)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
