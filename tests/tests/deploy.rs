@@ -154,3 +154,167 @@ fn notify_ready_watchdog_reload_and_stop_reach_the_service_manager() {
     assert!(daemon.stop().success());
     expect(&socket, "STOPPING=1", &mut seen);
 }
+
+/// One journal entry in the native protocol (systemd's "Native Journal
+/// Protocol"): `KEY=VALUE\n`, or `KEY\n`, a little-endian u64 length, the
+/// value and `\n` for values that may hold newlines.
+fn journal_fields(mut data: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    while !data.is_empty() {
+        let Some(end) = data.iter().position(|&b| b == b'\n' || b == b'=') else {
+            break;
+        };
+        let key = String::from_utf8_lossy(&data[..end]).into_owned();
+        let value;
+        if data[end] == b'=' {
+            let rest = &data[end + 1..];
+            let len = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            value = &rest[..len];
+            data = rest.get(len + 1..).unwrap_or(&[]);
+        } else {
+            let rest = &data[end + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            value = &rest[8..8 + len];
+            data = rest.get(8 + len + 1..).unwrap_or(&[]);
+        }
+        fields.insert(key, String::from_utf8_lossy(value).into_owned());
+    }
+    fields
+}
+
+/// Kills the process on drop, so a failing test leaves no daemon behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Under systemd, stderr is the journal's stream, read at one priority.
+/// knockd then speaks the journal's native protocol: each event at its
+/// priority, its fields as journal fields. Checked against a socket in
+/// journald's place (`/run/systemd/journal/socket`, in a private mount
+/// namespace), since systemd is not PID 1 here.
+#[test]
+fn logs_reach_the_journal_at_their_priority_with_fields() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let journal_dir = tempfile::tempdir().unwrap();
+    let journal = UnixDatagram::bind(journal_dir.path().join("socket")).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let bpffs_dir = format!("/sys/fs/bpf/{}", knockd_tests::unique_name("j"));
+    // A second door nobody may open yet: a warning at start.
+    let config = format!(
+        "{}bpffs_dir: {bpffs_dir}\ncontrol_socket: {}\n",
+        bed.config(
+            " }, ghost: { service_port: 2200, knock_ports: \"8000-8999\", \
+             grant_ports: \"41000-41099\", allow: { groups: [nobody] }"
+        ),
+        state.path().join("control.sock").display()
+    );
+    let config_path = state.path().join("knockd.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let script = format!(
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+         mount --bind {} /run/systemd/journal && exec {} --log-format journal run --config {}",
+        journal_dir.path().display(),
+        knockd_bin().display(),
+        config_path.display()
+    );
+    let mut daemon = KillOnDrop(
+        Command::new("nsenter")
+            .arg(format!("--net={}", bed.testbed.server.path().display()))
+            .args([
+                "--",
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut entries = Vec::new();
+    let read_until =
+        |entries: &mut Vec<std::collections::BTreeMap<String, String>>,
+         want: &dyn Fn(&std::collections::BTreeMap<String, String>) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                let mut buf = vec![0u8; 65536];
+                if let Ok(n) = journal.recv(&mut buf) {
+                    let entry = journal_fields(&buf[..n]);
+                    let done = want(&entry);
+                    entries.push(entry);
+                    if done {
+                        return;
+                    }
+                }
+            }
+            panic!("no such journal entry; got:\n{entries:#?}");
+        };
+    let message = |e: &std::collections::BTreeMap<String, String>, m: &str| {
+        e.get("MESSAGE").is_some_and(|v| v == m)
+    };
+    read_until(&mut entries, &|e| message(e, "ready"));
+    // An authenticated reject: a knock with the wrong count.
+    let target = knockd::client::Target {
+        server: bed.server,
+        door: "ssh".into(),
+        params: knockd::proto::DoorParams {
+            knock_ports: 7000..=7999,
+            knocks: 2,
+            step_secs: 30,
+        },
+        key: bed.key.clone(),
+        bind: None,
+    };
+    let _ = knockd::client::knock_from(
+        &bed.socket(),
+        &target,
+        knockd::proto::Kind::Open,
+        Duration::from_secs(1),
+    );
+    read_until(&mut entries, &|e| {
+        e.get("REASON").is_some_and(|r| r == "wrong_count")
+    });
+    let _ = Command::new("kill").arg(daemon.0.id().to_string()).status();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(daemon.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let _ = std::fs::remove_dir_all(&bpffs_dir);
+    let find = |pred: &dyn Fn(&std::collections::BTreeMap<String, String>) -> bool| {
+        entries
+            .iter()
+            .find(|e| pred(e))
+            .unwrap_or_else(|| panic!("not in:\n{entries:#?}"))
+            .clone()
+    };
+    let warning = find(&|e| message(e, "doors.ghost: no device may open this door yet"));
+    assert_eq!(warning["PRIORITY"], "4", "{warning:#?}");
+    let ready = find(&|e| message(e, "ready"));
+    assert_eq!(ready["PRIORITY"], "5", "{ready:#?}");
+    assert!(ready.contains_key("INTERFACES"), "{ready:#?}");
+    let reject = find(&|e| e.get("REASON").is_some_and(|r| r == "wrong_count"));
+    assert_eq!(reject["PRIORITY"], "4", "{reject:#?}");
+    assert_eq!(reject["DOOR"], "ssh");
+    assert_eq!(reject["DEVICE"], "laptop");
+    assert!(
+        reject["SOURCE"].starts_with(&bed.client.to_string()),
+        "{reject:#?}"
+    );
+    assert_eq!(reject["SYSLOG_IDENTIFIER"], "knockd");
+    eprintln!("journal entry of a reject: {reject:?}");
+    // Nothing went to stderr meanwhile: no line twice, no colour codes.
+    assert!(
+        !stderr.contains("ready") && !stderr.contains('\u{1b}'),
+        "{stderr}"
+    );
+}

@@ -21,8 +21,9 @@ const DEFAULT_CONFIG: &str = "/etc/knockd/knockd.yaml";
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log format: text for a terminal, json for machines.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: auto (the journal's native protocol when stderr is the
+    /// journal, as under systemd; else text), text, json, or journal.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
     log_format: LogFormat,
     /// Log filter (tracing-subscriber syntax); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
@@ -92,10 +93,12 @@ enum SequenceProto {
     Mixed,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
+    Auto,
     Text,
     Json,
+    Journal,
 }
 
 fn main() -> ExitCode {
@@ -109,11 +112,16 @@ fn main() -> ExitCode {
         }
     });
     let cli = Cli::parse_from(args);
-    init_logging(cli.log_format, &cli.log_level);
+    let to_journal = init_logging(cli.log_format, &cli.log_level);
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("knockd: {e:#}");
+            // In the journal at priority err, once; on a terminal, plainly.
+            if to_journal {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("knockd: {e:#}");
+            }
             exit_code(&e)
         }
     }
@@ -286,14 +294,65 @@ fn gen_sequence(
     Ok(())
 }
 
-fn init_logging(format: LogFormat, level: &str) {
+/// Sets up logging; returns whether it goes to the journal natively.
+///
+/// Under systemd, stderr is a stream the journal reads at one priority,
+/// so WARN and ERROR would be indistinguishable from INFO (`journalctl -p
+/// warning` would find nothing). When `JOURNAL_STREAM` says stderr is that
+/// stream, knockd speaks the journal's own protocol instead: each event at
+/// its priority (ERROR err, WARN warning, INFO notice, DEBUG info), its
+/// fields as journal fields (DOOR, DEVICE, REASON, SOURCE, …). Text goes
+/// without colour unless stderr is a terminal.
+fn init_logging(format: LogFormat, level: &str) -> bool {
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let journal = match format {
+        LogFormat::Journal => true,
+        LogFormat::Auto => stderr_is_the_journal(),
+        LogFormat::Text | LogFormat::Json => false,
+    };
+    if journal {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(layer.with_field_prefix(None))
+                    .init();
+                return true;
+            }
+            Err(e) => eprintln!("knockd: cannot log to the journal ({e}); logging text to stderr"),
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+        _ => builder.init(),
     }
+    false
+}
+
+/// Whether stderr is the journal's stream: `JOURNAL_STREAM` (set by
+/// systemd) names its device and inode, and stderr's must match, as
+/// systemd.exec(5) asks (a child with redirected stderr inherits the
+/// variable but not the stream).
+fn stderr_is_the_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat on stderr's descriptor into a buffer for one stat.
+    if unsafe { libc::fstat(2, stat.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    dev.parse() == Ok(stat.st_dev) && ino.parse() == Ok(stat.st_ino)
 }
