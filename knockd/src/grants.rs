@@ -187,6 +187,7 @@ impl Grant {
                 port,
             },
             timeout: expires.saturating_duration_since(now),
+            device: self.device.clone(),
         }
     }
 
@@ -377,7 +378,8 @@ impl Grants {
                             kind: GrantKind::Redirect,
                             door: element.door.clone(),
                             source: element.key.source,
-                            device: None,
+                            // Kept in the element's comment across restarts.
+                            device: element.device.clone(),
                             port,
                             leased: false,
                             rotations: 0,
@@ -1121,6 +1123,7 @@ mod tests {
             door: "ssh".into(),
             key: GrantKey { source: a, port },
             timeout: SECS(secs),
+            device: Some("laptop".into()),
         };
         k.existing = vec![element(40003, 20), element(lease.port, 80)];
         let mut adopted = grants();
@@ -1132,9 +1135,9 @@ mod tests {
         );
         assert!(k.allowed.contains_key(&(a, 40003)));
         assert_eq!(
-            (g.device.clone(), g.leased),
-            (None, false),
-            "the kernel keeps neither"
+            (g.device.as_deref(), g.leased),
+            (Some("laptop"), false),
+            "the kernel keeps the device (the element's comment), not the lease"
         );
         adopted.inherit(&before);
         let g = adopted.list()[0].clone();

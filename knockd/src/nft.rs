@@ -326,10 +326,41 @@ unsafe impl NlMsg for GrantSet {
     }
 }
 
-/// Elements to add to (with timeouts) or delete from one grant set.
+/// Elements to add to (with timeouts and the device they are for) or
+/// delete from one grant set.
 struct GrantElems<'a> {
     set: CString,
-    elems: &'a [(GrantKey, Duration)],
+    elems: &'a [(GrantKey, Duration, Option<&'a str>)],
+}
+
+/// `nftnl_udata` type of an element's comment (NFTNL_UDATA_SET_ELEM_COMMENT),
+/// the userdata `nft` itself writes and shows as `comment "…"`.
+const UDATA_ELEM_COMMENT: u8 = 0;
+
+/// An element's userdata holding `device` as its comment: one TLV, the
+/// string NUL-terminated, as nft writes comments.
+fn device_udata(device: &str) -> Vec<u8> {
+    let mut value = device.as_bytes()[..device.len().min(126)].to_vec();
+    value.push(0);
+    let mut udata = vec![UDATA_ELEM_COMMENT, value.len() as u8];
+    udata.extend_from_slice(&value);
+    udata
+}
+
+/// The device an element's userdata names, if it holds a comment.
+fn device_of_udata(mut udata: &[u8]) -> Option<String> {
+    while udata.len() >= 2 {
+        let (kind, len) = (udata[0], usize::from(udata[1]));
+        let value = udata.get(2..2 + len)?;
+        if kind == UDATA_ELEM_COMMENT {
+            let text = value.split(|&b| b == 0).next()?;
+            return String::from_utf8(text.to_vec())
+                .ok()
+                .filter(|d| !d.is_empty());
+        }
+        udata = &udata[2 + len..];
+    }
+    None
 }
 
 // SAFETY: as for GrantSet; ELEMS_PER_MSG keeps the message within bounds.
@@ -348,7 +379,7 @@ unsafe impl NlMsg for GrantElems<'_> {
             assert!(!set.is_null(), "out of memory");
             sys::nftnl_set_set_str(set, sys::NFTNL_SET_TABLE as u16, TABLE.as_ptr());
             sys::nftnl_set_set_str(set, sys::NFTNL_SET_NAME as u16, self.set.as_ptr());
-            for (key, timeout) in self.elems {
+            for (key, timeout, device) in self.elems {
                 let elem = sys::nftnl_set_elem_alloc();
                 assert!(!elem.is_null(), "out of memory");
                 let bytes = key.bytes();
@@ -362,6 +393,17 @@ unsafe impl NlMsg for GrantElems<'_> {
                     // At least a millisecond: 0 would mean "the set's default".
                     let ms = timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
                     sys::nftnl_set_elem_set_u64(elem, sys::NFTNL_SET_ELEM_TIMEOUT as u16, ms);
+                    // The device rides along in the kernel, so a restarted
+                    // daemon knows whose grant it adopts (revoke by device).
+                    if let Some(device) = device {
+                        let udata = device_udata(device);
+                        sys::nftnl_set_elem_set(
+                            elem,
+                            sys::NFTNL_SET_ELEM_USERDATA as u16,
+                            udata.as_ptr().cast(),
+                            udata.len() as u32,
+                        );
+                    }
                 }
                 sys::nftnl_set_elem_add(set, elem);
             }
@@ -717,19 +759,25 @@ pub struct Element {
     pub door: String,
     pub key: GrantKey,
     pub timeout: Duration,
+    /// The device the grant is for, kept in the element's comment.
+    pub device: Option<String>,
 }
 
 /// Adds `elems` (set, key, timeout) to, or removes them from, their sets,
 /// one message per set and chunk.
-fn batch_elements(batch: &mut Batch, elems: &[(CString, GrantKey, Duration)], msg_type: MsgType) {
-    let mut sets: Vec<&CString> = elems.iter().map(|(set, _, _)| set).collect();
+fn batch_elements(
+    batch: &mut Batch,
+    elems: &[(CString, GrantKey, Duration, Option<&str>)],
+    msg_type: MsgType,
+) {
+    let mut sets: Vec<&CString> = elems.iter().map(|(set, ..)| set).collect();
     sets.sort();
     sets.dedup();
     for set in sets {
-        let mine: Vec<(GrantKey, Duration)> = elems
+        let mine: Vec<(GrantKey, Duration, Option<&str>)> = elems
             .iter()
-            .filter(|(s, _, _)| s == set)
-            .map(|(_, key, timeout)| (*key, *timeout))
+            .filter(|(s, ..)| s == set)
+            .map(|(_, key, timeout, device)| (*key, *timeout, *device))
             .collect();
         for chunk in mine.chunks(ELEMS_PER_MSG) {
             let msg = GrantElems {
@@ -745,12 +793,19 @@ fn batch_elements(batch: &mut Batch, elems: &[(CString, GrantKey, Duration)], ms
 /// atomic change (a rotation is exactly that). An element that is added
 /// while it exists is first removed, so its timeout restarts.
 pub fn update_grants(add: &[Element], remove: &[Element]) -> Result<(), Error> {
-    let in_set = |elems: &[Element]| -> Vec<(CString, GrantKey, Duration)> {
+    fn in_set(elems: &[Element]) -> Vec<(CString, GrantKey, Duration, Option<&str>)> {
         elems
             .iter()
-            .map(|e| (set_name(&e.door, e.key.source.is_ipv6()), e.key, e.timeout))
+            .map(|e| {
+                (
+                    set_name(&e.door, e.key.source.is_ipv6()),
+                    e.key,
+                    e.timeout,
+                    e.device.as_deref(),
+                )
+            })
             .collect()
-    };
+    }
     let mut batch = Batch::new();
     batch_elements(&mut batch, &in_set(remove), MsgType::Del);
     batch_elements(&mut batch, &in_set(add), MsgType::Add);
@@ -771,7 +826,7 @@ pub fn update_static_grant(
     exists: bool,
 ) -> Result<(), Error> {
     let (set, _) = static_set(key.source.is_ipv6());
-    let elem = [(set.to_owned(), key, timeout.unwrap_or_default())];
+    let elem = [(set.to_owned(), key, timeout.unwrap_or_default(), None)];
     let batch_of = |remove: bool| {
         let mut batch = Batch::new();
         if remove {
@@ -803,11 +858,12 @@ pub fn list_grants(doors: &[&str]) -> Result<Vec<Element>, Error> {
     let mut out = Vec::new();
     for door in doors {
         for v6 in [false, true] {
-            for (key, timeout) in list_set(&set_name(door, v6), v6)? {
+            for (key, timeout, device) in list_set(&set_name(door, v6), v6)? {
                 out.push(Element {
                     door: (*door).to_owned(),
                     key,
                     timeout,
+                    device,
                 });
             }
         }
@@ -826,7 +882,7 @@ fn parse_elems(header: &libc::nlmsghdr, state: &mut DumpState) -> libc::c_int {
     mnl::mnl_sys::MNL_CB_OK
 }
 
-fn list_set(name: &CStr, v6: bool) -> Result<Vec<(GrantKey, Duration)>, Error> {
+fn list_set(name: &CStr, v6: bool) -> Result<Vec<(GrantKey, Duration, Option<String>)>, Error> {
     with_socket(|socket| list_set_on(socket, name, v6))
 }
 
@@ -834,7 +890,7 @@ fn list_set_on(
     socket: &mnl::Socket,
     name: &CStr,
     v6: bool,
-) -> Result<Vec<(GrantKey, Duration)>, Error> {
+) -> Result<Vec<(GrantKey, Duration, Option<String>)>, Error> {
     let mut out = Vec::new();
     const WHAT: &str = "listing grants";
     // SAFETY: a fresh set object (table and name only) builds the dump
@@ -864,10 +920,24 @@ fn list_set_on(
                         sys::nftnl_set_elem_get(elem, sys::NFTNL_SET_ELEM_KEY as u16, &mut len);
                     let expires =
                         sys::nftnl_set_elem_get_u64(elem, sys::NFTNL_SET_ELEM_EXPIRATION as u16);
+                    let mut udata_len = 0u32;
+                    let udata = sys::nftnl_set_elem_get(
+                        elem,
+                        sys::NFTNL_SET_ELEM_USERDATA as u16,
+                        &mut udata_len,
+                    );
+                    let device = (!udata.is_null())
+                        .then(|| {
+                            device_of_udata(std::slice::from_raw_parts(
+                                udata.cast::<u8>(),
+                                udata_len as usize,
+                            ))
+                        })
+                        .flatten();
                     if !key.is_null() {
                         let bytes = std::slice::from_raw_parts(key.cast::<u8>(), len as usize);
                         if let Some(grant) = GrantKey::from_bytes(v6, bytes) {
-                            out.push((grant, Duration::from_millis(expires)));
+                            out.push((grant, Duration::from_millis(expires), device));
                         }
                     }
                     elem = sys::nftnl_set_elems_iter_next(iter);
@@ -1013,6 +1083,20 @@ fn dump<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_rides_in_the_elements_comment() {
+        let udata = device_udata("laptop");
+        // What nft writes for `comment "laptop"`: type 0, length, NUL-terminated.
+        assert_eq!(udata, b"\x00\x07laptop\x00");
+        assert_eq!(device_of_udata(&udata).as_deref(), Some("laptop"));
+        // Another TLV first, a truncated one, an empty comment.
+        let mut other = vec![5, 2, 1, 2];
+        other.extend_from_slice(&udata);
+        assert_eq!(device_of_udata(&other).as_deref(), Some("laptop"));
+        assert_eq!(device_of_udata(&[0, 9, b'a']), None);
+        assert_eq!(device_of_udata(&[0, 1, 0]), None);
+    }
 
     #[test]
     fn grant_keys_round_trip() {

@@ -106,6 +106,7 @@ fn status_and_grants_show_the_daemon() {
         "laptop",
         "sequences in progress",
         "recent errors: none",
+        " ago), doors: [\"ssh\"]",
     ] {
         assert!(table.contains(expected), "{expected:?} in:\n{table}");
     }
@@ -117,7 +118,7 @@ fn status_and_grants_show_the_daemon() {
 fn revoke_ends_grants_by_device_and_by_address() {
     require_privileges!();
     let bed = Bed::new(false);
-    let daemon = bed.start("");
+    let mut daemon = bed.start("");
     let socket = daemon.control_socket();
     let knocks = bed.socket();
     let answer = bed.knock(&knocks, Kind::Open);
@@ -129,6 +130,30 @@ fn revoke_ends_grants_by_device_and_by_address() {
         "revoked 1 grant(s), cut 0 connection(s)"
     );
     assert_eq!(bed.connect(answer.reply.port).0, Outcome::Silent);
+    // Nothing left: a revoke that ends nothing says so and fails.
+    let out = knockctl(&socket, &["revoke", "laptop"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("laptop holds no grant"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A grant adopted after a restart still knows its device (the nft
+    // element's comment), so revoking the device ends it.
+    let adopted = bed.knock(&knocks, Kind::Open);
+    daemon.stop();
+    let _daemon = daemon.restart(&bed.testbed.server);
+    let grants = json(&knockctl(&socket, &["grants", "--json"]));
+    assert_eq!(grants[0]["device"], "laptop", "{grants:#}");
+    let table = bed.table().unwrap();
+    assert!(table.contains("comment \"laptop\""), "{table}");
+    let out = knockctl(&socket, &["revoke", "laptop"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked 1 grant(s), cut 0 connection(s)"
+    );
+    assert_eq!(bed.connect(adopted.reply.port).0, Outcome::Silent);
 
     let again = bed.knock(&knocks, Kind::Open);
     let out = knockctl(&socket, &["revoke", &bed.client.to_string()]);

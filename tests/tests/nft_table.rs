@@ -41,6 +41,7 @@ fn element(door: &str, source: &str, port: u16, secs: u64) -> Element {
             port,
         },
         timeout: Duration::from_secs(secs),
+        device: None,
     }
 }
 

@@ -325,13 +325,19 @@ fn print_grants(grants: &Vec<GrantView>) {
 
 fn print_status(s: &StatusReport) {
     println!("knockd {}", s.version);
+    let loaded = std::time::UNIX_EPOCH + Duration::from_millis(s.config.loaded_at_ms);
+    let age = std::time::SystemTime::now()
+        .duration_since(loaded)
+        .map(|d| Duration::from_secs(d.as_secs()))
+        .unwrap_or_default();
     println!(
-        "config: {} (loaded at unix ms {}), doors: {:?}",
+        "config: {}, loaded {} ({} ago), doors: {:?}",
         s.config
             .path
             .as_deref()
             .map_or("-".into(), |p| p.display().to_string()),
-        s.config.loaded_at_ms,
+        humantime::format_rfc3339_seconds(loaded),
+        humantime::format_duration(age),
         s.config.doors
     );
     for i in &s.interfaces {

@@ -22,6 +22,11 @@ use crate::{
 pub enum RequestError {
     #[error("no device {0:?} and no grant for it")]
     UnknownTarget(String),
+    /// A revoke that ended nothing: the operator must not be told "done"
+    /// when the device or address still had access somewhere else, or the
+    /// name was mistyped.
+    #[error("{0} holds no grant and has no connection a door let in: nothing revoked")]
+    NothingToRevoke(String),
     #[error("revoked {grants} grant(s) of {target}, but cutting their connections failed")]
     Cut {
         grants: usize,
@@ -105,6 +110,9 @@ impl Daemon {
             target: target.to_owned(),
             source,
         })?;
+        if grants == 0 && ended.flows == 0 {
+            return Err(RequestError::NothingToRevoke(target.to_owned()));
+        }
         if ended.more_left {
             tracing::warn!(
                 target,

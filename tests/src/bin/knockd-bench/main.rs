@@ -132,6 +132,7 @@ fn synthetic_grants(
                 port: base + (i % span) as u16,
             },
             timeout: ttl,
+            device: None,
         })
         .collect()
 }
@@ -189,6 +190,7 @@ fn bench_grants() {
                 door: "ssh".into(),
                 key: granted,
                 timeout: ttl,
+                device: None,
             }],
             &[],
         )
@@ -215,6 +217,7 @@ fn bench_grants() {
                         port: 40500,
                     },
                     timeout: ttl,
+                    device: None,
                 };
                 let start = Instant::now();
                 nft::update_grants(std::slice::from_ref(&element), &[]).unwrap();
