@@ -5,9 +5,15 @@
 //! guard either way (conntrack keeps them); the danger is the next
 //! connection.
 //!
-//! Only warnings: an operator may mean it (a door opened by devices that
-//! are enrolled later), and refusing to start would leave the host without
-//! its guard, which is worse.
+//! Two guards:
+//! - [`guard`] changes the configuration: a one-time door no device may
+//!   open leaves its service port open, loudly, instead of shutting the
+//!   operator out (someone who installs knockd over ssh and starts it
+//!   before provisioning a device would otherwise lose the host). Adding a
+//!   device and reloading closes it.
+//! - [`check`] looks at the sessions in progress and warns of the ones the
+//!   configuration would lock out once they end. Only warnings: refusing
+//!   to start would leave the host without its guard, which is worse.
 
 use std::{
     collections::BTreeMap,
@@ -86,6 +92,34 @@ fn parse_endpoint(text: &str, v6: bool) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
+/// `config` with the service port of every one-time door that no device
+/// may open left open (as `expose_service_port` would), and a warning for
+/// each such door.
+pub fn guard(mut config: Config, devices: &Devices) -> (Config, Vec<String>) {
+    let unopenable: Vec<String> = config
+        .doors
+        .iter()
+        .filter(|(name, door)| {
+            !door.expose_service_port
+                && matches!(door.kind, DoorKind::OneTime(_))
+                && devices.allowed(&config, name).next().is_none()
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    let mut warnings = Vec::new();
+    for name in unopenable {
+        let door = config.doors.get_mut(&name).expect("listed above");
+        door.expose_service_port = true;
+        warnings.push(format!(
+            "doors.{name}: no device may open this door, so its service port {} stays OPEN \
+             to everyone (lockout guard); add a device (`knockctl device add`) and reload \
+             to close it",
+            door.service_port
+        ));
+    }
+    (config, warnings)
+}
+
 /// What `config` would do to the sessions in progress now, as warnings.
 pub fn check(config: &Config, devices: &Devices) -> Vec<String> {
     warnings(config, devices, &inbound_sessions())
@@ -144,6 +178,33 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn a_door_no_device_may_open_keeps_its_service_port_open() {
+        let config = Config::parse(
+            "interfaces: [eth0]\n\
+             doors:\n\
+             \x20 ssh: { service_port: 22, allow: { groups: [admins] } }\n\
+             \x20 web: { service_port: 443, mode: static, sequence: [\"6000:udp\"] }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let (guarded, warnings) = guard(config.clone(), &Devices::default());
+        assert!(guarded.doors["ssh"].expose_service_port);
+        assert!(
+            !guarded.doors["web"].expose_service_port,
+            "a static sequence opens it"
+        );
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("service port 22 stays OPEN"),
+            "{warnings:?}"
+        );
+        // Nothing else changes.
+        let mut expected = config;
+        expected.doors.get_mut("ssh").unwrap().expose_service_port = true;
+        assert_eq!(guarded, expected);
+    }
 
     #[test]
     fn endpoints_parse_as_the_kernel_prints_them() {

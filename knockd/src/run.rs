@@ -169,10 +169,12 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    let (config, opened) = crate::lockout::guard(config, &devices);
     for warning in devices
         .warnings
         .iter()
         .chain(&crate::lockout::check(&config, &devices))
+        .chain(&opened)
     {
         tracing::warn!("{warning}");
     }
@@ -187,6 +189,7 @@ pub async fn run(
     let ring = maps::take_knock_events(guard.ebpf_mut())?;
     maps.set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
     let mut daemon = Daemon::new(config.clone(), &devices, maps, state)?;
+    daemon.set_lockout_open(opened);
 
     for interface in &config.interfaces {
         let mode = guard.attach_pinned(interface, config.xdp_mode, &config.bpffs_dir)?;

@@ -624,3 +624,55 @@ fn status_hints_at_a_wrong_key() {
         "{table}"
     );
 }
+
+/// The lockout guard: a one-time door no device may open leaves its
+/// service port open, says so loudly (log and status), and a reload that
+/// admits a device closes it. Someone who starts knockd over ssh before
+/// provisioning a device keeps the host.
+#[test]
+fn a_door_nobody_can_open_stays_open_until_a_device_can() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let nobody = bed
+        .config("")
+        .replace("allow: { groups: [admins] }", "allow: { groups: [staff] }");
+    assert_ne!(nobody, bed.config(""));
+    let daemon = knockd_tests::Daemon::start(&bed.testbed.server, &nobody);
+    let warning = daemon
+        .log()
+        .into_iter()
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("stays OPEN to everyone (lockout guard)"))
+        })
+        .expect("the lockout guard's warning");
+    assert_eq!(warning["level"], "WARN");
+    let (outcome, _) = bed.connect(22);
+    assert_eq!(outcome, Outcome::Answered, "the service port is open");
+    let socket = daemon.control_socket();
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    assert!(
+        status["hints"][0]
+            .as_str()
+            .unwrap()
+            .contains("doors.ssh: no device may open this door"),
+        "{status:#}"
+    );
+    // A device may open it now: the reload closes the port.
+    let path = daemon.config_path();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("allow: { groups: [staff] }", "allow: { groups: [admins] }");
+    std::fs::write(&path, text).unwrap();
+    let out = knockctl(&socket, &["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(bed.connect(22).0, Outcome::Silent);
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    assert!(status["hints"].as_array().unwrap().is_empty(), "{status:#}");
+    bed.open_and_connect();
+}

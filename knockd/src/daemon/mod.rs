@@ -86,6 +86,8 @@ pub struct Daemon {
     previous_counters: Option<(Instant, maps::Counters)>,
     /// When sessions next meet their caps.
     session_caps: sessions::SessionCaps,
+    /// Why the lockout guard left service ports open, for status.
+    lockout_open: Vec<String>,
 }
 
 /// Errors kept for `knockctl status`.
@@ -155,6 +157,7 @@ impl Daemon {
             attachments: Vec::new(),
             previous_counters: None,
             session_caps: sessions::SessionCaps::new(Instant::now()),
+            lockout_open: Vec::new(),
         };
         daemon.load_policy()?;
         Ok(daemon)
@@ -177,6 +180,11 @@ impl Daemon {
         Ok(self
             .maps
             .add_port_flags(maps::Proto::Tcp, port, knockd_common::policy::GRANTED)?)
+    }
+
+    /// Records the doors the lockout guard left open ([`crate::lockout::guard`]).
+    pub fn set_lockout_open(&mut self, warnings: Vec<String>) {
+        self.lockout_open = warnings;
     }
 
     /// The maps, for counters.

@@ -75,7 +75,7 @@ impl Daemon {
 
     /// Hints for the operator from the counters.
     fn hints(&self, counters: &maps::Counters) -> Vec<String> {
-        let mut hints = Vec::new();
+        let mut hints = self.lockout_open.clone();
         let unmatched = counters.get(knockd_common::Counter::KnockUnmatched);
         if unmatched > 0 {
             hints.push(format!(

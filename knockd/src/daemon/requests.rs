@@ -146,13 +146,16 @@ impl Daemon {
         let path = self.config_path.clone().ok_or(RequestError::NoConfigFile)?;
         let config = Config::load(&path)?;
         let devices = Devices::load(&config, &path)?;
+        let (config, opened) = crate::lockout::guard(config, &devices);
         for warning in devices
             .warnings
             .iter()
             .chain(&crate::lockout::check(&config, &devices))
+            .chain(&opened)
         {
             tracing::warn!("{warning}");
         }
+        self.lockout_open = opened;
         let mut kept = Vec::new();
         if config.interfaces != self.config.interfaces
             || config.xdp_mode != self.config.xdp_mode
