@@ -24,6 +24,7 @@
 //! - [`daemon`]: decisions turned into grants, replies and log lines.
 
 pub mod auth;
+pub mod classic;
 pub mod client;
 pub mod config;
 pub mod control;

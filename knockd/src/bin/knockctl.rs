@@ -52,6 +52,17 @@ enum Command {
     /// Manage this client's profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Turn a classic knockd configuration (knockd.conf) into static doors:
+    /// prints knockd.yaml, and on stderr what it guessed and what it could
+    /// not carry over (shell commands, close sections).
+    Import {
+        /// The knockd.conf to read.
+        #[arg(default_value = "/etc/knockd.conf")]
+        file: PathBuf,
+        /// Write the configuration here (0600) instead of to stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Show the running daemon: interfaces, counters and rates, grants and
     /// leases, sequences in progress, configuration, recent errors.
     Status {
@@ -242,6 +253,9 @@ fn main() -> ExitCode {
         Command::Knock(args) => knock(&args),
         Command::Device(command) => device(command).map_err(Failure::from),
         Command::Profile(command) => profile(command).map_err(Failure::from),
+        Command::Import { file, output } => {
+            import_classic(&file, output.as_deref()).map_err(Failure::from)
+        }
         Command::Status { socket, json } => show(&socket, Request::Status, json, print_status),
         Command::Grants { socket, json } => show(&socket, Request::Grants, json, print_grants),
         Command::Revoke { target, socket } => {
@@ -650,6 +664,38 @@ fn door_settings(
         },
         config.devices_dir.clone(),
     ))
+}
+
+/// `knockctl import`: a knockd.conf to knockd.yaml.
+fn import_classic(file: &Path, output: Option<&Path>) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let imported = knockd::classic::import(&text, &file.display().to_string())
+        .with_context(|| format!("{}", file.display()))?;
+    // The result must be a configuration knockd takes.
+    knockd::config::Config::parse(&imported.yaml, Path::new("(imported)"))
+        .context("the imported configuration does not validate (a bug: please report it)")?;
+    for note in &imported.notes {
+        eprintln!("knockctl import: {note}");
+    }
+    match output {
+        Some(path) => {
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            out.write_all(imported.yaml.as_bytes())?;
+            eprintln!(
+                "knockctl import: wrote {} door(s) to {}; check it with `knockd check-config`",
+                imported.doors,
+                path.display()
+            );
+        }
+        None => print!("{}", imported.yaml),
+    }
+    Ok(())
 }
 
 fn profile(command: ProfileCommand) -> anyhow::Result<()> {
