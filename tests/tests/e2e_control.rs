@@ -560,8 +560,10 @@ fn metrics_are_off_by_default_and_served_on_loopback_when_on() {
         true
     });
     bed.knock(&bed.socket(), Kind::Open);
-    let get = |path: &str| -> String {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let socket = daemon.control_socket();
+    assert!(knockctl(&socket, &["reload"]).status.success());
+    let get_with = |path: &str, accept: &str| -> String {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{accept}\r\n");
         bed.testbed.server.run(move || {
             use std::io::Read as _;
             let mut stream = std::net::TcpStream::connect("127.0.0.1:19477").unwrap();
@@ -571,18 +573,39 @@ fn metrics_are_off_by_default_and_served_on_loopback_when_on() {
             reply
         })
     };
-    let reply = get("/metrics");
+    let get = |path: &str| get_with(path, "");
+    // What Prometheus sends: OpenMetrics first, its own text as fallback.
+    let reply = get_with(
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+    );
     assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
     assert!(reply.contains("application/openmetrics-text"), "{reply}");
+    eprintln!("{reply}");
     for expected in [
+        "knockd_build_info{version=\"",
         "knockd_xdp_packets_total{verdict=\"knock_forwarded\"}",
-        "knockd_decisions_total{outcome=\"accepted\"} 1",
-        "knockd_grants 1",
-        "knockd_leases 0",
+        "knockd_decisions_total{door=\"ssh\",outcome=\"accepted\",reason=\"\"} 1",
+        "knockd_reloads_total{result=\"ok\"} 1",
+        "knockd_reloads_total{result=\"refused\"} 0",
+        "knockd_config_loaded_timestamp_seconds ",
+        "knockd_grants{door=\"ssh\"} 1",
+        "knockd_leases{door=\"ssh\"} 0",
     ] {
         assert!(reply.contains(expected), "{expected:?} in:\n{reply}");
     }
     assert!(reply.ends_with("# EOF\n"), "{reply}");
+    // A scraper that asks for nothing in particular gets the Prometheus
+    // text format 0.0.4.
+    let plain = get("/metrics");
+    assert!(
+        plain.contains("Content-Type: text/plain; version=0.0.4"),
+        "{plain}"
+    );
+    assert!(
+        plain.contains("# TYPE knockd_decisions_total counter") && !plain.contains("# EOF"),
+        "{plain}"
+    );
     assert!(get("/other").starts_with("HTTP/1.1 404"));
 }
 

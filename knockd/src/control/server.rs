@@ -28,7 +28,7 @@ use tokio::{
 use super::wire::{Command, REQUEST_MAX, Response, parse};
 
 /// How long a client may take to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to take its reply.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections one listener serves at once; further clients wait in the

@@ -88,6 +88,10 @@ pub struct Daemon {
     session_caps: sessions::SessionCaps,
     /// Why the lockout guard left service ports open, for status.
     lockout_open: Vec<String>,
+    /// Decisions by (door, outcome, reason code), for the metrics' labels.
+    decisions: BTreeMap<(String, &'static str, &'static str), u64>,
+    /// Reloads that took effect, and that were refused.
+    reloads: (u64, u64),
 }
 
 /// Errors kept for `knockctl status`.
@@ -158,6 +162,8 @@ impl Daemon {
             previous_counters: None,
             session_caps: sessions::SessionCaps::new(Instant::now()),
             lockout_open: Vec::new(),
+            decisions: BTreeMap::new(),
+            reloads: (0, 0),
         };
         daemon.load_policy()?;
         Ok(daemon)
@@ -291,6 +297,14 @@ impl Daemon {
             Outcome::Rejected(reason) => reason.name(),
         };
         *self.tally.entry(key).or_default() += 1;
+        let (outcome, reason) = match &decision.outcome {
+            Outcome::Rejected(reason) => ("rejected", reason.name()),
+            _ => (key, ""),
+        };
+        *self
+            .decisions
+            .entry((decision.door.clone().unwrap_or_default(), outcome, reason))
+            .or_default() += 1;
         if let Outcome::Accepted(action) = decision.outcome
             && decision.consumed.is_some()
         {
@@ -536,8 +550,12 @@ impl Daemon {
             },
             Command::Metrics => Response::ok(self.metrics()),
             Command::Reload => match self.reload() {
-                Ok(reloaded) => Response::ok(Reloaded { reloaded }),
+                Ok(reloaded) => {
+                    self.reloads.0 += 1;
+                    Response::ok(Reloaded { reloaded })
+                }
                 Err(e) => {
+                    self.reloads.1 += 1;
                     let e = chain(&e);
                     self.record_error(format!(
                         "reload refused, the running configuration stays: {e}"

@@ -1,7 +1,7 @@
 //! What the daemon tells about itself: the status report and the grant list
 //! of the control protocol (`control::wire`), and the OpenMetrics text.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
+use std::{collections::BTreeMap, time::Instant};
 
 use super::{Daemon, RECENT_ERRORS};
 use crate::{
@@ -13,48 +13,111 @@ use crate::{
 };
 
 impl Daemon {
-    /// The OpenMetrics text exposition.
+    /// The OpenMetrics text exposition (`prometheus-client` encodes it;
+    /// the metrics endpoint turns it into Prometheus' text format 0.0.4
+    /// for scrapers that do not ask for OpenMetrics).
     pub(super) fn metrics(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(out, "# TYPE knockd_xdp_packets counter");
-        let _ = writeln!(
-            out,
-            "# HELP knockd_xdp_packets Packets the XDP guard judged, by verdict."
+        use prometheus_client::{
+            metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+            registry::Registry,
+        };
+        type Labels = Vec<(&'static str, String)>;
+        let mut registry = Registry::with_prefix("knockd");
+        registry.register(
+            "build",
+            "The running knockd",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        let packets = Family::<Labels, Counter>::default();
         if let Ok(counters) = self.maps.counters() {
             for (verdict, value) in counters.iter() {
-                let _ = writeln!(
-                    out,
-                    "knockd_xdp_packets_total{{verdict=\"{verdict}\"}} {value}"
-                );
+                packets
+                    .get_or_create(&vec![("verdict", verdict.to_owned())])
+                    .inc_by(value);
             }
         }
-        let _ = writeln!(out, "# TYPE knockd_decisions counter");
-        let _ = writeln!(
-            out,
-            "# HELP knockd_decisions Knock decisions, by outcome or reason code."
+        registry.register(
+            "xdp_packets",
+            "Packets the XDP guard judged, by verdict",
+            packets,
         );
-        for (outcome, value) in &self.tally {
-            let _ = writeln!(
-                out,
-                "knockd_decisions_total{{outcome=\"{outcome}\"}} {value}"
-            );
+        let decisions = Family::<Labels, Counter>::default();
+        for ((door, outcome, reason), value) in &self.decisions {
+            decisions
+                .get_or_create(&vec![
+                    ("door", door.clone()),
+                    ("outcome", (*outcome).to_owned()),
+                    ("reason", (*reason).to_owned()),
+                ])
+                .inc_by(*value);
         }
-        let grants = self.grants.list();
-        let leases = grants.iter().filter(|g| g.leased).count();
-        let _ = writeln!(out, "# TYPE knockd_grants gauge");
-        let _ = writeln!(out, "# HELP knockd_grants Live grants (leases included).");
-        let _ = writeln!(out, "knockd_grants {}", grants.len());
-        let _ = writeln!(out, "# TYPE knockd_leases gauge");
-        let _ = writeln!(out, "# HELP knockd_leases Live leases.");
-        let _ = writeln!(out, "knockd_leases {leases}");
-        let _ = writeln!(out, "# TYPE knockd_errors gauge");
-        let _ = writeln!(
-            out,
-            "# HELP knockd_errors Errors kept for status (at most {RECENT_ERRORS})."
+        registry.register(
+            "decisions",
+            "Knock decisions, by door (empty: none matched), outcome and reason code",
+            decisions,
         );
-        let _ = writeln!(out, "knockd_errors {}", self.recent_errors.len());
-        out.push_str("# EOF\n");
+        let events = [
+            (
+                "session_caps",
+                "Connections cut at their door's max_session_secs",
+                "session_capped",
+            ),
+            (
+                "state_write_failures",
+                "Accepted knocks refused because the used-sequence record could not be written",
+                "state_write_failed",
+            ),
+        ];
+        for (name, help, key) in events {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(self.tally.get(key).copied().unwrap_or(0));
+            registry.register(name, help, counter);
+        }
+        let reloads = Family::<Labels, Counter>::default();
+        reloads
+            .get_or_create(&vec![("result", "ok".to_owned())])
+            .inc_by(self.reloads.0);
+        reloads
+            .get_or_create(&vec![("result", "refused".to_owned())])
+            .inc_by(self.reloads.1);
+        registry.register(
+            "reloads",
+            "Configuration reloads, by result (a refused one keeps the old configuration)",
+            reloads,
+        );
+        let loaded = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        loaded.set(self.loaded_at_ms as f64 / 1000.0);
+        registry.register(
+            "config_loaded_timestamp_seconds",
+            "When the running configuration was loaded (start or last good reload), Unix time",
+            loaded,
+        );
+        let (grants, leases) = (
+            Family::<Labels, Gauge>::default(),
+            Family::<Labels, Gauge>::default(),
+        );
+        for door in self.config.doors.keys() {
+            grants.get_or_create(&vec![("door", door.clone())]).set(0);
+            leases.get_or_create(&vec![("door", door.clone())]).set(0);
+        }
+        for grant in self.grants.list() {
+            let door = vec![("door", grant.door.clone())];
+            grants.get_or_create(&door).inc();
+            if grant.leased {
+                leases.get_or_create(&door).inc();
+            }
+        }
+        registry.register("grants", "Live grants (leases included), by door", grants);
+        registry.register("leases", "Live leases, by door", leases);
+        let errors = Gauge::<i64>::default();
+        errors.set(self.recent_errors.len() as i64);
+        registry.register(
+            "errors",
+            format!("Errors kept for status (at most {RECENT_ERRORS})"),
+            errors,
+        );
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
 
