@@ -102,6 +102,9 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Print the manual page (roff), for packaging.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(clap::Args)]
@@ -281,6 +284,9 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use knockd::{
     RunOptions,
     config::{Config, DEFAULT_BPFFS_DIR, KnockPort, PortRange, STATIC_SEQUENCE_MAX},
@@ -72,6 +72,14 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
     },
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), for packaging.
+    #[command(hide = true)]
+    Man,
     /// Print the XDP guard's counters from a running daemon's pinned maps.
     Stats {
         /// bpffs directory the daemon pinned its maps under.
@@ -164,6 +172,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "knockd", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => Ok(clap_mangen::Man::new(Cli::command())
+            .section("8")
+            .render(&mut std::io::stdout())?),
         Command::GenSequence {
             length,
             range,
