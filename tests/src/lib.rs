@@ -15,6 +15,7 @@ pub mod bed;
 pub mod capture;
 pub mod frames;
 pub mod livegen;
+pub mod machine;
 pub mod probe;
 
 use std::{

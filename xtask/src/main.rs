@@ -51,6 +51,10 @@ const APT_PACKAGES: &[&str] = &[
     "tcpreplay",
     // The benchmarks read veth's per-queue counters and turn GRO on.
     "ethtool",
+    // `cargo xtask deb`: dpkg-deb, strip, gzip.
+    "dpkg-dev",
+    "binutils",
+    "gzip",
 ];
 
 /// The bpf-linker release we build; 0.13 is the one known to build with
@@ -496,6 +500,16 @@ fn test(filter: Option<&str>) -> Result<()> {
         "knockd-ebpf",
         "--all-targets",
     ]))?;
+
+    println!("test: the Debian package, and an upgrade of it (for tests/systemd.rs)");
+    let first = deb(None)?;
+    let version = first
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('_').nth(1))
+        .context("the package's version")?
+        .to_owned();
+    deb(Some(&format!("{version}+upgrade")))?;
 
     println!("test: unit tests");
     let mut unit = cargo();

@@ -68,9 +68,13 @@ enum Command {
     /// the XDP guard. Stopping the daemon leaves both in place (fail
     /// closed); run this after stopping it to take knockd off a host.
     Uninstall {
-        /// bpffs directory the daemon pinned its maps under.
-        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
-        bpffs_dir: PathBuf,
+        /// bpffs directory the daemon pinned its maps under (default: the
+        /// configuration's bpffs_dir, else /sys/fs/bpf/knockd).
+        #[arg(long)]
+        bpffs_dir: Option<PathBuf>,
+        /// The configuration whose bpffs_dir to use.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
     /// Print shell completions.
     Completions {
@@ -162,7 +166,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{}", knockd::devices::check_config(&path)?);
             Ok(())
         }
-        Command::Uninstall { bpffs_dir } => {
+        Command::Uninstall { bpffs_dir, config } => {
+            // The configuration's pins, if it can be read: a package's
+            // removal runs this without options.
+            let bpffs_dir = bpffs_dir.unwrap_or_else(|| {
+                Config::load(&config)
+                    .map(|c| c.bpffs_dir)
+                    .unwrap_or_else(|_| PathBuf::from(DEFAULT_BPFFS_DIR))
+            });
             knockd::nft::uninstall()?;
             knockd::guard::remove_pins(&bpffs_dir)
                 .with_context(|| format!("removing the pins under {}", bpffs_dir.display()))?;
