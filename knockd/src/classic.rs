@@ -312,6 +312,21 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
+    /// Every note `expected` names is among `notes`.
+    #[track_caller]
+    fn assert_notes(notes: &[String], expected: &[&str]) {
+        let notes = notes.join("\n");
+        for expected in expected {
+            assert!(notes.contains(expected), "{expected:?} in:\n{notes}");
+        }
+    }
+
+    /// A static door's sequence, as text.
+    fn knocks(config: &Config, door: &str) -> Vec<String> {
+        let door = config.doors[door].static_door().unwrap();
+        door.sequence.iter().map(|k| k.to_string()).collect()
+    }
+
     /// Debian's stock /etc/knockd.conf.
     const DEBIAN: &str = "[options]\n\tUseSyslog\n\n\
         [openSSH]\n\tsequence    = 7000,8000,9000\n\tseq_timeout = 5\n\
@@ -329,26 +344,23 @@ mod tests {
         let imported = import(DEBIAN, "/etc/knockd.conf").unwrap();
         assert_eq!(imported.doors, 2);
         let config = Config::parse(&imported.yaml, Path::new("imported.yaml")).unwrap();
-        let ssh = config.doors["openSSH"].static_door().unwrap();
         assert_eq!(config.doors["openSSH"].service_port, 22);
         assert_eq!(
-            ssh.sequence
-                .iter()
-                .map(|k| k.to_string())
-                .collect::<Vec<_>>(),
+            knocks(&config, "openSSH"),
             ["7000:tcp", "8000:tcp", "9000:tcp"]
         );
+        let ssh = config.doors["openSSH"].static_door().unwrap();
         assert_eq!(ssh.seq_timeout_secs, 5);
         assert_eq!(config.doors["openHTTPS"].service_port, 443);
-        let notes = imported.notes.join("\n");
-        for expected in [
-            "[closeSSH] (line 10): skipped: its command takes access away",
-            "UseSyslog not carried over",
-            "[openSSH] (line 4): command not carried over",
-            "names no Interface",
-        ] {
-            assert!(notes.contains(expected), "{expected:?} in:\n{notes}");
-        }
+        assert_notes(
+            &imported.notes,
+            &[
+                "[closeSSH] (line 10): skipped: its command takes access away",
+                "UseSyslog not carried over",
+                "[openSSH] (line 4): command not carried over",
+                "names no Interface",
+            ],
+        );
     }
 
     #[test]
@@ -366,25 +378,20 @@ mod tests {
         assert_eq!(web.service_port, 8443);
         assert_eq!(web.open_for_secs, 20);
         assert_eq!(
-            web.static_door()
-                .unwrap()
-                .sequence
-                .iter()
-                .map(|k| k.to_string())
-                .collect::<Vec<_>>(),
+            knocks(&config, "open_web"),
             ["2222:udp", "3333:tcp", "4444:tcp"]
         );
-        let notes = imported.notes.join("\n");
-        for expected in [
-            "logfile not carried over",
-            "door named \"open_web\"",
-            "cmd_timeout 20 s became open_for_secs",
-            "tcpflags \"syn,ack\" not carried over",
-            "[mystery] (line 9): skipped: no service port",
-            "one_time_sequences not carried over",
-        ] {
-            assert!(notes.contains(expected), "{expected:?} in:\n{notes}");
-        }
+        assert_notes(
+            &imported.notes,
+            &[
+                "logfile not carried over",
+                "door named \"open_web\"",
+                "cmd_timeout 20 s became open_for_secs",
+                "tcpflags \"syn,ack\" not carried over",
+                "[mystery] (line 9): skipped: no service port",
+                "one_time_sequences not carried over",
+            ],
+        );
         assert!(matches!(
             import("[a]\n sequence = x\n", "f").unwrap_err(),
             Error::Empty

@@ -120,6 +120,23 @@ pub fn guard(mut config: Config, devices: &Devices) -> (Config, Vec<String>) {
     (config, warnings)
 }
 
+/// What start-up and reload do with a configuration just loaded: the
+/// lockout guard applied, and every warning (the devices', the guard's, the
+/// sessions') logged. Returns the configuration to run and the guard's
+/// warnings, which status repeats as hints.
+pub fn prepare(config: Config, devices: &Devices) -> (Config, Vec<String>) {
+    let (config, opened) = guard(config, devices);
+    for warning in devices
+        .warnings
+        .iter()
+        .chain(&check(&config, devices))
+        .chain(&opened)
+    {
+        tracing::warn!("{warning}");
+    }
+    (config, opened)
+}
+
 /// What `config` would do to the sessions in progress now, as warnings.
 pub fn check(config: &Config, devices: &Devices) -> Vec<String> {
     warnings(config, devices, &inbound_sessions())

@@ -169,15 +169,7 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let (config, opened) = crate::lockout::guard(config, &devices);
-    for warning in devices
-        .warnings
-        .iter()
-        .chain(&crate::lockout::check(&config, &devices))
-        .chain(&opened)
-    {
-        tracing::warn!("{warning}");
-    }
+    let (config, opened) = crate::lockout::prepare(config, &devices);
     raise_nofile_limit();
     let state = StateFile::open(&config.state_dir)?;
     let (mut guard, logger) = Guard::load(options.kernel_log_level)?;

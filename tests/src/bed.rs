@@ -91,8 +91,10 @@ impl Bed {
             .run(move || UdpSocket::bind(SocketAddr::new(client, 0)).unwrap())
     }
 
-    pub fn knock(&self, socket: &UdpSocket, kind: Kind) -> Answer {
-        let target = Target {
+    /// The bed's door (its default knock settings) as a client knocks on
+    /// it with `key`.
+    pub fn target(&self, key: DeviceKey) -> Target {
+        Target {
             server: self.server,
             door: "ssh".into(),
             params: DoorParams {
@@ -100,9 +102,13 @@ impl Bed {
                 knocks: 3,
                 step_secs: 30,
             },
-            key: self.key.clone(),
+            key,
             bind: None,
-        };
+        }
+    }
+
+    pub fn knock(&self, socket: &UdpSocket, kind: Kind) -> Answer {
+        let target = self.target(self.key.clone());
         client::knock_from(socket, &target, kind, Duration::from_secs(10)).unwrap()
     }
 

@@ -283,6 +283,29 @@ pub fn knockctl_bin() -> PathBuf {
     workspace_bin("knockctl")
 }
 
+/// `knockctl ARGS… --socket SOCKET`, run from the host (the control socket
+/// is a file; no namespace needed).
+pub fn knockctl(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(knockctl_bin())
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap()
+}
+
+/// [`knockctl`] with `--json`, which must succeed: its answer.
+#[track_caller]
+pub fn knockctl_json(socket: &Path, args: &[&str]) -> Value {
+    let out = knockctl(socket, &[args, &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "knockctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn workspace_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> or target/<profile>/<bench> →
     // target/<profile>/<name>

@@ -847,17 +847,7 @@ fn a_failed_state_write_refuses_one_knock_and_keeps_serving() {
     // Fill the file system.
     let filler = state.join("filler");
     let _ = std::fs::write(&filler, vec![0u8; 128 * 1024]);
-    let target = knockd::client::Target {
-        server: bed.server,
-        door: "ssh".into(),
-        params: knockd::proto::DoorParams {
-            knock_ports: 7000..=7999,
-            knocks: 3,
-            step_secs: 30,
-        },
-        key: bed.key.clone(),
-        bind: None,
-    };
+    let target = bed.target(bed.key.clone());
     let socket = bed.socket();
     let refused = knockd::client::knock_from(&socket, &target, Kind::Open, Duration::from_secs(2));
     assert!(refused.is_err(), "no reply while nothing can be recorded");

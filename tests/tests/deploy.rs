@@ -266,17 +266,8 @@ fn logs_reach_the_journal_at_their_priority_with_fields() {
     };
     read_until(&mut entries, &|e| message(e, "ready"));
     // An authenticated reject: a knock with the wrong count.
-    let target = knockd::client::Target {
-        server: bed.server,
-        door: "ssh".into(),
-        params: knockd::proto::DoorParams {
-            knock_ports: 7000..=7999,
-            knocks: 2,
-            step_secs: 30,
-        },
-        key: bed.key.clone(),
-        bind: None,
-    };
+    let mut target = bed.target(bed.key.clone());
+    target.params.knocks = 2;
     let _ = knockd::client::knock_from(
         &bed.socket(),
         &target,

@@ -516,6 +516,30 @@ fn a_close_knock_ends_the_grant() {
     assert_eq!(knock(Kind::Close).reply.status, Status::NoGrant);
 }
 
+/// Debian's `knock` client, from the client's namespace, sends `args`
+/// (`-u`, knocks) to `server`; afterwards `to` answers the client.
+fn stock_knock_opens(
+    testbed: &Testbed,
+    (server, client): (IpAddr, IpAddr),
+    to: SocketAddr,
+    args: &[&str],
+) {
+    let status = testbed
+        .client
+        .command("knock")
+        .arg("-v")
+        .arg(server.to_string())
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        connect(&testbed.client, client, to),
+        Outcome::Answered,
+        "after knock {args:?}"
+    );
+}
+
 #[test]
 fn the_stock_knock_client_opens_static_doors_over_udp_and_tcp() {
     require_privileges!();
@@ -533,20 +557,7 @@ fn the_stock_knock_client_opens_static_doors_over_udp_and_tcp() {
     ] {
         let to = SocketAddr::new(server, service);
         assert_eq!(connect(&testbed.client, client, to), Outcome::Silent);
-        let status = testbed
-            .client
-            .command("knock")
-            .arg("-v")
-            .arg(server.to_string())
-            .args(&args)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert_eq!(
-            connect(&testbed.client, client, to),
-            Outcome::Answered,
-            "after knock {args:?}"
-        );
+        stock_knock_opens(&testbed, (server, client), to, &args);
         assert_eq!(connect(&testbed.client, other, to), Outcome::Silent);
     }
 }
@@ -596,19 +607,8 @@ fn a_classic_knockd_conf_imports_and_the_stock_client_opens_it() {
             .iter()
             .map(|k| k.to_string())
             .collect();
-        let status = testbed
-            .client
-            .command("knock")
-            .arg(server.to_string())
-            .args(&knocks)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert_eq!(
-            connect(&testbed.client, client, to),
-            Outcome::Answered,
-            "after knock {knocks:?}"
-        );
+        let knocks: Vec<&str> = knocks.iter().map(String::as_str).collect();
+        stock_knock_opens(&testbed, (server, client), to, &knocks);
     }
 }
 

@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::Path,
-    process::{Command, Output},
+    process::Output,
     time::Duration,
 };
 
@@ -15,7 +15,7 @@ use knockd::proto::Kind;
 use knockd_tests::{
     Daemon, addrs,
     bed::{Bed, SILENCE, SSH},
-    knockctl_bin,
+    knockctl,
     probe::{self, Outcome},
     require_privileges, sh,
 };
@@ -33,15 +33,6 @@ fn revoke_one(socket: &Path, address: std::net::IpAddr) {
         String::from_utf8_lossy(&out.stdout).trim(),
         "revoked 1 grant(s), cut 1 connection(s)"
     );
-}
-
-fn knockctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(knockctl_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .unwrap()
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -621,17 +612,7 @@ fn status_hints_at_a_wrong_key() {
     let quiet = json(&knockctl(&socket, &["status", "--json"]));
     assert_eq!(quiet["counters"]["knock_unmatched"], 0);
     assert!(quiet["hints"].as_array().unwrap().is_empty());
-    let target = knockd::client::Target {
-        server: bed.server,
-        door: "ssh".into(),
-        params: knockd::proto::DoorParams {
-            knock_ports: 7000..=7999,
-            knocks: 3,
-            step_secs: 30,
-        },
-        key: knockd::proto::DeviceKey::generate(),
-        bind: None,
-    };
+    let target = bed.target(knockd::proto::DeviceKey::generate());
     let sock = bed.socket();
     let answer = knockd::client::knock_from(&sock, &target, Kind::Open, Duration::from_secs(2));
     assert!(answer.is_err(), "a wrong key is never answered");

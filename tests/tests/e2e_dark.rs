@@ -124,12 +124,7 @@ fn dark_host(v6: bool) {
         "closed_ports: drop\npublic: {{ tcp: [{WEB}], udp: [{PUBLIC_UDP}] }}\n"
     ));
     std::fs::write(&path, config).unwrap();
-    let out = std::process::Command::new(knockd_tests::knockctl_bin())
-        .arg("reload")
-        .arg("--socket")
-        .arg(daemon.control_socket())
-        .output()
-        .unwrap();
+    let out = knockd_tests::knockctl(&daemon.control_socket(), &["reload"]);
     assert!(
         out.status.success(),
         "{}",

@@ -410,17 +410,7 @@ fn a_scan_never_costs_a_holder_without_a_lease_its_grant() {
 
 /// The status of the daemon, as JSON.
 fn status_json(daemon: &knockd_tests::Daemon) -> serde_json::Value {
-    let out = std::process::Command::new(knockd_tests::knockctl_bin())
-        .args(["status", "--json", "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    knockd_tests::knockctl_json(&daemon.control_socket(), &["status"])
 }
 
 /// R-GRANT-3: a connection a grant let in lives at most `max_session_secs`,

@@ -146,15 +146,7 @@ impl Daemon {
         let path = self.config_path.clone().ok_or(RequestError::NoConfigFile)?;
         let config = Config::load(&path)?;
         let devices = Devices::load(&config, &path)?;
-        let (config, opened) = crate::lockout::guard(config, &devices);
-        for warning in devices
-            .warnings
-            .iter()
-            .chain(&crate::lockout::check(&config, &devices))
-            .chain(&opened)
-        {
-            tracing::warn!("{warning}");
-        }
+        let (config, opened) = crate::lockout::prepare(config, &devices);
         self.lockout_open = opened;
         let mut kept = Vec::new();
         if config.interfaces != self.config.interfaces
