@@ -221,6 +221,18 @@ impl Machine {
     /// Writes `contents` to `path` inside the machine, with `mode`.
     #[track_caller]
     pub fn write(&self, path: &str, contents: &str, mode: u32) {
+        self.write_bytes(path, contents.as_bytes(), mode);
+    }
+
+    /// Copies the host's file `from` to `to` inside the machine (whose
+    /// `/tmp` is its own: a host path there is not the host's file).
+    #[track_caller]
+    pub fn copy_in(&self, from: &Path, to: &str) {
+        self.write_bytes(to, &std::fs::read(from).unwrap(), 0o644);
+    }
+
+    #[track_caller]
+    fn write_bytes(&self, path: &str, contents: &[u8], mode: u32) {
         use std::io::Write as _;
         let mut child = Command::new("nsenter")
             .args(["-t", &self.pid.to_string(), "-a", "sh", "-c"])
@@ -230,12 +242,7 @@ impl Machine {
             .stdin(Stdio::piped())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(contents.as_bytes())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(contents).unwrap();
         assert!(child.wait().unwrap().success(), "writing {path}");
     }
 }

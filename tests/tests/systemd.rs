@@ -89,7 +89,9 @@ fn the_package_lives_its_whole_life_under_a_real_systemd() {
     // Debian's knockd gives way (the package conflicts with it), then the
     // package installs, and is not enabled or started.
     machine.ok("dpkg --purge knockd >/dev/null 2>&1 || true");
-    let installed = machine.ok(&format!("dpkg -i {} 2>&1", deb.display()));
+    machine.copy_in(&deb, "/root/knockd-xdp.deb");
+    machine.copy_in(&upgrade, "/root/knockd-xdp-upgrade.deb");
+    let installed = machine.ok("dpkg -i /root/knockd-xdp.deb 2>&1");
     eprintln!("dpkg -i:\n{installed}");
     assert_eq!(
         machine.ok("systemctl is-enabled knockd || true").trim(),
@@ -256,7 +258,7 @@ fn the_package_lives_its_whole_life_under_a_real_systemd() {
     // An upgrade restarts the running daemon, which keeps the grants.
     let port = knock();
     let before = main_pid();
-    let upgraded = machine.ok(&format!("dpkg -i {} 2>&1", upgrade.display()));
+    let upgraded = machine.ok("dpkg -i /root/knockd-xdp-upgrade.deb 2>&1");
     eprintln!("dpkg -i (upgrade):\n{upgraded}");
     assert!(machine.ok("dpkg-query -W knockd-xdp").contains("+upgrade"));
     assert_ne!(main_pid(), before, "the upgrade restarted the daemon");
