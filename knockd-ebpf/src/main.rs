@@ -494,15 +494,24 @@ fn knock_shaped(ctx: &XdpContext, offset: usize, len: u16) -> Result<bool, Malfo
 /// Whether a UDP datagram to a knock-range port is shaped like a knock.
 #[inline(always)]
 fn unmatched_knock(ctx: &XdpContext, ip: &Ip) -> Result<bool, Malformed> {
+    knock_shaped(
+        ctx,
+        ip.l4_offset + UDP_HLEN as usize,
+        udp_payload_len(ctx, ip)?,
+    )
+}
+
+/// The UDP payload's length as the UDP header states it: authoritative,
+/// since Ethernet may pad short frames. A datagram longer than its IP
+/// packet, or shorter than its header, is one the stack drops.
+#[inline(always)]
+fn udp_payload_len(ctx: &XdpContext, ip: &Ip) -> Result<u16, Malformed> {
     let l4 = ip.l4_offset;
     let udp_len = be16_at(ctx, l4 + 4)?;
     if l4 + udp_len as usize > ip.end {
         return Err(Malformed);
     }
-    let Some(payload_len) = udp_len.checked_sub(UDP_HLEN) else {
-        return Err(Malformed);
-    };
-    knock_shaped(ctx, l4 + UDP_HLEN as usize, payload_len)
+    udp_len.checked_sub(UDP_HLEN).ok_or(Malformed)
 }
 
 fn knock(
@@ -514,15 +523,9 @@ fn knock(
 ) -> Result<Counter, Malformed> {
     let l4 = ip.l4_offset;
     let sport = be16_at(ctx, l4)?;
-    // UDP's length field is authoritative: Ethernet may pad short frames.
     // TCP knocks are bare SYNs whose payload does not matter.
     let payload_len = if ip.proto == IPPROTO_UDP {
-        let udp_len = be16_at(ctx, l4 + 4)?;
-        // A datagram longer than its IP packet is one the stack drops.
-        if l4 + udp_len as usize > ip.end {
-            return Err(Malformed);
-        }
-        udp_len.checked_sub(UDP_HLEN).ok_or(Malformed)?
+        udp_payload_len(ctx, ip)?
     } else {
         0
     };
