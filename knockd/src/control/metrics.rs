@@ -62,40 +62,34 @@ fn wants_openmetrics(head: &[String]) -> bool {
 /// `# UNIT`, counter families named with their `_total` suffix, info
 /// families as gauges named `_info`, and no `_created` samples.
 pub fn to_prometheus_text(openmetrics: &str) -> String {
+    // Each family's suffix, from its TYPE line: prometheus-client writes
+    // HELP before TYPE, so they are read first, in one pass.
+    let suffix: std::collections::HashMap<&str, (&str, &str)> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+        .map(|(name, kind)| {
+            let renamed = match kind {
+                "counter" => ("counter", "_total"),
+                "info" => ("gauge", "_info"),
+                other => (other, ""),
+            };
+            (name, renamed)
+        })
+        .collect();
     let mut out = String::with_capacity(openmetrics.len());
-    let mut suffix: std::collections::HashMap<String, &str> = Default::default();
     for line in openmetrics.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
-            let (kind, add) = match kind {
-                "counter" => ("counter", "_total"),
-                "info" => ("gauge", "_info"),
-                other => (other, ""),
-            };
-            suffix.insert(name.to_owned(), add);
+            let (name, _) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (kind, add) = suffix.get(name).copied().unwrap_or(("", ""));
             out.push_str(&format!("# TYPE {name}{add} {kind}\n"));
             continue;
         }
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
-            // HELP comes before TYPE in prometheus-client's output; look ahead.
-            let add = openmetrics
-                .lines()
-                .find_map(|l| {
-                    let kind = l
-                        .strip_prefix("# TYPE ")?
-                        .strip_prefix(name)?
-                        .strip_prefix(' ')?;
-                    Some(match kind {
-                        "counter" => "_total",
-                        "info" => "_info",
-                        _ => "",
-                    })
-                })
-                .unwrap_or("");
+            let add = suffix.get(name).map_or("", |(_, add)| add);
             out.push_str(&format!("# HELP {name}{add} {help}\n"));
             continue;
         }
