@@ -57,13 +57,10 @@ const CLIENT: &str = "198.18.0.2:40000";
 const SERVER: &str = "198.18.0.1";
 
 fn params(config: &Config, door: &str) -> DoorParams {
-    let d = config.doors[door].one_time().expect("a one-time door");
-    let r = d.knock_ports;
-    DoorParams {
-        knock_ports: r.start..=r.end,
-        knocks: d.knocks,
-        step_secs: d.step_secs,
-    }
+    config.doors[door]
+        .one_time()
+        .expect("a one-time door")
+        .params()
 }
 
 impl World {

@@ -631,21 +631,13 @@ fn door_settings(
     path: &Path,
     door: &str,
 ) -> anyhow::Result<(knockd::proto::DoorParams, Option<PathBuf>)> {
-    let defaults = || {
-        let d = knockd::config::door_defaults::KNOCK_PORTS;
-        knockd::proto::DoorParams {
-            knock_ports: d.start..=d.end,
-            knocks: knockd::config::door_defaults::KNOCKS,
-            step_secs: knockd::config::door_defaults::STEP_SECS,
-        }
-    };
     if !path.exists() {
         eprintln!(
             "knockctl: warning: no {}: the profile carries the default door settings \
              (knock_ports 7000-7999, knocks 3, step_secs 30); use --config",
             path.display()
         );
-        return Ok((defaults(), None));
+        return Ok((knockd::config::door_defaults::params(), None));
     }
     let config = knockd::config::Config::load(path)?;
     let Some(found) = config.doors.get(door) else {
@@ -661,15 +653,7 @@ fn door_settings(
             path.display()
         );
     };
-    let range = one_time.knock_ports;
-    Ok((
-        knockd::proto::DoorParams {
-            knock_ports: range.start..=range.end,
-            knocks: one_time.knocks,
-            step_secs: one_time.step_secs,
-        },
-        config.devices_dir.clone(),
-    ))
+    Ok((one_time.params(), config.devices_dir.clone()))
 }
 
 /// `knockctl import`: a knockd.conf to knockd.yaml.

@@ -273,6 +273,15 @@ pub mod door_defaults {
     pub const STEP_SECS: u32 = 30;
     pub const SKEW_STEPS: u32 = 1;
     pub const SEQ_TIMEOUT_SECS: u32 = 10;
+
+    /// What a client knocks with on a door of default settings.
+    pub fn params() -> crate::proto::DoorParams {
+        crate::proto::DoorParams {
+            knock_ports: KNOCK_PORTS.start..=KNOCK_PORTS.end,
+            knocks: KNOCKS,
+            step_secs: STEP_SECS,
+        }
+    }
 }
 
 /// The settings validation reads with their defaults (the same defaults
@@ -345,6 +354,17 @@ pub struct StaticDoor {
     pub sequence: Vec<KnockPort>,
     /// Seconds a sequence may take from its first knock.
     pub seq_timeout_secs: u32,
+}
+
+impl OneTimeDoor {
+    /// What a client needs of these settings to knock (its profile's).
+    pub fn params(&self) -> crate::proto::DoorParams {
+        crate::proto::DoorParams {
+            knock_ports: self.knock_ports.start..=self.knock_ports.end,
+            knocks: self.knocks,
+            step_secs: self.step_secs,
+        }
+    }
 }
 
 impl Door {
