@@ -16,6 +16,7 @@ pub mod capture;
 pub mod frames;
 pub mod livegen;
 pub mod machine;
+pub mod nmap;
 pub mod probe;
 
 use std::{

@@ -390,21 +390,13 @@ fn nmap(scene: &Scene, args: &[&str], ports: &str) -> Vec<(u16, String, String)>
     if scene.v6() {
         cmd.arg("-6");
     }
-    let out = sh(cmd.arg(&server));
-    let line = out
-        .lines()
-        .find_map(|l| l.split_once("Ports: ").map(|(_, p)| p.to_owned()))
-        .unwrap_or_else(|| panic!("no ports in nmap output:\n{out}"));
-    line.split(", ")
-        .map(|entry| {
-            let fields: Vec<&str> = entry.split('/').collect();
-            (
-                fields[0].trim().parse().unwrap(),
-                fields[2].to_owned(),
-                fields[1].to_owned(),
-            )
-        })
-        .collect()
+    let scan = knockd_tests::nmap::parse(&sh(cmd.arg(&server)));
+    assert!(
+        !scan.ports.is_empty(),
+        "nmap listed no ports: {}",
+        scan.line
+    );
+    scan.ports
 }
 
 fn nmap_finds_nothing_with_any_scan_type(v6: bool) {

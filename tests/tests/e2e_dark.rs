@@ -58,32 +58,20 @@ fn nmap(bed: &Bed, args: &[&str]) -> Scan {
     if bed.server.is_ipv6() {
         cmd.arg("-6");
     }
-    let out = sh(cmd.arg(bed.server.to_string()));
-    let line = out
-        .lines()
-        .find(|l| l.contains("Ports:") || l.contains("Ignored State:"))
-        .unwrap_or_else(|| panic!("no port results in nmap output:\n{out}"));
-    eprintln!("nmap {}: {line}", args.join(" "));
-    let mut listed = BTreeMap::new();
-    if let Some((_, ports)) = line.split_once("Ports: ") {
-        let ports = ports.split("\tIgnored").next().unwrap();
-        for entry in ports.split(", ") {
-            let fields: Vec<&str> = entry.split('/').collect();
-            let proto = if fields[2] == "udp" { "udp" } else { "tcp" };
-            listed.insert(
-                (fields[0].trim().parse().unwrap(), proto),
-                fields[1].to_owned(),
-            );
-        }
+    let scan = knockd_tests::nmap::parse(&sh(cmd.arg(bed.server.to_string())));
+    eprintln!("nmap {}: {}", args.join(" "), scan.line);
+    let listed = scan
+        .ports
+        .into_iter()
+        .map(|(port, proto, state)| {
+            let proto = if proto == "udp" { "udp" } else { "tcp" };
+            ((port, proto), state)
+        })
+        .collect();
+    Scan {
+        listed,
+        ignored: scan.ignored,
     }
-    let ignored = line.split_once("Ignored State: ").map(|(_, rest)| {
-        let (state, count) = rest.trim().split_once(" (").unwrap();
-        (
-            state.to_owned(),
-            count.trim_end_matches(')').parse().unwrap(),
-        )
-    });
-    Scan { listed, ignored }
 }
 
 fn dark_host(v6: bool) {
