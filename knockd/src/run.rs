@@ -295,7 +295,7 @@ pub async fn run(
     let counters = daemon.maps().counters()?;
     tracing::info!(
         counters = %serde_json::to_string(&counters).unwrap_or_default(),
-        decisions = %serde_json::to_string(daemon.tally()).unwrap_or_default(),
+        decisions = %serde_json::to_string(&daemon.tally()).unwrap_or_default(),
         "stopping; the XDP guard and the nftables table stay in place (fail closed); `knockd uninstall` removes them"
     );
     // The pinned links keep the guard attached after `guard` is dropped.

@@ -72,8 +72,9 @@ pub struct Daemon {
     table_checked: Instant,
     /// Unauthenticated rejects, rate-limited in the log.
     reject_log: LogLimiter,
-    /// Decisions by outcome or reason code, for the log and status.
-    tally: BTreeMap<&'static str, u64>,
+    /// Events that are not knock decisions (sessions capped, state writes
+    /// failed, probe rotations), by name.
+    events: BTreeMap<&'static str, u64>,
     /// The file the configuration came from, for reloads and status.
     config_path: Option<PathBuf>,
     /// When the running configuration was loaded (Unix ms).
@@ -154,7 +155,7 @@ impl Daemon {
             grants,
             table_checked: Instant::now(),
             reject_log: LogLimiter::new(Instant::now()),
-            tally: BTreeMap::new(),
+            events: BTreeMap::new(),
             config_path: None,
             loaded_at_ms: unix_ms(),
             recent_errors: VecDeque::new(),
@@ -198,9 +199,16 @@ impl Daemon {
         &self.maps
     }
 
-    /// Decisions so far, by outcome or reason code.
-    pub fn tally(&self) -> &BTreeMap<&'static str, u64> {
-        &self.tally
+    /// Decisions so far, by outcome (accepted, progress, duplicate) or, for
+    /// rejects, reason code, with the other events: what the log and status
+    /// show. Derived from `decisions`, which metrics label by door too.
+    pub fn tally(&self) -> BTreeMap<&'static str, u64> {
+        let mut tally = self.events.clone();
+        for ((_, outcome, reason), count) in &self.decisions {
+            let key = if reason.is_empty() { outcome } else { reason };
+            *tally.entry(key).or_default() += count;
+        }
+        tally
     }
 
     /// Once a second: move the engine's clock (reloading knock ports when
@@ -271,7 +279,7 @@ impl Daemon {
                         max_session_secs = session.cap_secs,
                         "session cut at its cap"
                     );
-                    *self.tally.entry("session_capped").or_default() += 1;
+                    *self.events.entry("session_capped").or_default() += 1;
                 }
             }
             Err(e) => self.record_error(format!("enforcing session caps failed: {}", chain(&e))),
@@ -290,16 +298,11 @@ impl Daemon {
             },
             now_ms,
         );
-        let key = match &decision.outcome {
-            Outcome::Accepted(_) => "accepted",
-            Outcome::Progress { .. } => "progress",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Rejected(reason) => reason.name(),
-        };
-        *self.tally.entry(key).or_default() += 1;
         let (outcome, reason) = match &decision.outcome {
+            Outcome::Accepted(_) => ("accepted", ""),
+            Outcome::Progress { .. } => ("progress", ""),
+            Outcome::Duplicate => ("duplicate", ""),
             Outcome::Rejected(reason) => ("rejected", reason.name()),
-            _ => (key, ""),
         };
         *self
             .decisions
@@ -354,7 +357,7 @@ impl Daemon {
         if let Err(e) = self.state.append(&records) {
             let cause = chain(&e);
             for (_, decision, _) in &batch {
-                *self.tally.entry("state_write_failed").or_default() += 1;
+                *self.events.entry("state_write_failed").or_default() += 1;
                 self.record_error(format!(
                     "refused an accepted knock (door {}, device {}, source {}): recording the sequence as used failed: {cause}",
                     decision.door.as_deref().unwrap_or("-"),
@@ -519,7 +522,7 @@ impl Daemon {
             let (door, device, source) = (&new.door, new.device.as_deref(), new.source);
             let (old_port, port, probes) = (old.port, new.port, old.probes);
             if attack {
-                *self.tally.entry("probe_rotations").or_default() += 1;
+                *self.events.entry("probe_rotations").or_default() += 1;
                 tracing::warn!(%door, device, %source, old_port, port, probes, "granted port probed by other sources; lease moved, old port kept for its holder until its deadline");
             } else {
                 tracing::info!(%door, device, %source, old_port, port, rotations = new.rotations, "lease rotated");

@@ -70,7 +70,7 @@ impl Daemon {
         ];
         for (name, help, key) in events {
             let counter = Counter::<u64>::default();
-            counter.inc_by(self.tally.get(key).copied().unwrap_or(0));
+            counter.inc_by(self.events.get(key).copied().unwrap_or(0));
             registry.register(name, help, counter);
         }
         let reloads = Family::<Labels, Counter>::default();
@@ -211,9 +211,9 @@ impl Daemon {
             counters: counters.as_ref().map(named),
             rates_per_sec,
             decisions: self
-                .tally
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
+                .tally()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             grants: self.grant_views(),
             sessions: self.session_views(),
