@@ -136,15 +136,7 @@ impl Daemon {
         }
         // The table's conntrack expressions have loaded conntrack, so its
         // sysctls exist now.
-        if config.doors.values().any(|d| d.max_session_secs > 0) {
-            match crate::cut::enable_timestamps() {
-                Ok(true) => {}
-                Ok(false) | Err(_) => tracing::warn!(
-                    "could not turn on conntrack timestamps (net.netfilter.nf_conntrack_timestamp); \
-                     session caps count from when knockd first sees a session, and may cut up to an eighth of a cap late"
-                ),
-            }
-        }
+        sessions::stamp_if_capped(&config);
         let mut daemon = Daemon {
             config,
             engine,

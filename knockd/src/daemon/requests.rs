@@ -188,6 +188,8 @@ impl Daemon {
         self.engine = engine;
         self.grants = grants;
         self.loaded_at_ms = unix_ms();
+        // A reload may give a door its first cap.
+        super::sessions::stamp_if_capped(&self.config);
         self.session_caps.rescan(Instant::now());
         self.load_policy()?;
         let summary = format!(

@@ -75,6 +75,23 @@ fn doors(config: &Config) -> Vec<(String, cut::Scope, u32)> {
         .collect()
 }
 
+/// Turns conntrack's timestamps on when some door of `config` caps its
+/// sessions (at start, and at a reload that may add the first cap); says
+/// so when it cannot.
+pub fn stamp_if_capped(config: &Config) {
+    if !config.doors.values().any(|d| d.max_session_secs > 0) {
+        return;
+    }
+    match cut::enable_timestamps() {
+        Ok(true) => {}
+        Ok(false) | Err(_) => tracing::warn!(
+            "could not turn on conntrack timestamps (net.netfilter.nf_conntrack_timestamp); \
+             session caps count from when knockd first sees a session, and may cut up to an \
+             eighth of a cap late"
+        ),
+    }
+}
+
 impl SessionCaps {
     pub fn new(now: Instant) -> SessionCaps {
         SessionCaps {
