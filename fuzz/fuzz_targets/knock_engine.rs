@@ -54,6 +54,7 @@ fn world() -> World {
                 id: "laptop".into(),
                 key: key.clone(),
                 groups: vec!["admins".into()],
+                doors: Vec::new(),
                 declared_in: "fuzz.yaml".into(),
             },
         );

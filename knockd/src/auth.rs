@@ -71,11 +71,14 @@ pub enum Reason {
     WrongKnock,
     /// Static: the sequence took longer than `seq_timeout_secs`.
     Timeout,
+    /// Fleet mode: authentic, but etcd could not confirm that no other
+    /// node has seen this sequence (fail closed).
+    ClusterUnavailable,
 }
 
 impl Reason {
     /// Every reason, for counters.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Malformed,
         Reason::NoDoor,
         Reason::UnknownDevice,
@@ -87,6 +90,7 @@ impl Reason {
         Reason::RateLimited,
         Reason::WrongKnock,
         Reason::Timeout,
+        Reason::ClusterUnavailable,
     ];
 
     /// The reason code in logs and counters.
@@ -103,6 +107,7 @@ impl Reason {
             Reason::RateLimited => "rate_limited",
             Reason::WrongKnock => "wrong_knock",
             Reason::Timeout => "timeout",
+            Reason::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }

@@ -113,6 +113,9 @@ pub struct Device {
     pub id: String,
     pub key: DeviceKey,
     pub groups: Vec<String>,
+    /// Doors that allow it by name beyond their `allow` (fleet mode: the
+    /// doors' device lists in etcd).
+    pub doors: Vec<String>,
     /// Where the device was declared, for error messages.
     pub declared_in: PathBuf,
 }
@@ -204,6 +207,7 @@ impl Devices {
                 id: id.clone(),
                 key: load_key(&entry.key_file, required_uid)?,
                 groups: entry.groups.clone(),
+                doors: Vec::new(),
                 declared_in: config_path.to_owned(),
             })?;
         }
@@ -214,12 +218,31 @@ impl Devices {
                     key: load_key(&key_file, required_uid)?,
                     id: file.id,
                     groups: file.groups,
+                    doors: Vec::new(),
                     declared_in: path,
                 })?;
             }
         }
         devices.check_references(config)?;
         Ok(devices)
+    }
+
+    /// These devices and those from etcd (fleet mode), which must not
+    /// reuse a local id: a clash keeps the local device and warns.
+    pub fn with_fleet(&self, config: &Config, fleet: impl IntoIterator<Item = Device>) -> Devices {
+        let mut merged = Devices {
+            by_id: self.by_id.clone(),
+            warnings: Vec::new(),
+        };
+        for device in fleet {
+            if let Err(e) = merged.insert(device) {
+                merged
+                    .warnings
+                    .push(format!("{e}; the local device is used"));
+            }
+        }
+        let _ = merged.check_references(config);
+        merged
     }
 
     fn insert(&mut self, device: Device) -> Result<(), Error> {
@@ -243,7 +266,12 @@ impl Devices {
             };
             let allow = &door.allow;
             for (i, id) in allow.devices.iter().enumerate() {
-                if !self.by_id.contains_key(id) {
+                // In fleet mode the device may be in etcd.
+                if !self.by_id.contains_key(id) && config.cluster.is_some() {
+                    self.warnings.push(format!(
+                        "doors.{name}.allow.devices[{i}]: no device {id:?} on this node; it must come from etcd"
+                    ));
+                } else if !self.by_id.contains_key(id) {
                     return Err(Error::Reference {
                         key: format!("doors.{name}.allow.devices[{i}]"),
                         reason: format!("no device {id:?} is defined"),
@@ -269,7 +297,7 @@ impl Devices {
     pub fn allowed<'a>(
         &'a self,
         config: &'a Config,
-        door: &str,
+        door: &'a str,
     ) -> impl Iterator<Item = &'a Device> + 'a {
         let allow = config
             .doors
@@ -280,6 +308,7 @@ impl Devices {
             allow.is_some_and(|allow| {
                 allow.devices.contains(&device.id)
                     || device.groups.iter().any(|g| allow.groups.contains(g))
+                    || device.doors.iter().any(|d| d == door)
             })
         })
     }

@@ -153,6 +153,23 @@ pub struct Grant {
     /// has heard of the new port. At most [`RETIRED_MAX`].
     #[serde(skip)]
     pub retired: Vec<(u16, Instant)>,
+    /// Fleet mode: another node made or last renewed this grant, and this
+    /// one follows what it publishes. It never rotates here (a node that
+    /// rotated on its own would give the fleet two ports for one grant).
+    #[serde(skip)]
+    pub remote: bool,
+}
+
+/// A grant as another node published it (fleet mode).
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub port: u16,
+    pub device: Option<String>,
+    pub expires: Instant,
+    pub leased: bool,
+    /// Whether another node owns it (else this node published it, before
+    /// a restart).
+    pub remote: bool,
 }
 
 /// Why a lease moves to a fresh port.
@@ -387,6 +404,7 @@ impl Grants {
                             expires,
                             next_rotation: None,
                             retired: Vec::new(),
+                            remote: false,
                         },
                     );
                 }
@@ -499,6 +517,7 @@ impl Grants {
         let grant = match &existing {
             Some(old) => Grant {
                 device: device.map(str::to_owned).or(old.device.clone()),
+                remote: false,
                 expires: now
                     + if old.leased {
                         settings.lease_idle
@@ -524,6 +543,7 @@ impl Grants {
                     expires: now + settings.open_for,
                     next_rotation: None,
                     retired: Vec::new(),
+                    remote: false,
                 }
             }
         };
@@ -556,6 +576,7 @@ impl Grants {
         let grant = Grant {
             device: device.map(str::to_owned),
             leased: true,
+            remote: false,
             expires: now + settings.lease_idle,
             next_rotation: old
                 .next_rotation
@@ -649,7 +670,7 @@ impl Grants {
         let due: Vec<Grant> = self
             .by_source
             .values()
-            .filter(|g| g.next_rotation.is_some_and(|at| at <= now))
+            .filter(|g| !g.remote && g.next_rotation.is_some_and(|at| at <= now))
             .cloned()
             .collect();
         let mut rotated = Vec::new();
@@ -719,6 +740,7 @@ impl Grants {
                 grant.probes += count;
                 let threshold = self.doors[&grant.door].rotate_on_probes;
                 if grant.leased
+                    && !grant.remote
                     && threshold > 0
                     && grant.probes >= threshold
                     && grant.retired.len() < RETIRED_MAX
@@ -767,6 +789,65 @@ impl Grants {
             }
         }
         self.refresh_taken();
+    }
+
+    /// Fleet mode: makes this node's grant of `door` for `source` what
+    /// another node published (its port, device, deadline, lease), in
+    /// both kernel places, replacing what it had. One-time doors only.
+    /// With `remote`, it follows that node and does not rotate.
+    pub fn apply(
+        &mut self,
+        kernel: &mut impl Kernel,
+        door: &str,
+        source: IpAddr,
+        published: Published,
+        now: Instant,
+    ) -> Result<Grant, Error> {
+        let key = (door.to_owned(), source);
+        let existing = self.by_source.get(&key).cloned();
+        let rotate_every = self.doors.get(door).and_then(|d| d.rotate_every);
+        let grant = Grant {
+            kind: GrantKind::Redirect,
+            door: door.to_owned(),
+            source,
+            device: published.device,
+            port: published.port,
+            leased: published.leased,
+            rotations: existing
+                .as_ref()
+                .map_or(0, |g| g.rotations + u32::from(g.port != published.port)),
+            probes: 0,
+            expires: published.expires,
+            next_rotation: if published.remote {
+                None
+            } else {
+                existing
+                    .as_ref()
+                    .and_then(|g| g.next_rotation)
+                    .or(rotate_every
+                        .filter(|_| published.leased)
+                        .map(|every| now + every))
+            },
+            retired: Vec::new(),
+            remote: published.remote,
+        };
+        // Retired ports of the grant it replaces close now: the fleet
+        // knows only the current one.
+        if let Some(old) = &existing {
+            for &(port, _) in &old.retired {
+                let _ = kernel.update_grants(&[], &[old.element_for(port, old.expires, now)]);
+                kernel.revoke(source, port)?;
+            }
+        }
+        self.enforce(kernel, &grant, existing.as_ref(), now)?;
+        self.taken[usize::from(grant.port)] = true;
+        self.by_source.insert(key, grant.clone());
+        Ok(grant)
+    }
+
+    /// The grant of `door` for `source`, if there is one.
+    pub fn get(&self, door: &str, source: IpAddr) -> Option<&Grant> {
+        self.by_source.get(&(door.to_owned(), source))
     }
 
     /// The random ports grants use now (not retired ones, not static

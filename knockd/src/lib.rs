@@ -21,11 +21,15 @@
 //! - [`proto`]: the one-time knock wire protocol (`docs/PROTOCOL.md`);
 //! - [`auth`]: knock authentication, a pure state machine;
 //! - [`state`]: the consumed-sequence record;
-//! - [`daemon`]: decisions turned into grants, replies and log lines.
+//! - [`daemon`]: decisions turned into grants, replies and log lines;
+//! - [`cluster`]: fleet mode, the one owner of etcd (devices, consumed
+//!   sequences, cluster grants, revokes and heartbeats).
 
 pub mod auth;
 pub mod classic;
 pub mod client;
+#[cfg(feature = "daemon")]
+pub mod cluster;
 pub mod config;
 pub mod control;
 #[cfg(feature = "daemon")]

@@ -41,6 +41,8 @@ pub enum Error {
     ControlGroup(String),
     #[error("installing the SIGHUP handler")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::Error),
     #[error("metrics endpoint on {listen}")]
     Metrics {
         listen: std::net::SocketAddr,
@@ -81,6 +83,16 @@ fn reload(daemon: &mut Daemon) -> control::Response {
         sd_notify::NotifyState::Status(&status),
     ]);
     response
+}
+
+/// The next fleet event; never, outside fleet mode.
+async fn next_event(
+    events: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::cluster::Event>>,
+) -> Option<crate::cluster::Event> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The gid of group `name`.
@@ -180,8 +192,19 @@ pub async fn run(
     let pins = StartupPins(Some(config.bpffs_dir.clone()));
     let ring = maps::take_knock_events(guard.ebpf_mut())?;
     maps.set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
+    // Fleet mode: the key and password files are read now, so a bad one
+    // stops start-up naming it; etcd itself may be down (fail closed).
+    let fleet = match &config.cluster {
+        Some(cluster) => Some(crate::cluster::Settings::load(cluster)?),
+        None => None,
+    };
     let mut daemon = Daemon::new(config.clone(), &devices, maps, state)?;
     daemon.set_lockout_open(opened);
+    let mut fleet_events = fleet.map(|settings| {
+        let (link, events) = crate::cluster::spawn(&settings);
+        daemon.set_fleet(daemon::Fleet::new(link, &settings, devices.clone()));
+        events
+    });
 
     for interface in &config.interfaces {
         let mode = guard.attach_pinned(interface, config.xdp_mode, &config.bpffs_dir)?;
@@ -269,12 +292,14 @@ pub async fn run(
             }
             _ = tick.tick() => daemon.tick()?,
             Some((command, reply)) = requests.recv() => {
-                let response = match command {
-                    control::Command::Reload => reload(&mut daemon),
-                    other => daemon.handle(other),
-                };
-                let _ = reply.send(response);
+                match command {
+                    control::Command::Reload => {
+                        let _ = reply.send(reload(&mut daemon));
+                    }
+                    other => daemon.handle_request(other, reply),
+                }
             }
+            Some(event) = next_event(&mut fleet_events) => daemon.on_fleet(event)?,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
                 let _ = reload(&mut daemon);

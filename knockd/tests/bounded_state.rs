@@ -73,6 +73,7 @@ fn a_million_random_knocks_leave_bounded_state() {
                 key: DeviceKey([i as u8 + 1; 32]),
                 groups: vec!["g".into()],
                 declared_in: "t.yaml".into(),
+                doors: Vec::new(),
             },
         );
     }

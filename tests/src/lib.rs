@@ -13,6 +13,7 @@
 
 pub mod bed;
 pub mod capture;
+pub mod fleet;
 pub mod frames;
 pub mod livegen;
 pub mod machine;

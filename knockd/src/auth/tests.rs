@@ -42,6 +42,7 @@ fn world(now_ms: u64) -> World {
                 key: key(id),
                 groups: entry.groups.clone(),
                 declared_in: "t.yaml".into(),
+                doors: Vec::new(),
             },
         );
     }

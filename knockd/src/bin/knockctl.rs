@@ -24,7 +24,9 @@ use knockd::{
     config::PortRange,
     control::{
         Command as Request, Response,
-        wire::{GrantView, Reloaded, Revoked, StatusReport},
+        wire::{
+            ClusterDevice, ClusterStatus, DeviceChanged, GrantView, Reloaded, Secret, StatusReport,
+        },
     },
     devices::DeviceFile,
     profile::{Profile, Profiles},
@@ -71,6 +73,10 @@ enum Command {
         /// Print the daemon's JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Fleet mode: every node's health, watch lag and grants, from
+        /// their heartbeats in etcd.
+        #[arg(long)]
+        cluster: bool,
     },
     /// List the live grants.
     Grants {
@@ -175,20 +181,32 @@ enum DeviceCommand {
         /// The host clients reach the server at, for the printed profile.
         #[arg(long, default_value = "SERVER")]
         host: String,
-        /// The door the profile opens.
+        /// The door the profile opens (in fleet mode, the door's device
+        /// list in etcd gets the device too).
         #[arg(long, default_value = "ssh")]
         door: String,
+        /// Fleet mode: the daemon's control socket (default: the
+        /// configuration's control_socket).
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
-    /// List the devices in the devices directory.
+    /// List the devices in the devices directory (fleet mode: in etcd).
     List {
         #[arg(long, default_value = "/etc/knockd/devices.d")]
         devices_dir: PathBuf,
+        /// The server's configuration: with a cluster: section, the
+        /// devices are etcd's.
+        #[arg(long, default_value = "/etc/knockd/knockd.yaml")]
+        config: PathBuf,
     },
-    /// Remove a device (its key and device file).
+    /// Remove a device (its key and device file; fleet mode: from etcd,
+    /// and so from every node).
     Remove {
         name: String,
         #[arg(long, default_value = "/etc/knockd/devices.d")]
         devices_dir: PathBuf,
+        #[arg(long, default_value = "/etc/knockd/knockd.yaml")]
+        config: PathBuf,
     },
 }
 
@@ -259,15 +277,26 @@ fn main() -> ExitCode {
         Command::Import { file, output } => {
             import_classic(&file, output.as_deref()).map_err(Failure::from)
         }
-        Command::Status { socket, json } => show(&socket, Request::Status, json, print_status),
+        Command::Status {
+            socket,
+            json,
+            cluster: true,
+        } => show(&socket, Request::ClusterStatus, json, print_cluster),
+        Command::Status { socket, json, .. } => show(&socket, Request::Status, json, print_status),
         Command::Grants { socket, json } => show(&socket, Request::Grants, json, print_grants),
         Command::Revoke { target, socket } => {
-            control::<Revoked>(&socket.socket, &Request::Revoke { target })
+            control::<RevokeReply>(&socket.socket, &Request::Revoke { target })
                 .map(|r| {
                     println!(
                         "revoked {} grant(s), cut {} connection(s)",
                         r.revoked, r.connections_cut
-                    )
+                    );
+                    if let Some(key) = r.published {
+                        println!(
+                            "fleet: published as {key}; every node ends its grants and cuts its connections ({} cluster grant(s) withdrawn)",
+                            r.fleet_grants.unwrap_or(0)
+                        );
+                    }
                 })
                 .map_err(Failure::from)
         }
@@ -317,6 +346,62 @@ fn control<T: serde::de::DeserializeOwned>(path: &Path, request: &Request) -> an
         )
     })?;
     response.into_data().map_err(|e| anyhow!("knockd: {e}"))
+}
+
+/// The control socket of a server in fleet mode, if `config` (read when
+/// it exists) has a cluster: section.
+fn fleet_socket(config: &Path) -> anyhow::Result<Option<PathBuf>> {
+    if !config.exists() {
+        return Ok(None);
+    }
+    let config = knockd::config::Config::load(config)?;
+    Ok(config.cluster.is_some().then_some(config.control_socket))
+}
+
+/// A `revoke` reply, alone or in fleet mode.
+#[derive(serde::Deserialize)]
+struct RevokeReply {
+    revoked: usize,
+    connections_cut: usize,
+    published: Option<String>,
+    fleet_grants: Option<usize>,
+}
+
+fn print_cluster(s: &ClusterStatus) {
+    println!("fleet at etcd revision {} (asked {})", s.revision, s.asked);
+    println!(
+        "{:<16} {:<6} {:>8} {:>7} {:>10} {:>8} {:>7}",
+        "node", "health", "report", "synced", "revision", "lag", "grants"
+    );
+    for node in &s.nodes {
+        let r = node.report.as_ref();
+        println!(
+            "{:<16} {:<6} {:>8} {:>7} {:>10} {:>8} {:>7}",
+            node.name,
+            node.health,
+            node.report_age_ms
+                .map_or("-".into(), |a| format!("{:.1}s", a as f64 / 1000.0)),
+            r.map_or("-".into(), |r| r.synced.to_string()),
+            r.map_or("-".into(), |r| r.revision.to_string()),
+            r.and_then(|r| r.watch_lag_ms)
+                .map_or("-".into(), |l| format!("{l}ms")),
+            r.map_or("-".into(), |r| r.grants.len().to_string()),
+        );
+    }
+    for node in &s.nodes {
+        for g in node.report.iter().flat_map(|r| &r.grants) {
+            println!(
+                "  {:<14} {:<10} {:<12} {:<28} port {:>5}  {:>5}s left{}",
+                node.name,
+                g.door,
+                g.device.as_deref().unwrap_or("-"),
+                g.source,
+                g.port,
+                g.secs_left,
+                if g.lease { "  lease" } else { "" }
+            );
+        }
+    }
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
@@ -630,7 +715,7 @@ fn lease(
 fn door_settings(
     path: &Path,
     door: &str,
-) -> anyhow::Result<(knockd::proto::DoorParams, Option<PathBuf>)> {
+) -> anyhow::Result<(knockd::proto::DoorParams, Option<knockd::config::Config>)> {
     if !path.exists() {
         eprintln!(
             "knockctl: warning: no {}: the profile carries the default door settings \
@@ -653,7 +738,7 @@ fn door_settings(
             path.display()
         );
     };
-    Ok((one_time.params(), config.devices_dir.clone()))
+    Ok((one_time.params(), Some(config.clone())))
 }
 
 /// `knockctl import`: a knockd.conf to knockd.yaml.
@@ -741,10 +826,47 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             devices_dir,
             host,
             door,
+            socket,
         } => {
-            let (params, configured_dir) = door_settings(&config, &door)?;
+            let (params, server) = door_settings(&config, &door)?;
+            let profile = |key: &DeviceKey| Profiles {
+                profiles: [(
+                    name.clone(),
+                    Profile {
+                        host: host.clone(),
+                        door: door.clone(),
+                        key: key.to_hex(),
+                        knock_ports: Some(PortRange {
+                            start: *params.knock_ports.start(),
+                            end: *params.knock_ports.end(),
+                        }),
+                        knocks: Some(params.knocks),
+                        step_secs: Some(params.step_secs),
+                    },
+                )]
+                .into(),
+            };
+            if let Some(server) = server.as_ref().filter(|c| c.cluster.is_some()) {
+                let key = DeviceKey::generate();
+                let socket = socket.unwrap_or_else(|| server.control_socket.clone());
+                let changed: DeviceChanged = control(
+                    &socket,
+                    &Request::DeviceAdd {
+                        id: name.clone(),
+                        groups,
+                        doors: vec![door.clone()],
+                        key: Secret(key.to_hex()),
+                    },
+                )?;
+                eprintln!(
+                    "added {name} to etcd (revision {}), its key sealed under the cluster key; every node admits it within a second. The client's profile (keep it secret, mode 0600):",
+                    changed.revision
+                );
+                print!("{}", profile(&key).to_yaml());
+                return Ok(());
+            }
             let devices_dir = devices_dir
-                .or(configured_dir)
+                .or(server.and_then(|c| c.devices_dir))
                 .unwrap_or_else(|| PathBuf::from("/etc/knockd/devices.d"));
             let file = DeviceFile {
                 id: name.clone(),
@@ -772,32 +894,31 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             writeln!(out, "{}", key.to_hex())?;
             std::fs::write(&yaml_path, serde_yaml::to_string(&file)?)
                 .with_context(|| format!("writing {}", yaml_path.display()))?;
-            let profile = Profiles {
-                profiles: [(
-                    name.clone(),
-                    Profile {
-                        host,
-                        door,
-                        key: key.to_hex(),
-                        knock_ports: Some(PortRange {
-                            start: *params.knock_ports.start(),
-                            end: *params.knock_ports.end(),
-                        }),
-                        knocks: Some(params.knocks),
-                        step_secs: Some(params.step_secs),
-                    },
-                )]
-                .into(),
-            };
             eprintln!(
                 "created {} and {}; reload knockd to admit it. The client's profile (keep it secret, mode 0600):",
                 yaml_path.display(),
                 key_path.display()
             );
-            print!("{}", profile.to_yaml());
+            print!("{}", profile(&key).to_yaml());
             Ok(())
         }
-        DeviceCommand::List { devices_dir } => {
+        DeviceCommand::List {
+            devices_dir,
+            config,
+        } => {
+            if let Some(socket) = fleet_socket(&config)? {
+                let devices: Vec<ClusterDevice> = control(&socket, &Request::DeviceList)?;
+                for d in devices {
+                    println!(
+                        "{}\tgroups: {}\tdoors: {}\tadded by {}\tetcd",
+                        d.id,
+                        d.groups.join(","),
+                        d.doors.join(","),
+                        d.added_by
+                    );
+                }
+                return Ok(());
+            }
             for (path, file) in knockd::devices::read_device_files(&devices_dir)? {
                 let mode = std::fs::metadata(devices_dir.join(&file.key_file))
                     .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
@@ -812,7 +933,20 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DeviceCommand::Remove { name, devices_dir } => {
+        DeviceCommand::Remove {
+            name,
+            devices_dir,
+            config,
+        } => {
+            if let Some(socket) = fleet_socket(&config)? {
+                let changed: DeviceChanged =
+                    control(&socket, &Request::DeviceRemove { id: name.clone() })?;
+                eprintln!(
+                    "removed {name} from etcd (revision {}); every node forgets it within a second",
+                    changed.revision
+                );
+                return Ok(());
+            }
             let (path, file) = knockd::devices::read_device_files(&devices_dir)?
                 .into_iter()
                 .find(|(_, f)| f.id == name)

@@ -152,6 +152,95 @@ pub struct Config<D = Door> {
     /// listen on a loopback address: metrics are for the host's own scraper.
     #[serde(default)]
     pub metrics: Option<Metrics>,
+    /// Fleet mode: devices, consumed sequences and cluster doors' grants
+    /// shared through etcd (`docs/CLUSTER.md`). Without it every node is an
+    /// island, as before.
+    #[serde(default)]
+    pub cluster: Option<Cluster>,
+}
+
+/// The `cluster:` section: where etcd is and who this node is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// This node's name, unique in the fleet (it names its heartbeat key
+    /// and the grants it publishes).
+    pub name: String,
+    /// etcd client URLs, such as `https://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Every key knockd writes starts with this (default `/knockd/`), so
+    /// one etcd can serve several fleets, and etcd roles can confine them.
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+    /// The cluster key (64 hex digits, root-only, the same on every node):
+    /// device keys are sealed under it in etcd, so an etcd backup alone
+    /// gives away no device key.
+    #[serde(default = "default_cluster_key_file")]
+    pub key_file: PathBuf,
+    /// TLS to etcd (https endpoints).
+    #[serde(default)]
+    pub tls: Option<ClusterTls>,
+    /// etcd user authentication. With client certificates and
+    /// `--client-cert-auth`, etcd takes the certificate's CN as the user
+    /// instead.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// File holding the user's password (root-only, like a key file).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// How long one etcd request may take before the node counts etcd as
+    /// unreachable for it, in milliseconds (default 1000).
+    #[serde(default = "default_cluster_timeout_ms")]
+    pub timeout_ms: u32,
+}
+
+/// Client TLS to etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// The CA that signed etcd's server certificates.
+    pub ca_file: PathBuf,
+    /// This node's client certificate and key, for `--client-cert-auth`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_cluster_prefix() -> String {
+    "/knockd/".to_owned()
+}
+
+fn default_cluster_key_file() -> PathBuf {
+    PathBuf::from("/etc/knockd/cluster.key")
+}
+
+fn default_cluster_timeout_ms() -> u32 {
+    1000
+}
+
+/// Where a one-time door's grants hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// On the node that accepted the knock (the default).
+    #[default]
+    Local,
+    /// On every node of the fleet, through etcd.
+    Cluster,
+}
+
+/// What a one-time door does with an accepted knock while etcd cannot
+/// confirm its sequence is fresh fleet-wide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnClusterUnavailable {
+    /// Refuse it (`cluster_unavailable`): fail closed, the default.
+    #[default]
+    Closed,
+    /// Act on it here, with this node's replay record only: the sequence
+    /// could still be replayed to another node that is cut off too.
+    Local,
 }
 
 /// The metrics endpoint.
@@ -247,6 +336,10 @@ pub(crate) struct RawDoor {
     pub skew_steps: Option<u32>,
     /// One-time: the devices and groups that may open the door.
     pub allow: Option<Allow>,
+    /// One-time, fleet mode: `cluster` opens the door on every node.
+    pub scope: Option<Scope>,
+    /// One-time, fleet mode: `closed` (default) or `local`.
+    pub on_cluster_unavailable: Option<OnClusterUnavailable>,
     /// Static: the port sequence.
     pub sequence: Option<Vec<KnockPort>>,
     /// Static: seconds a sequence may take from its first knock (default 10).
@@ -346,6 +439,10 @@ pub struct OneTimeDoor {
     pub skew_steps: u32,
     /// Who may open it.
     pub allow: Allow,
+    /// Where its grants hold (fleet mode).
+    pub scope: Scope,
+    /// Whether it fails closed while etcd is unreachable (fleet mode).
+    pub on_cluster_unavailable: OnClusterUnavailable,
 }
 
 /// A static door's settings.
@@ -400,6 +497,8 @@ impl From<RawDoor> for Door {
                 step_secs: raw.step_secs.unwrap_or(d::STEP_SECS),
                 skew_steps: raw.skew_steps.unwrap_or(d::SKEW_STEPS),
                 allow: raw.allow.unwrap_or_default(),
+                scope: raw.scope.unwrap_or_default(),
+                on_cluster_unavailable: raw.on_cluster_unavailable.unwrap_or_default(),
             }),
             DoorMode::Static => DoorKind::Static(StaticDoor {
                 sequence: raw.sequence.unwrap_or_default(),
@@ -438,6 +537,7 @@ impl Config<RawDoor> {
             control_socket: self.control_socket,
             control_group: self.control_group,
             metrics: self.metrics,
+            cluster: self.cluster,
         }
     }
 }

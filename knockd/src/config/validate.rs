@@ -76,6 +76,9 @@ impl Config<RawDoor> {
                 validate_name(group, DEVICE_ID_MAX, &format!("devices.{id}.groups[{i}]"))?;
             }
         }
+        if let Some(cluster) = &self.cluster {
+            validate_cluster(cluster)?;
+        }
         self.validate_doors()
     }
 
@@ -178,6 +181,11 @@ impl Config<RawDoor> {
                 ("step_secs", door.step_secs.is_some()),
                 ("skew_steps", door.skew_steps.is_some()),
                 ("allow", door.allow.is_some()),
+                ("scope", door.scope.is_some()),
+                (
+                    "on_cluster_unavailable",
+                    door.on_cluster_unavailable.is_some(),
+                ),
             ];
             let static_fields = [
                 ("sequence", door.sequence.is_some()),
@@ -192,6 +200,22 @@ impl Config<RawDoor> {
                     key(field),
                     format!("only {mode} doors take this setting"),
                 ));
+            }
+            if self.cluster.is_none() {
+                for (field, set) in [
+                    ("scope", door.scope == Some(super::Scope::Cluster)),
+                    (
+                        "on_cluster_unavailable",
+                        door.on_cluster_unavailable.is_some(),
+                    ),
+                ] {
+                    if set {
+                        return Err(Error::invalid(
+                            key(field),
+                            "only takes effect in fleet mode: add a cluster: section",
+                        ));
+                    }
+                }
             }
             match door.mode {
                 DoorMode::OneTime => {
@@ -241,6 +265,85 @@ impl Config<RawDoor> {
         }
         Ok(())
     }
+}
+
+/// The `cluster:` section: names and paths that end up in etcd keys and
+/// file reads must be plain, endpoints must be URLs TLS agrees with.
+fn validate_cluster(cluster: &super::Cluster) -> Result<(), Error> {
+    validate_name(&cluster.name, DEVICE_ID_MAX, "cluster.name")?;
+    if cluster.endpoints.is_empty() {
+        return Err(Error::invalid(
+            "cluster.endpoints",
+            "at least one etcd endpoint is needed",
+        ));
+    }
+    for (i, endpoint) in cluster.endpoints.iter().enumerate() {
+        let key = format!("cluster.endpoints[{i}]");
+        let https = endpoint.starts_with("https://");
+        if !https && !endpoint.starts_with("http://") {
+            return Err(Error::invalid(
+                key,
+                format!("{endpoint:?} is not an http:// or https:// URL"),
+            ));
+        }
+        if https != cluster.tls.is_some() {
+            return Err(Error::invalid(
+                key,
+                if https {
+                    "an https endpoint needs cluster.tls (its ca_file at least)"
+                } else {
+                    "with cluster.tls set, endpoints must be https://"
+                },
+            ));
+        }
+    }
+    let prefix = &cluster.prefix;
+    if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() > 128 {
+        return Err(Error::invalid(
+            "cluster.prefix",
+            format!("{prefix:?} must start and end with / (at most 128 bytes)"),
+        ));
+    }
+    if cluster.user.is_some() != cluster.password_file.is_some() {
+        return Err(Error::invalid(
+            if cluster.user.is_some() {
+                "cluster.password_file"
+            } else {
+                "cluster.user"
+            },
+            "cluster.user and cluster.password_file go together",
+        ));
+    }
+    if let Some(tls) = &cluster.tls
+        && tls.cert_file.is_some() != tls.key_file.is_some()
+    {
+        return Err(Error::invalid(
+            "cluster.tls",
+            "cert_file and key_file go together",
+        ));
+    }
+    check_bounds("cluster.timeout_ms", Some(cluster.timeout_ms), 100, 60_000)?;
+    let mut paths = vec![("cluster.key_file", &cluster.key_file)];
+    paths.extend(
+        cluster
+            .password_file
+            .iter()
+            .map(|p| ("cluster.password_file", p)),
+    );
+    if let Some(tls) = &cluster.tls {
+        paths.push(("cluster.tls.ca_file", &tls.ca_file));
+        paths.extend(tls.cert_file.iter().map(|p| ("cluster.tls.cert_file", p)));
+        paths.extend(tls.key_file.iter().map(|p| ("cluster.tls.key_file", p)));
+    }
+    for (key, path) in paths {
+        if !path.is_absolute() {
+            return Err(Error::invalid(
+                key,
+                format!("{} is not an absolute path", path.display()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Longest device id or group name.

@@ -17,6 +17,17 @@ pub const VERSION: u32 = 1;
 /// Largest request accepted, in bytes.
 pub const REQUEST_MAX: usize = 4096;
 
+/// Text that must never reach a log: `Debug` shows `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// A request, as parsed.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
@@ -29,6 +40,24 @@ pub enum Command {
     Reload,
     /// The OpenMetrics text (also what the metrics endpoint serves).
     Metrics,
+    /// Fleet mode: add a device to etcd, its key sealed there. `key` is
+    /// the device key's 64 hex digits (the socket is root's).
+    DeviceAdd {
+        id: String,
+        #[serde(default)]
+        groups: Vec<String>,
+        #[serde(default)]
+        doors: Vec<String>,
+        key: Secret,
+    },
+    /// Fleet mode: remove a device from etcd (every node forgets it).
+    DeviceRemove {
+        id: String,
+    },
+    /// Fleet mode: the devices every node knows from etcd.
+    DeviceList,
+    /// Fleet mode: every node's heartbeat, health and grants.
+    ClusterStatus,
 }
 
 impl Command {
@@ -71,6 +100,8 @@ pub fn parse(line: &str) -> Result<Command, String> {
         .ok_or("missing field `command`")?;
     let allowed: &[&str] = match name {
         "revoke" => &["command", "target"],
+        "device_add" => &["command", "id", "groups", "doors", "key"],
+        "device_remove" => &["command", "id"],
         _ => &["command"],
     };
     if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -145,6 +176,26 @@ pub struct StatusReport {
     pub sequences_in_progress: SequencesInProgress,
     /// The last errors (at most 20), oldest first.
     pub recent_errors: Vec<RecentError>,
+    /// Fleet mode: this node's view of etcd; `null` outside fleet mode.
+    #[serde(default)]
+    pub cluster: Option<FleetView>,
+}
+
+/// This node in fleet mode (in `status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    pub name: String,
+    /// Listed etcd and follows its watch: cluster doors are served.
+    pub synced: bool,
+    /// The etcd revision applied.
+    pub revision: i64,
+    /// The delay of its watch, from its own heartbeat's round trip.
+    pub watch_lag_ms: Option<u64>,
+    pub devices_from_etcd: usize,
+    /// Accepted knocks waiting for etcd's word on their sequence.
+    pub waiting_for_etcd: usize,
+    /// Knocks refused because etcd could not be reached.
+    pub cluster_unavailable: u64,
 }
 
 /// The running configuration.
@@ -231,6 +282,84 @@ pub struct Revoked {
     pub revoked: usize,
     /// Established connections cut.
     pub connections_cut: usize,
+}
+
+/// `revoke` in fleet mode: what this node ended, and that the revoke was
+/// published for every other node to carry out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedFleet {
+    /// Grants ended on this node.
+    pub revoked: usize,
+    /// Connections cut on this node.
+    pub connections_cut: usize,
+    /// The etcd key every node acts on (`P/revokes/ID`).
+    pub published: String,
+    /// Cluster grants of the target removed from etcd.
+    pub fleet_grants: usize,
+}
+
+/// `device_add`, `device_remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceChanged {
+    pub id: String,
+    /// The etcd revision of the change: every node has it once its watch
+    /// is there.
+    pub revision: i64,
+}
+
+/// A device in etcd (`device_list`), without its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterDevice {
+    pub id: String,
+    pub groups: Vec<String>,
+    pub doors: Vec<String>,
+    pub added_by: String,
+    pub added_at_ms: u64,
+}
+
+/// What a node publishes about itself every second, under a lease
+/// (`P/nodes/NAME`), and `cluster_status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub version: String,
+    pub started_at_ms: u64,
+    /// When this report was written (the node's clock, Unix ms).
+    pub at_ms: u64,
+    /// Whether it has listed etcd and follows its watch: only then does it
+    /// serve cluster doors.
+    pub synced: bool,
+    /// The etcd revision it has applied.
+    pub revision: i64,
+    /// How long its own last heartbeat took to come back through its watch
+    /// (ms): the delay with which it sees other nodes' changes.
+    pub watch_lag_ms: Option<u64>,
+    /// Knocks refused because etcd could not be reached (fail closed).
+    pub cluster_unavailable: u64,
+    /// Its grants (cluster doors' and its own local ones).
+    pub grants: Vec<GrantView>,
+}
+
+/// A node in `cluster_status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    /// `up` (a fresh heartbeat), `stale` (its heartbeat is older than
+    /// 5 s) or `down` (a member whose heartbeat key expired).
+    pub health: String,
+    /// Milliseconds since its last report, by the asking node's clock.
+    pub report_age_ms: Option<u64>,
+    pub report: Option<NodeReport>,
+}
+
+/// `cluster_status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub asked: String,
+    /// The etcd revision of the answer.
+    pub revision: i64,
+    pub nodes: Vec<NodeStatus>,
 }
 
 /// `reload`.
@@ -351,6 +480,7 @@ mod tests {
                 at_ms: 2,
                 error: "e".into(),
             }],
+            cluster: None,
         };
         let line = serde_json::to_string(&Response::ok(&status)).unwrap();
         let back: Response = serde_json::from_str(&line).unwrap();

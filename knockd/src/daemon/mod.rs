@@ -18,11 +18,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use log_limit::LogLimiter;
 
+mod fleet;
 mod log_limit;
 mod report;
 mod requests;
 mod sessions;
 
+pub use fleet::Fleet;
 pub use requests::RequestError;
 
 use crate::{
@@ -93,6 +95,8 @@ pub struct Daemon {
     decisions: BTreeMap<(String, &'static str, &'static str), u64>,
     /// Reloads that took effect, and that were refused.
     reloads: (u64, u64),
+    /// Fleet mode (a `cluster:` section), else `None`.
+    fleet: Option<Fleet>,
 }
 
 /// Errors kept for `knockctl status`.
@@ -157,6 +161,7 @@ impl Daemon {
             lockout_open: Vec::new(),
             decisions: BTreeMap::new(),
             reloads: (0, 0),
+            fleet: None,
         };
         daemon.load_policy()?;
         Ok(daemon)
@@ -232,6 +237,7 @@ impl Daemon {
         if self.session_caps.due(now) {
             self.enforce_session_caps(now);
         }
+        self.report_to_fleet();
         if now.duration_since(self.table_checked) >= TABLE_CHECK_EVERY {
             self.table_checked = now;
             match nft::table_exists() {
@@ -360,7 +366,10 @@ impl Daemon {
             return Ok(());
         }
         for (action, decision, now_ms) in batch {
-            self.accept(action, &decision, now_ms)?;
+            // In fleet mode etcd has the last word on freshness.
+            if let Some((action, decision, now_ms)) = self.fleet_gate(action, decision, now_ms) {
+                self.accept(action, &decision, now_ms)?;
+            }
         }
         Ok(())
     }
@@ -395,6 +404,7 @@ impl Daemon {
         let source = decision.grant_to;
         let device = decision.device.as_deref();
         let now = Instant::now();
+        let mut closed = Vec::new();
         let kernel = &mut grants::Real(&mut self.maps);
         // Static doors only ever complete an `open`, which admits the
         // source to the service port itself. The seconds a reply states are
@@ -423,6 +433,7 @@ impl Daemon {
                     } else {
                         Status::Closed
                     };
+                    closed.extend(ended.into_iter().map(|g| g.source));
                     (status, 0, 0)
                 }),
         };
@@ -453,6 +464,13 @@ impl Daemon {
             && let Err(e) = self.mark_granted(port)
         {
             self.record_error(format!("updating the port policy failed: {}", chain(&e)));
+        }
+        // A cluster door's grant (or its end) goes to every node.
+        if status == Status::Granted {
+            self.publish_grant(&door_name, source);
+        }
+        for source in closed {
+            self.publish_grant(&door_name, source);
         }
         tracing::info!(
             outcome = "accepted",
@@ -511,6 +529,7 @@ impl Daemon {
             Err(e) => return self.record_error(format!("rotating grants failed: {}", chain(&e))),
         };
         for (old, new) in rotations {
+            self.publish_grant(&new.door, new.source);
             let (door, device, source) = (&new.door, new.device.as_deref(), new.source);
             let (old_port, port, probes) = (old.port, new.port, old.probes);
             if attack {
@@ -544,6 +563,14 @@ impl Daemon {
                 }
             },
             Command::Metrics => Response::ok(self.metrics()),
+            // Fleet commands reach here only outside fleet mode
+            // (`handle_request` takes them in it).
+            Command::DeviceAdd { .. }
+            | Command::DeviceRemove { .. }
+            | Command::DeviceList
+            | Command::ClusterStatus => {
+                Response::error("not in fleet mode: the configuration has no cluster: section")
+            }
             Command::Reload => match self.reload() {
                 Ok(reloaded) => {
                     self.reloads.0 += 1;

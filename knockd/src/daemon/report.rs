@@ -240,6 +240,7 @@ impl Daemon {
                     error: error.clone(),
                 })
                 .collect(),
+            cluster: self.fleet.as_ref().map(super::Fleet::view),
         }
     }
 }

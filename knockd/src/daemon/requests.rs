@@ -146,6 +146,7 @@ impl Daemon {
         let path = self.config_path.clone().ok_or(RequestError::NoConfigFile)?;
         let config = Config::load(&path)?;
         let devices = Devices::load(&config, &path)?;
+        let devices = self.fleet_devices(devices);
         let (config, opened) = crate::lockout::prepare(config, &devices);
         self.lockout_open = opened;
         let mut kept = Vec::new();
@@ -154,6 +155,9 @@ impl Daemon {
             || config.bpffs_dir != self.config.bpffs_dir
         {
             kept.push("interfaces, xdp_mode and bpffs_dir change only on restart");
+        }
+        if config.cluster != self.config.cluster {
+            kept.push("the cluster section changes only on restart");
         }
         let engine = Engine::new(&config, &devices, &self.engine.consumed(), unix_ms());
         let mut grants = Grants::new(&config);
@@ -182,6 +186,7 @@ impl Daemon {
             interfaces: self.config.interfaces.clone(),
             xdp_mode: self.config.xdp_mode,
             bpffs_dir: self.config.bpffs_dir.clone(),
+            cluster: self.config.cluster.clone(),
             ..config
         };
         self.policy_base = crate::policy::port_policy(&self.config, &engine.knock_ports());

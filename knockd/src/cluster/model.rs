@@ -1,0 +1,304 @@
+//! What fleet mode keeps in etcd: the key layout, the JSON records, and
+//! device keys sealed under the cluster key. No I/O here, so the layout and
+//! the sealing are unit-tested without an etcd.
+//!
+//! Every key starts with the configured prefix `P` (default `/knockd/`):
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `P/devices/ID` | [`DeviceRecord`], key sealed | none |
+//! | `P/consumed/DOOR/DEVICE/STEP/NONCE` | the node that consumed it | the node's replay lease |
+//! | `P/grants/DOOR/SOURCE` | [`GrantRecord`] | the grant's lifetime |
+//! | `P/revokes/ID` | [`RevokeRecord`] | a minute |
+//! | `P/nodes/NAME` | [`NodeReport`](crate::control::wire::NodeReport) | a few seconds |
+//! | `P/members/NAME` | when the node first joined | none |
+
+use std::net::IpAddr;
+
+use chacha20poly1305::{
+    ChaCha20Poly1305, KeyInit as _,
+    aead::{Aead as _, Payload},
+};
+use rand::RngCore as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{auth::Consumed, proto::DeviceKey};
+
+/// Version of the records below; a node refuses records of another.
+pub const RECORD_VERSION: u32 = 1;
+
+/// The key layout under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// A key of the layout, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Device(String),
+    Grant {
+        door: String,
+        source: IpAddr,
+    },
+    Revoke(String),
+    Node(String),
+    /// Consumed sequences, members, and anything a newer version may add.
+    Other,
+}
+
+impl Keys {
+    /// `prefix` starts and ends with `/` (the configuration checks that).
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The whole prefix: what a node lists and watches.
+    pub fn all(&self) -> String {
+        self.prefix.clone()
+    }
+
+    pub fn devices(&self) -> String {
+        format!("{}devices/", self.prefix)
+    }
+
+    pub fn device(&self, id: &str) -> String {
+        format!("{}{id}", self.devices())
+    }
+
+    pub fn grants(&self) -> String {
+        format!("{}grants/", self.prefix)
+    }
+
+    pub fn grant(&self, door: &str, source: IpAddr) -> String {
+        format!("{}{door}/{source}", self.grants())
+    }
+
+    pub fn revoke(&self, id: &str) -> String {
+        format!("{}revokes/{id}", self.prefix)
+    }
+
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+
+    pub fn node(&self, name: &str) -> String {
+        format!("{}{name}", self.nodes())
+    }
+
+    pub fn members(&self) -> String {
+        format!("{}members/", self.prefix)
+    }
+
+    pub fn member(&self, name: &str) -> String {
+        format!("{}{name}", self.members())
+    }
+
+    /// A consumed sequence: door, device, step and nonce name it, so two
+    /// nodes that accept the same sequence race for the same key.
+    pub fn consumed(&self, c: &Consumed) -> String {
+        format!(
+            "{}consumed/{}/{}/{}/{}",
+            self.prefix,
+            c.door,
+            c.device,
+            c.step,
+            hex::encode(c.nonce)
+        )
+    }
+
+    /// What a key under the prefix names. Keys that do not parse (written
+    /// by hand, or by another version) are `Other` and ignored.
+    pub fn parse(&self, key: &[u8]) -> Key {
+        let Some(rest) = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(self.prefix.as_str()))
+        else {
+            return Key::Other;
+        };
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("devices"), Some(id), None, None) if !id.is_empty() => Key::Device(id.into()),
+            (Some("grants"), Some(door), Some(source), None) => match source.parse() {
+                Ok(source) => Key::Grant {
+                    door: door.into(),
+                    source,
+                },
+                Err(_) => Key::Other,
+            },
+            (Some("revokes"), Some(id), None, None) => Key::Revoke(id.into()),
+            (Some("nodes"), Some(name), None, None) => Key::Node(name.into()),
+            _ => Key::Other,
+        }
+    }
+}
+
+/// A device, as every node reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecord {
+    pub version: u32,
+    pub id: String,
+    /// Groups, which doors' `allow.groups` name.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Doors that allow this device by name: the doors' device lists.
+    #[serde(default)]
+    pub doors: Vec<String>,
+    /// The key, sealed ([`seal`]).
+    pub sealed_key: String,
+    /// Which node added it, and when (Unix ms).
+    pub added_by: String,
+    pub added_at_ms: u64,
+}
+
+/// A cluster door's grant, as the node that made it published it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub version: u32,
+    /// The random port: the same on every node.
+    pub port: u16,
+    pub device: Option<String>,
+    /// The node that accepted the knock (or the heartbeat, or rotated it).
+    pub node: String,
+    /// When it stops admitting new connections (Unix ms): every node gives
+    /// its kernel entries this deadline.
+    pub expires_at_ms: u64,
+    /// Whether heartbeats keep it alive.
+    pub leased: bool,
+}
+
+/// A revoke, for every node to carry out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeRecord {
+    pub version: u32,
+    /// An address or a device id, as `knockctl revoke` took it.
+    pub target: String,
+    pub node: String,
+    pub at_ms: u64,
+}
+
+/// The associated data of a sealed key: its etcd key, so a sealed key
+/// copied to another device's record (or another fleet's prefix) does not
+/// open.
+fn aad(keys: &Keys, id: &str) -> Vec<u8> {
+    keys.device(id).into_bytes()
+}
+
+/// Seals a device key under the cluster key: hex of a random 12-byte nonce
+/// and the ChaCha20-Poly1305 ciphertext with its tag.
+pub fn seal(cluster_key: &DeviceKey, keys: &Keys, id: &str, key: &DeviceKey) -> String {
+    let cipher = ChaCha20Poly1305::new(&cluster_key.0.into());
+    let mut nonce = [0u8; 12];
+    rand::rng().fill_bytes(&mut nonce);
+    let sealed = cipher
+        .encrypt(
+            &nonce.into(),
+            Payload {
+                msg: &key.0,
+                aad: &aad(keys, id),
+            },
+        )
+        .expect("sealing 32 bytes cannot fail");
+    let mut out = nonce.to_vec();
+    out.extend(sealed);
+    hex::encode(out)
+}
+
+/// Opens what [`seal`] made, checking it belongs to device `id`.
+pub fn open(
+    cluster_key: &DeviceKey,
+    keys: &Keys,
+    id: &str,
+    sealed: &str,
+) -> Result<DeviceKey, String> {
+    let bytes = hex::decode(sealed).map_err(|e| format!("sealed_key: {e}"))?;
+    if bytes.len() != 12 + 32 + 16 {
+        return Err(format!("sealed_key: {} bytes, expected 60", bytes.len()));
+    }
+    let (nonce, ciphertext) = bytes.split_at(12);
+    let cipher = ChaCha20Poly1305::new(&cluster_key.0.into());
+    let nonce: [u8; 12] = nonce.try_into().expect("12 bytes");
+    let plain = cipher
+        .decrypt(
+            &nonce.into(),
+            Payload {
+                msg: ciphertext,
+                aad: &aad(keys, id),
+            },
+        )
+        .map_err(|_| {
+            "sealed_key does not open under this node's cluster key (another key_file, or the record was altered)".to_owned()
+        })?;
+    let key: [u8; 32] = plain
+        .try_into()
+        .map_err(|_| "sealed_key: bad length".to_owned())?;
+    Ok(DeviceKey(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_strangers_are_other() {
+        let keys = Keys::new("/fleet/");
+        assert_eq!(
+            keys.parse(keys.device("laptop").as_bytes()),
+            Key::Device("laptop".into())
+        );
+        let source: IpAddr = "2001:db8::2".parse().unwrap();
+        assert_eq!(
+            keys.parse(keys.grant("ssh", source).as_bytes()),
+            Key::Grant {
+                door: "ssh".into(),
+                source
+            }
+        );
+        assert_eq!(keys.parse(keys.node("a").as_bytes()), Key::Node("a".into()));
+        assert_eq!(
+            keys.parse(keys.revoke("r1").as_bytes()),
+            Key::Revoke("r1".into())
+        );
+        for other in [
+            "/other/devices/x",
+            "/fleet/grants/ssh/not-an-ip",
+            "/fleet/devices/",
+            "/fleet/members/a",
+            "/fleet/consumed/ssh/laptop/1/00",
+        ] {
+            assert_eq!(keys.parse(other.as_bytes()), Key::Other, "{other}");
+        }
+        assert_eq!(keys.parse(&[0xff, 0xfe]), Key::Other);
+    }
+
+    #[test]
+    fn sealed_keys_open_only_for_their_device_and_cluster_key() {
+        let keys = Keys::new("/knockd/");
+        let cluster = DeviceKey::generate();
+        let device = DeviceKey::generate();
+        let sealed = seal(&cluster, &keys, "laptop", &device);
+        assert!(!sealed.contains(&device.to_hex()));
+        assert_eq!(open(&cluster, &keys, "laptop", &sealed).unwrap(), device);
+        // Moved to another device's record, or read with another cluster
+        // key, or another fleet's prefix: refused.
+        assert!(open(&cluster, &keys, "phone", &sealed).is_err());
+        assert!(open(&DeviceKey::generate(), &keys, "laptop", &sealed).is_err());
+        assert!(open(&cluster, &Keys::new("/other/"), "laptop", &sealed).is_err());
+        let mut flipped = hex::decode(&sealed).unwrap();
+        flipped[20] ^= 1;
+        assert!(open(&cluster, &keys, "laptop", &hex::encode(flipped)).is_err());
+        assert!(
+            open(&cluster, &keys, "laptop", "zz")
+                .unwrap_err()
+                .starts_with("sealed_key")
+        );
+        assert!(
+            open(&cluster, &keys, "laptop", "00")
+                .unwrap_err()
+                .contains("expected 60")
+        );
+    }
+}

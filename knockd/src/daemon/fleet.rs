@@ -1,0 +1,654 @@
+//! Fleet mode, on the daemon's side: what etcd's answers and watch events
+//! mean for this node's engine and grants. All etcd I/O is
+//! [`crate::cluster`]'s; this module decides.
+//!
+//! - An accepted one-time knock waits (after its local record is on disk)
+//!   for etcd's create-if-absent of its sequence: first node wins, others
+//!   reject it as `replay`; no answer in time is `cluster_unavailable`
+//!   (or a local decision, for doors with `on_cluster_unavailable: local`).
+//! - Grants of `scope: cluster` doors are published; every other node
+//!   installs them with the same port and deadline.
+//! - Devices from etcd join the local ones; a change rebuilds the engine.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::oneshot;
+
+use super::{Daemon, Error, chain};
+use crate::{
+    auth::{Action, Decision, Engine, Reason},
+    cluster::{
+        self, Event, Link, Request,
+        model::{DeviceRecord, GrantRecord, RECORD_VERSION, RevokeRecord},
+    },
+    config::{OnClusterUnavailable, Scope},
+    control::{Command, Response, wire::NodeReport},
+    devices::{Device, Devices},
+    grants::{self, Published},
+    proto::{DeviceKey, unix_ms},
+};
+
+/// What this node knows of a cluster grant's place in etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rev {
+    /// We published it and etcd has not confirmed yet: deletes seen
+    /// meanwhile are older than it.
+    Pending,
+    /// Its latest known write.
+    At(i64),
+}
+
+/// Fleet state the daemon keeps.
+pub struct Fleet {
+    link: Link,
+    cluster_key: DeviceKey,
+    /// Devices from this node's own files and configuration.
+    local: Devices,
+    /// Devices from etcd, keys opened.
+    remote: BTreeMap<String, DeviceRecord>,
+    /// Whether the node has listed etcd and follows its watch.
+    synced: bool,
+    /// The etcd revision applied.
+    revision: i64,
+    watch_lag_ms: Option<u64>,
+    started_at_ms: u64,
+    /// Accepted knocks waiting for etcd, by token.
+    pending: HashMap<u64, (Action, Decision, u64)>,
+    next_token: u64,
+    /// Cluster grants known to etcd, and ours on their way there.
+    revs: HashMap<(String, IpAddr), Rev>,
+    /// Grants of cluster doors made while etcd was unreachable (local
+    /// fallback): etcd never heard of them, so a resync leaves them be.
+    fallback: HashSet<(String, IpAddr)>,
+    /// Knocks refused for want of etcd.
+    unavailable: u64,
+}
+
+impl Fleet {
+    pub fn new(link: Link, settings: &cluster::Settings, local: Devices) -> Fleet {
+        Fleet {
+            link,
+            cluster_key: settings.cluster_key().clone(),
+            local,
+            remote: BTreeMap::new(),
+            synced: false,
+            revision: 0,
+            watch_lag_ms: None,
+            started_at_ms: unix_ms(),
+            pending: HashMap::new(),
+            next_token: 0,
+            revs: HashMap::new(),
+            fallback: HashSet::new(),
+            unavailable: 0,
+        }
+    }
+
+    /// The local devices and etcd's, merged.
+    fn devices(&self, config: &crate::config::Config) -> Devices {
+        let keys = &self.link.keys;
+        let fleet = self.remote.values().filter_map(|r| {
+            let key = cluster::model::open(&self.cluster_key, keys, &r.id, &r.sealed_key).ok()?;
+            Some(Device {
+                id: r.id.clone(),
+                key,
+                groups: r.groups.clone(),
+                doors: r.doors.clone(),
+                declared_in: format!("etcd:{}", keys.device(&r.id)).into(),
+            })
+        });
+        self.local.with_fleet(config, fleet)
+    }
+
+    /// Whether this node is serving cluster doors (synced with etcd).
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Facts for `status`.
+    pub fn view(&self) -> crate::control::wire::FleetView {
+        crate::control::wire::FleetView {
+            name: self.link.name.clone(),
+            synced: self.synced,
+            revision: self.revision,
+            watch_lag_ms: self.watch_lag_ms,
+            devices_from_etcd: self.remote.len(),
+            waiting_for_etcd: self.pending.len(),
+            cluster_unavailable: self.unavailable,
+        }
+    }
+}
+
+/// Seconds a one-time door accepts a sequence for: its steps of skew
+/// either way, and the step itself, with a step to spare.
+fn window_secs(door: &crate::config::OneTimeDoor) -> u64 {
+    u64::from(door.step_secs) * (2 * u64::from(door.skew_steps) + 2)
+}
+
+impl Daemon {
+    /// Puts the node in fleet mode (start-up).
+    pub fn set_fleet(&mut self, fleet: Fleet) {
+        self.fleet = Some(fleet);
+    }
+
+    /// The door's fleet settings, for one-time doors in fleet mode.
+    fn fleet_door(&self, door: &str) -> Option<(Scope, OnClusterUnavailable, u64)> {
+        self.fleet.as_ref()?;
+        let d = self.config.doors.get(door)?.one_time()?;
+        Some((d.scope, d.on_cluster_unavailable, window_secs(d)))
+    }
+
+    /// Whether `door`'s grants are published to the fleet.
+    pub(super) fn cluster_scoped(&self, door: &str) -> bool {
+        self.fleet_door(door)
+            .is_some_and(|(scope, _, _)| scope == Scope::Cluster)
+    }
+
+    /// Called for each accepted knock whose sequence is on disk: in fleet
+    /// mode etcd must agree it is fresh before the daemon acts. Returns the
+    /// knock back when it is to be acted on now.
+    pub(super) fn fleet_gate(
+        &mut self,
+        action: Action,
+        decision: Decision,
+        now_ms: u64,
+    ) -> Option<(Action, Decision, u64)> {
+        let door = decision.door.clone().unwrap_or_default();
+        let Some((_, fallback, window)) = self.fleet_door(&door) else {
+            return Some((action, decision, now_ms));
+        };
+        let Some(consumed) = decision.consumed.clone() else {
+            return Some((action, decision, now_ms));
+        };
+        let fleet = self.fleet.as_mut().expect("fleet_door checked");
+        if !fleet.synced {
+            return self.unavailable(
+                action,
+                decision,
+                now_ms,
+                fallback,
+                "not synchronised with etcd",
+            );
+        }
+        let token = fleet.next_token;
+        fleet.next_token += 1;
+        fleet.pending.insert(token, (action, decision, now_ms));
+        fleet.link.send(Request::Consume {
+            consumed,
+            window_secs: window,
+            token,
+        });
+        None
+    }
+
+    /// etcd cannot vouch for a knock: act locally if the door says so,
+    /// else refuse it (fail closed).
+    fn unavailable(
+        &mut self,
+        action: Action,
+        decision: Decision,
+        now_ms: u64,
+        fallback: OnClusterUnavailable,
+        why: &str,
+    ) -> Option<(Action, Decision, u64)> {
+        if fallback == OnClusterUnavailable::Local {
+            tracing::warn!(
+                door = decision.door.as_deref(),
+                device = decision.device.as_deref(),
+                why,
+                "etcd unreachable: acting on the knock with this node's replay record only (on_cluster_unavailable: local)"
+            );
+            if let Some(fleet) = &mut self.fleet {
+                fleet
+                    .fallback
+                    .insert((decision.door.clone().unwrap_or_default(), decision.grant_to));
+            }
+            return Some((action, decision, now_ms));
+        }
+        if let Some(fleet) = &mut self.fleet {
+            fleet.unavailable += 1;
+        }
+        self.refuse_accepted(
+            decision,
+            Reason::ClusterUnavailable,
+            format!("etcd could not confirm the sequence is fresh fleet-wide: {why}"),
+        );
+        None
+    }
+
+    /// Turns a decision counted as accepted into a reject.
+    fn refuse_accepted(&mut self, mut decision: Decision, reason: Reason, detail: String) {
+        let door = decision.door.clone().unwrap_or_default();
+        if let Some(n) = self.decisions.get_mut(&(door.clone(), "accepted", "")) {
+            *n = n.saturating_sub(1);
+        }
+        *self
+            .decisions
+            .entry((door, "rejected", reason.name()))
+            .or_default() += 1;
+        decision.detail = Some(detail);
+        decision.outcome = crate::auth::Outcome::Rejected(reason);
+        self.log_reject(reason, &decision);
+    }
+
+    /// Publishes what this node did to a cluster door's grant of `source`:
+    /// its current state, or its end.
+    pub(super) fn publish_grant(&mut self, door: &str, source: IpAddr) {
+        if !self.cluster_scoped(door) {
+            return;
+        }
+        let now = Instant::now();
+        let record = self.grants.get(door, source).map(|g| GrantRecord {
+            version: RECORD_VERSION,
+            port: g.port,
+            device: g.device.clone(),
+            node: String::new(),
+            expires_at_ms: unix_ms() + g.expires.saturating_duration_since(now).as_millis() as u64,
+            leased: g.leased,
+        });
+        let fleet = self.fleet.as_mut().expect("cluster_scoped checked");
+        let key = (door.to_owned(), source);
+        if fleet.fallback.contains(&key) && !fleet.synced {
+            return;
+        }
+        fleet.fallback.remove(&key);
+        match record {
+            Some(mut record) => {
+                record.node = fleet.link.name.clone();
+                fleet.revs.insert(key, Rev::Pending);
+                fleet.link.send(Request::PutGrant {
+                    door: door.to_owned(),
+                    source,
+                    record,
+                });
+            }
+            None => {
+                fleet.revs.remove(&key);
+                fleet.link.send(Request::DeleteGrant {
+                    door: door.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+
+    /// Rebuilds the engine for the devices now known (a device added or
+    /// removed anywhere in the fleet). Sequences in progress start over.
+    fn devices_changed(&mut self) {
+        let Some(fleet) = &self.fleet else { return };
+        let devices = fleet.devices(&self.config);
+        for warning in &devices.warnings {
+            tracing::debug!(%warning, "devices");
+        }
+        self.engine = Engine::new(&self.config, &devices, &self.engine.consumed(), unix_ms());
+        self.policy_base = crate::policy::port_policy(&self.config, &self.engine.knock_ports());
+    }
+
+    /// The devices of a reload: the files' and etcd's.
+    pub(super) fn fleet_devices(&mut self, local: Devices) -> Devices {
+        match &mut self.fleet {
+            Some(fleet) => {
+                fleet.local = local;
+                fleet.devices(&self.config)
+            }
+            None => local,
+        }
+    }
+
+    /// Acts on what the cluster task reports.
+    pub fn on_fleet(&mut self, event: Event) -> Result<(), Error> {
+        let Some(fleet) = &mut self.fleet else {
+            return Ok(());
+        };
+        match event {
+            Event::Synced {
+                revision,
+                devices,
+                grants,
+                revokes,
+            } => {
+                let since = fleet.revision;
+                fleet.synced = true;
+                fleet.revision = revision;
+                fleet.remote = devices
+                    .into_iter()
+                    .filter_map(|(id, record)| Some((id, record?)))
+                    .collect();
+                let listed: HashSet<(String, IpAddr)> =
+                    grants.iter().map(|(d, s, _, _)| (d.clone(), *s)).collect();
+                self.devices_changed();
+                for (door, source, record, rev) in grants {
+                    self.apply_grant(&door, source, record, rev);
+                }
+                // Cluster grants etcd no longer has ended while we were
+                // away (expired, closed, revoked).
+                let gone: Vec<(String, IpAddr)> = self
+                    .grants
+                    .list()
+                    .into_iter()
+                    .map(|g| (g.door.clone(), g.source))
+                    .filter(|key| self.cluster_scoped(&key.0) && !listed.contains(key))
+                    .collect();
+                for (door, source) in gone {
+                    let fleet = self.fleet.as_mut().expect("fleet");
+                    if fleet.fallback.contains(&(door.clone(), source))
+                        || fleet.revs.get(&(door.clone(), source)) == Some(&Rev::Pending)
+                    {
+                        continue;
+                    }
+                    fleet.revs.remove(&(door.clone(), source));
+                    let _ = self.grants.close(
+                        &mut grants::Real(&mut self.maps),
+                        &door,
+                        source,
+                        Instant::now(),
+                    );
+                    tracing::info!(%door, %source, "fleet: grant ended while this node was away from etcd; closed");
+                }
+                // Fallback grants made while away are published now.
+                let fallback: Vec<(String, IpAddr)> = self
+                    .fleet
+                    .as_ref()
+                    .expect("fleet")
+                    .fallback
+                    .iter()
+                    .cloned()
+                    .collect();
+                for (door, source) in fallback {
+                    self.publish_grant(&door, source);
+                }
+                for (record, rev) in revokes {
+                    if rev > since {
+                        self.fleet_revoke(record);
+                    }
+                }
+                self.load_policy()?;
+            }
+            Event::Lost(why) => {
+                let was = std::mem::replace(&mut fleet.synced, false);
+                if was {
+                    self.record_error(format!(
+                        "fleet: lost etcd ({why}); cluster doors refuse knocks until it is back (grants in place stay until their deadline)"
+                    ));
+                } else {
+                    tracing::debug!(%why, "fleet: etcd still unreachable");
+                }
+            }
+            Event::Consumed { token, result } => {
+                let Some((action, decision, now_ms)) = fleet.pending.remove(&token) else {
+                    return Ok(());
+                };
+                match result {
+                    Ok(true) => self.accept(action, &decision, now_ms)?,
+                    Ok(false) => self.refuse_accepted(
+                        decision,
+                        Reason::Replay,
+                        "the sequence was consumed already in the fleet (etcd has it)".into(),
+                    ),
+                    Err(why) => {
+                        let door = decision.door.clone().unwrap_or_default();
+                        let fallback = self
+                            .fleet_door(&door)
+                            .map_or(OnClusterUnavailable::Closed, |(_, f, _)| f);
+                        if let Some(knock) =
+                            self.unavailable(action, decision, now_ms, fallback, &why)
+                        {
+                            self.accept(knock.0, &knock.1, knock.2)?;
+                        }
+                    }
+                }
+            }
+            Event::Device { id, record } => {
+                match record {
+                    Some(record) => {
+                        tracing::info!(device = %id, by = %record.added_by, "fleet: device added");
+                        fleet.remote.insert(id, record);
+                    }
+                    None => {
+                        if fleet.remote.remove(&id).is_some() {
+                            tracing::info!(device = %id, "fleet: device removed");
+                        }
+                    }
+                }
+                self.devices_changed();
+                self.load_policy()?;
+            }
+            Event::Grant {
+                door,
+                source,
+                record,
+                revision,
+            } => {
+                let key = (door.clone(), source);
+                match record {
+                    Some(record) => self.apply_grant(&door, source, record, revision),
+                    None => match fleet.revs.get(&key) {
+                        Some(Rev::At(known)) if *known < revision => {
+                            fleet.revs.remove(&key);
+                            let closed = self.grants.close(
+                                &mut grants::Real(&mut self.maps),
+                                &door,
+                                source,
+                                Instant::now(),
+                            )?;
+                            if closed.is_some() {
+                                tracing::info!(%door, %source, "fleet: grant withdrawn");
+                            }
+                        }
+                        _ => {}
+                    },
+                }
+            }
+            Event::GrantWritten {
+                door,
+                source,
+                revision,
+            } => {
+                if let Some(rev) = fleet.revs.get_mut(&(door, source))
+                    && *rev == Rev::Pending
+                {
+                    *rev = Rev::At(revision);
+                }
+            }
+            Event::Revoke(record, revision) => {
+                fleet.revision = fleet.revision.max(revision);
+                if record.node != fleet.link.name {
+                    self.fleet_revoke(record);
+                }
+            }
+            Event::Progress { revision, lag_ms } => {
+                fleet.revision = fleet.revision.max(revision);
+                if lag_ms.is_some() {
+                    fleet.watch_lag_ms = lag_ms;
+                }
+            }
+            Event::Failed(message) => self.record_error(format!("fleet: {message}")),
+        }
+        Ok(())
+    }
+
+    /// Installs a grant another node published (or ours, after a restart).
+    fn apply_grant(&mut self, door: &str, source: IpAddr, record: GrantRecord, revision: i64) {
+        if !self.cluster_scoped(door) {
+            tracing::warn!(door, %source, "fleet: a grant for a door that is not scope: cluster here; ignored (do all nodes share the configuration?)");
+            return;
+        }
+        let fleet = self.fleet.as_mut().expect("cluster_scoped checked");
+        let key = (door.to_owned(), source);
+        let ours = record.node == fleet.link.name;
+        if ours && self.grants.get(door, source).is_some() {
+            fleet.revs.insert(key, Rev::At(revision));
+            return;
+        }
+        fleet.revs.insert(key, Rev::At(revision));
+        let now = Instant::now();
+        let left = Duration::from_millis(record.expires_at_ms.saturating_sub(unix_ms()));
+        if left.is_zero() {
+            return;
+        }
+        let published = Published {
+            port: record.port,
+            device: record.device,
+            expires: now + left,
+            leased: record.leased,
+            remote: !ours,
+        };
+        match self.grants.apply(
+            &mut grants::Real(&mut self.maps),
+            door,
+            source,
+            published,
+            now,
+        ) {
+            Ok(g) => {
+                if let Err(e) = self.mark_granted(g.port) {
+                    self.record_error(format!("updating the port policy failed: {}", chain(&e)));
+                }
+                tracing::info!(door, %source, port = g.port, by = %record.node, expires_in_secs = g.secs_left(now), "fleet: grant installed");
+            }
+            Err(e) => self.record_error(format!(
+                "fleet: could not install the grant of {source} on {door} from {}: {}",
+                record.node,
+                chain(&e)
+            )),
+        }
+    }
+
+    /// Carries out a revoke another node published.
+    fn fleet_revoke(&mut self, record: RevokeRecord) {
+        match self.revoke(&record.target) {
+            Ok(r) => {
+                tracing::info!(target = %record.target, by = %record.node, grants = r.revoked, connections = r.connections_cut, "fleet: revoked")
+            }
+            Err(
+                super::RequestError::NothingToRevoke(_) | super::RequestError::UnknownTarget(_),
+            ) => {
+                tracing::info!(target = %record.target, by = %record.node, "fleet: revoke: nothing here");
+            }
+            Err(e) => self.record_error(format!(
+                "fleet: revoke of {} from {}: {}",
+                record.target,
+                record.node,
+                chain(&e)
+            )),
+        }
+    }
+
+    /// Publishes this node's report (once a second, from the tick).
+    pub(super) fn report_to_fleet(&mut self) {
+        let grants = self.grant_views();
+        let Some(fleet) = &self.fleet else { return };
+        fleet.link.send(Request::Report(Box::new(NodeReport {
+            name: fleet.link.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at_ms: fleet.started_at_ms,
+            at_ms: unix_ms(),
+            synced: fleet.synced,
+            revision: fleet.revision,
+            watch_lag_ms: fleet.watch_lag_ms,
+            cluster_unavailable: fleet.unavailable,
+            grants,
+        })));
+    }
+
+    /// Answers a control request, later when etcd is involved: fleet
+    /// commands go to the cluster task with `reply`.
+    pub fn handle_request(&mut self, command: Command, reply: oneshot::Sender<Response>) {
+        let not_fleet =
+            || Response::error("not in fleet mode: the configuration has no cluster: section");
+        match command {
+            Command::DeviceAdd {
+                id,
+                groups,
+                doors,
+                key,
+            } => {
+                let Some(fleet) = &self.fleet else {
+                    return drop(reply.send(not_fleet()));
+                };
+                let checked = (|| {
+                    if !crate::config::is_valid_name(&id, crate::config::DEVICE_ID_MAX) {
+                        return Err(format!(
+                            "{id:?} is not a valid device id (1-64 of A-Z a-z 0-9 . _ -)"
+                        ));
+                    }
+                    for name in groups.iter().chain(&doors) {
+                        if !crate::config::is_valid_name(name, crate::config::DEVICE_ID_MAX) {
+                            return Err(format!("{name:?} is not a valid group or door name"));
+                        }
+                    }
+                    if fleet.local.by_id.contains_key(&id) {
+                        return Err(format!(
+                            "device {id} is defined on this node's files already"
+                        ));
+                    }
+                    DeviceKey::from_hex(&key.0).map_err(|e| format!("key: {e}"))
+                })();
+                match checked {
+                    Ok(key) => fleet.link.send(Request::DeviceAdd {
+                        id,
+                        groups,
+                        doors,
+                        key,
+                        reply,
+                    }),
+                    Err(e) => drop(reply.send(Response::error(e))),
+                }
+            }
+            Command::DeviceRemove { id } => match &self.fleet {
+                Some(fleet) => fleet.link.send(Request::DeviceRemove { id, reply }),
+                None => drop(reply.send(not_fleet())),
+            },
+            Command::DeviceList => match &self.fleet {
+                Some(fleet) => fleet.link.send(Request::DeviceList { reply }),
+                None => drop(reply.send(not_fleet())),
+            },
+            Command::ClusterStatus => match &self.fleet {
+                Some(fleet) => fleet.link.send(Request::Status { reply }),
+                None => drop(reply.send(not_fleet())),
+            },
+            Command::Revoke { target } if self.fleet.is_some() => {
+                // The target's cluster grants, for etcd to delete: every
+                // node's, since this one has them all installed.
+                let by_ip: Option<IpAddr> = target.parse().ok();
+                let grants: Vec<(String, IpAddr)> = self
+                    .grants
+                    .list()
+                    .into_iter()
+                    .filter(|g| self.cluster_scoped(&g.door))
+                    .filter(|g| match by_ip {
+                        Some(ip) => g.source == ip,
+                        None => g.device.as_deref() == Some(target.as_str()),
+                    })
+                    .map(|g| (g.door.clone(), g.source))
+                    .collect();
+                let local = match self.revoke(&target) {
+                    Ok(r) => (r.revoked, r.connections_cut),
+                    Err(super::RequestError::NothingToRevoke(_)) => (0, 0),
+                    Err(e) => {
+                        if matches!(e, super::RequestError::Cut { .. }) {
+                            self.record_error(chain(&e));
+                        }
+                        return drop(reply.send(Response::error(chain(&e))));
+                    }
+                };
+                let fleet = self.fleet.as_mut().expect("checked");
+                for key in &grants {
+                    fleet.revs.remove(key);
+                }
+                fleet.link.send(Request::Revoke {
+                    target,
+                    grants,
+                    local,
+                    reply,
+                });
+            }
+            other => {
+                let _ = reply.send(self.handle(other));
+            }
+        }
+    }
+}
