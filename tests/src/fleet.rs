@@ -24,6 +24,9 @@ use crate::{Daemon, NetNs, bed::SILENCE, probe, probe::Outcome, sh, unique_name}
 /// What a node logs each time it has listed etcd and watches it.
 pub const SYNCED: &str = "fleet: synchronised with etcd; watching";
 
+/// What a node logs when it loses etcd.
+pub const LOST: &str = "fleet: lost etcd; cluster doors fail closed";
+
 /// The service port behind the fleet's door.
 pub const SSH: u16 = 22;
 
@@ -584,6 +587,35 @@ impl Fleet {
         )
         .expect("device add prints a profile");
         DeviceKey::from_hex(&profiles.profiles[id].key).unwrap()
+    }
+
+    /// [`add_device`](Self::add_device), tried again while etcd is
+    /// re-electing or the node reconnecting (for a few seconds).
+    pub fn add_device_retrying(&self, i: usize, id: &str) -> DeviceKey {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new(crate::knockctl_bin())
+                .args([
+                    "device", "add", id, "--group", "admins", "--door", "ssh", "--config",
+                ])
+                .arg(self.nodes[i].daemon().config_path())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                let profiles = knockd::profile::Profiles::parse(
+                    &String::from_utf8_lossy(&out.stdout),
+                    Path::new("device add"),
+                )
+                .expect("device add prints a profile");
+                return DeviceKey::from_hex(&profiles.profiles[id].key).unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "device add: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// The fleet's door on node `i`, as a client with `key` knocks on it.

@@ -6,7 +6,11 @@
 use std::time::{Duration, Instant};
 
 use knockd::proto::{self, DoorKeys, Kind};
-use knockd_tests::{fleet::Fleet, knockctl, knockctl_json, privileged, probe, probe::Outcome};
+use knockd_tests::{
+    fleet::{Fleet, LOST},
+    knockctl, knockctl_json, privileged, probe,
+    probe::Outcome,
+};
 
 fn fleet(tls: bool) -> Option<Fleet> {
     if !privileged() {
@@ -186,4 +190,275 @@ fn revoke_on_one_node_cuts_sessions_on_every_node() {
             fleet.connect(i, port).0 != Outcome::Answered
         });
     }
+}
+
+#[test]
+fn etcd_holds_no_device_key_in_the_clear() {
+    let Some(fleet) = fleet(false) else { return };
+    let key = fleet.add_device(0, "laptop");
+    let dump = fleet
+        .etcd
+        .ctl_ok(&["get", "--prefix", &fleet.prefix, "-w", "json"]);
+    let record = fleet.etcd.ctl_ok(&[
+        "get",
+        "--print-value-only",
+        &format!("{}devices/laptop", fleet.prefix),
+    ]);
+    assert!(record.contains("sealed_key"), "{record}");
+    assert!(
+        !record.contains(&key.to_hex()),
+        "the key is in etcd in the clear: {record}"
+    );
+    // etcdctl's JSON has values in base64: check those too.
+    let value: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    for kv in value["kvs"].as_array().unwrap() {
+        let raw = kv["value"].as_str().unwrap();
+        let decoded = base64_decode(raw);
+        assert!(!decoded.contains(&key.to_hex()), "{decoded}");
+    }
+}
+
+/// Standard base64, for etcdctl's JSON output.
+fn base64_decode(text: &str) -> String {
+    let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in text.bytes().filter(|&c| c != b'=') {
+        bits = (bits << 6) | table.iter().position(|&t| t == c).unwrap() as u32;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn with_one_etcd_member_down_everything_still_works() {
+    let Some(mut fleet) = fleet(false) else {
+        return;
+    };
+    fleet.etcd.kill(0);
+    // Nodes whose connection was to the dead member find another.
+    let key = fleet.add_device_retrying(1, "laptop");
+    let started = Instant::now();
+    let answer = fleet
+        .knock(0, &key, Kind::Open)
+        .unwrap_or_else(|e| panic!("knock A with one member down: {e}\n{}", fleet.etcd.logs()));
+    eprintln!(
+        "knock answered {:?} after the device add",
+        started.elapsed()
+    );
+    for i in 0..3 {
+        fleet
+            .wait_open(i, answer.reply.port, Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("node {} never opened", i + 1));
+    }
+    let status = knockctl_json(&fleet.nodes[1].socket(), &["status", "--cluster"]);
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["health"] == "up"),
+        "{status:#}"
+    );
+}
+
+#[test]
+fn without_quorum_cluster_doors_fail_closed_and_grants_still_expire_on_time() {
+    if !privileged() {
+        return;
+    }
+    let mut fleet = Fleet::new(3, false);
+    fleet.start_all(", open_for_secs: 5");
+    let key = fleet.add_device(0, "laptop");
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = fleet.knock(0, &key, Kind::Open).unwrap();
+    let granted = Instant::now();
+    let port = answer.reply.port;
+    for i in 0..3 {
+        fleet
+            .wait_open(i, port, Duration::from_secs(2))
+            .expect("open everywhere");
+    }
+    fleet.etcd.kill(0);
+    fleet.etcd.kill(1);
+    // Every node notices (its heartbeat cannot be written without quorum).
+    for node in &mut fleet.nodes {
+        node.daemon_mut()
+            .wait_for(LOST, Duration::from_secs(10), |_| true);
+    }
+    eprintln!(
+        "all nodes fail closed {:?} after the grant",
+        granted.elapsed()
+    );
+    // The grant in place still admits the client until its deadline...
+    assert!(
+        granted.elapsed() < Duration::from_secs(5),
+        "too slow to check the grant before its deadline"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            fleet.connect(i, port).0,
+            Outcome::Answered,
+            "node {} dropped a live grant",
+            i + 1
+        );
+    }
+    // ...and closes at it, on every node: the kernel's deadline, no etcd.
+    let left = Duration::from_secs(5).saturating_sub(granted.elapsed());
+    std::thread::sleep(left + Duration::from_millis(300));
+    for i in 0..3 {
+        assert_ne!(
+            fleet.connect(i, port).0,
+            Outcome::Answered,
+            "node {}: the grant outlived its deadline",
+            i + 1
+        );
+    }
+    // A new knock is refused, logged and counted: fail closed.
+    let refused = fleet.knock(1, &key, Kind::Open);
+    assert!(refused.is_err(), "a knock was answered without quorum");
+    let line = fleet.nodes[1]
+        .daemon_mut()
+        .wait_for("decision", Duration::from_secs(2), |l| {
+            l["reason"] == "cluster_unavailable"
+        });
+    assert_eq!(line["device"], "laptop");
+    let status = knockctl_json(&fleet.nodes[1].socket(), &["status"]);
+    assert!(
+        status["cluster"]["cluster_unavailable"].as_u64().unwrap() >= 1,
+        "{status:#}"
+    );
+    assert_eq!(status["cluster"]["synced"], false);
+    // Quorum back: the nodes resynchronise and serve again.
+    fleet.etcd.restart(0);
+    for i in 0..3 {
+        fleet.wait_synced_count(i, 2);
+    }
+    let answer = fleet
+        .knock(2, &key, Kind::Open)
+        .expect("served again once quorum is back");
+    fleet
+        .wait_open(0, answer.reply.port, Duration::from_secs(3))
+        .expect("and the grant reaches A");
+}
+
+#[test]
+fn a_door_may_choose_to_act_locally_without_etcd() {
+    if !privileged() {
+        return;
+    }
+    let mut fleet = Fleet::new(2, false);
+    fleet.start_all(", on_cluster_unavailable: local");
+    let key = fleet.add_device(0, "laptop");
+    std::thread::sleep(Duration::from_millis(300));
+    fleet.nodes[0].partition(&fleet.etcd, true);
+    fleet.nodes[0]
+        .daemon_mut()
+        .wait_for(LOST, Duration::from_secs(10), |_| true);
+    let answer = fleet.knock(0, &key, Kind::Open).expect("local fallback");
+    fleet
+        .wait_open(0, answer.reply.port, Duration::from_secs(2))
+        .expect("open on A");
+    assert_ne!(
+        fleet.connect(1, answer.reply.port).0,
+        Outcome::Answered,
+        "B cannot know of A's local grant"
+    );
+    // Back in touch, A publishes what it granted alone.
+    fleet.nodes[0].partition(&fleet.etcd, false);
+    fleet.wait_synced_count(0, 2);
+    fleet
+        .wait_open(1, answer.reply.port, Duration::from_secs(3))
+        .expect("B learns of it after the partition heals");
+}
+
+#[test]
+fn a_restarted_node_catches_up_before_it_serves() {
+    let Some(mut fleet) = fleet(false) else {
+        return;
+    };
+    let mut c = fleet.nodes[2].daemon.take().unwrap();
+    c.kill();
+    // Meanwhile: a device added, a grant made.
+    let key = fleet.add_device(0, "laptop");
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = fleet.knock(0, &key, Kind::Open).unwrap();
+    fleet.nodes[2].daemon = Some(c.restart(&fleet.nodes[2].ns));
+    fleet.wait_synced(2);
+    fleet
+        .wait_open(2, answer.reply.port, Duration::from_secs(2))
+        .expect("the restarted node installs the grant made while it was down");
+    // It knows the device too: a knock on it opens the door everywhere.
+    let again = fleet
+        .knock(2, &key, Kind::Open)
+        .expect("knock the restarted node");
+    fleet
+        .wait_open(1, again.reply.port, Duration::from_secs(2))
+        .expect("B");
+}
+
+#[test]
+fn a_node_cut_off_from_etcd_fails_closed_and_resynchronises() {
+    let Some(mut fleet) = fleet(false) else {
+        return;
+    };
+    let key = fleet.add_device(0, "laptop");
+    std::thread::sleep(Duration::from_millis(300));
+    fleet.nodes[2].partition(&fleet.etcd, true);
+    fleet.nodes[2]
+        .daemon_mut()
+        .wait_for(LOST, Duration::from_secs(10), |_| true);
+    // C refuses: it cannot tell whether the sequence was used elsewhere.
+    assert!(fleet.knock(2, &key, Kind::Open).is_err());
+    fleet.nodes[2]
+        .daemon_mut()
+        .wait_for("decision", Duration::from_secs(2), |l| {
+            l["reason"] == "cluster_unavailable"
+        });
+    // The rest of the fleet goes on; C cannot hear of A's grant.
+    let answer = fleet.knock(0, &key, Kind::Open).unwrap();
+    let port = answer.reply.port;
+    fleet.wait_open(1, port, Duration::from_secs(2)).expect("B");
+    assert_ne!(fleet.connect(2, port).0, Outcome::Answered);
+    // The others see C go stale, then down.
+    eventually("C shows as not up", Duration::from_secs(12), || {
+        let status = knockctl_json(&fleet.nodes[0].socket(), &["status", "--cluster"]);
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "n3" && n["health"] != "up")
+    });
+    // Healed: C lists etcd again, installs the grant, serves again.
+    fleet.nodes[2].partition(&fleet.etcd, false);
+    fleet.wait_synced_count(2, 2);
+    fleet
+        .wait_open(2, port, Duration::from_secs(3))
+        .expect("C catches up");
+    fleet.knock(2, &key, Kind::Open).expect("C serves again");
+}
+
+#[test]
+fn etcd_with_tls_and_user_authentication() {
+    let Some(fleet) = fleet(true) else { return };
+    assert!(fleet.etcd.endpoints()[0].starts_with("https://"));
+    let key = fleet.add_device(1, "laptop");
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = fleet.knock(0, &key, Kind::Open).unwrap();
+    fleet
+        .wait_open(2, answer.reply.port, Duration::from_secs(3))
+        .expect("C");
+    // The knockd user may touch its prefix only.
+    let out = fleet
+        .etcd
+        .ctl(&["--user=knockd:knockd-secret", "put", "/elsewhere", "x"]);
+    assert!(
+        !out.status.success(),
+        "the knockd role reaches outside its prefix"
+    );
 }

@@ -255,6 +255,7 @@ pub fn spawn(settings: &Settings) -> (Link, mpsc::UnboundedReceiver<Event>) {
         requests: rx,
         report: None,
         timeout: Duration::from_millis(u64::from(settings.config.timeout_ms)),
+        endpoint: rand::random::<u32>() as usize,
     };
     tokio::spawn(task.run());
     (link, events_rx)
@@ -270,6 +271,8 @@ struct Task {
     /// The latest report, published with each heartbeat.
     report: Option<Box<NodeReport>>,
     timeout: Duration,
+    /// Which endpoint the next connection tries.
+    endpoint: usize,
 }
 
 /// An etcd error or a timeout, as text for logs and replies.
@@ -305,7 +308,9 @@ impl Task {
                 Err(why) => why,
             };
             let _ = self.events.send(Event::Lost(why.clone()));
-            let wait = Duration::from_millis(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
+            // Each member is tried once before the waits grow.
+            let step = attempt / self.config.endpoints.len();
+            let wait = Duration::from_millis(BACKOFF[step.min(BACKOFF.len() - 1)]);
             attempt += 1;
             // Meanwhile, every request is answered at once: unavailable.
             let until = tokio::time::Instant::now() + wait;
@@ -346,22 +351,21 @@ impl Task {
         }
     }
 
-    async fn connect(&self) -> Result<Client, String> {
-        let mut options = ConnectOptions::new()
-            .with_timeout(self.timeout)
-            .with_connect_timeout(self.timeout)
-            // A partition must end the watch within seconds, not at TCP's
-            // timeout: HTTP/2 pings find a dead peer.
-            .with_keep_alive(Duration::from_secs(1), self.timeout)
-            .with_keep_alive_while_idle(true)
-            // Without quorum a member must not answer from stale state,
-            // and our watch must end: fail closed.
-            .with_require_leader(true);
-        if let (Some(user), Some(password)) = (&self.config.user, &self.password) {
-            options = options
-                .with_user(user.clone(), password.clone())
-                .with_auto_token_refresh(true);
-        }
+    /// A client for one endpoint, the next in turn: the crate's balanced
+    /// channel can route a first request to a dead member, and this way a
+    /// failed session moves on to the next member.
+    async fn connect(&mut self) -> Result<Client, String> {
+        let endpoint = self.config.endpoints[self.endpoint % self.config.endpoints.len()].clone();
+        self.endpoint += 1;
+        // A partition must end the watch within seconds, not at TCP's
+        // timeout: HTTP/2 pings find a dead peer.
+        let mut channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| format!("{endpoint}: {e}"))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(self.timeout)
+            .keep_alive_while_idle(true);
         if let Some(tls) = &self.config.tls {
             let read = |path: &Path| {
                 std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
@@ -371,13 +375,34 @@ impl Task {
             if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
                 t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
-            options = options.with_tls(t);
+            channel = channel
+                .tls_config(t)
+                .map_err(|e| format!("{endpoint}: TLS: {e}"))?;
+        }
+        let channel = match tokio::time::timeout(self.timeout, channel.connect()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => return Err(format!("{endpoint}: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "{endpoint}: no connection within {} ms",
+                    self.timeout.as_millis()
+                ));
+            }
+        };
+        // Without quorum a member must not answer from stale state, and
+        // our watch must end: fail closed.
+        let mut options = ConnectOptions::new().with_require_leader(true);
+        if let (Some(user), Some(password)) = (&self.config.user, &self.password) {
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         timed(
-            self.timeout * 2,
-            Client::connect(&self.config.endpoints, Some(options)),
+            self.timeout,
+            Client::from_channel(etcd_client::Channel::Tonic(channel), Some(options)),
         )
         .await
+        .map_err(|e| format!("{endpoint}: {e}"))
     }
 
     /// One connection: list, watch, serve requests, until something breaks.

@@ -370,6 +370,7 @@ impl Daemon {
             Event::Lost(why) => {
                 let was = std::mem::replace(&mut fleet.synced, false);
                 if was {
+                    tracing::warn!(%why, "fleet: lost etcd; cluster doors fail closed");
                     self.record_error(format!(
                         "fleet: lost etcd ({why}); cluster doors refuse knocks until it is back (grants in place stay until their deadline)"
                     ));
