@@ -351,6 +351,20 @@ impl Etcd {
         self.wait_healthy(Duration::from_secs(30));
     }
 
+    /// Raft proposals committed so far (etcd's own counter, the largest
+    /// any member reports): every write etcd makes, leases included.
+    pub fn proposals(&self) -> u64 {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .filter_map(|m| {
+                let addr: SocketAddr = format!("{}:2379", m.addr).parse().unwrap();
+                m.ns.run(move || metric(addr, "etcd_server_proposals_committed_total"))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The members' logs, for a failed test's message.
     pub fn logs(&self) -> String {
         self.members
@@ -376,6 +390,20 @@ impl Drop for Etcd {
             self.kill(i);
         }
     }
+}
+
+/// One value of etcd's Prometheus endpoint (plain HTTP only).
+fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 /// One knockd node: its namespace, address and daemon.
@@ -422,6 +450,8 @@ pub struct Fleet {
     pub prefix: String,
     /// Extra `cluster:` settings (user, TLS).
     cluster_extra: String,
+    /// Top-level settings added to every node's configuration.
+    pub extra: String,
     pub hub: Hub,
 }
 
@@ -492,6 +522,7 @@ impl Fleet {
             dir,
             prefix,
             cluster_extra,
+            extra: String::new(),
             hub,
         };
         for i in 0..nodes {
@@ -522,13 +553,34 @@ impl Fleet {
             .join(", ");
         format!(
             "interfaces: [{}]\nxdp_mode: native\n\
-             cluster:\n  name: {}\n  endpoints: [{endpoints}]\n  prefix: {}\n  key_file: {}\n{}{}",
+             cluster:\n  name: {}\n  endpoints: [{endpoints}]\n  prefix: {}\n  key_file: {}\n{}{}{}",
             node.interface,
             node.name,
             self.prefix,
             self.dir.path().join("cluster.key").display(),
             self.cluster_extra,
             door_config(door_extra),
+            self.extra,
+        )
+    }
+
+    /// Node `i`'s configuration for single-node mode (no `cluster:`), with
+    /// `devices` as key files: the baseline fleet mode is measured against.
+    pub fn local_config(&self, i: usize, devices: &[(String, DeviceKey)]) -> String {
+        let mut listed = String::new();
+        for (id, key) in devices {
+            let path = self.dir.path().join(format!("{id}.key"));
+            std::fs::write(&path, key.to_hex()).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            listed.push_str(&format!(
+                "  {id}: {{ key_file: {}, groups: [admins] }}\n",
+                path.display()
+            ));
+        }
+        format!(
+            "interfaces: [{}]\nxdp_mode: native\ndevices:\n{listed}\
+             doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }} }} }}\n{}",
+            self.nodes[i].interface, self.extra,
         )
     }
 
@@ -668,9 +720,11 @@ impl Fleet {
         let start = Instant::now();
         while start.elapsed() < timeout {
             let (from, to) = (self.client_addr, SocketAddr::new(self.nodes[i].addr, port));
+            // A SYN that XDP drops is not retried for a second: poll with
+            // fresh connects instead (a veth answers in microseconds).
             let (outcome, stream) = self
                 .client
-                .run(move || probe::tcp_connect(Some(from), to, Duration::from_millis(100)));
+                .run(move || probe::tcp_connect(Some(from), to, Duration::from_millis(10)));
             if outcome == Outcome::Answered {
                 return Some((start.elapsed(), stream.unwrap()));
             }

@@ -51,6 +51,13 @@ const APT_PACKAGES: &[&str] = &[
     "tcpreplay",
     // The benchmarks read veth's per-queue counters and turn GRO on.
     "ethtool",
+    // Fleet mode: the etcd-client crate generates its gRPC code with
+    // protoc; the fleet tests, demo and benchmark run a real etcd cluster
+    // (etcdctl sets up users and roles; openssl makes the TLS material).
+    "protobuf-compiler",
+    "etcd-server",
+    "etcd-client",
+    "openssl",
     // `cargo xtask deb`: dpkg-deb, strip, gzip.
     "dpkg-dev",
     "binutils",
@@ -79,8 +86,12 @@ enum Task {
         /// Only run tests whose name contains this (both suites).
         filter: Option<String>,
     },
-    /// Run knockd between two network namespaces and show it working.
-    Demo,
+    /// Run knockd between two network namespaces and show it working;
+    /// `demo cluster`: a fleet of three nodes on a real 3-member etcd.
+    Demo {
+        /// `cluster` for the fleet demo.
+        which: Option<String>,
+    },
     /// Build the Debian package (release binaries, the unit, the example
     /// configuration, man pages, completions) into target/deb/.
     Deb {
@@ -104,12 +115,13 @@ enum Task {
     },
     /// Benchmarks, printed as ratios against baselines from the same run
     /// (needs root): `grants`, `knock`, `revoke`, `drop` (live XDP frames:
-    /// the guard against XDP_DROP and nftables), `footprint`, `peers` (side
+    /// the guard against XDP_DROP and nftables), `footprint`, `cluster`
+    /// (fleet mode against single-node mode), `peers` (side
     /// by side with Debian's knockd and fwknopd, and all of drop, floods
     /// and footprint, written to target/bench/peers.*), or all of them.
     Bench {
-        /// Which benchmark: grants, knock, revoke, drop, footprint, peers,
-        /// or all.
+        /// Which benchmark: grants, knock, revoke, drop, footprint, cluster,
+        /// peers, or all.
         #[arg(default_value = "all")]
         which: String,
     },
@@ -119,7 +131,11 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
         Task::Test { filter } => test(filter.as_deref()),
-        Task::Demo => demo(),
+        Task::Demo { which: None } => demo(),
+        Task::Demo { which: Some(w) } if w == "cluster" => demo_cluster(),
+        Task::Demo { which: Some(w) } => {
+            bail!("no demo {w:?}: `cargo xtask demo` or `cargo xtask demo cluster`")
+        }
         Task::Deb { version } => deb(version.as_deref()).map(|path| println!("{}", path.display())),
         Task::Bench { which } => bench(&which),
         Task::Fuzz { target, time, runs } => {
@@ -663,6 +679,25 @@ impl Drop for Background {
 
 fn banner(text: &str) {
     println!("\n\x1b[1m== {text}\x1b[0m");
+}
+
+/// The fleet demo: release binaries, and the demo program that drives
+/// them (`tests/src/bin/knockd-fleet-demo.rs`).
+fn demo_cluster() -> Result<()> {
+    setup()?;
+    banner("building knockd and the fleet demo (release)");
+    run(cargo().args(["build", "--release", "--package", "knockd", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "knockd-tests",
+        "--bin",
+        "knockd-fleet-demo",
+    ]))?;
+    run(&mut Command::new(
+        workspace_root().join("target/release/knockd-fleet-demo"),
+    ))
 }
 
 fn demo() -> Result<()> {

@@ -51,6 +51,7 @@ use netlink_packet_netfilter::{
     },
 };
 
+mod cluster;
 mod drop;
 mod footprint;
 mod peers;
@@ -549,6 +550,7 @@ fn main() {
         "drop",
         "footprint",
         "peers",
+        "cluster",
         "all",
     ];
     assert!(
@@ -573,6 +575,9 @@ fn main() {
     if which == "footprint" {
         let figures = footprint::run();
         println!("\n{}", footprint::table(&figures));
+    }
+    if which == "cluster" {
+        cluster::run();
     }
     if which == "drop" {
         let results = drop::run();
