@@ -42,8 +42,10 @@ const NODE_TTL_SECS: i64 = 5;
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// A report older than this is `stale` in `status --cluster`.
 const STALE_MS: u64 = 5000;
-/// How long a revoke record stays for nodes that are catching up.
-const REVOKE_TTL_SECS: i64 = 60;
+/// How long a revoke record stays for nodes that are catching up: a day,
+/// the default `max_session_secs`, so a node cut off for less than that
+/// still cuts the sessions a revoke ended elsewhere when it returns.
+const REVOKE_TTL_SECS: i64 = 86_400;
 /// Waits between connection attempts, growing to the last.
 const BACKOFF: [u64; 4] = [200, 500, 1000, 2000];
 

@@ -122,6 +122,11 @@ impl Fleet {
     }
 }
 
+/// A node that starts carries out the revokes of this last while: it may
+/// have been down when they were made, with sessions it had let in still
+/// open (the kernel keeps them across a restart).
+const FRESH_START_REVOKES_MS: u64 = 60_000;
+
 /// Seconds a one-time door accepts a sequence for: its steps of skew
 /// either way, and the step itself, with a step to spare.
 fn window_secs(door: &crate::config::OneTimeDoor) -> u64 {
@@ -360,8 +365,15 @@ impl Daemon {
                 for (door, source) in fallback {
                     self.publish_grant(&door, source);
                 }
+                // Revokes this node missed: those after the revision it
+                // had; on a fresh start (it had none), the last minute's.
                 for (record, rev) in revokes {
-                    if rev > since {
+                    let missed = if since > 0 {
+                        rev > since
+                    } else {
+                        unix_ms().saturating_sub(record.at_ms) < FRESH_START_REVOKES_MS
+                    };
+                    if missed && record.node != self.fleet.as_ref().expect("fleet").link.name {
                         self.fleet_revoke(record);
                     }
                 }
