@@ -256,15 +256,19 @@ fn with_one_etcd_member_down_everything_still_works() {
             .wait_open(i, answer.reply.port, Duration::from_secs(3))
             .unwrap_or_else(|| panic!("node {} never opened", i + 1));
     }
-    let status = knockctl_json(&fleet.nodes[1].socket(), &["status", "--cluster"]);
-    assert!(
-        status["nodes"]
+    // Every node reports again (one may still be on its way back from
+    // the dead member).
+    let mut last = serde_json::Value::Null;
+    let all_up = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        last = knockctl_json(&fleet.nodes[1].socket(), &["status", "--cluster"]);
+        last["nodes"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|n| n["health"] == "up"),
-        "{status:#}"
-    );
+            .all(|n| n["health"] == "up" && n["report"]["synced"] == true)
+    });
+    assert!(all_up, "not every node is up and synced: {last:#}");
 }
 
 #[test]

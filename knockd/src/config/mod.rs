@@ -678,6 +678,79 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_checked_and_name_their_field() {
+        let base = "interfaces: [eth0]\n";
+        let cluster = |extra: &str| {
+            format!(
+                "{base}cluster:\n  name: n1\n  endpoints: [\"http://198.18.0.21:2379\"]\n{extra}"
+            )
+        };
+        let config = parse(&format!(
+            "{}doors: {{ ssh: {{ service_port: 22, scope: cluster, on_cluster_unavailable: local }} }}\n",
+            cluster("")
+        ))
+        .unwrap();
+        let c = config.cluster.as_ref().unwrap();
+        assert_eq!((c.prefix.as_str(), c.timeout_ms), ("/knockd/", 1000));
+        let door = config.doors["ssh"].one_time().unwrap();
+        assert_eq!(door.scope, Scope::Cluster);
+        assert_eq!(door.on_cluster_unavailable, OnClusterUnavailable::Local);
+        for (extra, message) in [
+            (
+                "  prefix: knockd\n",
+                "cluster.prefix: \"knockd\" must start and end with /",
+            ),
+            (
+                "  user: knockd\n",
+                "cluster.password_file: cluster.user and cluster.password_file go together",
+            ),
+            (
+                "  key_file: cluster.key\n",
+                "cluster.key_file: cluster.key is not an absolute path",
+            ),
+            (
+                "  timeout_ms: 5\n",
+                "cluster.timeout_ms: 5 is not in 100-60000",
+            ),
+            (
+                "  tls: { ca_file: /ca.pem }\n",
+                "cluster.endpoints[0]: with cluster.tls set, endpoints must be https://",
+            ),
+        ] {
+            let e = err(&cluster(extra));
+            assert!(e.starts_with(message), "{extra:?}: {e}");
+        }
+        assert!(
+            err(&format!(
+                "{base}cluster: {{ name: n1, endpoints: [\"198.18.0.21:2379\"] }}\n"
+            ))
+            .contains(
+                "cluster.endpoints[0]: \"198.18.0.21:2379\" is not an http:// or https:// URL"
+            )
+        );
+        assert!(
+            err(&format!(
+                "{base}cluster: {{ name: \"a/b\", endpoints: [] }}\n"
+            ))
+            .starts_with("cluster.name:")
+        );
+        // Fleet settings on a door need a cluster section, and a one-time door.
+        assert_eq!(
+            err(&format!(
+                "{base}doors: {{ ssh: {{ service_port: 22, scope: cluster }} }}\n"
+            )),
+            "doors.ssh.scope: only takes effect in fleet mode: add a cluster: section"
+        );
+        assert_eq!(
+            err(&format!(
+                "{}doors: {{ k: {{ service_port: 22, mode: static, sequence: [\"1:udp\"], scope: cluster }} }}\n",
+                cluster("")
+            )),
+            "doors.k.scope: only one_time doors take this setting"
+        );
+    }
+
+    #[test]
     fn dark_host_settings_parse_and_public_ports_have_one_owner() {
         let config = parse(
             "interfaces: [eth0]\nclosed_ports: drop\npublic: { tcp: [443, \"80-81\"], udp: [546] }\n",
