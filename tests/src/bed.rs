@@ -23,6 +23,23 @@ pub const SILENCE: Duration = Duration::from_millis(1200);
 /// The door's service port.
 pub const SSH: u16 = 22;
 
+/// Door `ssh` with the default knock settings at `server`, as a client
+/// knocks on it with `key`: the door of the beds, the fleet and the
+/// benchmarks.
+pub fn default_target(server: IpAddr, key: DeviceKey) -> Target {
+    Target {
+        server,
+        door: "ssh".into(),
+        params: DoorParams {
+            knock_ports: 7000..=7999,
+            knocks: 3,
+            step_secs: 30,
+        },
+        key,
+        bind: None,
+    }
+}
+
 /// See the module documentation.
 pub struct Bed {
     pub testbed: Testbed,
@@ -94,17 +111,7 @@ impl Bed {
     /// The bed's door (its default knock settings) as a client knocks on
     /// it with `key`.
     pub fn target(&self, key: DeviceKey) -> Target {
-        Target {
-            server: self.server,
-            door: "ssh".into(),
-            params: DoorParams {
-                knock_ports: 7000..=7999,
-                knocks: 3,
-                step_secs: 30,
-            },
-            key,
-            bind: None,
-        }
+        default_target(self.server, key)
     }
 
     pub fn knock(&self, socket: &UdpSocket, kind: Kind) -> Answer {

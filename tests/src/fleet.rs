@@ -16,7 +16,7 @@ use std::{
 
 use knockd::{
     client::{self, Answer, Target},
-    proto::{DeviceKey, DoorParams, Kind},
+    proto::{DeviceKey, Kind},
 };
 
 use crate::{Daemon, NetNs, bed::SILENCE, probe, probe::Outcome, sh, unique_name};
@@ -672,17 +672,7 @@ impl Fleet {
 
     /// The fleet's door on node `i`, as a client with `key` knocks on it.
     pub fn target(&self, i: usize, key: &DeviceKey) -> Target {
-        Target {
-            server: self.nodes[i].addr,
-            door: "ssh".into(),
-            params: DoorParams {
-                knock_ports: 7000..=7999,
-                knocks: 3,
-                step_secs: 30,
-            },
-            key: key.clone(),
-            bind: None,
-        }
+        crate::bed::default_target(self.nodes[i].addr, key.clone())
     }
 
     /// A UDP socket in the client namespace.

@@ -466,3 +466,88 @@ fn etcd_with_tls_and_user_authentication() {
         "the knockd role reaches outside its prefix"
     );
 }
+
+#[test]
+fn a_device_removed_on_one_node_is_refused_by_every_node() {
+    let Some(mut fleet) = fleet(false) else {
+        return;
+    };
+    let key = fleet.add_device(0, "laptop");
+    std::thread::sleep(Duration::from_millis(300));
+    fleet.knock(1, &key, Kind::Open).expect("admitted before");
+    let removed = Instant::now();
+    let out = std::process::Command::new(knockd_tests::knockctl_bin())
+        .args(["device", "remove", "laptop", "--config"])
+        .arg(fleet.nodes[2].daemon().config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in &mut fleet.nodes {
+        node.daemon_mut()
+            .wait_for("fleet: device removed", Duration::from_secs(1), |l| {
+                l["device"] == "laptop"
+            });
+    }
+    eprintln!(
+        "every node forgot the device {:?} after the remove began",
+        removed.elapsed()
+    );
+    let refused = knockd::client::knock_from(
+        &fleet.socket(),
+        &fleet.target(0, &key),
+        Kind::Open,
+        Duration::from_secs(2),
+    );
+    assert!(refused.is_err(), "a removed device was admitted");
+    // And device list (through any node) no longer has it.
+    let out = std::process::Command::new(knockd_tests::knockctl_bin())
+        .args(["device", "list", "--config"])
+        .arg(fleet.nodes[1].daemon().config_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("laptop"));
+}
+
+#[test]
+fn a_lease_renewed_on_another_node_moves_there_and_rotates_everywhere() {
+    if !privileged() {
+        return;
+    }
+    let mut fleet = Fleet::new(3, false);
+    fleet.start_all(", rotate_every_secs: 2, lease_idle_secs: 30");
+    let key = fleet.add_device(0, "laptop");
+    std::thread::sleep(Duration::from_millis(300));
+    let first = fleet.knock(0, &key, Kind::Open).unwrap().reply.port;
+    // A heartbeat on B: B now owns the lease (same port), A and C follow.
+    let renewed = fleet.knock(1, &key, Kind::Heartbeat).unwrap().reply;
+    assert_eq!(renewed.port, first, "a heartbeat keeps the port");
+    // B rotates it within 2 s; the new port opens on A and C too, and the
+    // old one closes to new connections everywhere.
+    let mut rotated = first;
+    eventually("B rotates the lease", Duration::from_secs(5), || {
+        // A device completes at most 16 sequences a step: pace them.
+        std::thread::sleep(Duration::from_millis(400));
+        rotated = fleet.knock(1, &key, Kind::Heartbeat).unwrap().reply.port;
+        rotated != first
+    });
+    for i in [0, 2] {
+        fleet
+            .wait_open(i, rotated, Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("node {} follows the rotation", i + 1));
+        eventually("the old port closes", Duration::from_secs(2), || {
+            fleet.connect(i, first).0 != Outcome::Answered
+        });
+    }
+    // Only the owner rotates: A logged no rotation of its own.
+    assert!(
+        fleet.nodes[0]
+            .daemon()
+            .messages("lease rotated", |_| true)
+            .is_empty()
+    );
+}

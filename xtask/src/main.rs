@@ -614,16 +614,7 @@ fn test(filter: Option<&str>) -> Result<()> {
 fn bench(which: &str) -> Result<()> {
     setup()?;
     // Release builds: the benchmark measures what ships.
-    run(cargo().args(["build", "--release", "--package", "knockd", "--bins"]))?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "knockd-tests",
-        "--bin",
-        "knockd-bench",
-    ]))?;
-    run(Command::new(workspace_root().join("target/release/knockd-bench")).arg(which))
+    run(release_tool("knockd-bench")?.arg(which))
 }
 
 /// A demo namespace, deleted on drop.
@@ -686,6 +677,12 @@ fn banner(text: &str) {
 fn demo_cluster() -> Result<()> {
     setup()?;
     banner("building knockd and the fleet demo (release)");
+    run(&mut release_tool("knockd-fleet-demo")?)
+}
+
+/// Builds knockd's binaries and the test crate's program `name` (release:
+/// benchmarks and demos run what ships), and returns a command for it.
+fn release_tool(name: &str) -> Result<Command> {
     run(cargo().args(["build", "--release", "--package", "knockd", "--bins"]))?;
     run(cargo().args([
         "build",
@@ -693,10 +690,10 @@ fn demo_cluster() -> Result<()> {
         "--package",
         "knockd-tests",
         "--bin",
-        "knockd-fleet-demo",
+        name,
     ]))?;
-    run(&mut Command::new(
-        workspace_root().join("target/release/knockd-fleet-demo"),
+    Ok(Command::new(
+        workspace_root().join("target/release").join(name),
     ))
 }
 

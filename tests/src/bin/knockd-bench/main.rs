@@ -36,7 +36,7 @@ use knockd::{
     guard::{Guard, KernelLogLevel},
     maps::{GuardMaps, PortPolicy, Proto},
     nft::{self, DoorRules, Element, GrantKey},
-    proto::{DeviceKey, DoorParams, Kind},
+    proto::{DeviceKey, Kind},
 };
 use knockd_common::policy;
 use knockd_tests::{Daemon, Testbed, addrs, probe};
@@ -387,17 +387,7 @@ pub fn client_sources(testbed: &Testbed, n: u8) -> Vec<IpAddr> {
 /// The bench door ("ssh", the default knock settings) at `server`, knocked
 /// with `key`.
 fn bench_target(server: IpAddr, key: &DeviceKey) -> Target {
-    Target {
-        server,
-        door: "ssh".into(),
-        params: DoorParams {
-            knock_ports: 7000..=7999,
-            knocks: 3,
-            step_secs: 30,
-        },
-        key: key.clone(),
-        bind: None,
-    }
+    knockd_tests::bed::default_target(server, key.clone())
 }
 
 /// Adds `n` established TCP flows to `server`'s port 22 from synthetic
