@@ -107,6 +107,19 @@ pub fn guard(mut config: Config, devices: &Devices) -> (Config, Vec<String>) {
         .map(|(name, _)| name.clone())
         .collect();
     let mut warnings = Vec::new();
+    // In fleet mode the devices come from etcd after start-up: a door no
+    // local device may open is the normal case, and opening its service
+    // port to everyone until a reload would undo the whole point. It
+    // stays shut (fail closed).
+    if config.cluster.is_some() {
+        for name in unopenable {
+            warnings.push(format!(
+                "doors.{name}: no device on this node's own files may open this door; in fleet \
+                 mode its devices come from etcd, and its service port stays closed until then"
+            ));
+        }
+        return (config, warnings);
+    }
     for name in unopenable {
         let door = config.doors.get_mut(&name).expect("listed above");
         door.expose_service_port = true;
@@ -221,6 +234,23 @@ mod tests {
         let mut expected = config;
         expected.doors.get_mut("ssh").unwrap().expose_service_port = true;
         assert_eq!(guarded, expected);
+    }
+
+    #[test]
+    fn in_fleet_mode_a_door_without_local_devices_stays_shut() {
+        let config = Config::parse(
+            "interfaces: [eth0]\n\
+             cluster: { name: n1, endpoints: [\"http://198.18.0.21:2379\"] }\n\
+             doors: { ssh: { service_port: 22, scope: cluster, allow: { groups: [admins] } } }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let (guarded, warnings) = guard(config.clone(), &Devices::default());
+        assert_eq!(guarded, config, "the service port must not be exposed");
+        assert!(
+            warnings[0].contains("devices come from etcd"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

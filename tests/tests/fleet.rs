@@ -37,6 +37,16 @@ fn eventually(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) -> 
 #[test]
 fn a_knock_on_one_node_opens_the_door_on_every_node() {
     let Some(fleet) = fleet(false) else { return };
+    // The service port itself stays shut on every node: fleet nodes start
+    // with no local device, and that must not open it to everyone.
+    for i in 0..3 {
+        assert_ne!(
+            fleet.connect(i, knockd_tests::fleet::SSH).0,
+            Outcome::Answered,
+            "node {}'s service port is open without a grant",
+            i + 1
+        );
+    }
     // A device added on node B is admitted by node A within a second.
     let key = fleet.add_device(1, "laptop");
     let started = Instant::now();
