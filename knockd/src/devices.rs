@@ -57,6 +57,13 @@ pub enum CheckError {
     /// An interface the guard would attach to does not exist (now).
     #[error("{key}: no interface {name:?} on this host")]
     NoInterface { key: String, name: String },
+    /// A file the `cluster:` section names is missing, unsafe or bad.
+    #[error("{key}: {source}")]
+    Cluster {
+        key: &'static str,
+        #[source]
+        source: Error,
+    },
 }
 
 /// Validates a configuration file with its devices and key files, as
@@ -77,6 +84,9 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
             });
         }
     }
+    if let Some(cluster) = &config.cluster {
+        check_cluster_files(cluster)?;
+    }
     let mut report = String::new();
     for warning in devices
         .warnings
@@ -86,12 +96,45 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
         report.push_str(&format!("warning: {warning}\n"));
     }
     report.push_str(&format!(
-        "{}: ok (doors: {}, devices: {})",
+        "{}: ok (doors: {}, devices: {}{})",
         path.display(),
         config.doors.len(),
-        devices.by_id.len()
+        devices.by_id.len(),
+        if config.cluster.is_some() {
+            " here, and those in etcd"
+        } else {
+            ""
+        }
     ));
     Ok(report)
+}
+
+/// The cluster key (a key file: root, 0600, 64 hex digits) and the
+/// password file (root, 0600), as `knockd run` will read them.
+fn check_cluster_files(cluster: &crate::config::Cluster) -> Result<(), CheckError> {
+    load_key(&cluster.key_file, 0).map_err(|source| CheckError::Cluster {
+        key: "cluster.key_file",
+        source,
+    })?;
+    if let Some(path) = &cluster.password_file {
+        let meta = std::fs::metadata(path).map_err(|source| CheckError::Cluster {
+            key: "cluster.password_file",
+            source: Error::Read {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        if let Some(reason) = key_file_problem(meta.uid(), meta.mode(), 0) {
+            return Err(CheckError::Cluster {
+                key: "cluster.password_file",
+                source: Error::KeyFile {
+                    path: path.clone(),
+                    reason,
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A device file in the devices directory, as `knockctl device add` writes it.

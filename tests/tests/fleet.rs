@@ -561,3 +561,49 @@ fn a_lease_renewed_on_another_node_moves_there_and_rotates_everywhere() {
             .is_empty()
     );
 }
+
+#[test]
+fn check_config_names_a_cluster_key_that_is_unsafe_or_missing() {
+    if !privileged() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, knockd::proto::DeviceKey::generate().to_hex()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("knockd.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces: [lo]\ncluster: {{ name: n1, endpoints: [\"http://198.18.0.21:2379\"], key_file: {} }}\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let check = || {
+        std::process::Command::new(knockd_tests::knockctl_bin())
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cluster.key_file") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("and those in etcd"));
+    std::fs::remove_file(&key).unwrap();
+    let stderr = String::from_utf8_lossy(&check().stderr).into_owned();
+    assert!(stderr.contains("cluster.key_file"), "{stderr}");
+}
