@@ -533,7 +533,12 @@ fn a_lease_renewed_on_another_node_moves_there_and_rotates_everywhere() {
     let key = fleet.add_device(0, "laptop");
     std::thread::sleep(Duration::from_millis(300));
     let first = fleet.knock(0, &key, Kind::Open).unwrap().reply.port;
-    // A heartbeat on B: B now owns the lease (same port), A and C follow.
+    // Once B has the grant (its watch brings it a few ms after A
+    // answered), a heartbeat on B: B now owns the lease (same port), A and
+    // C follow.
+    fleet
+        .wait_open(1, first, Duration::from_secs(2))
+        .expect("B has the grant");
     let renewed = fleet.knock(1, &key, Kind::Heartbeat).unwrap().reply;
     assert_eq!(renewed.port, first, "a heartbeat keeps the port");
     // B rotates it within 2 s; the new port opens on A and C too, and the
@@ -606,4 +611,50 @@ fn check_config_names_a_cluster_key_that_is_unsafe_or_missing() {
     std::fs::remove_file(&key).unwrap();
     let stderr = String::from_utf8_lossy(&check().stderr).into_owned();
     assert!(stderr.contains("cluster.key_file"), "{stderr}");
+}
+
+#[test]
+fn etcd_write_access_alone_opens_nothing() {
+    let Some(fleet) = fleet(false) else { return };
+    // Someone with etcd credentials but not the cluster key writes a
+    // grant for the client, and a device with a key of their own.
+    let port = 40123;
+    let forged = serde_json::json!({
+        "version": 1, "port": port, "device": "laptop", "node": "n1",
+        "expires_at_ms": knockd::proto::unix_ms() + 600_000, "leased": false, "mac": "00"
+    });
+    fleet.etcd.ctl_ok(&[
+        "put",
+        &format!("{}grants/ssh/{}", fleet.prefix, fleet.client_addr),
+        &forged.to_string(),
+    ]);
+    let stranger = knockd::proto::DeviceKey::generate();
+    let device = serde_json::json!({
+        "version": 1, "id": "mallory", "groups": ["admins"], "doors": ["ssh"],
+        "sealed_key": stranger.to_hex(), "added_by": "n1", "added_at_ms": 0
+    });
+    fleet.etcd.ctl_ok(&[
+        "put",
+        &format!("{}devices/mallory", fleet.prefix),
+        &device.to_string(),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        assert_ne!(
+            fleet.connect(i, port).0,
+            Outcome::Answered,
+            "node {} installed a forged grant",
+            i + 1
+        );
+    }
+    assert!(
+        fleet.knock(0, &stranger, Kind::Open).is_err(),
+        "a forged device was admitted"
+    );
+    let errors = knockctl_json(&fleet.nodes[0].socket(), &["status"])["recent_errors"].to_string();
+    assert!(
+        errors.contains("not signed by a node of this fleet"),
+        "{errors}"
+    );
+    assert!(errors.contains("device mallory"), "{errors}");
 }

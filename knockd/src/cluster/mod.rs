@@ -450,11 +450,7 @@ impl Task {
         let synced_revokes = revokes
             .kvs()
             .iter()
-            .filter_map(|kv| {
-                serde_json::from_slice::<RevokeRecord>(kv.value())
-                    .ok()
-                    .map(|r| (r, kv.mod_revision()))
-            })
+            .filter_map(|kv| Some((self.revoke_record(kv.key(), kv.value())?, kv.mod_revision())))
             .collect();
         // Then watch from the next revision: nothing between is missed.
         let mut watch = timed(
@@ -527,7 +523,7 @@ impl Task {
                                 let _ = self.events.send(Event::Grant { door, source, record, revision: kv.mod_revision() });
                             }
                             Key::Revoke(_) if put => {
-                                if let Ok(record) = serde_json::from_slice::<RevokeRecord>(kv.value()) {
+                                if let Some(record) = self.revoke_record(kv.key(), kv.value()) {
                                     let _ = self.events.send(Event::Revoke(record, kv.mod_revision()));
                                 }
                             }
@@ -623,6 +619,8 @@ impl Task {
             } => {
                 tokio::spawn(async move {
                     let ttl = (record.expires_at_ms.saturating_sub(unix_ms()) / 1000 + 2) as i64;
+                    let mut record = record;
+                    model::sign(&cluster_key, &keys.grant(&door, source), &mut record);
                     let written = async {
                         let lease = timed(timeout, client.lease_grant(ttl, None)).await?.id();
                         let value = serde_json::to_vec(&record).expect("records serialize");
@@ -668,12 +666,14 @@ impl Task {
             } => {
                 tokio::spawn(async move {
                     let id = format!("{}-{}-{:08x}", unix_ms(), name, rand::random::<u32>());
-                    let record = RevokeRecord {
+                    let mut record = RevokeRecord {
+                        mac: String::new(),
                         version: RECORD_VERSION,
                         target: target.clone(),
                         node: name,
                         at_ms: unix_ms(),
                     };
+                    model::sign(&cluster_key, &keys.revoke(&id), &mut record);
                     let done =
                         async {
                             let lease = timed(timeout, client.lease_grant(REVOKE_TTL_SECS, None))
@@ -823,8 +823,35 @@ impl Task {
         }
     }
 
+    /// A revoke as a node signed it; `None` (logged) for anything else: a
+    /// revoke written to etcd by hand, or by a holder of etcd credentials
+    /// without the cluster key, is not carried out.
+    fn revoke_record(&self, key: &[u8], value: &[u8]) -> Option<RevokeRecord> {
+        let key = String::from_utf8_lossy(key);
+        match serde_json::from_slice::<RevokeRecord>(value) {
+            Ok(r) if model::verify(&self.cluster_key, &key, &r) => Some(r),
+            _ => {
+                let _ = self.events.send(Event::Failed(format!(
+                    "revoke {key} in etcd is not signed by a node of this fleet; ignored"
+                )));
+                None
+            }
+        }
+    }
+
+    /// A grant as a node signed it; `None` (logged) otherwise: write
+    /// access to etcd without the cluster key opens nothing.
     fn grant_record(&self, door: &str, source: IpAddr, value: &[u8]) -> Option<GrantRecord> {
         match serde_json::from_slice::<GrantRecord>(value) {
+            Ok(r)
+                if r.version == RECORD_VERSION
+                    && !model::verify(&self.cluster_key, &self.keys.grant(door, source), &r) =>
+            {
+                let _ = self.events.send(Event::Failed(format!(
+                    "grant of {source} on {door} in etcd is not signed by a node of this fleet; ignored"
+                )));
+                None
+            }
             Ok(r) if r.version == RECORD_VERSION => Some(r),
             Ok(r) => {
                 let _ = self.events.send(Event::Failed(format!(

@@ -19,8 +19,11 @@ use chacha20poly1305::{
     ChaCha20Poly1305, KeyInit as _,
     aead::{Aead as _, Payload},
 };
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac as _};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 use crate::{auth::Consumed, proto::DeviceKey};
 
@@ -157,6 +160,11 @@ pub struct DeviceRecord {
 /// A cluster door's grant, as the node that made it published it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantRecord {
+    /// HMAC-SHA256 of the record's etcd key and its other fields under a
+    /// key derived from the cluster key ([`sign`]): write access to etcd
+    /// alone cannot open a door.
+    #[serde(default)]
+    pub mac: String,
     pub version: u32,
     /// The random port: the same on every node.
     pub port: u16,
@@ -173,11 +181,69 @@ pub struct GrantRecord {
 /// A revoke, for every node to carry out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokeRecord {
+    /// As [`GrantRecord::mac`]: only a node can make one.
+    #[serde(default)]
+    pub mac: String,
     pub version: u32,
     /// An address or a device id, as `knockctl revoke` took it.
     pub target: String,
     pub node: String,
     pub at_ms: u64,
+}
+
+/// A record that carries a MAC over itself.
+pub trait Signed: Serialize + Clone {
+    fn mac_mut(&mut self) -> &mut String;
+}
+
+impl Signed for GrantRecord {
+    fn mac_mut(&mut self) -> &mut String {
+        &mut self.mac
+    }
+}
+
+impl Signed for RevokeRecord {
+    fn mac_mut(&mut self) -> &mut String {
+        &mut self.mac
+    }
+}
+
+/// A key for one purpose, derived from the cluster key, so sealing and
+/// signing never share a key.
+fn subkey(cluster_key: &DeviceKey, purpose: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    Hkdf::<Sha256>::new(Some(b"knockd fleet v1"), &cluster_key.0)
+        .expand(purpose, &mut out)
+        .expect("32 bytes is a valid HKDF output length");
+    out
+}
+
+/// The MAC of `record` (its `mac` field left out) at etcd key `key`.
+fn mac_of<R: Signed>(cluster_key: &DeviceKey, key: &str, record: &R) -> Hmac<Sha256> {
+    let mut bare = record.clone();
+    bare.mac_mut().clear();
+    let mut mac = <Hmac<Sha256> as hmac::Mac>::new_from_slice(&subkey(cluster_key, b"record mac"))
+        .expect("HMAC takes any key length");
+    mac.update(key.as_bytes());
+    mac.update(&[0]);
+    mac.update(&serde_json::to_vec(&bare).expect("records serialize"));
+    mac
+}
+
+/// Signs `record`, to be written at etcd key `key`.
+pub fn sign<R: Signed>(cluster_key: &DeviceKey, key: &str, record: &mut R) {
+    let mac = hex::encode(mac_of(cluster_key, key, record).finalize().into_bytes());
+    *record.mac_mut() = mac;
+}
+
+/// Whether `record`, read at etcd key `key`, was signed by a node (a
+/// holder of the cluster key) for that key. Constant time.
+pub fn verify<R: Signed>(cluster_key: &DeviceKey, key: &str, record: &R) -> bool {
+    let mut copy = record.clone();
+    let Ok(tag) = hex::decode(copy.mac_mut().as_str()) else {
+        return false;
+    };
+    mac_of(cluster_key, key, record).verify_slice(&tag).is_ok()
 }
 
 /// The associated data of a sealed key: its etcd key, so a sealed key
@@ -190,7 +256,7 @@ fn aad(keys: &Keys, id: &str) -> Vec<u8> {
 /// Seals a device key under the cluster key: hex of a random 12-byte nonce
 /// and the ChaCha20-Poly1305 ciphertext with its tag.
 pub fn seal(cluster_key: &DeviceKey, keys: &Keys, id: &str, key: &DeviceKey) -> String {
-    let cipher = ChaCha20Poly1305::new(&cluster_key.0.into());
+    let cipher = ChaCha20Poly1305::new(&subkey(cluster_key, b"device key seal").into());
     let mut nonce = [0u8; 12];
     rand::rng().fill_bytes(&mut nonce);
     let sealed = cipher
@@ -219,7 +285,7 @@ pub fn open(
         return Err(format!("sealed_key: {} bytes, expected 60", bytes.len()));
     }
     let (nonce, ciphertext) = bytes.split_at(12);
-    let cipher = ChaCha20Poly1305::new(&cluster_key.0.into());
+    let cipher = ChaCha20Poly1305::new(&subkey(cluster_key, b"device key seal").into());
     let nonce: [u8; 12] = nonce.try_into().expect("12 bytes");
     let plain = cipher
         .decrypt(
@@ -272,6 +338,39 @@ mod tests {
             assert_eq!(keys.parse(other.as_bytes()), Key::Other, "{other}");
         }
         assert_eq!(keys.parse(&[0xff, 0xfe]), Key::Other);
+    }
+
+    #[test]
+    fn records_verify_only_unaltered_at_their_key_under_the_cluster_key() {
+        let keys = Keys::new("/knockd/");
+        let cluster = DeviceKey::generate();
+        let at = keys.grant("ssh", "198.18.0.2".parse().unwrap());
+        let mut record = GrantRecord {
+            mac: String::new(),
+            version: RECORD_VERSION,
+            port: 40001,
+            device: Some("laptop".into()),
+            node: "n1".into(),
+            expires_at_ms: 1,
+            leased: false,
+        };
+        assert!(!verify(&cluster, &at, &record), "unsigned");
+        sign(&cluster, &at, &mut record);
+        assert!(verify(&cluster, &at, &record));
+        // Another key, another source, another field value, another
+        // cluster key: refused.
+        assert!(!verify(&DeviceKey::generate(), &at, &record));
+        assert!(!verify(
+            &cluster,
+            &keys.grant("ssh", "198.18.0.3".parse().unwrap()),
+            &record
+        ));
+        let mut longer = record.clone();
+        longer.expires_at_ms += 1;
+        assert!(!verify(&cluster, &at, &longer));
+        let mut garbled = record.clone();
+        garbled.mac = "zz".into();
+        assert!(!verify(&cluster, &at, &garbled));
     }
 
     #[test]

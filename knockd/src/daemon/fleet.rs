@@ -247,6 +247,7 @@ impl Daemon {
         }
         let now = Instant::now();
         let record = self.grants.get(door, source).map(|g| GrantRecord {
+            mac: String::new(),
             version: RECORD_VERSION,
             port: g.port,
             device: g.device.clone(),
