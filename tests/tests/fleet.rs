@@ -102,6 +102,26 @@ fn a_knock_on_one_node_opens_the_door_on_every_node() {
     );
     let table = knockctl(&fleet.nodes[0].socket(), &["status", "--cluster"]);
     eprintln!("{}", String::from_utf8_lossy(&table.stdout));
+    // The metrics say so too.
+    let metrics = control_metrics(&fleet.nodes[0].socket());
+    assert!(metrics.contains("knockd_fleet_synced 1"), "{metrics}");
+    assert!(
+        metrics.contains("knockd_fleet_watch_lag_seconds"),
+        "{metrics}"
+    );
+}
+
+/// The metrics text, asked on the control socket.
+fn control_metrics(socket: &std::path::Path) -> String {
+    use std::io::{BufRead as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    writeln!(stream, r#"{{"version":1,"command":"metrics"}}"#).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    reply["data"].as_str().unwrap().to_owned()
 }
 
 #[test]

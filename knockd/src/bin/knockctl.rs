@@ -385,7 +385,7 @@ fn print_cluster(s: &ClusterStatus) {
             r.map_or("-".into(), |r| r.revision.to_string()),
             r.and_then(|r| r.watch_lag_ms)
                 .map_or("-".into(), |l| format!("{l}ms")),
-            r.map_or("-".into(), |r| r.grants.len().to_string()),
+            r.map_or("-".into(), |r| r.grants_total.to_string()),
         );
     }
     for node in &s.nodes {

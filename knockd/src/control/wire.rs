@@ -336,8 +336,11 @@ pub struct NodeReport {
     pub watch_lag_ms: Option<u64>,
     /// Knocks refused because etcd could not be reached (fail closed).
     pub cluster_unavailable: u64,
-    /// Its grants (cluster doors' and its own local ones).
+    /// Its grants (cluster doors' and its own local ones), the first 64.
     pub grants: Vec<GrantView>,
+    /// How many grants it holds.
+    #[serde(default)]
+    pub grants_total: usize,
 }
 
 /// A node in `cluster_status`.

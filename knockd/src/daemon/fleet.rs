@@ -122,6 +122,9 @@ impl Fleet {
     }
 }
 
+/// Grants listed in a node's report (`grants_total` counts them all).
+const REPORT_GRANTS_MAX: usize = 64;
+
 /// A node that starts carries out the revokes of this last while: it may
 /// have been down when they were made, with sessions it had let in still
 /// open (the kernel keeps them across a restart).
@@ -553,7 +556,12 @@ impl Daemon {
 
     /// Publishes this node's report (once a second, from the tick).
     pub(super) fn report_to_fleet(&mut self) {
-        let grants = self.grant_views();
+        let Some(_) = &self.fleet else { return };
+        // The first grants only: a report is one etcd value, written every
+        // second, and etcd refuses values past 1.5 MiB.
+        let mut grants = self.grant_views();
+        let grants_total = grants.len();
+        grants.truncate(REPORT_GRANTS_MAX);
         let Some(fleet) = &self.fleet else { return };
         fleet.link.send(Request::Report(Box::new(NodeReport {
             name: fleet.link.name.clone(),
@@ -565,6 +573,7 @@ impl Daemon {
             watch_lag_ms: fleet.watch_lag_ms,
             cluster_unavailable: fleet.unavailable,
             grants,
+            grants_total,
         })));
     }
 

@@ -116,6 +116,30 @@ impl Daemon {
             format!("Errors kept for status (at most {RECENT_ERRORS})"),
             errors,
         );
+        if let Some(fleet) = &self.fleet {
+            let view = fleet.view();
+            let synced = Gauge::<i64>::default();
+            synced.set(i64::from(view.synced));
+            registry.register(
+                "fleet_synced",
+                "Fleet mode: 1 while this node follows etcd and serves one-time doors",
+                synced,
+            );
+            let revision = Gauge::<i64>::default();
+            revision.set(view.revision);
+            registry.register(
+                "fleet_revision",
+                "Fleet mode: the etcd revision applied",
+                revision,
+            );
+            let lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            lag.set(view.watch_lag_ms.map_or(f64::NAN, |ms| ms as f64 / 1000.0));
+            registry.register(
+                "fleet_watch_lag_seconds",
+                "Fleet mode: how long this node's last heartbeat took to come back through its watch",
+                lag,
+            );
+        }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out

@@ -160,7 +160,8 @@ fn main() {
         "the client's session through n1 ended {:?} after the revoke on n3",
         start.elapsed()
     );
-    std::thread::sleep(Duration::from_millis(1200));
+    // Reports are written every second from the second before.
+    std::thread::sleep(Duration::from_millis(2200));
     let out = knockctl(&fleet.nodes[0].socket(), &["status", "--cluster"]);
     print!("{}", String::from_utf8_lossy(&out.stdout));
     banner("done: every process stopped, every namespace removed");
