@@ -616,21 +616,41 @@ impl Fleet {
         self.nodes[i].daemon().messages(SYNCED, |_| true).len()
     }
 
-    /// Adds a device through node `i`'s knockctl (`device add`); returns
-    /// its key.
-    pub fn add_device(&self, i: usize, id: &str) -> DeviceKey {
-        let node = &self.nodes[i];
-        let out = Command::new(crate::knockctl_bin())
-            .args([
-                "device", "add", id, "--group", "admins", "--door", "ssh", "--config",
-            ])
-            .arg(node.daemon().config_path())
+    /// `knockctl ARGS --config CONFIG` with node `i`'s configuration (the
+    /// device commands find fleet mode there).
+    pub fn knockctl_config(&self, i: usize, args: &[&str]) -> std::process::Output {
+        Command::new(crate::knockctl_bin())
+            .args(args)
+            .arg("--config")
+            .arg(self.nodes[i].daemon().config_path())
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Adds a device through node `i`'s knockctl (`device add`), and waits
+    /// until every running node has it from its watch; returns its key.
+    pub fn add_device(&mut self, i: usize, id: &str) -> DeviceKey {
+        self.add_device_within(i, id, Duration::ZERO)
+    }
+
+    /// [`add_device`](Self::add_device), tried again for up to `retry`
+    /// while etcd is re-electing or the node reconnecting.
+    pub fn add_device_within(&mut self, i: usize, id: &str, retry: Duration) -> DeviceKey {
+        let deadline = Instant::now() + retry;
+        let out = loop {
+            let out = self.knockctl_config(
+                i,
+                &["device", "add", id, "--group", "admins", "--door", "ssh"],
+            );
+            if out.status.success() || Instant::now() >= deadline {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
         assert!(
             out.status.success(),
             "device add on {}: {}",
-            node.name,
+            self.nodes[i].name,
             String::from_utf8_lossy(&out.stderr)
         );
         let profiles = knockd::profile::Profiles::parse(
@@ -638,36 +658,13 @@ impl Fleet {
             Path::new("device add"),
         )
         .expect("device add prints a profile");
-        DeviceKey::from_hex(&profiles.profiles[id].key).unwrap()
-    }
-
-    /// [`add_device`](Self::add_device), tried again while etcd is
-    /// re-electing or the node reconnecting (for a few seconds).
-    pub fn add_device_retrying(&self, i: usize, id: &str) -> DeviceKey {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = Command::new(crate::knockctl_bin())
-                .args([
-                    "device", "add", id, "--group", "admins", "--door", "ssh", "--config",
-                ])
-                .arg(self.nodes[i].daemon().config_path())
-                .output()
-                .unwrap();
-            if out.status.success() {
-                let profiles = knockd::profile::Profiles::parse(
-                    &String::from_utf8_lossy(&out.stdout),
-                    Path::new("device add"),
-                )
-                .expect("device add prints a profile");
-                return DeviceKey::from_hex(&profiles.profiles[id].key).unwrap();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "device add: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(250));
+        for node in self.nodes.iter_mut().filter(|n| n.daemon.is_some()) {
+            node.daemon_mut()
+                .wait_for("fleet: device added", Duration::from_secs(5), |l| {
+                    l["device"] == id
+                });
         }
+        DeviceKey::from_hex(&profiles.profiles[id].key).unwrap()
     }
 
     /// The fleet's door on node `i`, as a client with `key` knocks on it.

@@ -322,10 +322,23 @@ impl Daemon {
                 let since = fleet.revision;
                 fleet.synced = true;
                 fleet.revision = revision;
-                fleet.remote = devices
+                let listed_devices: BTreeMap<String, DeviceRecord> = devices
                     .into_iter()
                     .filter_map(|(id, record)| Some((id, record?)))
                     .collect();
+                // What changed while the node was away (or all of it, at
+                // start-up), logged as the watch would have.
+                for (id, record) in &listed_devices {
+                    if !fleet.remote.contains_key(id) {
+                        tracing::info!(device = %id, by = %record.added_by, "fleet: device added");
+                    }
+                }
+                for id in fleet.remote.keys() {
+                    if !listed_devices.contains_key(id) {
+                        tracing::info!(device = %id, "fleet: device removed");
+                    }
+                }
+                fleet.remote = listed_devices;
                 let listed: HashSet<(String, IpAddr)> =
                     grants.iter().map(|(d, s, _, _)| (d.clone(), *s)).collect();
                 self.devices_changed();
