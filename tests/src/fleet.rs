@@ -30,6 +30,17 @@ pub const LOST: &str = "fleet: lost etcd; cluster doors fail closed";
 /// The service port behind the fleet's door.
 pub const SSH: u16 = 22;
 
+/// The IPv6 address of a host whose IPv4 address is `v4`: 2001:db8:: and
+/// the same last number.
+pub fn v6_of(v4: &str) -> std::net::Ipv6Addr {
+    let last: u16 = v4
+        .rsplit('.')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("an IPv4 address");
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)
+}
+
 /// The bridge everything is plugged into.
 pub struct Hub {
     /// Dropped last: deleting it removes the bridge and every hub end.
@@ -66,6 +77,15 @@ impl Hub {
         self.ns
             .ip(&["link", "set", &hub_end, "master", "br0", "up"]);
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", &end]);
+        // And an IPv6 address with the same last number: 2001:db8::N.
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", v6_of(addr)),
+            "dev",
+            &end,
+            "nodad",
+        ]);
         ns.ip(&["link", "set", &end, "up"]);
         (ns, end)
     }
@@ -529,7 +549,11 @@ impl Fleet {
             let addr = format!("198.18.0.{}", 11 + i);
             let (ns, interface) = fleet.hub.host("n", &addr);
             let ip: IpAddr = addr.parse().unwrap();
-            ns.run(|| probe::echo_server(SocketAddr::new(ip, SSH)));
+            let ip6: IpAddr = v6_of(&addr).into();
+            ns.run(|| {
+                probe::echo_server(SocketAddr::new(ip, SSH));
+                probe::echo_server(SocketAddr::new(ip6, SSH));
+            });
             fleet.nodes.push(Node {
                 name: format!("n{}", i + 1),
                 addr: ip,

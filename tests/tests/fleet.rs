@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use knockd::proto::{self, DoorKeys, Kind};
 use knockd_tests::{
-    fleet::{Fleet, LOST},
+    fleet::{Fleet, LOST, v6_of},
     knockctl, knockctl_json, privileged, probe,
     probe::Outcome,
 };
@@ -672,4 +672,42 @@ fn etcd_write_access_alone_opens_nothing() {
         "{errors}"
     );
     assert!(errors.contains("device mallory"), "{errors}");
+}
+
+#[test]
+fn a_knock_over_ipv6_opens_the_door_on_every_node_for_that_address() {
+    use std::net::{IpAddr, SocketAddr, UdpSocket};
+    let Some(mut fleet) = fleet(false) else {
+        return;
+    };
+    let key = fleet.add_device(0, "laptop");
+    let client: IpAddr = v6_of("198.18.0.2").into();
+    let node = |i: usize| -> IpAddr { v6_of(&fleet.nodes[i].addr.to_string()).into() };
+    let socket = fleet
+        .client
+        .run(move || UdpSocket::bind(SocketAddr::new(client, 0)).unwrap());
+    let target = knockd_tests::bed::default_target(node(0), key.clone());
+    let port = knockd::client::knock_from(&socket, &target, Kind::Open, Duration::from_secs(6))
+        .expect("knock A over IPv6")
+        .reply
+        .port;
+    // Every node admits the IPv6 client on that port, and only it.
+    for i in 0..3 {
+        let to = SocketAddr::new(node(i), port);
+        let opened = (0..200).any(|_| {
+            let (outcome, stream) = fleet
+                .client
+                .run(move || probe::tcp_connect(Some(client), to, Duration::from_millis(10)));
+            outcome == Outcome::Answered && stream.is_some()
+        });
+        assert!(opened, "node {} never opened [{}]:{port}", i + 1, node(i));
+        assert_ne!(
+            fleet.connect(i, port).0,
+            Outcome::Answered,
+            "node {}: the IPv6 grant admitted the client's IPv4 address",
+            i + 1
+        );
+    }
+    let grants = knockctl_json(&fleet.nodes[2].socket(), &["grants"]);
+    assert_eq!(grants[0]["source"], client.to_string(), "{grants:#}");
 }
