@@ -202,7 +202,7 @@ pub async fn run(
     daemon.set_lockout_open(opened);
     let mut fleet_events = fleet.map(|settings| {
         let (link, events) = crate::cluster::spawn(&settings);
-        daemon.set_fleet(daemon::Fleet::new(link, &settings, devices.clone()));
+        daemon.set_fleet(daemon::Fleet::new(link, devices.clone()));
         events
     });
 

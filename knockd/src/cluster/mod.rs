@@ -127,7 +127,7 @@ pub enum Event {
     /// are every device and cluster grant, and the recent revokes.
     Synced {
         revision: i64,
-        devices: Vec<(String, Option<DeviceRecord>)>,
+        devices: Vec<FleetDevice>,
         grants: Vec<(String, IpAddr, GrantRecord, i64)>,
         revokes: Vec<(RevokeRecord, i64)>,
     },
@@ -144,7 +144,7 @@ pub enum Event {
     /// `None` also stands for a record this node cannot read.
     Device {
         id: String,
-        record: Option<DeviceRecord>,
+        device: Option<FleetDevice>,
     },
     /// A cluster grant was published (`Some`) or withdrawn or expired.
     Grant {
@@ -167,11 +167,19 @@ pub enum Event {
     Failed(String),
 }
 
+/// A device from etcd, its key opened (once, here).
+#[derive(Debug, Clone)]
+pub struct FleetDevice {
+    pub device: crate::devices::Device,
+    /// The node whose `device add` wrote it.
+    pub added_by: String,
+}
+
 /// The daemon's end: where requests go.
 #[derive(Debug, Clone)]
 pub struct Link {
     tx: mpsc::UnboundedSender<Request>,
-    pub keys: Keys,
+    /// This node's name (`cluster.name`).
     pub name: String,
 }
 
@@ -231,11 +239,6 @@ impl Settings {
             password,
         })
     }
-
-    /// The cluster key, to open sealed device keys.
-    pub fn cluster_key(&self) -> &DeviceKey {
-        &self.cluster_key
-    }
 }
 
 /// Starts the task. It runs until the daemon exits.
@@ -245,7 +248,6 @@ pub fn spawn(settings: &Settings) -> (Link, mpsc::UnboundedReceiver<Event>) {
     let keys = Keys::new(&settings.config.prefix);
     let link = Link {
         tx,
-        keys: keys.clone(),
         name: settings.config.name.clone(),
     };
     let task = Task {
@@ -435,8 +437,7 @@ impl Task {
         let mut synced_devices = Vec::new();
         for kv in devices.kvs() {
             if let Key::Device(id) = self.keys.parse(kv.key()) {
-                let record = self.device_record(&id, kv.value());
-                synced_devices.push((id, record));
+                synced_devices.extend(self.device_record(&id, kv.value()));
             }
         }
         let mut synced_grants = Vec::new();
@@ -515,8 +516,8 @@ impl Task {
                         let put = event.event_type() == EventType::Put;
                         match self.keys.parse(kv.key()) {
                             Key::Device(id) => {
-                                let record = if put { self.device_record(&id, kv.value()) } else { None };
-                                let _ = self.events.send(Event::Device { id, record });
+                                let device = if put { self.device_record(&id, kv.value()) } else { None };
+                                let _ = self.events.send(Event::Device { id, device });
                             }
                             Key::Grant { door, source } => {
                                 let record = if put { self.grant_record(&door, source, kv.value()) } else { None };
@@ -795,7 +796,7 @@ impl Task {
 
     /// A device record as this node reads it; `None` (logged) when it
     /// cannot: another version, a key sealed under another cluster key.
-    fn device_record(&self, id: &str, value: &[u8]) -> Option<DeviceRecord> {
+    fn device_record(&self, id: &str, value: &[u8]) -> Option<FleetDevice> {
         let checked = serde_json::from_slice::<DeviceRecord>(value)
             .map_err(|e| e.to_string())
             .and_then(|r| {
@@ -808,8 +809,17 @@ impl Task {
                 if r.id != id {
                     return Err(format!("the record names device {:?}", r.id));
                 }
-                model::open(&self.cluster_key, &self.keys, id, &r.sealed_key)?;
-                Ok(r)
+                let key = model::open(&self.cluster_key, &self.keys, id, &r.sealed_key)?;
+                Ok(FleetDevice {
+                    device: crate::devices::Device {
+                        id: r.id,
+                        key,
+                        groups: r.groups,
+                        doors: r.doors,
+                        declared_in: format!("etcd:{}", self.keys.device(id)).into(),
+                    },
+                    added_by: r.added_by,
+                })
             });
         match checked {
             Ok(record) => Some(record),

@@ -22,12 +22,12 @@ use super::{Daemon, Error, chain};
 use crate::{
     auth::{Action, Decision, Engine, Reason},
     cluster::{
-        self, Event, Link, Request,
-        model::{DeviceRecord, GrantRecord, RECORD_VERSION, RevokeRecord},
+        Event, FleetDevice, Link, Request,
+        model::{GrantRecord, RECORD_VERSION, RevokeRecord},
     },
     config::{OnClusterUnavailable, Scope},
     control::{Command, Response, wire::NodeReport},
-    devices::{Device, Devices},
+    devices::Devices,
     grants::{self, Published},
     proto::{DeviceKey, unix_ms},
 };
@@ -45,11 +45,10 @@ enum Rev {
 /// Fleet state the daemon keeps.
 pub struct Fleet {
     link: Link,
-    cluster_key: DeviceKey,
     /// Devices from this node's own files and configuration.
     local: Devices,
-    /// Devices from etcd, keys opened.
-    remote: BTreeMap<String, DeviceRecord>,
+    /// Devices from etcd, keys opened (by the cluster task, once).
+    remote: BTreeMap<String, FleetDevice>,
     /// Whether the node has listed etcd and follows its watch.
     synced: bool,
     /// The etcd revision applied.
@@ -69,10 +68,9 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(link: Link, settings: &cluster::Settings, local: Devices) -> Fleet {
+    pub fn new(link: Link, local: Devices) -> Fleet {
         Fleet {
             link,
-            cluster_key: settings.cluster_key().clone(),
             local,
             remote: BTreeMap::new(),
             synced: false,
@@ -89,23 +87,8 @@ impl Fleet {
 
     /// The local devices and etcd's, merged.
     fn devices(&self, config: &crate::config::Config) -> Devices {
-        let keys = &self.link.keys;
-        let fleet = self.remote.values().filter_map(|r| {
-            let key = cluster::model::open(&self.cluster_key, keys, &r.id, &r.sealed_key).ok()?;
-            Some(Device {
-                id: r.id.clone(),
-                key,
-                groups: r.groups.clone(),
-                doors: r.doors.clone(),
-                declared_in: format!("etcd:{}", keys.device(&r.id)).into(),
-            })
-        });
-        self.local.with_fleet(config, fleet)
-    }
-
-    /// Whether this node is serving cluster doors (synced with etcd).
-    pub fn synced(&self) -> bool {
-        self.synced
+        self.local
+            .with_fleet(config, self.remote.values().map(|d| d.device.clone()))
     }
 
     /// Facts for `status`.
@@ -322,15 +305,15 @@ impl Daemon {
                 let since = fleet.revision;
                 fleet.synced = true;
                 fleet.revision = revision;
-                let listed_devices: BTreeMap<String, DeviceRecord> = devices
+                let listed_devices: BTreeMap<String, FleetDevice> = devices
                     .into_iter()
-                    .filter_map(|(id, record)| Some((id, record?)))
+                    .map(|d| (d.device.id.clone(), d))
                     .collect();
                 // What changed while the node was away (or all of it, at
                 // start-up), logged as the watch would have.
-                for (id, record) in &listed_devices {
+                for (id, d) in &listed_devices {
                     if !fleet.remote.contains_key(id) {
-                        tracing::info!(device = %id, by = %record.added_by, "fleet: device added");
+                        tracing::info!(device = %id, by = %d.added_by, "fleet: device added");
                     }
                 }
                 for id in fleet.remote.keys() {
@@ -431,11 +414,11 @@ impl Daemon {
                     }
                 }
             }
-            Event::Device { id, record } => {
-                match record {
-                    Some(record) => {
-                        tracing::info!(device = %id, by = %record.added_by, "fleet: device added");
-                        fleet.remote.insert(id, record);
+            Event::Device { id, device } => {
+                match device {
+                    Some(device) => {
+                        tracing::info!(device = %id, by = %device.added_by, "fleet: device added");
+                        fleet.remote.insert(id, device);
                     }
                     None => {
                         if fleet.remote.remove(&id).is_some() {
@@ -507,13 +490,13 @@ impl Daemon {
             return;
         }
         let fleet = self.fleet.as_mut().expect("cluster_scoped checked");
-        let key = (door.to_owned(), source);
+        fleet
+            .revs
+            .insert((door.to_owned(), source), Rev::At(revision));
         let ours = record.node == fleet.link.name;
         if ours && self.grants.get(door, source).is_some() {
-            fleet.revs.insert(key, Rev::At(revision));
             return;
         }
-        fleet.revs.insert(key, Rev::At(revision));
         let now = Instant::now();
         let left = Duration::from_millis(record.expires_at_ms.saturating_sub(unix_ms()));
         if left.is_zero() {
@@ -569,7 +552,9 @@ impl Daemon {
 
     /// Publishes this node's report (once a second, from the tick).
     pub(super) fn report_to_fleet(&mut self) {
-        let Some(_) = &self.fleet else { return };
+        if self.fleet.is_none() {
+            return;
+        }
         // The first grants only: a report is one etcd value, written every
         // second, and etcd refuses values past 1.5 MiB.
         let mut grants = self.grant_views();
@@ -649,17 +634,10 @@ impl Daemon {
             Command::Revoke { target } if self.fleet.is_some() => {
                 // The target's cluster grants, for etcd to delete: every
                 // node's, since this one has them all installed.
-                let by_ip: Option<IpAddr> = target.parse().ok();
                 let grants: Vec<(String, IpAddr)> = self
-                    .grants
-                    .list()
+                    .grants_of(&target)
                     .into_iter()
-                    .filter(|g| self.cluster_scoped(&g.door))
-                    .filter(|g| match by_ip {
-                        Some(ip) => g.source == ip,
-                        None => g.device.as_deref() == Some(target.as_str()),
-                    })
-                    .map(|g| (g.door.clone(), g.source))
+                    .filter(|(door, _)| self.cluster_scoped(door))
                     .collect();
                 let local = match self.revoke(&target) {
                     Ok(r) => (r.revoked, r.connections_cut),

@@ -65,6 +65,21 @@ impl Daemon {
         }
     }
 
+    /// The grants a revoke of `target` ends, as (door, source): those of
+    /// an address, or of a device (by id).
+    pub(super) fn grants_of(&self, target: &str) -> Vec<(String, IpAddr)> {
+        let by_ip: Option<IpAddr> = target.parse().ok();
+        self.grants
+            .list()
+            .into_iter()
+            .filter(|g| match by_ip {
+                Some(ip) => g.source == ip,
+                None => g.device.as_deref() == Some(target),
+            })
+            .map(|g| (g.door.clone(), g.source))
+            .collect()
+    }
+
     /// Ends every grant of an address, or of a device (by id), and cuts the
     /// connections grants let in (their conntrack entries and the service's
     /// sockets). Admission ends first, so the client cannot open a new
@@ -73,16 +88,7 @@ impl Daemon {
     /// for a device, those from the addresses of its live grants.
     pub(super) fn revoke(&mut self, target: &str) -> Result<Revoked, RequestError> {
         let by_ip: Option<IpAddr> = target.parse().ok();
-        let doomed: Vec<(String, IpAddr)> = self
-            .grants
-            .list()
-            .into_iter()
-            .filter(|g| match by_ip {
-                Some(ip) => g.source == ip,
-                None => g.device.as_deref() == Some(target),
-            })
-            .map(|g| (g.door.clone(), g.source))
-            .collect();
+        let doomed = self.grants_of(target);
         let mut cuts = Vec::new();
         let grants = doomed.len();
         for (door, source) in doomed {
