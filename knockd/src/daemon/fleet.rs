@@ -310,17 +310,19 @@ impl Daemon {
                     .map(|d| (d.device.id.clone(), d))
                     .collect();
                 // What changed while the node was away (or all of it, at
-                // start-up), logged as the watch would have.
-                for (id, d) in &listed_devices {
-                    if !fleet.remote.contains_key(id) {
-                        tracing::info!(device = %id, by = %d.added_by, "fleet: device added");
-                    }
-                }
-                for id in fleet.remote.keys() {
-                    if !listed_devices.contains_key(id) {
-                        tracing::info!(device = %id, "fleet: device removed");
-                    }
-                }
+                // start-up), logged as the watch would have once the
+                // engine and the XDP port policy know it.
+                let added: Vec<(String, String)> = listed_devices
+                    .iter()
+                    .filter(|(id, _)| !fleet.remote.contains_key(*id))
+                    .map(|(id, d)| (id.clone(), d.added_by.clone()))
+                    .collect();
+                let removed: Vec<String> = fleet
+                    .remote
+                    .keys()
+                    .filter(|id| !listed_devices.contains_key(*id))
+                    .cloned()
+                    .collect();
                 fleet.remote = listed_devices;
                 let listed: HashSet<(String, IpAddr)> =
                     grants.iter().map(|(d, s, _, _)| (d.clone(), *s)).collect();
@@ -378,6 +380,12 @@ impl Daemon {
                     }
                 }
                 self.load_policy()?;
+                for (id, by) in added {
+                    tracing::info!(device = %id, %by, "fleet: device added");
+                }
+                for id in removed {
+                    tracing::info!(device = %id, "fleet: device removed");
+                }
             }
             Event::Lost(why) => {
                 let was = std::mem::replace(&mut fleet.synced, false);
@@ -415,19 +423,23 @@ impl Daemon {
                 }
             }
             Event::Device { id, device } => {
-                match device {
+                // Logged once the engine and the XDP port policy know the
+                // change: from that line on, the device's knocks are seen.
+                let (added_by, known) = match device {
                     Some(device) => {
-                        tracing::info!(device = %id, by = %device.added_by, "fleet: device added");
-                        fleet.remote.insert(id, device);
+                        let by = device.added_by.clone();
+                        fleet.remote.insert(id.clone(), device);
+                        (Some(by), true)
                     }
-                    None => {
-                        if fleet.remote.remove(&id).is_some() {
-                            tracing::info!(device = %id, "fleet: device removed");
-                        }
-                    }
-                }
+                    None => (None, fleet.remote.remove(&id).is_some()),
+                };
                 self.devices_changed();
                 self.load_policy()?;
+                match added_by {
+                    Some(by) => tracing::info!(device = %id, %by, "fleet: device added"),
+                    None if known => tracing::info!(device = %id, "fleet: device removed"),
+                    None => {}
+                }
             }
             Event::Grant {
                 door,
