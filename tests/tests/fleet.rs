@@ -504,6 +504,99 @@ fn etcd_with_tls_and_user_authentication() {
 }
 
 #[test]
+fn a_grant_etcd_refused_is_published_when_the_node_resynchronises() {
+    let Some(mut fleet) = fleet(true) else { return };
+    let key = fleet.add_device(0, "laptop");
+    // The knockd role may still read the prefix and consume sequences,
+    // but no longer write grants: A accepts, installs, and fails to
+    // publish. (A permission change may end the sessions: wait for every
+    // node to be back.)
+    let before: Vec<usize> = (0..3).map(|i| fleet.synced_count(i)).collect();
+    let prefix = fleet.prefix.clone();
+    let grants = format!("{prefix}grants/");
+    let role = |fleet: &Fleet, args: &[&str]| {
+        fleet.etcd.ctl_ok(&[&["role"], args].concat());
+    };
+    role(
+        &fleet,
+        &["revoke-permission", "knockd", "--prefix=true", &prefix],
+    );
+    role(
+        &fleet,
+        &[
+            "grant-permission",
+            "knockd",
+            "--prefix=true",
+            "read",
+            &prefix,
+        ],
+    );
+    for sub in ["consumed/", "nodes/", "members/", "devices/", "revokes/"] {
+        let range = format!("{prefix}{sub}");
+        role(
+            &fleet,
+            &[
+                "grant-permission",
+                "knockd",
+                "--prefix=true",
+                "readwrite",
+                &range,
+            ],
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for (i, count) in before.iter().enumerate() {
+        if fleet.synced_count(i) > *count {
+            fleet.wait_synced_count(i, count + 1);
+        }
+    }
+    let answer = fleet
+        .knock(0, &key, Kind::Open)
+        .expect("A accepts: consuming is allowed");
+    let port = answer.reply.port;
+    fleet.wait_open(0, port, Duration::from_secs(2)).expect("A");
+    eventually(
+        "A records the refused publication",
+        Duration::from_secs(5),
+        || {
+            knockctl_json(&fleet.nodes[0].socket(), &["status"])["recent_errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e.to_string().contains("could not publish the grant"))
+        },
+    );
+    assert_ne!(
+        fleet.connect(1, port).0,
+        Outcome::Answered,
+        "B opened a grant etcd never had"
+    );
+    // etcd takes grants again; A's next resync publishes the one it holds.
+    role(
+        &fleet,
+        &[
+            "grant-permission",
+            "knockd",
+            "--prefix=true",
+            "readwrite",
+            &grants,
+        ],
+    );
+    let synced = fleet.synced_count(0);
+    fleet.nodes[0].partition(&fleet.etcd, true);
+    fleet.nodes[0]
+        .daemon_mut()
+        .wait_for(LOST, Duration::from_secs(10), |_| true);
+    fleet.nodes[0].partition(&fleet.etcd, false);
+    fleet.wait_synced_count(0, synced + 1);
+    for i in 1..3 {
+        fleet
+            .wait_open(i, port, Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("node {} never heard of A's grant", i + 1));
+    }
+}
+
+#[test]
 fn a_device_removed_on_one_node_is_refused_by_every_node() {
     let Some(mut fleet) = fleet(false) else {
         return;

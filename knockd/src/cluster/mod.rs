@@ -163,6 +163,13 @@ pub enum Event {
     Revoke(RevokeRecord, i64),
     /// The watch is at `revision`; `lag_ms` when our heartbeat came back.
     Progress { revision: i64, lag_ms: Option<u64> },
+    /// Our grant write failed: etcd does not have this grant, though this
+    /// node installed it.
+    PublishFailed {
+        door: String,
+        source: IpAddr,
+        why: String,
+    },
     /// A write failed (it is logged and shown in status).
     Failed(String),
 }
@@ -346,9 +353,16 @@ impl Task {
             | Request::Status { reply } => {
                 let _ = reply.send(unavailable(why));
             }
-            Request::PutGrant { door, source, .. } | Request::DeleteGrant { door, source } => {
+            Request::PutGrant { door, source, .. } => {
+                let _ = self.events.send(Event::PublishFailed {
+                    door,
+                    source,
+                    why: why.to_owned(),
+                });
+            }
+            Request::DeleteGrant { door, source } => {
                 let _ = self.events.send(Event::Failed(format!(
-                    "could not publish the grant of {source} on cluster door {door}: {why}"
+                    "could not withdraw the grant of {source} on cluster door {door}: {why}"
                 )));
             }
             Request::Report(report) => self.report = Some(report),
@@ -642,9 +656,7 @@ impl Task {
                             source,
                             revision,
                         },
-                        Err(e) => Event::Failed(format!(
-                            "could not publish the grant of {source} on cluster door {door}: {e}"
-                        )),
+                        Err(why) => Event::PublishFailed { door, source, why },
                     });
                 });
             }

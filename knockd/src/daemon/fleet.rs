@@ -60,8 +60,9 @@ pub struct Fleet {
     next_token: u64,
     /// Cluster grants known to etcd, and ours on their way there.
     revs: HashMap<(String, IpAddr), Rev>,
-    /// Grants of cluster doors made while etcd was unreachable (local
-    /// fallback): etcd never heard of them, so a resync leaves them be.
+    /// Grants of cluster doors etcd never heard of: made while it was
+    /// unreachable (local fallback), or whose publication failed. A resync
+    /// leaves them be and publishes them.
     fallback: HashSet<(String, IpAddr)>,
     /// Knocks refused for want of etcd.
     unavailable: u64,
@@ -488,6 +489,23 @@ impl Daemon {
                 fleet.revision = fleet.revision.max(revision);
                 if lag_ms.is_some() {
                     fleet.watch_lag_ms = lag_ms;
+                }
+            }
+            Event::PublishFailed { door, source, why } => {
+                self.record_error(format!(
+                    "fleet: could not publish the grant of {source} on cluster door {door}: {why}"
+                ));
+                // Unless a later write is on its way, etcd lacks this
+                // grant: treat it as one made without etcd, so the next
+                // resync (or the grant's next change) publishes it.
+                let key = (door, source);
+                let held = self.grants.get(&key.0, source).is_some();
+                let fleet = self.fleet.as_mut().expect("fleet");
+                if fleet.revs.get(&key) == Some(&Rev::Pending) {
+                    fleet.revs.remove(&key);
+                    if held {
+                        fleet.fallback.insert(key);
+                    }
                 }
             }
             Event::Failed(message) => self.record_error(format!("fleet: {message}")),
