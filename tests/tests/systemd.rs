@@ -21,6 +21,16 @@ use knockd_tests::{
     require_privileges, sh, unique_name,
 };
 
+/// The machine's bpffs directory (the host's bpffs), removed even when
+/// the test fails before the purge does it.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = knockd::guard::remove_pins(&self.0);
+    }
+}
+
 const SSH: u16 = 22;
 const LEGACY: u16 = 2222;
 
@@ -115,6 +125,7 @@ fn the_package_lives_its_whole_life_under_a_real_systemd() {
     // and a static one (whose replayability knockd warns about), a device;
     // a short watchdog, so freezing the daemon shows within seconds.
     let bpffs_dir = format!("/sys/fs/bpf/{}", unique_name("sd"));
+    let _pins = Pins(PathBuf::from(&bpffs_dir));
     let config = format!(
         "interfaces: [{}]\nxdp_mode: native\nbpffs_dir: {bpffs_dir}\n\
          devices_dir: /etc/knockd/devices.d\n\
