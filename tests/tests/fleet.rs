@@ -503,46 +503,46 @@ fn etcd_with_tls_and_user_authentication() {
     );
 }
 
-#[test]
-fn a_grant_etcd_refused_is_published_when_the_node_resynchronises() {
-    let Some(mut fleet) = fleet(true) else { return };
-    let key = fleet.add_device(0, "laptop");
-    // The knockd role may still read the prefix and consume sequences,
-    // but no longer write grants: A accepts, installs, and fails to
-    // publish. (A permission change may end the sessions: wait for every
-    // node to be back.)
-    let before: Vec<usize> = (0..3).map(|i| fleet.synced_count(i)).collect();
+/// Takes the knockd role's write access to the fleet's `grants/` away
+/// (`false`) or gives it back (`true`): it may still read the prefix and
+/// consume sequences. A permission change may end the nodes' sessions, so
+/// this waits for every node that resynchronised meanwhile.
+fn grant_writes(fleet: &mut Fleet, allowed: bool) {
+    let before: Vec<usize> = (0..fleet.nodes.len())
+        .map(|i| fleet.synced_count(i))
+        .collect();
     let prefix = fleet.prefix.clone();
-    let grants = format!("{prefix}grants/");
-    let role = |fleet: &Fleet, args: &[&str]| {
+    let role = |args: &[&str]| {
         fleet.etcd.ctl_ok(&[&["role"], args].concat());
     };
-    role(
-        &fleet,
-        &["revoke-permission", "knockd", "--prefix=true", &prefix],
-    );
-    role(
-        &fleet,
-        &[
+    if allowed {
+        let grants = format!("{prefix}grants/");
+        role(&[
+            "grant-permission",
+            "knockd",
+            "--prefix=true",
+            "readwrite",
+            &grants,
+        ]);
+    } else {
+        role(&["revoke-permission", "knockd", "--prefix=true", &prefix]);
+        role(&[
             "grant-permission",
             "knockd",
             "--prefix=true",
             "read",
             &prefix,
-        ],
-    );
-    for sub in ["consumed/", "nodes/", "members/", "devices/", "revokes/"] {
-        let range = format!("{prefix}{sub}");
-        role(
-            &fleet,
-            &[
+        ]);
+        for sub in ["consumed/", "nodes/", "members/", "devices/", "revokes/"] {
+            let range = format!("{prefix}{sub}");
+            role(&[
                 "grant-permission",
                 "knockd",
                 "--prefix=true",
                 "readwrite",
                 &range,
-            ],
-        );
+            ]);
+        }
     }
     std::thread::sleep(Duration::from_secs(1));
     for (i, count) in before.iter().enumerate() {
@@ -550,6 +550,34 @@ fn a_grant_etcd_refused_is_published_when_the_node_resynchronises() {
             fleet.wait_synced_count(i, count + 1);
         }
     }
+}
+
+/// Cuts node `i` off from etcd until it notices, then lets it resync.
+fn resync(fleet: &mut Fleet, i: usize) {
+    let synced = fleet.synced_count(i);
+    fleet.nodes[i].partition(&fleet.etcd, true);
+    fleet.nodes[i]
+        .daemon_mut()
+        .wait_for(LOST, Duration::from_secs(10), |_| true);
+    fleet.nodes[i].partition(&fleet.etcd, false);
+    fleet.wait_synced_count(i, synced + 1);
+}
+
+/// Whether node `i`'s `status` lists a recent error containing `text`.
+fn has_error(fleet: &Fleet, i: usize, text: &str) -> bool {
+    knockctl_json(&fleet.nodes[i].socket(), &["status"])["recent_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e.to_string().contains(text))
+}
+
+#[test]
+fn a_grant_etcd_refused_is_published_when_the_node_resynchronises() {
+    let Some(mut fleet) = fleet(true) else { return };
+    let key = fleet.add_device(0, "laptop");
+    // A accepts, installs, and fails to publish.
+    grant_writes(&mut fleet, false);
     let answer = fleet
         .knock(0, &key, Kind::Open)
         .expect("A accepts: consuming is allowed");
@@ -558,13 +586,7 @@ fn a_grant_etcd_refused_is_published_when_the_node_resynchronises() {
     eventually(
         "A records the refused publication",
         Duration::from_secs(5),
-        || {
-            knockctl_json(&fleet.nodes[0].socket(), &["status"])["recent_errors"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|e| e.to_string().contains("could not publish the grant"))
-        },
+        || has_error(&fleet, 0, "could not publish the grant"),
     );
     assert_ne!(
         fleet.connect(1, port).0,
@@ -572,28 +594,46 @@ fn a_grant_etcd_refused_is_published_when_the_node_resynchronises() {
         "B opened a grant etcd never had"
     );
     // etcd takes grants again; A's next resync publishes the one it holds.
-    role(
-        &fleet,
-        &[
-            "grant-permission",
-            "knockd",
-            "--prefix=true",
-            "readwrite",
-            &grants,
-        ],
-    );
-    let synced = fleet.synced_count(0);
-    fleet.nodes[0].partition(&fleet.etcd, true);
-    fleet.nodes[0]
-        .daemon_mut()
-        .wait_for(LOST, Duration::from_secs(10), |_| true);
-    fleet.nodes[0].partition(&fleet.etcd, false);
-    fleet.wait_synced_count(0, synced + 1);
+    grant_writes(&mut fleet, true);
+    resync(&mut fleet, 0);
     for i in 1..3 {
         fleet
             .wait_open(i, port, Duration::from_secs(3))
             .unwrap_or_else(|| panic!("node {} never heard of A's grant", i + 1));
     }
+}
+
+#[test]
+fn a_close_etcd_refused_is_carried_out_when_the_node_resynchronises() {
+    // Grants long enough that only a withdrawal can end them in the test.
+    let Some(mut fleet) = fleet_with(3, true, ", open_for_secs: 300") else {
+        return;
+    };
+    let key = fleet.add_device(0, "laptop");
+    let port = fleet.knock(0, &key, Kind::Open).unwrap().reply.port;
+    for i in 0..3 {
+        fleet
+            .wait_open(i, port, Duration::from_secs(3))
+            .expect("open");
+    }
+    // The device closes on A; etcd refuses the delete, so B and C keep the
+    // grant for now.
+    grant_writes(&mut fleet, false);
+    fleet.knock(0, &key, Kind::Close).expect("close on A");
+    eventually(
+        "A records the refused withdrawal",
+        Duration::from_secs(5),
+        || has_error(&fleet, 0, "could not withdraw the grant"),
+    );
+    assert_ne!(fleet.connect(0, port).0, Outcome::Answered, "A closed");
+    assert_eq!(fleet.connect(1, port).0, Outcome::Answered);
+    // Once A resynchronises, it withdraws the grant instead of taking it
+    // back from etcd: every node closes.
+    grant_writes(&mut fleet, true);
+    resync(&mut fleet, 0);
+    eventually("every node closes", Duration::from_secs(15), || {
+        (0..3).all(|i| fleet.connect(i, port).0 != Outcome::Answered)
+    });
 }
 
 #[test]

@@ -170,6 +170,12 @@ pub enum Event {
         source: IpAddr,
         why: String,
     },
+    /// Our delete of a grant this node ended failed: etcd still has it.
+    WithdrawFailed {
+        door: String,
+        source: IpAddr,
+        why: String,
+    },
     /// A write failed (it is logged and shown in status).
     Failed(String),
 }
@@ -361,9 +367,11 @@ impl Task {
                 });
             }
             Request::DeleteGrant { door, source } => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "could not withdraw the grant of {source} on cluster door {door}: {why}"
-                )));
+                let _ = self.events.send(Event::WithdrawFailed {
+                    door,
+                    source,
+                    why: why.to_owned(),
+                });
             }
             Request::Report(report) => self.report = Some(report),
         }
@@ -662,12 +670,10 @@ impl Task {
             }
             Request::DeleteGrant { door, source } => {
                 tokio::spawn(async move {
-                    if let Err(e) =
+                    if let Err(why) =
                         timed(timeout, client.delete(keys.grant(&door, source), None)).await
                     {
-                        let _ = events.send(Event::Failed(format!(
-                            "could not withdraw the grant of {source} on cluster door {door}: {e}"
-                        )));
+                        let _ = events.send(Event::WithdrawFailed { door, source, why });
                     }
                 });
             }

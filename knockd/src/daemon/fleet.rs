@@ -64,6 +64,9 @@ pub struct Fleet {
     /// unreachable (local fallback), or whose publication failed. A resync
     /// leaves them be and publishes them.
     fallback: HashSet<(String, IpAddr)>,
+    /// Grants this node ended whose delete etcd did not take: a resync
+    /// deletes them again instead of installing them from etcd.
+    unwithdrawn: HashSet<(String, IpAddr)>,
     /// Knocks refused for want of etcd.
     unavailable: u64,
 }
@@ -82,6 +85,7 @@ impl Fleet {
             next_token: 0,
             revs: HashMap::new(),
             fallback: HashSet::new(),
+            unwithdrawn: HashSet::new(),
             unavailable: 0,
         }
     }
@@ -250,6 +254,7 @@ impl Daemon {
         fleet.fallback.remove(&key);
         match record {
             Some(mut record) => {
+                fleet.unwithdrawn.remove(&key);
                 record.node = fleet.link.name.clone();
                 fleet.revs.insert(key, Rev::Pending);
                 fleet.link.send(Request::PutGrant {
@@ -328,8 +333,26 @@ impl Daemon {
                 let listed: HashSet<(String, IpAddr)> =
                     grants.iter().map(|(d, s, _, _)| (d.clone(), *s)).collect();
                 self.devices_changed();
+                let fleet = self.fleet.as_mut().expect("fleet");
+                let unwithdrawn = std::mem::take(&mut fleet.unwithdrawn);
+                let name = fleet.link.name.clone();
                 for (door, source, record, rev) in grants {
-                    self.apply_grant(&door, source, record, rev);
+                    let key = (door, source);
+                    if unwithdrawn.contains(&key)
+                        && record.node == name
+                        && self.grants.get(&key.0, source).is_none()
+                    {
+                        // Ended here while etcd refused the delete: end it
+                        // fleet-wide now, rather than reopen it.
+                        let fleet = self.fleet.as_mut().expect("fleet");
+                        fleet.revs.remove(&key);
+                        fleet.link.send(Request::DeleteGrant {
+                            door: key.0,
+                            source,
+                        });
+                        continue;
+                    }
+                    self.apply_grant(&key.0, source, record, rev);
                 }
                 // Cluster grants etcd no longer has ended while we were
                 // away (expired, closed, revoked).
@@ -506,6 +529,15 @@ impl Daemon {
                     if held {
                         fleet.fallback.insert(key);
                     }
+                }
+            }
+            Event::WithdrawFailed { door, source, why } => {
+                self.record_error(format!(
+                    "fleet: could not withdraw the grant of {source} on cluster door {door}: {why}"
+                ));
+                if self.grants.get(&door, source).is_none() {
+                    let fleet = self.fleet.as_mut().expect("fleet");
+                    fleet.unwithdrawn.insert((door, source));
                 }
             }
             Event::Failed(message) => self.record_error(format!("fleet: {message}")),
