@@ -11,43 +11,21 @@
 //! and watches again from the listed revision before it says
 //! [`Event::Synced`].
 
+#[cfg(feature = "cluster")]
+mod etcd;
 pub mod model;
 
-use std::{
-    net::IpAddr,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, path::Path};
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
-};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     auth::Consumed,
     config::Cluster,
-    control::{
-        Response,
-        wire::{ClusterDevice, ClusterStatus, DeviceChanged, NodeReport, NodeStatus, RevokedFleet},
-    },
-    proto::{DeviceKey, unix_ms},
+    control::{Response, wire::NodeReport},
+    proto::DeviceKey,
 };
-use model::{DeviceRecord, GrantRecord, Key, Keys, RECORD_VERSION, RevokeRecord};
-
-/// How long a heartbeat key outlives its node.
-const NODE_TTL_SECS: i64 = 5;
-/// How often a node publishes its report.
-const REPORT_EVERY: Duration = Duration::from_secs(1);
-/// A report older than this is `stale` in `status --cluster`.
-const STALE_MS: u64 = 5000;
-/// How long a revoke record stays for nodes that are catching up: a day,
-/// the default `max_session_secs`, so a node cut off for less than that
-/// still cuts the sessions a revoke ended elsewhere when it returns.
-const REVOKE_TTL_SECS: i64 = 86_400;
-/// Waits between connection attempts, growing to the last.
-const BACKOFF: [u64; 4] = [200, 500, 1000, 2000];
+use model::{GrantRecord, RevokeRecord};
 
 /// Why fleet mode cannot start (read at start-up and reload: a bad key or
 /// password file is named).
@@ -62,6 +40,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cluster: this knockd was built without fleet mode (cargo feature `cluster`); remove the section or use a build with it"
+    )]
+    NotBuilt,
     #[error("{key}: {path}: {reason}")]
     Unsafe {
         key: &'static str,
@@ -233,6 +215,13 @@ fn read_secret(key: &'static str, path: &Path) -> Result<String, Error> {
 
 /// Everything the task needs, read before it starts so a bad file fails
 /// start-up with its name.
+#[cfg_attr(
+    not(feature = "cluster"),
+    expect(
+        dead_code,
+        reason = "Settings::load refuses without the cluster feature"
+    )
+)]
 pub struct Settings {
     config: Cluster,
     cluster_key: DeviceKey,
@@ -241,6 +230,9 @@ pub struct Settings {
 
 impl Settings {
     pub fn load(config: &Cluster) -> Result<Settings, Error> {
+        if !cfg!(feature = "cluster") {
+            return Err(Error::NotBuilt);
+        }
         let cluster_key = crate::devices::load_key(&config.key_file, 0).map_err(Error::Key)?;
         let password = match &config.password_file {
             Some(path) => Some(read_secret("cluster.password_file", path)?),
@@ -255,708 +247,30 @@ impl Settings {
 }
 
 /// Starts the task. It runs until the daemon exits.
+#[cfg(feature = "cluster")]
 pub fn spawn(settings: &Settings) -> (Link, mpsc::UnboundedReceiver<Event>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (events, events_rx) = mpsc::unbounded_channel();
-    let keys = Keys::new(&settings.config.prefix);
     let link = Link {
         tx,
         name: settings.config.name.clone(),
     };
-    let task = Task {
-        config: settings.config.clone(),
-        password: settings.password.clone(),
-        cluster_key: settings.cluster_key.clone(),
-        keys,
-        events,
-        requests: rx,
-        report: None,
-        timeout: Duration::from_millis(u64::from(settings.config.timeout_ms)),
-        endpoint: rand::random::<u32>() as usize,
-    };
-    tokio::spawn(task.run());
+    tokio::spawn(
+        etcd::Task::new(
+            settings.config.clone(),
+            settings.cluster_key.clone(),
+            settings.password.clone(),
+            events,
+            rx,
+        )
+        .run(),
+    );
     (link, events_rx)
 }
 
-struct Task {
-    config: Cluster,
-    password: Option<String>,
-    cluster_key: DeviceKey,
-    keys: Keys,
-    events: mpsc::UnboundedSender<Event>,
-    requests: mpsc::UnboundedReceiver<Request>,
-    /// The latest report, published with each heartbeat.
-    report: Option<Box<NodeReport>>,
-    timeout: Duration,
-    /// Which endpoint the next connection tries.
-    endpoint: usize,
-}
-
-/// An etcd error or a timeout, as text for logs and replies.
-async fn timed<T>(
-    timeout: Duration,
-    f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(timeout, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("etcd: {e}")),
-        Err(_) => Err(format!(
-            "etcd did not answer within {} ms",
-            timeout.as_millis()
-        )),
-    }
-}
-
-fn unavailable(why: &str) -> Response {
-    Response::error(format!(
-        "fleet mode: etcd is unreachable ({why}); nothing was changed"
-    ))
-}
-
-impl Task {
-    async fn run(mut self) {
-        let mut attempt = 0;
-        loop {
-            let why = match self.session().await {
-                Ok(why) => {
-                    attempt = 0;
-                    why
-                }
-                Err(why) => why,
-            };
-            let _ = self.events.send(Event::Lost(why.clone()));
-            // Each member is tried once before the waits grow.
-            let step = attempt / self.config.endpoints.len();
-            let wait = Duration::from_millis(BACKOFF[step.min(BACKOFF.len() - 1)]);
-            attempt += 1;
-            // Meanwhile, every request is answered at once: unavailable.
-            let until = tokio::time::Instant::now() + wait;
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep_until(until) => break,
-                    request = self.requests.recv() => match request {
-                        Some(request) => self.refuse(request, &why),
-                        None => return,
-                    },
-                }
-            }
-        }
-    }
-
-    /// Answers a request while etcd is out of reach.
-    fn refuse(&mut self, request: Request, why: &str) {
-        match request {
-            Request::Consume { token, .. } => {
-                let _ = self.events.send(Event::Consumed {
-                    token,
-                    result: Err(why.to_owned()),
-                });
-            }
-            Request::Revoke { reply, .. }
-            | Request::DeviceAdd { reply, .. }
-            | Request::DeviceRemove { reply, .. }
-            | Request::DeviceList { reply }
-            | Request::Status { reply } => {
-                let _ = reply.send(unavailable(why));
-            }
-            Request::PutGrant { door, source, .. } => {
-                let _ = self.events.send(Event::PublishFailed {
-                    door,
-                    source,
-                    why: why.to_owned(),
-                });
-            }
-            Request::DeleteGrant { door, source } => {
-                let _ = self.events.send(Event::WithdrawFailed {
-                    door,
-                    source,
-                    why: why.to_owned(),
-                });
-            }
-            Request::Report(report) => self.report = Some(report),
-        }
-    }
-
-    /// A client for one endpoint, the next in turn: the crate's balanced
-    /// channel can route a first request to a dead member, and this way a
-    /// failed session moves on to the next member.
-    async fn connect(&mut self) -> Result<Client, String> {
-        let endpoint = self.config.endpoints[self.endpoint % self.config.endpoints.len()].clone();
-        self.endpoint += 1;
-        // A partition must end the watch within seconds, not at TCP's
-        // timeout: HTTP/2 pings find a dead peer.
-        let mut channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .map_err(|e| format!("{endpoint}: {e}"))?
-            .connect_timeout(self.timeout)
-            .timeout(self.timeout)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(self.timeout)
-            .keep_alive_while_idle(true);
-        if let Some(tls) = &self.config.tls {
-            let read = |path: &Path| {
-                std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
-            };
-            let mut t =
-                TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
-            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
-            }
-            channel = channel
-                .tls_config(t)
-                .map_err(|e| format!("{endpoint}: TLS: {e}"))?;
-        }
-        let channel = match tokio::time::timeout(self.timeout, channel.connect()).await {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => return Err(format!("{endpoint}: {e}")),
-            Err(_) => {
-                return Err(format!(
-                    "{endpoint}: no connection within {} ms",
-                    self.timeout.as_millis()
-                ));
-            }
-        };
-        // Without quorum a member must not answer from stale state, and
-        // our watch must end: fail closed.
-        let mut options = ConnectOptions::new().with_require_leader(true);
-        if let (Some(user), Some(password)) = (&self.config.user, &self.password) {
-            options = options
-                .with_user(user.clone(), password.clone())
-                .with_auto_token_refresh(true);
-        }
-        timed(
-            self.timeout,
-            Client::from_channel(etcd_client::Channel::Tonic(channel), Some(options)),
-        )
-        .await
-        .map_err(|e| format!("{endpoint}: {e}"))
-    }
-
-    /// One connection: list, watch, serve requests, until something breaks.
-    /// Returns why it ended.
-    async fn session(&mut self) -> Result<String, String> {
-        let mut client = self.connect().await?;
-        let timeout = self.timeout;
-        // List what the daemon mirrors, at one revision.
-        let list = |client: &mut Client, key: String, revision: i64| {
-            let mut client = client.clone();
-            async move {
-                let mut options = GetOptions::new().with_prefix();
-                if revision > 0 {
-                    options = options.with_revision(revision);
-                }
-                timed(timeout, client.get(key, Some(options))).await
-            }
-        };
-        let devices = list(&mut client, self.keys.devices(), 0).await?;
-        let revision = devices.header().map_or(0, |h| h.revision());
-        let grants = list(&mut client, self.keys.grants(), revision).await?;
-        let revokes = list(
-            &mut client,
-            format!("{}revokes/", self.keys.all()),
-            revision,
-        )
-        .await?;
-        let mut synced_devices = Vec::new();
-        for kv in devices.kvs() {
-            if let Key::Device(id) = self.keys.parse(kv.key()) {
-                synced_devices.extend(self.device_record(&id, kv.value()));
-            }
-        }
-        let mut synced_grants = Vec::new();
-        for kv in grants.kvs() {
-            if let Key::Grant { door, source } = self.keys.parse(kv.key())
-                && let Some(record) = self.grant_record(&door, source, kv.value())
-            {
-                synced_grants.push((door, source, record, kv.mod_revision()));
-            }
-        }
-        let synced_revokes = revokes
-            .kvs()
-            .iter()
-            .filter_map(|kv| Some((self.revoke_record(kv.key(), kv.value())?, kv.mod_revision())))
-            .collect();
-        // Then watch from the next revision: nothing between is missed.
-        let mut watch = timed(
-            timeout,
-            client.watch(
-                self.keys.all(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            ),
-        )
-        .await?;
-        // The heartbeat's lease; the member key says the node exists even
-        // while its heartbeat is gone.
-        let lease = timed(timeout, client.lease_grant(NODE_TTL_SECS, None))
-            .await?
-            .id();
-        let (mut keeper, mut keep_alive) = timed(timeout, client.lease_keep_alive(lease)).await?;
-        let member = self.keys.member(&self.config.name);
-        timed(
-            timeout,
-            client.txn(
-                Txn::new()
-                    .when([Compare::version(member.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(member, unix_ms().to_string(), None)]),
-            ),
-        )
-        .await?;
-        let _ = self.events.send(Event::Synced {
-            revision,
-            devices: synced_devices,
-            grants: synced_grants,
-            revokes: synced_revokes,
-        });
-        tracing::info!(revision, "fleet: synchronised with etcd; watching");
-
-        let mut heartbeat = tokio::time::interval(REPORT_EVERY);
-        // When the last heartbeat was written, by its report's at_ms.
-        let mut sent: Option<(u64, Instant)> = None;
-        let mut consume_lease: Option<(i64, Instant, u64)> = None;
-        loop {
-            tokio::select! {
-                message = watch.message() => {
-                    let response = match message {
-                        Ok(Some(response)) => response,
-                        Ok(None) => return Ok("the watch stream ended".into()),
-                        Err(e) => return Ok(format!("the watch failed: {e}")),
-                    };
-                    if response.canceled() {
-                        return Ok(format!(
-                            "etcd cancelled the watch ({}; compacted at {})",
-                            response.cancel_reason(),
-                            response.compact_revision()
-                        ));
-                    }
-                    let revision = response.header().map_or(0, |h| h.revision());
-                    let mut lag_ms = None;
-                    for event in response.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        let put = event.event_type() == EventType::Put;
-                        match self.keys.parse(kv.key()) {
-                            Key::Device(id) => {
-                                let device = if put { self.device_record(&id, kv.value()) } else { None };
-                                let _ = self.events.send(Event::Device { id, device });
-                            }
-                            Key::Grant { door, source } => {
-                                let record = if put { self.grant_record(&door, source, kv.value()) } else { None };
-                                let _ = self.events.send(Event::Grant { door, source, record, revision: kv.mod_revision() });
-                            }
-                            Key::Revoke(_) if put => {
-                                if let Some(record) = self.revoke_record(kv.key(), kv.value()) {
-                                    let _ = self.events.send(Event::Revoke(record, kv.mod_revision()));
-                                }
-                            }
-                            Key::Node(name) if put && name == self.config.name => {
-                                let at = serde_json::from_slice::<NodeReport>(kv.value()).map(|r| r.at_ms).ok();
-                                if let Some((at_ms, when)) = sent && at == Some(at_ms) {
-                                    lag_ms = Some(when.elapsed().as_millis() as u64);
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    let _ = self.events.send(Event::Progress { revision, lag_ms });
-                }
-                reply = keep_alive.message() => {
-                    match reply {
-                        Ok(Some(r)) if r.ttl() > 0 => {}
-                        Ok(_) => return Ok("the heartbeat lease expired".into()),
-                        Err(e) => return Ok(format!("the heartbeat lease failed: {e}")),
-                    }
-                }
-                _ = heartbeat.tick() => {
-                    if let Err(e) = timed(timeout, keeper.keep_alive()).await {
-                        return Ok(format!("renewing the heartbeat lease: {e}"));
-                    }
-                    if let Some(report) = &self.report {
-                        let value = serde_json::to_vec(report).expect("reports serialize");
-                        let key = self.keys.node(&self.config.name);
-                        let at = report.at_ms;
-                        let started = Instant::now();
-                        if let Err(e) = timed(timeout, client.put(key, value, Some(PutOptions::new().with_lease(lease)))).await {
-                            return Ok(format!("writing the heartbeat: {e}"));
-                        }
-                        sent = Some((at, started));
-                    }
-                }
-                request = self.requests.recv() => {
-                    let Some(request) = request else { return Ok("shutting down".into()) };
-                    if let Request::Consume { window_secs, .. } = &request {
-                        let window_secs = *window_secs;
-                        // One lease for every consumed record, renewed while
-                        // it has less than a window left: one write per
-                        // knock, not two.
-                        let fresh = consume_lease.is_some_and(|(_, at, ttl)| {
-                            at.elapsed().as_secs() + window_secs < ttl
-                        });
-                        if !fresh {
-                            let ttl = (window_secs * 2).max(60);
-                            match timed(timeout, client.lease_grant(ttl as i64, None)).await {
-                                Ok(r) => consume_lease = Some((r.id(), Instant::now(), ttl)),
-                                Err(e) => {
-                                    self.refuse(request, &e);
-                                    continue;
-                                }
-                            }
-                        }
-                    }
-                    let lease = consume_lease.map(|(id, _, _)| id);
-                    self.serve(&client, request, lease);
-                }
-            }
-        }
-    }
-
-    /// Starts a request on its own task, so a slow write holds up neither
-    /// the watch nor other requests.
-    fn serve(&mut self, client: &Client, request: Request, consume_lease: Option<i64>) {
-        let mut client = client.clone();
-        let events = self.events.clone();
-        let keys = self.keys.clone();
-        let name = self.config.name.clone();
-        let timeout = self.timeout;
-        let cluster_key = self.cluster_key.clone();
-        match request {
-            Request::Report(report) => self.report = Some(report),
-            Request::Consume {
-                consumed, token, ..
-            } => {
-                tokio::spawn(async move {
-                    let key = keys.consumed(&consumed);
-                    let options = consume_lease.map(|id| PutOptions::new().with_lease(id));
-                    let txn = Txn::new()
-                        .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(key, name, options)]);
-                    let result = timed(timeout, client.txn(txn)).await.map(|r| r.succeeded());
-                    let _ = events.send(Event::Consumed { token, result });
-                });
-            }
-            Request::PutGrant {
-                door,
-                source,
-                record,
-            } => {
-                tokio::spawn(async move {
-                    let ttl = (record.expires_at_ms.saturating_sub(unix_ms()) / 1000 + 2) as i64;
-                    let mut record = record;
-                    model::sign(&cluster_key, &keys.grant(&door, source), &mut record);
-                    let written = async {
-                        let lease = timed(timeout, client.lease_grant(ttl, None)).await?.id();
-                        let value = serde_json::to_vec(&record).expect("records serialize");
-                        let put = timed(
-                            timeout,
-                            client.put(
-                                keys.grant(&door, source),
-                                value,
-                                Some(PutOptions::new().with_lease(lease)),
-                            ),
-                        )
-                        .await?;
-                        Ok::<_, String>(put.header().map_or(0, |h| h.revision()))
-                    };
-                    let _ = events.send(match written.await {
-                        Ok(revision) => Event::GrantWritten {
-                            door,
-                            source,
-                            revision,
-                        },
-                        Err(why) => Event::PublishFailed { door, source, why },
-                    });
-                });
-            }
-            Request::DeleteGrant { door, source } => {
-                tokio::spawn(async move {
-                    if let Err(why) =
-                        timed(timeout, client.delete(keys.grant(&door, source), None)).await
-                    {
-                        let _ = events.send(Event::WithdrawFailed { door, source, why });
-                    }
-                });
-            }
-            Request::Revoke {
-                target,
-                grants,
-                local,
-                reply,
-            } => {
-                tokio::spawn(async move {
-                    let id = format!("{}-{}-{:08x}", unix_ms(), name, rand::random::<u32>());
-                    let mut record = RevokeRecord {
-                        mac: String::new(),
-                        version: RECORD_VERSION,
-                        target: target.clone(),
-                        node: name,
-                        at_ms: unix_ms(),
-                    };
-                    model::sign(&cluster_key, &keys.revoke(&id), &mut record);
-                    let done =
-                        async {
-                            let lease = timed(timeout, client.lease_grant(REVOKE_TTL_SECS, None))
-                                .await?
-                                .id();
-                            let mut ops = vec![TxnOp::put(
-                                keys.revoke(&id),
-                                serde_json::to_vec(&record).expect("records serialize"),
-                                Some(PutOptions::new().with_lease(lease)),
-                            )];
-                            ops.extend(grants.iter().map(|(door, source)| {
-                                TxnOp::delete(keys.grant(door, *source), None)
-                            }));
-                            timed(timeout, client.txn(Txn::new().and_then(ops))).await?;
-                            Ok::<_, String>(())
-                        };
-                    let _ = reply.send(match done.await {
-                        Ok(()) => Response::ok(RevokedFleet {
-                            revoked: local.0,
-                            connections_cut: local.1,
-                            published: keys.revoke(&id),
-                            fleet_grants: grants.len(),
-                        }),
-                        Err(e) => Response::error(format!(
-                            "revoked {} grant(s) and cut {} connection(s) on this node, but could not tell the fleet: {e}; other nodes still admit {target}",
-                            local.0, local.1
-                        )),
-                    });
-                });
-            }
-            Request::DeviceAdd {
-                id,
-                groups,
-                doors,
-                key,
-                reply,
-            } => {
-                tokio::spawn(async move {
-                    let record = DeviceRecord {
-                        version: RECORD_VERSION,
-                        sealed_key: model::seal(&cluster_key, &keys, &id, &key),
-                        id: id.clone(),
-                        groups,
-                        doors,
-                        added_by: name,
-                        added_at_ms: unix_ms(),
-                    };
-                    let path = keys.device(&id);
-                    let txn = Txn::new()
-                        .when([Compare::version(path.clone(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(
-                            path,
-                            serde_json::to_vec(&record).expect("records serialize"),
-                            None,
-                        )]);
-                    let _ = reply.send(match timed(timeout, client.txn(txn)).await {
-                        Ok(r) if r.succeeded() => Response::ok(DeviceChanged {
-                            id,
-                            revision: r.header().map_or(0, |h| h.revision()),
-                        }),
-                        Ok(_) => Response::error(format!("device {id} exists already in etcd")),
-                        Err(e) => unavailable(&e),
-                    });
-                });
-            }
-            Request::DeviceRemove { id, reply } => {
-                tokio::spawn(async move {
-                    let _ = reply.send(
-                        match timed(timeout, client.delete(keys.device(&id), None)).await {
-                            Ok(r) if r.deleted() > 0 => Response::ok(DeviceChanged {
-                                id,
-                                revision: r.header().map_or(0, |h| h.revision()),
-                            }),
-                            Ok(_) => Response::error(format!("no device {id} in etcd")),
-                            Err(e) => unavailable(&e),
-                        },
-                    );
-                });
-            }
-            Request::DeviceList { reply } => {
-                tokio::spawn(async move {
-                    let listed = timed(
-                        timeout,
-                        client.get(keys.devices(), Some(GetOptions::new().with_prefix())),
-                    )
-                    .await;
-                    let _ = reply.send(match listed {
-                        Ok(r) => Response::ok(
-                            r.kvs()
-                                .iter()
-                                .filter_map(|kv| {
-                                    serde_json::from_slice::<DeviceRecord>(kv.value()).ok()
-                                })
-                                .map(|d| ClusterDevice {
-                                    id: d.id,
-                                    groups: d.groups,
-                                    doors: d.doors,
-                                    added_by: d.added_by,
-                                    added_at_ms: d.added_at_ms,
-                                })
-                                .collect::<Vec<_>>(),
-                        ),
-                        Err(e) => unavailable(&e),
-                    });
-                });
-            }
-            Request::Status { reply } => {
-                tokio::spawn(async move {
-                    let _ = reply.send(
-                        match cluster_status(&mut client, &keys, &name, timeout).await {
-                            Ok(status) => Response::ok(status),
-                            Err(e) => unavailable(&e),
-                        },
-                    );
-                });
-            }
-        }
-    }
-
-    /// A device record as this node reads it; `None` (logged) when it
-    /// cannot: another version, a key sealed under another cluster key.
-    fn device_record(&self, id: &str, value: &[u8]) -> Option<FleetDevice> {
-        let checked = serde_json::from_slice::<DeviceRecord>(value)
-            .map_err(|e| e.to_string())
-            .and_then(|r| {
-                if r.version != RECORD_VERSION {
-                    return Err(format!(
-                        "record version {}, this node reads {RECORD_VERSION}",
-                        r.version
-                    ));
-                }
-                if r.id != id {
-                    return Err(format!("the record names device {:?}", r.id));
-                }
-                let key = model::open(&self.cluster_key, &self.keys, id, &r.sealed_key)?;
-                Ok(FleetDevice {
-                    device: crate::devices::Device {
-                        id: r.id,
-                        key,
-                        groups: r.groups,
-                        doors: r.doors,
-                        declared_in: format!("etcd:{}", self.keys.device(id)).into(),
-                    },
-                    added_by: r.added_by,
-                })
-            });
-        match checked {
-            Ok(record) => Some(record),
-            Err(e) => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "device {id} in etcd ({}) is ignored: {e}",
-                    self.keys.device(id)
-                )));
-                None
-            }
-        }
-    }
-
-    /// A revoke as a node signed it; `None` (logged) for anything else: a
-    /// revoke written to etcd by hand, or by a holder of etcd credentials
-    /// without the cluster key, is not carried out.
-    fn revoke_record(&self, key: &[u8], value: &[u8]) -> Option<RevokeRecord> {
-        let key = String::from_utf8_lossy(key);
-        match serde_json::from_slice::<RevokeRecord>(value) {
-            Ok(r) if model::verify(&self.cluster_key, &key, &r) => Some(r),
-            _ => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "revoke {key} in etcd is not signed by a node of this fleet; ignored"
-                )));
-                None
-            }
-        }
-    }
-
-    /// A grant as a node signed it; `None` (logged) otherwise: write
-    /// access to etcd without the cluster key opens nothing.
-    fn grant_record(&self, door: &str, source: IpAddr, value: &[u8]) -> Option<GrantRecord> {
-        match serde_json::from_slice::<GrantRecord>(value) {
-            Ok(r)
-                if r.version == RECORD_VERSION
-                    && !model::verify(&self.cluster_key, &self.keys.grant(door, source), &r) =>
-            {
-                let _ = self.events.send(Event::Failed(format!(
-                    "grant of {source} on {door} in etcd is not signed by a node of this fleet; ignored"
-                )));
-                None
-            }
-            Ok(r) if r.version == RECORD_VERSION => Some(r),
-            Ok(r) => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "grant of {source} on {door} in etcd has record version {}; ignored",
-                    r.version
-                )));
-                None
-            }
-            Err(e) => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "grant of {source} on {door} in etcd is unreadable: {e}; ignored"
-                )));
-                None
-            }
-        }
-    }
-}
-
-/// Every member and its heartbeat.
-async fn cluster_status(
-    client: &mut Client,
-    keys: &Keys,
-    asked: &str,
-    timeout: Duration,
-) -> Result<ClusterStatus, String> {
-    let options = || Some(GetOptions::new().with_prefix());
-    let members = timed(timeout, client.get(keys.members(), options())).await?;
-    let revision = members.header().map_or(0, |h| h.revision());
-    let nodes = timed(
-        timeout,
-        client.get(
-            keys.nodes(),
-            Some(GetOptions::new().with_prefix().with_revision(revision)),
-        ),
-    )
-    .await?;
-    let now = unix_ms();
-    let mut reports: std::collections::BTreeMap<String, NodeReport> = nodes
-        .kvs()
-        .iter()
-        .filter_map(|kv| serde_json::from_slice::<NodeReport>(kv.value()).ok())
-        .map(|r| (r.name.clone(), r))
-        .collect();
-    let mut names: Vec<String> = members
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            kv.key_str()
-                .ok()?
-                .strip_prefix(&keys.members())
-                .map(str::to_owned)
-        })
-        .collect();
-    names.extend(reports.keys().cloned());
-    names.sort();
-    names.dedup();
-    let nodes = names
-        .into_iter()
-        .map(|name| {
-            let report = reports.remove(&name);
-            let age = report.as_ref().map(|r| now.saturating_sub(r.at_ms));
-            let health = match age {
-                None => "down",
-                Some(age) if age > STALE_MS => "stale",
-                Some(_) => "up",
-            };
-            NodeStatus {
-                name,
-                health: health.into(),
-                report_age_ms: age,
-                report,
-            }
-        })
-        .collect();
-    Ok(ClusterStatus {
-        asked: asked.to_owned(),
-        revision,
-        nodes,
-    })
+/// Without the `cluster` feature, [`Settings::load`] refuses, so there is
+/// never a task to start.
+#[cfg(not(feature = "cluster"))]
+pub fn spawn(_settings: &Settings) -> (Link, mpsc::UnboundedReceiver<Event>) {
+    unreachable!("Settings::load refuses fleet mode in a build without the cluster feature")
 }
