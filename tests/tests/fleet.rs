@@ -505,11 +505,14 @@ fn etcd_with_tls_and_user_authentication() {
 
 /// Takes the knockd role's write access to the fleet's `grants/` away
 /// (`false`) or gives it back (`true`): it may still read the prefix and
-/// consume sequences. A permission change may end the nodes' sessions, so
-/// this waits for every node that resynchronised meanwhile.
+/// consume sequences. Should the change end a node's session, this waits
+/// for the node to be back.
 fn grant_writes(fleet: &mut Fleet, allowed: bool) {
-    let before: Vec<usize> = (0..fleet.nodes.len())
-        .map(|i| fleet.synced_count(i))
+    let before: Vec<(usize, usize)> = (0..fleet.nodes.len())
+        .map(|i| {
+            let lost = fleet.nodes[i].daemon().messages(LOST, |_| true).len();
+            (fleet.synced_count(i), lost)
+        })
         .collect();
     let prefix = fleet.prefix.clone();
     let role = |args: &[&str]| {
@@ -525,14 +528,9 @@ fn grant_writes(fleet: &mut Fleet, allowed: bool) {
             &grants,
         ]);
     } else {
-        role(&["revoke-permission", "knockd", "--prefix=true", &prefix]);
-        role(&[
-            "grant-permission",
-            "knockd",
-            "--prefix=true",
-            "read",
-            &prefix,
-        ]);
+        // The ranges it keeps writing first, then the prefix's own
+        // permission turned from readwrite to read in one step: at no
+        // moment may it not write its heartbeat.
         for sub in ["consumed/", "nodes/", "members/", "devices/", "revokes/"] {
             let range = format!("{prefix}{sub}");
             role(&[
@@ -543,22 +541,31 @@ fn grant_writes(fleet: &mut Fleet, allowed: bool) {
                 &range,
             ]);
         }
+        role(&[
+            "grant-permission",
+            "knockd",
+            "--prefix=true",
+            "read",
+            &prefix,
+        ]);
     }
-    std::thread::sleep(Duration::from_secs(1));
-    for (i, count) in before.iter().enumerate() {
-        if fleet.synced_count(i) > *count {
-            fleet.wait_synced_count(i, count + 1);
-        }
+    // A heartbeat a second: a node the change disturbed has said so by
+    // then; wait for it to be back.
+    std::thread::sleep(Duration::from_millis(1500));
+    for (i, (synced, lost)) in before.into_iter().enumerate() {
+        let lost_now = fleet.nodes[i].daemon().messages(LOST, |_| true).len();
+        fleet.wait_synced_count(i, synced + (lost_now - lost));
     }
 }
 
 /// Cuts node `i` off from etcd until it notices, then lets it resync.
 fn resync(fleet: &mut Fleet, i: usize) {
     let synced = fleet.synced_count(i);
+    let lost = fleet.nodes[i].daemon().messages(LOST, |_| true).len();
     fleet.nodes[i].partition(&fleet.etcd, true);
     fleet.nodes[i]
         .daemon_mut()
-        .wait_for(LOST, Duration::from_secs(10), |_| true);
+        .wait_for_count(LOST, lost + 1, Duration::from_secs(10), |_| true);
     fleet.nodes[i].partition(&fleet.etcd, false);
     fleet.wait_synced_count(i, synced + 1);
 }

@@ -293,7 +293,6 @@ impl Task {
             grants: synced_grants,
             revokes: synced_revokes,
         });
-        tracing::info!(revision, "fleet: synchronised with etcd; watching");
 
         let mut heartbeat = tokio::time::interval(REPORT_EVERY);
         // When the last heartbeat was written, by its report's at_ms.

@@ -410,6 +410,9 @@ impl Daemon {
                 for id in removed {
                     tracing::info!(device = %id, "fleet: device removed");
                 }
+                // Said here, once the node serves from what it listed, not
+                // when the cluster task has merely listed it.
+                tracing::info!(revision, "fleet: synchronised with etcd; watching");
             }
             Event::Lost(why) => {
                 let was = std::mem::replace(&mut fleet.synced, false);
