@@ -57,8 +57,9 @@ pub enum CheckError {
     /// An interface the guard would attach to does not exist (now).
     #[error("{key}: no interface {name:?} on this host")]
     NoInterface { key: String, name: String },
-    /// A file the `cluster:` section names is missing, unsafe or bad.
-    #[error("{key}: {source}")]
+    /// A file the `cluster:` section names is missing, unsafe or bad (the
+    /// source says how; printed as the error's cause, not twice).
+    #[error("{key}")]
     Cluster {
         key: &'static str,
         #[source]
@@ -117,22 +118,10 @@ fn check_cluster_files(cluster: &crate::config::Cluster) -> Result<(), CheckErro
         source,
     })?;
     if let Some(path) = &cluster.password_file {
-        let meta = std::fs::metadata(path).map_err(|source| CheckError::Cluster {
+        load_secret(path, 0).map_err(|source| CheckError::Cluster {
             key: "cluster.password_file",
-            source: Error::Read {
-                path: path.clone(),
-                source,
-            },
+            source,
         })?;
-        if let Some(reason) = key_file_problem(meta.uid(), meta.mode(), 0) {
-            return Err(CheckError::Cluster {
-                key: "cluster.password_file",
-                source: Error::KeyFile {
-                    path: path.clone(),
-                    reason,
-                },
-            });
-        }
     }
     Ok(())
 }
@@ -209,8 +198,9 @@ fn read_bounded(path: &Path) -> Result<String, Error> {
     Ok(text)
 }
 
-/// Reads and checks a key file.
-pub fn load_key(path: &Path, required_uid: u32) -> Result<DeviceKey, Error> {
+/// Reads a secret file (a key, the etcd password) once it is a regular
+/// file only `required_uid` can read or write.
+pub fn load_secret(path: &Path, required_uid: u32) -> Result<String, Error> {
     let bad = |reason: String| Error::KeyFile {
         path: path.to_owned(),
         reason,
@@ -228,7 +218,15 @@ pub fn load_key(path: &Path, required_uid: u32) -> Result<DeviceKey, Error> {
             path.display()
         )));
     }
-    DeviceKey::from_hex(&read_bounded(path)?).map_err(bad)
+    read_bounded(path)
+}
+
+/// Reads and checks a key file.
+pub fn load_key(path: &Path, required_uid: u32) -> Result<DeviceKey, Error> {
+    DeviceKey::from_hex(&load_secret(path, required_uid)?).map_err(|reason| Error::KeyFile {
+        path: path.to_owned(),
+        reason,
+    })
 }
 
 impl Devices {

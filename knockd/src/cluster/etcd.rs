@@ -16,7 +16,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 
 use super::{
-    Event, FleetDevice, Request,
+    Event, FleetDevice, Request, Settings,
     model::{self, DeviceRecord, GrantRecord, Key, Keys, RECORD_VERSION, RevokeRecord},
 };
 use crate::{
@@ -78,18 +78,17 @@ fn unavailable(why: &str) -> Response {
 
 impl Task {
     pub(super) fn new(
-        config: Cluster,
-        cluster_key: DeviceKey,
-        password: Option<String>,
+        settings: &Settings,
         events: mpsc::UnboundedSender<Event>,
         requests: mpsc::UnboundedReceiver<Request>,
     ) -> Task {
+        let config = &settings.config;
         Task {
             keys: Keys::new(&config.prefix),
             timeout: Duration::from_millis(u64::from(config.timeout_ms)),
-            config,
-            password,
-            cluster_key,
+            config: config.clone(),
+            password: settings.password.clone(),
+            cluster_key: settings.cluster_key.clone(),
             events,
             requests,
             report: None,

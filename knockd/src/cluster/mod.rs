@@ -15,7 +15,7 @@
 mod etcd;
 pub mod model;
 
-use std::{net::IpAddr, path::Path};
+use std::net::IpAddr;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,28 +28,17 @@ use crate::{
 use model::{GrantRecord, RevokeRecord};
 
 /// Why fleet mode cannot start (read at start-up and reload: a bad key or
-/// password file is named).
+/// password file is named; the file's problem is the cause).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cluster.key_file: {0}")]
+    #[error("cluster.key_file")]
     Key(#[source] crate::devices::Error),
-    #[error("{key}: reading {path}")]
-    Read {
-        key: &'static str,
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cluster.password_file")]
+    Password(#[source] crate::devices::Error),
     #[error(
         "cluster: this knockd was built without fleet mode (cargo feature `cluster`); remove the section or use a build with it"
     )]
     NotBuilt,
-    #[error("{key}: {path}: {reason}")]
-    Unsafe {
-        key: &'static str,
-        path: std::path::PathBuf,
-        reason: String,
-    },
 }
 
 /// What the daemon asks of etcd.
@@ -186,33 +175,6 @@ impl Link {
     }
 }
 
-/// Reads a root-only secret file (the cluster key, the etcd password).
-fn read_secret(key: &'static str, path: &Path) -> Result<String, Error> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).map_err(|source| Error::Read {
-        key,
-        path: path.to_owned(),
-        source,
-    })?;
-    if let Some(reason) = crate::devices::key_file_problem(meta.uid(), meta.mode(), 0) {
-        return Err(Error::Unsafe {
-            key,
-            path: path.to_owned(),
-            reason: format!(
-                "{reason} (fix: chown root:root {0} && chmod 600 {0})",
-                path.display()
-            ),
-        });
-    }
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .map_err(|source| Error::Read {
-            key,
-            path: path.to_owned(),
-            source,
-        })
-}
-
 /// Everything the task needs, read before it starts so a bad file fails
 /// start-up with its name.
 #[cfg_attr(
@@ -235,7 +197,12 @@ impl Settings {
         }
         let cluster_key = crate::devices::load_key(&config.key_file, 0).map_err(Error::Key)?;
         let password = match &config.password_file {
-            Some(path) => Some(read_secret("cluster.password_file", path)?),
+            Some(path) => Some(
+                crate::devices::load_secret(path, 0)
+                    .map_err(Error::Password)?
+                    .trim()
+                    .to_owned(),
+            ),
             None => None,
         };
         Ok(Settings {
@@ -255,16 +222,7 @@ pub fn spawn(settings: &Settings) -> (Link, mpsc::UnboundedReceiver<Event>) {
         tx,
         name: settings.config.name.clone(),
     };
-    tokio::spawn(
-        etcd::Task::new(
-            settings.config.clone(),
-            settings.cluster_key.clone(),
-            settings.password.clone(),
-            events,
-            rx,
-        )
-        .run(),
-    );
+    tokio::spawn(etcd::Task::new(settings, events, rx).run());
     (link, events_rx)
 }
 
