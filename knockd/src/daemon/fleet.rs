@@ -617,15 +617,12 @@ impl Daemon {
 
     /// Publishes this node's report (once a second, from the tick).
     pub(super) fn report_to_fleet(&mut self) {
-        if self.fleet.is_none() {
-            return;
-        }
+        let Some(fleet) = &self.fleet else { return };
         // The first grants only: a report is one etcd value, written every
         // second, and etcd refuses values past 1.5 MiB.
         let mut grants = self.grant_views();
         let grants_total = grants.len();
         grants.truncate(REPORT_GRANTS_MAX);
-        let Some(fleet) = &self.fleet else { return };
         fleet.link.send(Request::Report(Box::new(NodeReport {
             name: fleet.link.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
