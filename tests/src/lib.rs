@@ -610,6 +610,27 @@ fn terminate(child: &mut Child) -> ExitStatus {
     child.wait().unwrap()
 }
 
+/// A bpffs directory of a test's own (under the host's bpffs), removed
+/// when dropped, so a test that fails midway leaves no pins behind.
+pub struct Pins(PathBuf);
+
+impl Pins {
+    /// A fresh directory name for `tag` (not created: the daemon does).
+    pub fn new(tag: &str) -> Pins {
+        Pins(Path::new("/sys/fs/bpf").join(unique_name(tag)))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = knockd::guard::remove_pins(&self.0);
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

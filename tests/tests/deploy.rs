@@ -207,7 +207,8 @@ fn logs_reach_the_journal_at_their_priority_with_fields() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let state = tempfile::tempdir().unwrap();
-    let bpffs_dir = format!("/sys/fs/bpf/{}", knockd_tests::unique_name("j"));
+    let pins = knockd_tests::Pins::new("j");
+    let bpffs_dir = pins.dir().display().to_string();
     // A second door nobody may open yet: a warning at start.
     let config = format!(
         "{}bpffs_dir: {bpffs_dir}\ncontrol_socket: {}\n",
@@ -280,7 +281,7 @@ fn logs_reach_the_journal_at_their_priority_with_fields() {
     let _ = Command::new("kill").arg(daemon.0.id().to_string()).status();
     let mut stderr = String::new();
     std::io::Read::read_to_string(daemon.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    let _ = std::fs::remove_dir_all(&bpffs_dir);
+    drop(pins);
     let find = |pred: &dyn Fn(&std::collections::BTreeMap<String, String>) -> bool| {
         entries
             .iter()

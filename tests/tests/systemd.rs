@@ -15,21 +15,11 @@ use std::{
 };
 
 use knockd_tests::{
-    Testbed, addrs, knockctl_bin,
+    Pins, Testbed, addrs, knockctl_bin,
     machine::Machine,
     probe::{self, Outcome},
-    require_privileges, sh, unique_name,
+    require_privileges, sh,
 };
-
-/// The machine's bpffs directory (the host's bpffs), removed even when
-/// the test fails before the purge does it.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = knockd::guard::remove_pins(&self.0);
-    }
-}
 
 const SSH: u16 = 22;
 const LEGACY: u16 = 2222;
@@ -124,8 +114,10 @@ fn the_package_lives_its_whole_life_under_a_real_systemd() {
     // Configure: the veth, a bpffs directory of its own, a one-time door
     // and a static one (whose replayability knockd warns about), a device;
     // a short watchdog, so freezing the daemon shows within seconds.
-    let bpffs_dir = format!("/sys/fs/bpf/{}", unique_name("sd"));
-    let _pins = Pins(PathBuf::from(&bpffs_dir));
+    // The machine shares the host's bpffs; removed even when the test
+    // fails before the purge does it.
+    let pins = Pins::new("sd");
+    let bpffs_dir = pins.dir().display().to_string();
     let config = format!(
         "interfaces: [{}]\nxdp_mode: native\nbpffs_dir: {bpffs_dir}\n\
          devices_dir: /etc/knockd/devices.d\n\
