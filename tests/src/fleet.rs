@@ -640,6 +640,11 @@ impl Fleet {
         self.nodes[i].daemon().messages(SYNCED, |_| true).len()
     }
 
+    /// How often node `i` has lost etcd so far.
+    pub fn lost_count(&self, i: usize) -> usize {
+        self.nodes[i].daemon().messages(LOST, |_| true).len()
+    }
+
     /// `knockctl ARGS --config CONFIG` with node `i`'s configuration (the
     /// device commands find fleet mode there).
     pub fn knockctl_config(&self, i: usize, args: &[&str]) -> std::process::Output {

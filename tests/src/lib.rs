@@ -308,6 +308,21 @@ pub fn knockctl_json(socket: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// One request written straight to the control socket (as bytes, so a
+/// test can send anything), then the write side shut: the reply line.
+pub fn control_raw(socket: &Path, request: &[u8]) -> Value {
+    use std::io::Write as _;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
 fn workspace_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> or target/<profile>/<bench> →
     // target/<profile>/<name>

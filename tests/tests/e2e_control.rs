@@ -3,9 +3,9 @@
 //! cuts), reload (knockctl and SIGHUP), and garbage on the socket.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    os::unix::fs::PermissionsExt as _,
     path::Path,
     process::Output,
     time::Duration,
@@ -15,7 +15,7 @@ use knockd::proto::Kind;
 use knockd_tests::{
     Daemon, addrs,
     bed::{Bed, SILENCE, SSH},
-    knockctl,
+    control_raw, knockctl,
     probe::{self, Outcome},
     require_privileges, sh,
 };
@@ -42,18 +42,6 @@ fn json(out: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn raw(socket: &Path, request: &[u8]) -> serde_json::Value {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let _ = stream.write_all(request);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
 }
 
 #[test]
@@ -507,23 +495,23 @@ fn garbage_on_the_socket_gets_an_error_and_the_daemon_carries_on() {
         b"{\"version\":1,\"command\":\"revoke\"}\n",
         b"\x00\xff\xfe\n",
     ] {
-        let reply = raw(&socket, request);
+        let reply = control_raw(&socket, request);
         assert_eq!(reply["ok"], false, "{reply}");
         assert!(reply["error"].is_string());
     }
     let huge = vec![b'{'; 100_000];
-    let reply = raw(&socket, &huge);
+    let reply = control_raw(&socket, &huge);
     assert_eq!(reply["ok"], false);
     // A pseudo-random stream of bytes, many connections.
     let mut noise = knockd_tests::Noise::new(0x9e37_79b9_7f4a_7c15);
     for _ in 0..200 {
         let mut bytes = noise.bytes(64);
         bytes.push(b'\n');
-        let reply = raw(&socket, &bytes);
+        let reply = control_raw(&socket, &bytes);
         assert_eq!(reply["ok"], false);
     }
     daemon.assert_running();
-    let status = raw(&socket, b"{\"version\":1,\"command\":\"status\"}\n");
+    let status = control_raw(&socket, b"{\"version\":1,\"command\":\"status\"}\n");
     assert_eq!(status["ok"], true);
     assert_eq!(
         bed.knock(&bed.socket(), Kind::Open).reply.status,

@@ -126,14 +126,7 @@ fn a_knock_on_one_node_opens_the_door_on_every_node() {
 
 /// The metrics text, asked on the control socket.
 fn control_metrics(socket: &std::path::Path) -> String {
-    use std::io::{BufRead as _, Write as _};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    writeln!(stream, r#"{{"version":1,"command":"metrics"}}"#).unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(stream)
-        .read_line(&mut line)
-        .unwrap();
-    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let reply = knockd_tests::control_raw(socket, b"{\"version\":1,\"command\":\"metrics\"}\n");
     reply["data"].as_str().unwrap().to_owned()
 }
 
@@ -509,10 +502,7 @@ fn etcd_with_tls_and_user_authentication() {
 /// for the node to be back.
 fn grant_writes(fleet: &mut Fleet, allowed: bool) {
     let before: Vec<(usize, usize)> = (0..fleet.nodes.len())
-        .map(|i| {
-            let lost = fleet.nodes[i].daemon().messages(LOST, |_| true).len();
-            (fleet.synced_count(i), lost)
-        })
+        .map(|i| (fleet.synced_count(i), fleet.lost_count(i)))
         .collect();
     let prefix = fleet.prefix.clone();
     let role = |args: &[&str]| {
@@ -553,15 +543,15 @@ fn grant_writes(fleet: &mut Fleet, allowed: bool) {
     // then; wait for it to be back.
     std::thread::sleep(Duration::from_millis(1500));
     for (i, (synced, lost)) in before.into_iter().enumerate() {
-        let lost_now = fleet.nodes[i].daemon().messages(LOST, |_| true).len();
-        fleet.wait_synced_count(i, synced + (lost_now - lost));
+        let lost_since = fleet.lost_count(i) - lost;
+        fleet.wait_synced_count(i, synced + lost_since);
     }
 }
 
 /// Cuts node `i` off from etcd until it notices, then lets it resync.
 fn resync(fleet: &mut Fleet, i: usize) {
     let synced = fleet.synced_count(i);
-    let lost = fleet.nodes[i].daemon().messages(LOST, |_| true).len();
+    let lost = fleet.lost_count(i);
     fleet.nodes[i].partition(&fleet.etcd, true);
     fleet.nodes[i]
         .daemon_mut()
