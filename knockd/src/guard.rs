@@ -154,6 +154,18 @@ impl Guard {
         Ok((guard, logger))
     }
 
+    /// How many instructions the kernel's verifier processed to accept the
+    /// program (`bpf_prog_info.verified_insns`, Linux 5.16 and later). The
+    /// verifier gives up at 1,000,000; the program is kept well under that
+    /// on every supported kernel, and start-up logs the figure so a kernel
+    /// that comes close is seen.
+    pub fn verified_instructions(&self) -> Option<u32> {
+        self.program()
+            .info()
+            .ok()
+            .and_then(|info| info.verified_instruction_count())
+    }
+
     /// The object, for taking its maps (see [`crate::maps`]).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
@@ -311,6 +323,13 @@ pub async fn drain_logger(logger: KernelLogger) {
         ready.get_inner_mut().flush();
         ready.clear_ready();
     }
+}
+
+/// The running kernel's release (`uname -r`), for logs and reports.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "(unknown)".to_owned())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large

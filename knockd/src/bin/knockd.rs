@@ -76,6 +76,11 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Load the XDP program through this kernel's verifier without
+    /// attaching it anywhere, and print how many instructions the verifier
+    /// processed (the limit is 1,000,000). Exit 0 if the kernel accepts the
+    /// program, 1 with the verifier's reason if not.
+    Verify,
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -181,6 +186,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 "removed the nftables table inet knockd and the pins under {}",
                 bpffs_dir.display()
             );
+            Ok(())
+        }
+        Command::Verify => {
+            let (guard, _logger) = knockd::guard::Guard::load(KernelLogLevel::Info)?;
+            let release = knockd::guard::kernel_release();
+            match guard.verified_instructions() {
+                Some(n) => println!(
+                    "the XDP program verified on Linux {release}: {n} instructions processed (limit 1000000)"
+                ),
+                None => println!(
+                    "the XDP program verified on Linux {release} (this kernel does not report the instruction count)"
+                ),
+            }
             Ok(())
         }
         Command::Completions { shell } => {
