@@ -19,6 +19,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 /// Debian packages the build, the tests and the demo need.
 const APT_PACKAGES: &[&str] = &[
     // bpf-linker links against LLVM 22.
@@ -55,9 +57,18 @@ const APT_PACKAGES: &[&str] = &[
     // protoc; the fleet tests, demo and benchmark run a real etcd cluster
     // (etcdctl sets up users and roles; openssl makes the TLS material).
     "protobuf-compiler",
+    // protoc's well-known types (google/protobuf/*.proto), which
+    // etcd-client's .proto files import: protobuf-compiler ships none.
+    "libprotobuf-dev",
     "etcd-server",
     "etcd-client",
     "openssl",
+    // The kernel suite: Debian 12's own kernel booted in a VM (qemu, TCG or
+    // KVM) from a tiny initramfs (busybox, modprobe from kmod, cpio).
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "cpio",
     // `cargo xtask deb`: dpkg-deb, strip, gzip.
     "dpkg-dev",
     "binutils",
@@ -86,6 +97,10 @@ enum Task {
         /// Only run tests whose name contains this (both suites).
         filter: Option<String>,
     },
+    /// The kernel suite alone: the smoke tests in a VM on each kernel of
+    /// `xtask/src/vm.rs` (Debian 12's current kernel first), and the
+    /// verifier's count on each (part of `test`).
+    Kernels,
     /// Run knockd between two network namespaces and show it working;
     /// `demo cluster`: a fleet of three nodes on a real 3-member etcd.
     Demo {
@@ -131,6 +146,15 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Kernels => {
+            setup()?;
+            let outcomes = kernel_suite()?;
+            ensure!(
+                outcomes.iter().all(vm::Outcome::ok),
+                "the kernel suite failed"
+            );
+            Ok(())
+        }
         Task::Demo { which: None } => demo(),
         Task::Demo { which: Some(w) } if w == "cluster" => demo_cluster(),
         Task::Demo { which: Some(w) } => {
@@ -558,6 +582,19 @@ fn test(filter: Option<&str>) -> Result<()> {
     }
     let (privileged_tally, privileged_status) = cargo_test(privileged)?;
 
+    println!("test: the kernel suite (Debian 12's kernel in a VM; see xtask/src/vm.rs)");
+    // A filter (a developer's focused run) skips it unless it names it.
+    let kernels = match filter {
+        Some(f) if !f.contains("kernel") => {
+            println!("test: kernel suite skipped: filter {f:?}");
+            Ok(Vec::new())
+        }
+        _ => kernel_suite(),
+    };
+    if let Err(e) = &kernels {
+        eprintln!("the kernel suite failed: {e:#}");
+    }
+
     println!("test: fuzz smoke (every target, a few seconds each)");
     // A filter that names no target (a developer's focused run) skips it;
     // CI gives no filter, so every target runs there.
@@ -584,12 +621,25 @@ fn test(filter: Option<&str>) -> Result<()> {
     let vectors_ok = vectors.status.success();
 
     let fuzz_ok = fuzz_smoke.is_ok();
+    // Each kernel's smoke tests count as tests; a kernel that could not run
+    // its suite at all, or went over the verifier's budget, as one failure.
+    let (kernels_passed, kernels_failed) = match &kernels {
+        Ok(outcomes) => outcomes.iter().fold((0, 0), |(p, f), o| {
+            let (sp, sf) = o.smoke.unwrap_or((0, 0));
+            (p + sp, f + sf + u64::from(!o.ok() && sf == 0))
+        }),
+        Err(_) => (0, 1),
+    };
     let passed = unit_tally.passed
         + privileged_tally.passed
+        + kernels_passed
         + u64::from(vectors_ok)
         + fuzz_smoke.as_ref().map_or(0, |runs| runs.len() as u64);
-    let failed =
-        unit_tally.failed + privileged_tally.failed + u64::from(!vectors_ok) + u64::from(!fuzz_ok);
+    let failed = unit_tally.failed
+        + privileged_tally.failed
+        + kernels_failed
+        + u64::from(!vectors_ok)
+        + u64::from(!fuzz_ok);
     println!();
     println!(
         "unit: {} passed, {} failed; privileged: {} passed, {} failed; {:.0}s in all",
@@ -599,8 +649,17 @@ fn test(filter: Option<&str>) -> Result<()> {
         privileged_tally.failed,
         start.elapsed().as_secs_f64()
     );
+    if let Ok(outcomes) = &kernels {
+        for outcome in outcomes {
+            println!("kernel: {}", outcome.line());
+        }
+    }
     println!("{passed} passed, {failed} failed");
     ensure!(unit_status.success(), "unit tests failed");
+    ensure!(
+        kernels_failed == 0,
+        "the kernel suite failed (lines starting `kernel:` above)"
+    );
     ensure!(vectors_ok, "docs/check_vectors.py failed");
     ensure!(fuzz_ok, "the fuzz smoke failed");
     ensure!(privileged_status.success(), "privileged tests failed");
@@ -609,6 +668,34 @@ fn test(filter: Option<&str>) -> Result<()> {
         "no privileged test ran: the suite proves nothing"
     );
     Ok(())
+}
+
+/// Builds the smoke test binary and runs it on every kernel of the suite,
+/// printing one line per kernel.
+fn kernel_suite() -> Result<Vec<vm::Outcome>> {
+    run(cargo().args(["build", "-p", "knockd", "--bins"]))?;
+    let built = cargo()
+        .args(["test", "-p", "knockd-tests", "--test", "kernel", "--no-run"])
+        .output()
+        .context("building the kernel smoke tests")?;
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    ensure!(
+        built.status.success(),
+        "building the kernel smoke tests:\n{stderr}"
+    );
+    // cargo says "Executable tests/kernel.rs (target/debug/deps/kernel-…)".
+    let smoke = stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Executable tests/kernel.rs ("))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .map(|path| workspace_root().join(path))
+        .context("cargo did not name the kernel smoke test binary")?;
+    let knockd = workspace_root().join("target/debug/knockd");
+    let outcomes = vm::run_all(&workspace_root(), &knockd, &smoke)?;
+    for outcome in &outcomes {
+        println!("kernel: {}", outcome.line());
+    }
+    Ok(outcomes)
 }
 
 fn bench(which: &str) -> Result<()> {
