@@ -67,6 +67,10 @@ pub enum AttachedMode {
     /// In the link an earlier run pinned (in the mode it chose then): the
     /// new program replaced the old one in it atomically.
     Adopted,
+    /// Not attached: the kernel refused the program or the attachment, and
+    /// nftables alone guards the interface (`without_xdp: nftables`). The
+    /// daemon reads knocks from a packet socket instead of the ring buffer.
+    NftablesOnly,
 }
 
 impl AttachedMode {
@@ -76,6 +80,7 @@ impl AttachedMode {
             AttachedMode::Native => "native",
             AttachedMode::Generic => "generic",
             AttachedMode::Adopted => "adopted",
+            AttachedMode::NftablesOnly => "nftables-only",
         }
     }
 }
@@ -101,6 +106,8 @@ pub struct Attachment {
     pub interface: String,
     /// The mode it runs in.
     pub mode: AttachedMode,
+    /// Why XDP is not there, in [`AttachedMode::NftablesOnly`].
+    pub error: Option<String>,
 }
 
 /// Forwards the XDP program's aya-log records to the `log` facade (and from
@@ -133,6 +140,15 @@ impl Guard {
     /// The returned logger must be kept alive and drained: it owns the log
     /// ring buffer's fd. It is `None` if the program logs nothing.
     pub fn load(level: KernelLogLevel) -> Result<(Guard, Option<KernelLogger>), Error> {
+        let (mut guard, logger) = Guard::open(level)?;
+        guard.load_program()?;
+        Ok((guard, logger))
+    }
+
+    /// Creates the object's maps, without loading the program: the daemon
+    /// keeps its maps (and so its grants and port policy) even when the
+    /// kernel refuses the program, and runs on nftables alone then.
+    pub fn open(level: KernelLogLevel) -> Result<(Guard, Option<KernelLogger>), Error> {
         bump_memlock_rlimit();
         let level = level as u8;
         let mut ebpf = EbpfLoader::new()
@@ -146,12 +162,26 @@ impl Guard {
                 None
             }
         };
-        let mut guard = Guard {
+        let guard = Guard {
             ebpf,
             attachments: Vec::new(),
         };
-        guard.program_mut().load().map_err(Error::Program)?;
         Ok((guard, logger))
+    }
+
+    /// Loads the program into the kernel, through its verifier.
+    ///
+    /// Debug builds fail here on purpose when `KNOCKD_TEST_XDP=refused`, so
+    /// tests can see what a kernel that refuses the program leads to.
+    pub fn load_program(&mut self) -> Result<(), Error> {
+        if cfg!(debug_assertions)
+            && std::env::var_os("KNOCKD_TEST_XDP").is_some_and(|v| v == "refused")
+        {
+            return Err(Error::Program(ProgramError::IOError(
+                std::io::Error::other("refused on purpose (KNOCKD_TEST_XDP=refused, a test)"),
+            )));
+        }
+        self.program_mut().load().map_err(Error::Program)
     }
 
     /// How many instructions the kernel's verifier processed to accept the
@@ -239,6 +269,7 @@ impl Guard {
         self.attachments.push(Attachment {
             interface: interface.to_owned(),
             mode: attached,
+            error: None,
         });
         Ok((attached, id))
     }
@@ -265,6 +296,7 @@ impl Guard {
                         self.attachments.push(Attachment {
                             interface: interface.to_owned(),
                             mode: AttachedMode::Adopted,
+                            error: None,
                         });
                         return Ok(AttachedMode::Adopted);
                     }
@@ -296,6 +328,29 @@ impl Guard {
             Err(e) => tracing::warn!(interface, error = %e, "the XDP attachment cannot be pinned"),
         }
         Ok(mode)
+    }
+
+    /// Records that `interface` runs without XDP, and why. A link an
+    /// earlier run pinned there is removed, which detaches its (older)
+    /// program: call this only once nftables guards every protected port,
+    /// since that program would otherwise drop the knocks the packet
+    /// socket must see, against maps nothing reads any more.
+    pub fn run_without(&mut self, interface: &str, pin_dir: &Path, why: String) {
+        let pin = link_pin(pin_dir, interface);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {
+                tracing::warn!(interface, pin = %pin.display(), "detached the XDP program an earlier run left")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(interface, error = %e, "could not remove an earlier XDP link pin")
+            }
+        }
+        self.attachments.push(Attachment {
+            interface: interface.to_owned(),
+            mode: AttachedMode::NftablesOnly,
+            error: Some(why),
+        });
     }
 
     /// Where the program is attached.

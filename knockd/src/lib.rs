@@ -11,6 +11,7 @@
 //! - [`maps`]: every read and write of the program's maps;
 //! - [`policy`]: the port policy a configuration asks of the guard;
 //! - [`events`]: the knock ring buffer;
+//! - [`sniff`]: knocks from a packet socket where the kernel refused XDP;
 //! - [`nft`]: the nftables table, its rules and grant sets;
 //! - [`cut`]: ending a revoked grant's established connections (conntrack,
 //!   sock_diag);
@@ -52,6 +53,8 @@ pub mod nft;
 pub mod policy;
 pub mod profile;
 pub mod proto;
+#[cfg(feature = "daemon")]
+pub mod sniff;
 pub mod state;
 
 #[cfg(feature = "daemon")]

@@ -27,6 +27,13 @@ const TICK_INTERVAL: Duration = Duration::from_secs(1);
 pub enum Error {
     #[error(transparent)]
     Guard(#[from] guard::Error),
+    /// The guard could not be had, and nothing else guards the ports: the
+    /// kernel could not even create the maps, or the configuration says
+    /// `without_xdp: refuse`. Exits 69, which the unit does not restart.
+    #[error("the protected ports are NOT protected: {0}")]
+    Unprotected(String),
+    #[error("reading knocks from a packet socket")]
+    Sniff(#[source] std::io::Error),
     #[error(transparent)]
     Maps(#[from] maps::Error),
     #[error("reading knock events")]
@@ -93,6 +100,37 @@ async fn next_event(
         Some(events) => events.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// The next knocks from the packet socket; never, where XDP runs everywhere.
+async fn sniff(
+    sniffer: &mut Option<crate::sniff::PacketKnocks>,
+    policy: &crate::maps::PortPolicy,
+) -> std::io::Result<Vec<crate::events::Knock>> {
+    match sniffer {
+        Some(sniffer) => sniffer.read(policy).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An error and its causes on one line, for logs and status.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// The index of interface `name`, if it exists.
+fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid C string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// The gid of group `name`.
@@ -184,7 +222,23 @@ pub async fn run(
     let (config, opened) = crate::lockout::prepare(config, &devices);
     raise_nofile_limit();
     let state = StateFile::open(&config.state_dir)?;
-    let (mut guard, logger) = Guard::load(options.kernel_log_level)?;
+    let (mut guard, logger) = Guard::open(options.kernel_log_level).map_err(|e| {
+        Error::Unprotected(format!(
+            "the kernel could not create the XDP guard's maps, so knockd cannot run ({})",
+            error_chain(&e)
+        ))
+    })?;
+    // Never fail open: a kernel that refuses the program leaves nftables,
+    // which enforces every protected port, as the guard (or, if the
+    // configuration asks for XDP or nothing, a refusal that says so).
+    let refused = guard.load_program().err().map(|e| error_chain(&e));
+    if let Some(why) = &refused
+        && config.without_xdp == crate::config::WithoutXdp::Refuse
+    {
+        return Err(Error::Unprotected(format!(
+            "the kernel refused the XDP program and the configuration says without_xdp: refuse ({why})"
+        )));
+    }
     if let Some(logger) = logger {
         tokio::spawn(guard::drain_logger(logger));
     }
@@ -206,10 +260,43 @@ pub async fn run(
         events
     });
 
+    // Daemon::new installed the nftables table: every protected port is
+    // closed from here on, XDP or not.
+    let mut without_xdp = Vec::new();
     for interface in &config.interfaces {
-        let mode = guard.attach_pinned(interface, config.xdp_mode, &config.bpffs_dir)?;
-        tracing::info!(interface, ?mode, "XDP guard attached");
+        let why = match &refused {
+            Some(why) => format!("the kernel refused the XDP program: {why}"),
+            None => match guard.attach_pinned(interface, config.xdp_mode, &config.bpffs_dir) {
+                Ok(mode) => {
+                    tracing::info!(interface, ?mode, "XDP guard attached");
+                    continue;
+                }
+                // A missing interface is the configuration's error, and
+                // nftables could not guard it either.
+                Err(e) if interface_index(interface).is_none() => return Err(e.into()),
+                Err(e) if config.without_xdp == crate::config::WithoutXdp::Refuse => {
+                    return Err(Error::Unprotected(format!(
+                        "XDP could not attach to {interface} and the configuration says without_xdp: refuse ({})",
+                        error_chain(&e)
+                    )));
+                }
+                Err(e) => format!("XDP could not attach: {}", error_chain(&e)),
+            },
+        };
+        tracing::error!(
+            interface,
+            reason = %why,
+            guard = "nftables alone drops the protected ports (no line-rate drop, no kernel rate limit on knocks); knocks are read from a packet socket",
+            "running WITHOUT the XDP guard"
+        );
+        guard.run_without(interface, &config.bpffs_dir, why);
+        without_xdp.push(interface_index(interface).unwrap_or(0));
     }
+    let mut sniffer = if without_xdp.is_empty() {
+        None
+    } else {
+        Some(crate::sniff::PacketKnocks::open(without_xdp).map_err(Error::Sniff)?)
+    };
     pins.keep();
     daemon.set_origin(options.config_path.clone(), guard.attachments().to_vec());
     let group = match &config.control_group {
@@ -271,6 +358,12 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            knocks = sniff(&mut sniffer, daemon.maps().policy()) => {
+                for knock in knocks.map_err(Error::Sniff)? {
+                    daemon.on_knock(&knock)?;
+                }
+                daemon.flush()?;
+            }
             batch = reader.read() => {
                 for knock in batch.map_err(Error::Events)? {
                     match knock {

@@ -145,3 +145,85 @@ fn sigterm_keeps_the_port_dropped_a_restart_adopts_the_grant_and_uninstall_reope
     assert_eq!(outcome, Outcome::Answered, "uninstall reopens the service");
     assert!(probe::echo_round_trip(&mut stream.unwrap(), b"open"));
 }
+
+/// Debug builds of knockd refuse to load the XDP program when told so: a
+/// stand-in for a kernel whose verifier rejects it.
+const REFUSE_XDP: (&str, &str) = ("KNOCKD_TEST_XDP", "refused");
+
+#[test]
+fn a_kernel_that_refuses_the_program_leaves_nftables_guarding_and_knocks_working() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let mut daemon = knockd_tests::Daemon::start_with_env(
+        &bed.testbed.server,
+        &bed.config(""),
+        &[(REFUSE_XDP.0, REFUSE_XDP.1.to_owned())],
+    );
+    let said = daemon.wait_for(
+        "running WITHOUT the XDP guard",
+        Duration::from_secs(5),
+        |_| true,
+    );
+    assert_eq!(said["level"], "ERROR", "{said}");
+    let link = bed
+        .testbed
+        .server
+        .ip(&["link", "show", &bed.testbed.server_if]);
+    assert!(!link.contains("xdp"), "no XDP program is attached: {link}");
+    // Never fail open: nftables alone keeps the service and the grant
+    // range silent.
+    assert_eq!(bed.connect(SSH).0, Outcome::Silent);
+    assert_eq!(bed.connect(40000).0, Outcome::Silent);
+    // Knocks still get through (a packet socket reads them) and open the door.
+    let (answer, mut stream) = bed.open_and_connect();
+    assert!(probe::echo_round_trip(&mut stream, b"without xdp"));
+    assert_eq!(bed.connect(SSH).0, Outcome::Silent, "22 itself stays shut");
+    let status = knockctl_json(&daemon.control_socket(), &["status"]);
+    let interface = &status["interfaces"][0];
+    assert_eq!(interface["mode"], "nftables-only", "{status:#}");
+    assert!(
+        interface["error"].as_str().unwrap().contains("refused"),
+        "{status:#}"
+    );
+    assert_eq!(status["grants"][0]["port"], answer.reply.port);
+}
+
+#[test]
+fn without_xdp_refuse_exits_69_saying_the_ports_are_not_protected() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("knockd.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}without_xdp: refuse\nbpffs_dir: /sys/fs/bpf/{}\ncontrol_socket: {}\n",
+            bed.config(""),
+            knockd_tests::unique_name("p"),
+            dir.path().join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    let out = bed
+        .testbed
+        .server
+        .command(knockd_tests::knockd_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env(REFUSE_XDP.0, REFUSE_XDP.1)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("NOT protected"), "{stderr}");
+    // The unit does not restart into the same refusal.
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/knockd.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l.starts_with("RestartPreventExitStatus=") && l.contains("69")),
+        "{unit}"
+    );
+}

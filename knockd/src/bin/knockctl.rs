@@ -446,7 +446,13 @@ fn print_status(s: &StatusReport) {
         s.config.doors
     );
     for i in &s.interfaces {
-        println!("interface {}: XDP {}", i.interface, i.mode);
+        match &i.error {
+            Some(why) => println!(
+                "interface {}: {} (no XDP: {why}; nftables alone guards it)",
+                i.interface, i.mode
+            ),
+            None => println!("interface {}: XDP {}", i.interface, i.mode),
+        }
     }
     println!("\n{:<20} {:>12} {:>12}", "counter", "packets", "per second");
     for (name, value) in s.counters.iter().flatten() {

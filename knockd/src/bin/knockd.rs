@@ -149,10 +149,20 @@ fn main() -> ExitCode {
 /// not restart into the same error forever.
 const EX_CONFIG: u8 = 78;
 
+/// EX_UNAVAILABLE (sysexits.h): the guard cannot be had on this kernel and
+/// nothing else guards the ports (see `without_xdp`). Retrying runs into
+/// the same kernel, so the unit does not restart on it either.
+const EX_UNAVAILABLE: u8 = 69;
+
 /// 78 for an error in the configuration (or its devices and key files),
-/// 1 for anything else (a missing interface may yet appear; retrying is
-/// right there).
+/// 69 when the guard cannot be had on this kernel, 1 for anything else (a
+/// missing interface may yet appear; retrying is right there).
 fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.chain()
+        .any(|cause| matches!(cause.downcast_ref(), Some(knockd::Error::Unprotected(_))))
+    {
+        return ExitCode::from(EX_UNAVAILABLE);
+    }
     let config_error = e.chain().any(|cause| {
         cause.is::<knockd::config::Error>()
             || cause.is::<knockd::devices::Error>()

@@ -79,6 +79,24 @@ pub enum XdpMode {
     Generic,
 }
 
+/// What knockd does when the kernel refuses the XDP program or its
+/// attachment (an old kernel's verifier, a driver, missing BTF).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WithoutXdp {
+    /// Run on nftables alone, which enforces every protected port anyway:
+    /// no line-rate drop and no per-source knock rate limit in the kernel,
+    /// knocks read from a packet socket. Logged at err, shown in status and
+    /// metrics. The default, because a host left open or a daemon that
+    /// will not start is worse than a slower guard.
+    #[default]
+    Nftables,
+    /// Exit (status 69, which the unit does not restart) saying at err that
+    /// the ports are not protected: for hosts where the line-rate drop is
+    /// the point.
+    Refuse,
+}
+
 /// What the guard does with ports the configuration does not mention.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -106,6 +124,9 @@ pub struct Config<D = Door> {
     /// How to attach to each interface.
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// What to do when XDP cannot be had.
+    #[serde(default)]
+    pub without_xdp: WithoutXdp,
     /// Ports dropped unless a grant admits the source.
     #[serde(default)]
     pub protect: PortSet,
@@ -521,6 +542,7 @@ impl Config<RawDoor> {
         Config {
             interfaces: self.interfaces,
             xdp_mode: self.xdp_mode,
+            without_xdp: self.without_xdp,
             protect: self.protect,
             knock: self.knock,
             closed_ports: self.closed_ports,

@@ -212,8 +212,12 @@ pub struct ConfigInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceView {
     pub interface: String,
-    /// `native`, `generic`, or `adopted` (the link an earlier run pinned).
+    /// `native`, `generic`, `adopted` (the link an earlier run pinned), or
+    /// `nftables-only` (the kernel refused XDP; nftables alone guards it).
     pub mode: String,
+    /// Why XDP is not there, with `nftables-only`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One live grant (`grants`, and in `status`).
@@ -456,6 +460,7 @@ mod tests {
             interfaces: vec![InterfaceView {
                 interface: "eth0".into(),
                 mode: "native".into(),
+                error: None,
             }],
             counters: Some([("drop_protected".to_owned(), 3)].into()),
             rates_per_sec: None,

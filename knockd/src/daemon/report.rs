@@ -41,6 +41,18 @@ impl Daemon {
             "Packets the XDP guard judged, by verdict",
             packets,
         );
+        let attached = Family::<Labels, Gauge>::default();
+        for a in &self.attachments {
+            let on = a.mode != crate::guard::AttachedMode::NftablesOnly;
+            attached
+                .get_or_create(&vec![("interface", a.interface.clone())])
+                .set(i64::from(on));
+        }
+        registry.register(
+            "xdp_attached",
+            "1 where the XDP guard runs; 0 where the kernel refused it and nftables alone guards the interface",
+            attached,
+        );
         let decisions = Family::<Labels, Counter>::default();
         for ((door, outcome, reason), value) in &self.decisions {
             decisions
@@ -230,6 +242,7 @@ impl Daemon {
                 .map(|a| InterfaceView {
                     interface: a.interface.clone(),
                     mode: a.mode.name().to_owned(),
+                    error: a.error.clone(),
                 })
                 .collect(),
             counters: counters.as_ref().map(named),

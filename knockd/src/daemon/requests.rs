@@ -158,9 +158,10 @@ impl Daemon {
         let mut kept = Vec::new();
         if config.interfaces != self.config.interfaces
             || config.xdp_mode != self.config.xdp_mode
+            || config.without_xdp != self.config.without_xdp
             || config.bpffs_dir != self.config.bpffs_dir
         {
-            kept.push("interfaces, xdp_mode and bpffs_dir change only on restart");
+            kept.push("interfaces, xdp_mode, without_xdp and bpffs_dir change only on restart");
         }
         if config.cluster != self.config.cluster {
             kept.push("the cluster section changes only on restart");
@@ -191,6 +192,7 @@ impl Daemon {
         self.config = Config {
             interfaces: self.config.interfaces.clone(),
             xdp_mode: self.config.xdp_mode,
+            without_xdp: self.config.without_xdp,
             bpffs_dir: self.config.bpffs_dir.clone(),
             cluster: self.config.cluster.clone(),
             ..config
