@@ -32,6 +32,8 @@ pub enum Error {
     /// `without_xdp: refuse`. Exits 69, which the unit does not restart.
     #[error("the protected ports are NOT protected: {0}")]
     Unprotected(String),
+    #[error("interface {0} does not exist")]
+    NoInterface(String),
     #[error("reading knocks from a packet socket")]
     Sniff(#[source] std::io::Error),
     #[error(transparent)]
@@ -264,6 +266,11 @@ pub async fn run(
     // closed from here on, XDP or not.
     let mut without_xdp = Vec::new();
     for interface in &config.interfaces {
+        // A missing interface is the configuration's error, and nftables
+        // could not guard it either.
+        let Some(ifindex) = interface_index(interface) else {
+            return Err(Error::NoInterface(interface.clone()));
+        };
         let why = match &refused {
             Some(why) => format!("the kernel refused the XDP program: {why}"),
             None => match guard.attach_pinned(interface, config.xdp_mode, &config.bpffs_dir) {
@@ -271,9 +278,6 @@ pub async fn run(
                     tracing::info!(interface, ?mode, "XDP guard attached");
                     continue;
                 }
-                // A missing interface is the configuration's error, and
-                // nftables could not guard it either.
-                Err(e) if interface_index(interface).is_none() => return Err(e.into()),
                 Err(e) if config.without_xdp == crate::config::WithoutXdp::Refuse => {
                     return Err(Error::Unprotected(format!(
                         "XDP could not attach to {interface} and the configuration says without_xdp: refuse ({})",
@@ -290,7 +294,7 @@ pub async fn run(
             "running WITHOUT the XDP guard"
         );
         guard.run_without(interface, &config.bpffs_dir, why);
-        without_xdp.push(interface_index(interface).unwrap_or(0));
+        without_xdp.push(ifindex);
     }
     let mut sniffer = if without_xdp.is_empty() {
         None

@@ -114,9 +114,7 @@ impl PacketKnocks {
                 }
                 let ifindex = from.sll_ifindex as u32;
                 // Our own outgoing frames (a reply, say) are not knocks.
-                if from.sll_pkttype == libc::PACKET_OUTGOING
-                    || !self.ifindexes.contains(&ifindex)
-                {
+                if from.sll_pkttype == libc::PACKET_OUTGOING || !self.ifindexes.contains(&ifindex) {
                     continue;
                 }
                 if let Some(knock) = parse(&frame[..n as usize], ifindex)
