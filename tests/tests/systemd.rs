@@ -52,8 +52,10 @@ fn debs() -> (PathBuf, PathBuf) {
 
 /// The capabilities the unit's CapabilityBoundingSet= grants, as the bit
 /// mask /proc/PID/status prints: CAP_CHOWN (0), CAP_NET_BIND_SERVICE (10),
-/// CAP_NET_ADMIN (12), CAP_SYS_RESOURCE (24), CAP_PERFMON (38), CAP_BPF (39).
-const UNIT_CAPS: u64 = 1 | 1 << 10 | 1 << 12 | 1 << 24 | 1 << 38 | 1 << 39;
+/// CAP_NET_ADMIN (12), CAP_NET_RAW (13, the packet socket knocks are read
+/// from where the kernel refuses XDP), CAP_SYS_RESOURCE (24), CAP_PERFMON
+/// (38), CAP_BPF (39).
+const UNIT_CAPS: u64 = 1 | 1 << 10 | 1 << 12 | 1 << 13 | 1 << 24 | 1 << 38 | 1 << 39;
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

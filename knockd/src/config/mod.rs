@@ -73,7 +73,7 @@ pub enum XdpMode {
     /// the driver cannot run XDP.
     #[default]
     Auto,
-    /// Native mode only: refuse to start without it.
+    /// Native mode only: never generic (without it, `without_xdp` applies).
     Native,
     /// Generic (skb) mode: works on any interface, at a lower packet rate.
     Generic,
