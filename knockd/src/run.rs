@@ -115,18 +115,6 @@ async fn sniff(
     }
 }
 
-/// An error and its causes on one line, for logs and status.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
 /// The index of interface `name`, if it exists.
 fn interface_index(name: &str) -> Option<u32> {
     let name = std::ffi::CString::new(name).ok()?;
@@ -227,13 +215,13 @@ pub async fn run(
     let (mut guard, logger) = Guard::open(options.kernel_log_level).map_err(|e| {
         Error::Unprotected(format!(
             "the kernel could not create the XDP guard's maps, so knockd cannot run ({})",
-            error_chain(&e)
+            daemon::chain(&e)
         ))
     })?;
     // Never fail open: a kernel that refuses the program leaves nftables,
     // which enforces every protected port, as the guard (or, if the
     // configuration asks for XDP or nothing, a refusal that says so).
-    let refused = guard.load_program().err().map(|e| error_chain(&e));
+    let refused = guard.load_program().err().map(|e| daemon::chain(&e));
     if let Some(why) = &refused
         && config.without_xdp == crate::config::WithoutXdp::Refuse
     {
@@ -281,10 +269,10 @@ pub async fn run(
                 Err(e) if config.without_xdp == crate::config::WithoutXdp::Refuse => {
                     return Err(Error::Unprotected(format!(
                         "XDP could not attach to {interface} and the configuration says without_xdp: refuse ({})",
-                        error_chain(&e)
+                        daemon::chain(&e)
                     )));
                 }
-                Err(e) => format!("XDP could not attach: {}", error_chain(&e)),
+                Err(e) => format!("XDP could not attach: {}", daemon::chain(&e)),
             },
         };
         tracing::error!(
