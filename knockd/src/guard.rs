@@ -380,13 +380,6 @@ pub async fn drain_logger(logger: KernelLogger) {
     }
 }
 
-/// The running kernel's release (`uname -r`), for logs and reports.
-pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "(unknown)".to_owned())
-}
-
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large
 /// maps load there too. Newer kernels account to the cgroup and ignore it.
 fn bump_memlock_rlimit() {

@@ -8,6 +8,8 @@
 //! - [`config`]: the YAML configuration and its validation;
 //! - [`devices`]: devices and their key files;
 //! - [`guard`]: loading and attaching the XDP program;
+//! - [`host`]: the host's kernel release (and the oldest it supports) and
+//!   interfaces;
 //! - [`maps`]: every read and write of the program's maps;
 //! - [`policy`]: the port policy a configuration asks of the guard;
 //! - [`events`]: the knock ring buffer;
@@ -44,6 +46,7 @@ pub mod events;
 pub mod grants;
 #[cfg(feature = "daemon")]
 pub mod guard;
+pub mod host;
 pub mod lockout;
 #[cfg(feature = "daemon")]
 pub mod maps;

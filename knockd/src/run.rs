@@ -25,8 +25,6 @@ const TICK_INTERVAL: Duration = Duration::from_secs(1);
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Guard(#[from] guard::Error),
     /// The guard could not be had, and nothing else guards the ports: the
     /// kernel could not even create the maps, or the configuration says
     /// `without_xdp: refuse`. Exits 69, which the unit does not restart.
@@ -113,14 +111,6 @@ async fn sniff(
         Some(sniffer) => sniffer.read(policy).await,
         None => std::future::pending().await,
     }
-}
-
-/// The index of interface `name`, if it exists.
-fn interface_index(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid C string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
 }
 
 /// The gid of group `name`.
@@ -256,7 +246,7 @@ pub async fn run(
     for interface in &config.interfaces {
         // A missing interface is the configuration's error, and nftables
         // could not guard it either.
-        let Some(ifindex) = interface_index(interface) else {
+        let Some(ifindex) = crate::host::interface_index(interface) else {
             return Err(Error::NoInterface(interface.clone()));
         };
         let why = match &refused {

@@ -127,3 +127,22 @@ pub fn echo_round_trip(stream: &mut TcpStream, msg: &[u8]) -> bool {
     let mut buf = vec![0; msg.len()];
     stream.read_exact(&mut buf).is_ok() && buf == msg
 }
+
+/// Whether `stream` ends (a reset, or the end of the stream) within
+/// [`crate::bed::SILENCE`] without our sending anything: a cut both ends learn of at once.
+pub fn is_cut(stream: &mut TcpStream) -> bool {
+    stream.set_read_timeout(Some(crate::bed::SILENCE)).unwrap();
+    let mut buf = [0; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => {
+            assert_ne!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock,
+                "the cut connection hangs instead of ending"
+            );
+            true
+        }
+    }
+}

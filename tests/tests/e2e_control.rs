@@ -3,8 +3,8 @@
 //! cuts), reload (knockctl and SIGHUP), and garbage on the socket.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    io::Write as _,
+    net::{IpAddr, SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt as _,
     path::Path,
     process::Output,
@@ -165,25 +165,6 @@ fn flows_from(bed: &Bed, source: IpAddr) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Whether `stream` ends (a reset, or the end of the stream) within
-/// `SILENCE` without our sending anything: a cut both ends learn of at once.
-fn is_cut(stream: &mut TcpStream) -> bool {
-    stream.set_read_timeout(Some(SILENCE)).unwrap();
-    let mut buf = [0; 64];
-    match stream.read(&mut buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => {
-            assert_ne!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock,
-                "the cut connection hangs instead of ending"
-            );
-            true
-        }
-    }
-}
-
 /// The service's established connections, as `ss` lists them.
 fn service_sockets(bed: &Bed) -> String {
     let out = bed
@@ -240,7 +221,7 @@ fn revoke_cuts_established_connections(v6: bool) {
     );
 
     assert!(
-        is_cut(&mut revoked),
+        probe::is_cut(&mut revoked),
         "the revoked address's connection lives on"
     );
     let sockets = service_sockets(&bed);
@@ -279,7 +260,7 @@ fn revoke_cuts_ipv4_clients_of_a_dual_stack_service() {
     let daemon = bed.start("");
     let (_, mut stream) = bed.open_and_connect();
     revoke_one(&daemon.control_socket(), bed.client);
-    assert!(is_cut(&mut stream), "the connection lives on");
+    assert!(probe::is_cut(&mut stream), "the connection lives on");
     assert!(!flows_from(&bed, bed.client).contains(&format!("sport={SSH} ")));
 }
 
@@ -311,7 +292,7 @@ fn revoke_by_address_cuts_connections_that_outlived_their_grant() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(is_cut(&mut stream));
+    assert!(probe::is_cut(&mut stream));
 }
 
 /// A revoke whose conntrack entry outlived the connection's socket (the

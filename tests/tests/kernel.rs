@@ -11,14 +11,14 @@
 //! leaves the port dropped, a restart adopts the grant, and uninstall
 //! reopens the port.
 
-use std::{io::Read as _, net::TcpStream, time::Duration};
+use std::time::Duration;
 
 use knockd::{
     guard::{Guard, KernelLogLevel},
     proto::Kind,
 };
 use knockd_tests::{
-    bed::{Bed, SILENCE, SSH},
+    bed::{Bed, SSH},
     knockctl, knockctl_json,
     probe::{self, Outcome},
     require_privileges, sh,
@@ -33,7 +33,7 @@ const VERIFIER_BUDGET: u32 = 250_000;
 fn the_program_verifies_with_a_fourfold_margin() {
     require_privileges!();
     let (guard, _logger) = Guard::load(KernelLogLevel::Info).unwrap();
-    let release = knockd::guard::kernel_release();
+    let release = knockd::host::kernel_release();
     let processed = guard
         .verified_instructions()
         .expect("every supported kernel (5.16+) reports verified_insns");
@@ -43,19 +43,6 @@ fn the_program_verifies_with_a_fourfold_margin() {
         "Linux {release}: the verifier processed {processed} instructions, over the \
          {VERIFIER_BUDGET} budget (a 4x margin under its limit of 1,000,000)"
     );
-}
-
-/// Whether the held connection `stream` ends (end of stream or a reset)
-/// within `SILENCE` without our sending anything.
-fn is_cut(stream: &mut TcpStream) -> bool {
-    stream.set_read_timeout(Some(SILENCE)).unwrap();
-    match stream.read(&mut [0; 16]) {
-        Ok(n) => n == 0,
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    }
 }
 
 fn knock_status_and_revoke(v6: bool) {
@@ -82,7 +69,10 @@ fn knock_status_and_revoke(v6: bool) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(is_cut(&mut held), "revoke left the held connection alive");
+    assert!(
+        probe::is_cut(&mut held),
+        "revoke left the held connection alive"
+    );
     assert_eq!(bed.connect(port).0, Outcome::Silent, "the grant is gone");
 }
 

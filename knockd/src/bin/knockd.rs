@@ -200,7 +200,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify => {
             let (guard, _logger) = knockd::guard::Guard::load(KernelLogLevel::Info)?;
-            let release = knockd::guard::kernel_release();
+            let release = knockd::host::kernel_release();
             match guard.verified_instructions() {
                 Some(n) => println!(
                     "the XDP program verified on Linux {release}: {n} instructions processed (limit 1000000)"
