@@ -98,7 +98,8 @@ impl PacketKnocks {
                         self.socket.get_ref().as_raw_fd(),
                         frame.as_mut_ptr().cast(),
                         frame.len(),
-                        0,
+                        // The frame's whole length, not what fits.
+                        libc::MSG_TRUNC,
                         (&raw mut from).cast(),
                         &mut from_len,
                     )
@@ -117,7 +118,8 @@ impl PacketKnocks {
                 if from.sll_pkttype == libc::PACKET_OUTGOING || !self.ifindexes.contains(&ifindex) {
                     continue;
                 }
-                if let Some(knock) = parse(&frame[..n as usize], ifindex)
+                let wire_len = n as usize;
+                if let Some(knock) = parse(&frame[..wire_len.min(frame.len())], wire_len, ifindex)
                     && admits(policy, &knock)
                 {
                     knocks.push(knock);
@@ -156,8 +158,9 @@ fn filter() -> Vec<libc::sock_filter> {
 }
 
 /// A TCP or UDP packet in an Ethernet frame, as a [`Knock`] (not yet
-/// judged); `None` for anything else or anything cut short.
-pub fn parse(frame: &[u8], ifindex: u32) -> Option<Knock> {
+/// judged); `None` for anything else or anything cut short. `frame` is what
+/// the socket kept of it, `wire_len` the frame's length on the wire.
+pub fn parse(frame: &[u8], wire_len: usize, ifindex: u32) -> Option<Knock> {
     let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
     let ip = frame.get(14..)?;
     let (source, destination, proto, l4, ip_len) = match ethertype {
@@ -206,7 +209,13 @@ pub fn parse(frame: &[u8], ifindex: u32) -> Option<Knock> {
         _ => return None,
     };
     let proto = Proto::from_number(proto)?;
-    let header = ip.get(l4..ip_len.max(l4))?;
+    // A frame that does not hold its whole IP packet is one the stack
+    // drops (a longer one is padding). What we kept of it may still be
+    // shorter: SNAP_LEN keeps the headers and the captured payload only.
+    if ip_len < l4 || wire_len < 14 + ip_len {
+        return None;
+    }
+    let header = ip.get(l4..ip_len.min(ip.len()))?;
     let sport = u16::from_be_bytes([*header.first()?, *header.get(1)?]);
     let dport = u16::from_be_bytes([*header.get(2)?, *header.get(3)?]);
     let (tcp_flags, payload_len, payload) = match proto {
@@ -214,12 +223,9 @@ pub fn parse(frame: &[u8], ifindex: u32) -> Option<Knock> {
         Proto::Udp => {
             let udp_len = usize::from(u16::from_be_bytes([*header.get(4)?, *header.get(5)?]));
             let payload_len = udp_len.checked_sub(8)?;
-            if udp_len > header.len() {
-                // Longer than its IP packet, or past what we kept of it.
-                let kept = header.len().checked_sub(8)?;
-                if kept < payload_len.min(KNOCK_PAYLOAD_MAX) {
-                    return None;
-                }
+            // Longer than its IP packet: the stack drops it.
+            if udp_len > ip_len - l4 {
+                return None;
             }
             let captured = payload_len.min(KNOCK_PAYLOAD_MAX);
             (0, payload_len as u16, header.get(8..8 + captured)?.to_vec())
@@ -288,7 +294,8 @@ mod tests {
 
     #[test]
     fn a_udp_knock_is_parsed_with_its_addresses_and_payload() {
-        let k = parse(&udp4(7001, &knock_payload()), 3).unwrap();
+        let frame = udp4(7001, &knock_payload());
+        let k = parse(&frame, frame.len(), 3).unwrap();
         assert_eq!(k.source, "198.18.0.2:40000".parse().unwrap());
         assert_eq!(k.destination, "198.18.0.1:7001".parse().unwrap());
         assert_eq!(k.proto, Proto::Udp);
@@ -300,19 +307,38 @@ mod tests {
     #[test]
     fn truncated_and_foreign_frames_are_not_knocks() {
         let frame = udp4(7001, &knock_payload());
-        for cut in 0..14 + 20 + 8 {
-            assert!(parse(&frame[..cut], 1).is_none(), "cut at {cut}");
+        let whole = |f: &[u8]| parse(f, f.len(), 1);
+        // Cut short on the wire: the stack would drop every one of them.
+        for cut in 0..frame.len() {
+            assert!(whole(&frame[..cut]).is_none(), "cut at {cut}");
         }
         let mut arp = frame.clone();
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-        assert!(parse(&arp, 1).is_none());
+        assert!(whole(&arp).is_none());
         let mut fragment = frame.clone();
         fragment[14 + 6] = 0x20; // more fragments
-        assert!(parse(&fragment, 1).is_none());
-        // A UDP length past the packet.
-        let mut long = frame;
+        assert!(whole(&fragment).is_none());
+        // A UDP length past the IP packet.
+        let mut long = frame.clone();
         long[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&500u16.to_be_bytes());
-        assert!(parse(&long, 1).is_none());
+        assert!(whole(&long).is_none());
+        // Ethernet padding past the IP packet is not the packet's.
+        let mut padded = frame;
+        padded.extend([0; 16]);
+        assert_eq!(whole(&padded).unwrap().payload, knock_payload());
+    }
+
+    #[test]
+    fn a_long_datagram_is_captured_up_to_what_the_ring_buffer_carries() {
+        // The socket keeps SNAP_LEN bytes of a 300-byte datagram; the knock
+        // carries its first KNOCK_PAYLOAD_MAX bytes and its real length,
+        // as the XDP program's event would.
+        let payload: Vec<u8> = (0..300u16).map(|i| i as u8).collect();
+        let frame = udp4(9000, &payload);
+        let kept = &frame[..SNAP_LEN as usize];
+        let k = parse(kept, frame.len(), 1).unwrap();
+        assert_eq!(k.payload_len, 300);
+        assert_eq!(k.payload, payload[..KNOCK_PAYLOAD_MAX]);
     }
 
     #[test]
@@ -325,7 +351,10 @@ mod tests {
         );
         policy.set(Proto::Udp, 9000, policy::PROTECTED | policy::KNOCK);
         policy.set(Proto::Udp, 22, policy::PROTECTED);
-        let knock = |port, payload: &[u8]| parse(&udp4(port, payload), 1).unwrap();
+        let knock = |port, payload: &[u8]| {
+            let frame = udp4(port, payload);
+            parse(&frame, frame.len(), 1).unwrap()
+        };
         assert!(admits(&policy, &knock(7001, &knock_payload())));
         assert!(!admits(&policy, &knock(7001, b"garbage")), "shape");
         let mut bad_index = knock_payload();
@@ -343,6 +372,25 @@ mod tests {
             !admits(&policy, &knock(7002, &knock_payload())),
             "no policy"
         );
+    }
+
+    #[test]
+    fn no_frame_makes_the_parser_panic() {
+        // Network input: random bytes, and random bytes behind a real
+        // header, of every length and claimed wire length.
+        let mut seed = 0x5eed_f00d_u64;
+        let base = udp4(7001, &knock_payload());
+        for round in 0..20_000 {
+            let len = (crate::xorshift(&mut seed) % 200) as usize;
+            let mut frame: Vec<u8> = (0..len).map(|_| crate::xorshift(&mut seed) as u8).collect();
+            if round % 2 == 0 {
+                let keep = base.len().min(len).min(14 + 20 + (round % 30));
+                frame[..keep].copy_from_slice(&base[..keep]);
+            }
+            let wire_len = len + (crate::xorshift(&mut seed) % 3000) as usize;
+            let _ = parse(&frame, wire_len, 1);
+            let _ = parse(&frame, len, 1);
+        }
     }
 
     #[test]
