@@ -11,14 +11,14 @@
 //! leaves the port dropped, a restart adopts the grant, and uninstall
 //! reopens the port.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use knockd::{
     guard::{Guard, KernelLogLevel},
     proto::Kind,
 };
 use knockd_tests::{
-    bed::{Bed, SSH},
+    bed::{Bed, SILENCE, SSH},
     knockctl, knockctl_json,
     probe::{self, Outcome},
     require_privileges, sh,
@@ -160,10 +160,16 @@ fn a_kernel_that_refuses_the_program_leaves_nftables_guarding_and_knocks_working
         .server
         .ip(&["link", "show", &bed.testbed.server_if]);
     assert!(!link.contains("xdp"), "no XDP program is attached: {link}");
-    // Never fail open: nftables alone keeps the service and the grant
-    // range silent.
+    // Never fail open: nftables alone keeps the service, the grant range
+    // and the knock ports silent (no RST, no ICMP port unreachable).
     assert_eq!(bed.connect(SSH).0, Outcome::Silent);
     assert_eq!(bed.connect(40000).0, Outcome::Silent);
+    let (client, knock_port) = (bed.client, SocketAddr::new(bed.server, 7000));
+    let udp = bed
+        .testbed
+        .client
+        .run(move || probe::udp_probe(client, knock_port, SILENCE));
+    assert_eq!(udp, Outcome::Silent, "a knock port answered");
     // Knocks still get through (a packet socket reads them) and open the door.
     let (answer, mut stream) = bed.open_and_connect();
     assert!(probe::echo_round_trip(&mut stream, b"without xdp"));
