@@ -42,14 +42,14 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload, NetlinkSerializable,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload, NetlinkSerializable,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
     conntrack::{
         ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
-        Protocol, Tuple,
+        Protocol, Status, Tuple,
     },
 };
 use netlink_packet_sock_diag::{
@@ -414,6 +414,118 @@ struct Doomed {
     socket: InetRequest,
 }
 
+/// What [`adopt`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Adopted {
+    /// Connections conntrack did not know, now entered as established.
+    pub adopted: usize,
+    /// Connections conntrack already tracked (left as they were).
+    pub tracked: usize,
+}
+
+/// The socket states of a connection whose data may still flow: the ones
+/// adopted. Handshakes under way are left out: conntrack follows a
+/// handshake from its SYN, and the guard decides on a new one.
+fn flowing_states() -> StateFlags {
+    StateFlags::ESTABLISHED
+        | StateFlags::FIN_WAIT1
+        | StateFlags::FIN_WAIT2
+        | StateFlags::CLOSE_WAIT
+        | StateFlags::LAST_ACK
+        | StateFlags::CLOSING
+}
+
+/// Enters every connection of this namespace that conntrack does not track
+/// yet into conntrack as ESTABLISHED, so that the guard chain's `ct state
+/// established` rule keeps carrying it.
+///
+/// Why: on a host where nothing needed conntrack before knockd (a fresh
+/// server with no firewall), the sessions already open (the operator's ssh
+/// session among them) have no entry. Once knockd's table loads, their next
+/// segment is a mid-stream pickup, state NEW, and the guard drops it: the
+/// session started from goes silent. The sockets themselves say which
+/// connections exist (sock_diag), so nothing is guessed and no probe is
+/// let in: an entry names one connection's exact four-tuple.
+///
+/// The entries are created with window tracking liberal in both
+/// directions, as conntrack's own mid-stream pickup does, because the
+/// window scale the peers agreed on at the handshake is not known.
+/// An entry that exists already (EEXIST) is left untouched.
+pub fn adopt() -> Result<Adopted, Error> {
+    with_sockets(|diag, conntrack| {
+        let sockets = service_sockets(diag, flowing_states(), |_, _| true)?;
+        let what = "entering established connections into conntrack";
+        let mut adopted = Adopted::default();
+        for (seq, socket) in (1 << 21..).zip(&sockets) {
+            let message = conntrack_new(socket.remote, socket.local);
+            match created(conntrack, message, seq, what)? {
+                true => adopted.adopted += 1,
+                false => adopted.tracked += 1,
+            }
+        }
+        Ok(adopted)
+    })
+}
+
+/// The request that creates an ESTABLISHED entry for the TCP connection
+/// between `peer` and `local`, original direction from the peer.
+fn conntrack_new(peer: SocketAddr, local: SocketAddr) -> NetfilterMessage {
+    /// IP_CT_TCP_FLAG_SACK_PERM | IP_CT_TCP_FLAG_BE_LIBERAL.
+    const LIBERAL: [u8; 2] = [0x02 | 0x08, 0x02 | 0x08];
+    /// TCP_CONNTRACK_ESTABLISHED.
+    const ESTABLISHED: u8 = 3;
+    /// Conntrack's own default for an established entry (5 days); the
+    /// next segment sets it again from the state anyway.
+    const TIMEOUT_SECS: u32 = 432_000;
+    let flags = || {
+        netlink_packet_netfilter::conntrack::TCPFlags::parse(&LIBERAL)
+            .expect("two bytes are a TCP flags attribute")
+    };
+    conntrack(
+        family_of(local.ip()),
+        ConntrackMessage::New(vec![
+            ConntrackAttribute::CtaTupleOrig(tcp_tuple(peer, local)),
+            ConntrackAttribute::CtaTupleReply(tcp_tuple(local, peer)),
+            ConntrackAttribute::CtaTimeout(TIMEOUT_SECS),
+            // SEEN_REPLY makes the original direction's segments
+            // ESTABLISHED too (without it they count as NEW). CONFIRMED
+            // because the kernel marks a created entry so before it applies
+            // the status, and refuses a status that would clear it (EBUSY).
+            ConntrackAttribute::CtaStatus(Status::Confirmed | Status::SeenReply | Status::Assured),
+            ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![
+                ProtoInfoTCP::State(ESTABLISHED),
+                ProtoInfoTCP::OriginalFlags(flags()),
+                ProtoInfoTCP::ReplyFlags(flags()),
+            ])]),
+        ]),
+    )
+}
+
+/// Sends one create request; `Ok(false)` when the entry exists already.
+fn created(
+    socket: &mnl::Socket,
+    message: NetfilterMessage,
+    seq: u32,
+    what: &'static str,
+) -> Result<bool, Error> {
+    socket
+        .send(&encode(
+            message,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            seq,
+        ))
+        .map_err(|source| Error::Send { what, source })?;
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let n = socket
+        .recv_raw(&mut buffer)
+        .map_err(|source| Error::Receive { what, source })?;
+    match mnl::cb_run(&buffer[..n], seq, socket.portid()) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(source) => Err(Error::Refused { what, source }),
+    }
+}
+
 /// Ends every flow a `Cut` describes, in the caller's network namespace:
 /// aborts its local socket, then deletes its conntrack entry. A flow that
 /// ended on its own meanwhile is not counted.
@@ -521,6 +633,7 @@ struct ServiceSocket {
 /// local and remote ends) keeps.
 fn service_sockets(
     socket: &mnl::Socket,
+    states: StateFlags,
     keep: impl Fn(SocketAddr, SocketAddr) -> bool,
 ) -> Result<Vec<ServiceSocket>, Error> {
     let what = "listing the service's sockets (sock_diag)";
@@ -531,7 +644,7 @@ fn service_sockets(
             family: family as u8,
             protocol: libc::IPPROTO_TCP as u8,
             extensions: ExtensionFlags::empty(),
-            states: connected_states(),
+            states: states.clone(),
             socket_id: if family == libc::AF_INET {
                 SocketId::new_v4()
             } else {
@@ -638,7 +751,7 @@ fn matching_flows<T>(
     keep_socket: impl Fn(SocketAddr, SocketAddr) -> bool,
     keep_flow: impl Fn(&Flow) -> Option<T>,
 ) -> Result<Vec<(T, Flow, Doomed)>, Error> {
-    let sockets = service_sockets(diag, keep_socket)?;
+    let sockets = service_sockets(diag, connected_states(), keep_socket)?;
     if sockets.is_empty() {
         return Ok(Vec::new());
     }

@@ -67,9 +67,40 @@ pub trait Kernel {
 /// The kernel: the nft module's netlink calls and the guard's maps.
 pub struct Real<'a>(pub &'a mut GuardMaps);
 
+/// [`crate::cut::adopt`], logged rather than fatal: failing to adopt
+/// endangers sessions in progress, not the guard. Returns how many it
+/// adopted.
+fn adopt_sessions() -> usize {
+    match crate::cut::adopt() {
+        Ok(done) => done.adopted,
+        Err(e) => {
+            tracing::warn!(
+                error = %crate::daemon::chain(&e),
+                "could not enter the connections in progress into conntrack; \
+                 sessions begun before knockd on protected ports may stall"
+            );
+            0
+        }
+    }
+}
+
 impl Kernel for Real<'_> {
+    /// Adopts the connections in progress on both sides of loading the
+    /// table (see [`crate::cut::adopt`]): before, so none of their segments
+    /// meets the guard untracked; after, for those that began meanwhile,
+    /// when conntrack may not yet have been watching.
     fn install(&mut self, rules: &nft::TableRules) -> Result<(), Error> {
-        Ok(nft::install(rules)?)
+        let before = adopt_sessions();
+        nft::install(rules)?;
+        let after = adopt_sessions();
+        let adopted = before + after;
+        if adopted > 0 {
+            tracing::info!(
+                connections = adopted,
+                "adopted connections in progress that conntrack did not track, so the guard keeps them"
+            );
+        }
+        Ok(())
     }
     fn list_grants(&mut self, doors: &[&str]) -> Result<Vec<Element>, Error> {
         Ok(nft::list_grants(doors)?)
