@@ -439,6 +439,21 @@ mod tests {
     }
 
     #[test]
+    fn a_device_file_with_a_key_written_twice_is_refused_naming_both_lines() {
+        let e = parse_device_text(
+            "id: sensor\ngroups: [fleet]\nkey_file: a.key\ngroups: [admins]\n",
+            Path::new("sensor.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sensor.yaml")
+                && e.contains("groups: written twice in one mapping, on lines 2 and 4"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn key_file_rules() {
         assert_eq!(key_file_problem(0, 0o100600, 0), None);
         assert_eq!(key_file_problem(0, 0o100400, 0), None);

@@ -179,6 +179,7 @@ impl Profiles {
             key,
             message,
         };
+        crate::config::refuse_duplicates(text).map_err(|e| invalid(e.key, e.message))?;
         let mut merged = Profiles::default();
         for (n, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let place = |key: &str| format!("document {}: {key}", n + 1);
@@ -353,6 +354,20 @@ mod tests {
             .to_string();
         assert!(
             e.contains("no profile named \"nowhere\"") && e.contains("bastion, vpn"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_profile_written_twice_is_refused_naming_both_lines() {
+        let key = DeviceKey::generate().to_hex();
+        let (_dir, path) = write(&format!(
+            "profiles:\n  b: {{ host: 198.18.0.1, door: ssh, key: {key} }}\n  \
+             b: {{ host: 198.18.0.2, door: ssh, key: {key} }}\n"
+        ));
+        let e = Profiles::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("profiles.b: written twice in one mapping, on lines 2 and 3"),
             "{e}"
         );
     }

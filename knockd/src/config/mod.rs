@@ -12,6 +12,7 @@ use std::{
 
 use serde::{Deserialize, de::DeserializeOwned};
 
+pub mod duplicates;
 mod ports;
 mod validate;
 
@@ -639,7 +640,20 @@ pub struct YamlError {
 /// of the configuration, device files and client profiles, so all three
 /// name the key at fault the same way.
 pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
+    refuse_duplicates(text)?;
     parse_yaml_document(serde_yaml::Deserializer::from_str(text))
+}
+
+/// A key written twice in one mapping of `text`, as an error naming both
+/// lines (see [`duplicates`]).
+pub fn refuse_duplicates(text: &str) -> Result<(), YamlError> {
+    match duplicates::first(text) {
+        Some(duplicate) => Err(YamlError {
+            message: duplicate.message(),
+            key: duplicate.key,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// [`parse_yaml`] for one document of a YAML stream (`---` separated).
@@ -697,6 +711,25 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    /// Two `ssh:` doors: serde would keep the second, and port 22 (the
+    /// first's) would be guarded by nothing.
+    #[test]
+    fn a_door_written_twice_is_refused_naming_both_lines() {
+        let e = err(
+            "interfaces: [eth0]\ndoors:\n  ssh: { service_port: 22 }\n  ssh: { service_port: 2222 }\n",
+        );
+        assert_eq!(
+            e,
+            "test.yaml: doors.ssh: written twice in one mapping, on lines 3 and 4; YAML would \
+             keep only the second without a word, so remove or rename one"
+        );
+        let e = err("interfaces: [eth0]\ninterfaces: [eth1]\ndoors: {}\n");
+        assert!(
+            e.contains("interfaces: written twice in one mapping, on lines 1 and 2"),
+            "{e}"
+        );
     }
 
     #[test]
