@@ -61,12 +61,67 @@ pub enum Error {
          `chmod 600 {path}` (or import it again with `knockctl profile import`)"
     )]
     Exposed { path: PathBuf, mode: u32 },
+    #[error(
+        "{path}: mode {mode:04o} lets group or others read the device key in it, so it is not \
+         imported; `chmod 600 {path}` and import it again (if others could have read it, \
+         treat the key as exposed: remove the device and add it again)"
+    )]
+    ExposedSource { path: PathBuf, mode: u32 },
     #[error("{path}: no profile named {name:?}, and none for host {name:?} (profiles: {known})")]
     NotFound {
         path: PathBuf,
         name: String,
         known: String,
     },
+}
+
+/// The text of a file of profiles (the profiles file itself, or one
+/// `knockctl device add` printed), refused when group or others may read
+/// it: it holds device keys, as an ssh private key does.
+pub fn read_private(path: &Path) -> Result<String, Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let read = |source| Error::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let mode = file.metadata().map_err(read)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::ExposedSource {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    std::io::read_to_string(file).map_err(read)
+}
+
+/// Standard output, when it is a regular file that group or others may
+/// read (`knockctl device add ... > laptop.yaml` under a 0022 umask), is
+/// made 0600 before anyone else reads the profile in it. Returns what the
+/// operator should know, if anything.
+pub fn protect_stdout() -> Option<String> {
+    use std::os::{fd::AsFd as _, unix::fs::PermissionsExt as _};
+    let file = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().ok()?);
+    let metadata = file.metadata().ok()?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    if !metadata.is_file() || mode & 0o077 == 0 {
+        return None;
+    }
+    Some(
+        match file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700)) {
+            Ok(()) => format!(
+                "standard output is a file group or others could read (mode {mode:04o}), and the \
+                 profile holds the device's key: knockctl made it {:04o}; `-o FILE` writes a \
+                 new file 0600",
+                mode & 0o700
+            ),
+            Err(e) => format!(
+                "standard output is a file group or others can read (mode {mode:04o}), and the \
+                 profile holds the device's key; making it 0600 failed ({e}): chmod 600 it now, \
+                 or use `-o FILE`"
+            ),
+        },
+    )
 }
 
 /// Every profile of a file (all its documents), by name.
@@ -144,29 +199,9 @@ impl Profiles {
     /// Reads and checks `path`, refusing a file others may read (it holds
     /// device keys, as an ssh private key does).
     pub fn load(path: &Path) -> Result<Profiles, Error> {
-        let file = std::fs::File::open(path).map_err(|source| Error::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mode = {
-            use std::os::unix::fs::PermissionsExt as _;
-            file.metadata()
-                .map_err(|source| Error::Read {
-                    path: path.to_owned(),
-                    source,
-                })?
-                .permissions()
-                .mode()
-        };
-        if mode & 0o077 != 0 {
-            return Err(Error::Exposed {
-                path: path.to_owned(),
-                mode: mode & 0o7777,
-            });
-        }
-        let text = std::io::read_to_string(file).map_err(|source| Error::Read {
-            path: path.to_owned(),
-            source,
+        let text = read_private(path).map_err(|e| match e {
+            Error::ExposedSource { path, mode } => Error::Exposed { path, mode },
+            e => e,
         })?;
         Profiles::parse(&text, path)
     }

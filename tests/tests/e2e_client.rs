@@ -592,3 +592,142 @@ fn device_list_remove_check_config_and_completions() {
         assert!(stdout(&completions).contains("knockctl"));
     }
 }
+
+/// Provisioning never leaves a device key where others can read it, and a
+/// server configuration's devices_dir serves every `device` subcommand.
+#[test]
+fn provisioning_keeps_keys_private_and_every_device_command_takes_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let devices = dir.path().join("custom.d");
+    let config = dir.path().join("knockd.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces: [lo]\ndevices_dir: {}\ndoors: {{ ssh: {{ service_port: 22, allow: {{ groups: [fleet] }} }} }}\n",
+            devices.display()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    let ctl = |args: &[&str]| Command::new(knockctl_bin()).args(args).output().unwrap();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+
+    // -o: a new file, 0600, never an existing one.
+    let profile = dir.path().join("laptop.yaml");
+    let profile_arg = profile.display().to_string();
+    let add = |name: &str, out: &str| {
+        ctl(&[
+            "device",
+            "add",
+            name,
+            "--group",
+            "fleet",
+            "--config",
+            &config_arg,
+            "-o",
+            out,
+        ])
+    };
+    let out = add("laptop", &profile_arg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), "", "the profile went to the file, not stdout");
+    assert_eq!(mode(&profile), 0o600);
+    let written = std::fs::read_to_string(&profile).unwrap();
+    assert!(
+        written.contains("laptop:") && written.contains("key: "),
+        "{written}"
+    );
+    assert!(
+        devices.join("laptop.key").exists(),
+        "the config's devices_dir was used"
+    );
+    let again = add("desk", &profile_arg);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("an existing file is never overwritten"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&profile).unwrap(), written);
+
+    // > FILE under a 0022 umask: the file is made 0600, and the operator told.
+    let redirected = dir.path().join("sensor.yaml");
+    let file = std::fs::File::create(&redirected).unwrap();
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .unwrap();
+    let out = Command::new(knockctl_bin())
+        .args([
+            "device",
+            "add",
+            "sensor",
+            "--group",
+            "fleet",
+            "--config",
+            &config_arg,
+        ])
+        .stdout(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("(mode 0644)") && stderr.contains("knockctl made it 0600"),
+        "{stderr}"
+    );
+    assert_eq!(mode(&redirected), 0o600);
+    assert!(
+        std::fs::read_to_string(&redirected)
+            .unwrap()
+            .contains("sensor:")
+    );
+
+    // list and remove read the same devices_dir from the config.
+    let list = stdout(&ctl(&["device", "list", "--config", &config_arg]));
+    assert!(
+        list.contains("laptop\t") && list.contains("sensor\t"),
+        "{list}"
+    );
+    let removed = ctl(&["device", "remove", "sensor", "--config", &config_arg]);
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert!(!devices.join("sensor.key").exists());
+    assert!(!stdout(&ctl(&["device", "list", "--config", &config_arg])).contains("sensor"));
+
+    // profile import refuses a source others can read, naming the fix.
+    let profiles = dir.path().join("profiles.yaml");
+    let import = || {
+        ctl(&[
+            "profile",
+            "import",
+            &profile_arg,
+            "--profiles",
+            &profiles.display().to_string(),
+        ])
+    };
+    std::fs::set_permissions(&profile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = import();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("mode 0644 lets group or others read the device key")
+            && stderr.contains(&format!("chmod 600 {profile_arg}")),
+        "{stderr}"
+    );
+    assert!(!profiles.exists(), "nothing was imported");
+    std::fs::set_permissions(&profile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let imported = import();
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    assert_eq!(mode(&profiles), 0o600);
+}

@@ -189,13 +189,20 @@ enum DeviceCommand {
         /// configuration's control_socket).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Write the client's profile (it holds the key) to this new file,
+        /// mode 0600, instead of to standard output. An existing file is
+        /// never overwritten.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// List the devices in the devices directory (fleet mode: in etcd).
     List {
-        #[arg(long, default_value = "/etc/knockd/devices.d")]
-        devices_dir: PathBuf,
-        /// The server's configuration: with a cluster: section, the
-        /// devices are etcd's.
+        /// The server's devices directory (default: the configuration's
+        /// devices_dir, else /etc/knockd/devices.d).
+        #[arg(long)]
+        devices_dir: Option<PathBuf>,
+        /// The server's configuration: its devices_dir is the default, and
+        /// with a cluster: section the devices are etcd's.
         #[arg(long, default_value = "/etc/knockd/knockd.yaml")]
         config: PathBuf,
     },
@@ -203,8 +210,12 @@ enum DeviceCommand {
     /// and so from every node).
     Remove {
         name: String,
-        #[arg(long, default_value = "/etc/knockd/devices.d")]
-        devices_dir: PathBuf,
+        /// The server's devices directory (default: the configuration's
+        /// devices_dir, else /etc/knockd/devices.d).
+        #[arg(long)]
+        devices_dir: Option<PathBuf>,
+        /// The server's configuration: its devices_dir is the default, and
+        /// with a cluster: section the device is removed from etcd.
         #[arg(long, default_value = "/etc/knockd/knockd.yaml")]
         config: PathBuf,
     },
@@ -348,14 +359,60 @@ fn control<T: serde::de::DeserializeOwned>(path: &Path, request: &Request) -> an
     response.into_data().map_err(|e| anyhow!("knockd: {e}"))
 }
 
-/// The control socket of a server in fleet mode, if `config` (read when
-/// it exists) has a cluster: section.
-fn fleet_socket(config: &Path) -> anyhow::Result<Option<PathBuf>> {
-    if !config.exists() {
+/// The server configuration at `path`, read when the file exists (a
+/// device may be managed away from the server, with --devices-dir alone).
+fn server_config(path: &Path) -> anyhow::Result<Option<knockd::config::Config>> {
+    if !path.exists() {
         return Ok(None);
     }
-    let config = knockd::config::Config::load(config)?;
-    Ok(config.cluster.is_some().then_some(config.control_socket))
+    Ok(Some(knockd::config::Config::load(path)?))
+}
+
+/// The control socket of a server in fleet mode.
+fn fleet_socket(server: Option<&knockd::config::Config>) -> Option<PathBuf> {
+    server
+        .filter(|c| c.cluster.is_some())
+        .map(|c| c.control_socket.clone())
+}
+
+/// The devices directory every `device` subcommand uses, so a device added
+/// with a --config can be listed and removed with the same --config:
+/// --devices-dir, else the configuration's devices_dir, else the default.
+fn devices_dir_of(explicit: Option<PathBuf>, server: Option<&knockd::config::Config>) -> PathBuf {
+    explicit
+        .or_else(|| server.and_then(|c| c.devices_dir.clone()))
+        .unwrap_or_else(|| PathBuf::from("/etc/knockd/devices.d"))
+}
+
+/// Writes a client profile, which holds a device key, where only its owner
+/// can read it: a new file created 0600 (`output`), or standard output.
+/// Standard output redirected to a file (`> laptop.yaml`) gets the shell's
+/// umask, usually 0644: that file is made 0600 and the operator told.
+fn write_profile(profiles: &Profiles, output: Option<&Path>) -> anyhow::Result<()> {
+    let yaml = profiles.to_yaml();
+    if let Some(path) = output {
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "creating {} (an existing file is never overwritten)",
+                    path.display()
+                )
+            })?;
+        out.write_all(yaml.as_bytes())?;
+        eprintln!("wrote the profile to {} (0600)", path.display());
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(yaml.as_bytes())?;
+    stdout.flush()?;
+    if let Some(note) = knockd::profile::protect_stdout() {
+        eprintln!("knockctl: warning: {note}");
+    }
+    Ok(())
 }
 
 /// A `revoke` reply, alone or in fleet mode.
@@ -798,9 +855,7 @@ fn profile(command: ProfileCommand) -> anyhow::Result<()> {
                         PathBuf::from("(stdin)"),
                     )
                 } else {
-                    let text = std::fs::read_to_string(file)
-                        .with_context(|| format!("reading {}", file.display()))?;
-                    (text, file.clone())
+                    (knockd::profile::read_private(file)?, file.clone())
                 };
                 let theirs = Profiles::parse(&text, &name)?;
                 let merged = mine
@@ -833,6 +888,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             host,
             door,
             socket,
+            output,
         } => {
             let (params, server) = door_settings(&config, &door)?;
             let profile = |key: &DeviceKey| Profiles {
@@ -868,12 +924,9 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                     "added {name} to etcd (revision {}), its key sealed under the cluster key; every node admits it within a second. The client's profile (keep it secret, mode 0600):",
                     changed.revision
                 );
-                print!("{}", profile(&key).to_yaml());
-                return Ok(());
+                return write_profile(&profile(&key), output.as_deref());
             }
-            let devices_dir = devices_dir
-                .or(server.and_then(|c| c.devices_dir))
-                .unwrap_or_else(|| PathBuf::from("/etc/knockd/devices.d"));
+            let devices_dir = devices_dir_of(devices_dir, server.as_ref());
             let file = DeviceFile {
                 id: name.clone(),
                 key_file: PathBuf::from(format!("{name}.key")),
@@ -905,14 +958,14 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 yaml_path.display(),
                 key_path.display()
             );
-            print!("{}", profile(&key).to_yaml());
-            Ok(())
+            write_profile(&profile(&key), output.as_deref())
         }
         DeviceCommand::List {
             devices_dir,
             config,
         } => {
-            if let Some(socket) = fleet_socket(&config)? {
+            let server = server_config(&config)?;
+            if let Some(socket) = fleet_socket(server.as_ref()) {
                 let devices: Vec<ClusterDevice> = control(&socket, &Request::DeviceList)?;
                 for d in devices {
                     println!(
@@ -925,6 +978,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
+            let devices_dir = devices_dir_of(devices_dir, server.as_ref());
             for (path, file) in knockd::devices::read_device_files(&devices_dir)? {
                 let mode = std::fs::metadata(devices_dir.join(&file.key_file))
                     .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
@@ -944,7 +998,8 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             devices_dir,
             config,
         } => {
-            if let Some(socket) = fleet_socket(&config)? {
+            let server = server_config(&config)?;
+            if let Some(socket) = fleet_socket(server.as_ref()) {
                 let changed: DeviceChanged =
                     control(&socket, &Request::DeviceRemove { id: name.clone() })?;
                 eprintln!(
@@ -953,6 +1008,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
+            let devices_dir = devices_dir_of(devices_dir, server.as_ref());
             let (path, file) = knockd::devices::read_device_files(&devices_dir)?
                 .into_iter()
                 .find(|(_, f)| f.id == name)
