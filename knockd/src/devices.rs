@@ -86,11 +86,16 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
     }
     let mut report = String::new();
     let kernel = crate::host::kernel_warning(&crate::host::kernel_release(), config.without_xdp);
+    let ephemeral = crate::host::ephemeral_warnings(
+        &config,
+        crate::host::ephemeral_ports().unwrap_or(crate::host::DEFAULT_EPHEMERAL),
+    );
     for warning in devices
         .warnings
         .iter()
         .chain(&crate::lockout::check(&config, &devices))
         .chain(&kernel)
+        .chain(&ephemeral)
     {
         report.push_str(&format!("warning: {warning}\n"));
     }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use knockd_tests::{
-    Daemon, Testbed, addrs, knockctl_bin,
+    Daemon, Testbed, addrs, knockctl_bin, knockd_bin,
     probe::{self, Outcome},
     require_privileges, sh,
 };
@@ -730,4 +730,53 @@ fn provisioning_keeps_keys_private_and_every_device_command_takes_the_config() {
         String::from_utf8_lossy(&imported.stderr)
     );
     assert_eq!(mode(&profiles), 0o600);
+}
+
+/// UDP knock ports in the host's ephemeral range are named by check-config,
+/// and gen-sequence, left to its default, draws below that range.
+#[test]
+fn the_ephemeral_range_is_guarded() {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let mut bounds = ephemeral
+        .split_whitespace()
+        .map(|n| n.parse::<u16>().unwrap());
+    let (low, high) = (bounds.next().unwrap(), bounds.next().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("knockd.yaml");
+    let inside = format!("{}-{}", low, low + 99);
+    std::fs::write(
+        &config,
+        format!("interfaces: [lo]\ndoors: {{ ssh: {{ service_port: 22, knock_ports: \"{inside}\" }} }}\n"),
+    )
+    .unwrap();
+    let out = Command::new(knockd_bin())
+        .args(["check-config", &config.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a warning, not an error");
+    let report = stdout(&out);
+    assert!(
+        report.contains(&format!(
+            "warning: doors.ssh.knock_ports: UDP {inside} lies in the ephemeral range {low}-{high} (net.ipv4.ip_local_port_range)"
+        )),
+        "{report}"
+    );
+
+    let out = Command::new(knockd_bin())
+        .args(["gen-sequence", "--length", "16"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = stdout(&out);
+    let line = printed.lines().next().unwrap();
+    let ports: Vec<u16> = line
+        .split('"')
+        .filter_map(|s| s.strip_suffix(":udp"))
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(ports.len(), 16, "{printed}");
+    assert!(
+        ports.iter().all(|p| !(low..=high).contains(p)),
+        "{ports:?} in {low}-{high}"
+    );
 }

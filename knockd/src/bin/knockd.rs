@@ -52,9 +52,11 @@ enum Command {
         /// Knocks in the sequence.
         #[arg(long, default_value_t = 20)]
         length: usize,
-        /// Port range to draw from.
-        #[arg(long, default_value = "10000-60000")]
-        range: String,
+        /// Port range to draw from (default: from 10000 up to the host's
+        /// ephemeral range, net.ipv4.ip_local_port_range, where replies
+        /// to the host's own queries arrive).
+        #[arg(long)]
+        range: Option<String>,
         /// Protocol of the knocks: udp, tcp, or mixed (each drawn at random).
         #[arg(long, value_enum, default_value_t = SequenceProto::Udp)]
         proto: SequenceProto,
@@ -103,7 +105,7 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum SequenceProto {
     Udp,
     Tcp,
@@ -223,7 +225,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             range,
             proto,
             export,
-        } => gen_sequence(length, &range, proto, export.as_deref()),
+        } => gen_sequence(length, range.as_deref(), proto, export.as_deref()),
         Command::Stats {
             bpffs_dir,
             json,
@@ -303,14 +305,25 @@ fn print_table(now: &knockd::maps::Counters, since: Option<(&knockd::maps::Count
 
 fn gen_sequence(
     length: usize,
-    range: &str,
+    range: Option<&str>,
     proto: SequenceProto,
     export: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     use rand::{Rng as _, seq::index::sample};
-    let range: PortRange = range
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--range {range}: {e}"))?;
+    let ephemeral = knockd::host::ephemeral_ports().unwrap_or(knockd::host::DEFAULT_EPHEMERAL);
+    let range: PortRange = match range {
+        Some(range) => range
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--range {range}: {e}"))?,
+        None => knockd::host::sequence_range(ephemeral),
+    };
+    if proto != SequenceProto::Tcp && range.start <= ephemeral.end && ephemeral.start <= range.end {
+        eprintln!(
+            "knockd gen-sequence: warning: --range {range} overlaps the ephemeral range \
+             {ephemeral} (net.ipv4.ip_local_port_range): UDP knocks there share ports with \
+             replies to the host's own queries; `knockd check-config` will warn about them"
+        );
+    }
     let span = usize::from(range.end - range.start) + 1;
     anyhow::ensure!(
         (1..=STATIC_SEQUENCE_MAX).contains(&length) && length <= span,
