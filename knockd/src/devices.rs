@@ -90,12 +90,23 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
         &config,
         crate::host::ephemeral_ports().unwrap_or(crate::host::DEFAULT_EPHEMERAL),
     );
+    #[cfg(feature = "daemon")]
+    let conflicts = match crate::conflicts::on_host(&config) {
+        Ok(found) => found,
+        Err(e) => vec![format!(
+            "could not read the host's ruleset to look for rules that keep doors shut ({e}); \
+             run check-config as root"
+        )],
+    };
+    #[cfg(not(feature = "daemon"))]
+    let conflicts: Vec<String> = Vec::new();
     for warning in devices
         .warnings
         .iter()
         .chain(&crate::lockout::check(&config, &devices))
         .chain(&kernel)
         .chain(&ephemeral)
+        .chain(&conflicts)
     {
         report.push_str(&format!("warning: {warning}\n"));
     }

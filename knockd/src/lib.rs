@@ -34,6 +34,7 @@ pub mod client;
 #[cfg(feature = "daemon")]
 pub mod cluster;
 pub mod config;
+pub mod conflicts;
 pub mod control;
 #[cfg(feature = "daemon")]
 pub mod cut;

@@ -64,6 +64,7 @@ use std::{
     time::Duration,
 };
 
+use crate::conflicts::{ForeignChain, ForeignRule};
 use nftnl::{
     Batch, Chain, FinalizedBatch, MsgType, NlMsg, ProtoFamily, Rule, Table,
     expr::{Expression, Immediate, Register},
@@ -1023,6 +1024,126 @@ fn list_tables_on(socket: &mnl::Socket) -> Result<Vec<CString>, Error> {
         .into_iter()
         .filter(|t| t.as_c_str() == TABLE)
         .collect())
+}
+
+/// Every chain and rule of the host's ruleset but knockd's own table, as
+/// [`crate::conflicts`] judges them: the other tables (iptables-nft's,
+/// ufw's, firewalld's, the operator's) whose drops knockd's grants cannot
+/// override.
+pub fn host_ruleset() -> Result<(Vec<ForeignChain>, Vec<ForeignRule>), Error> {
+    with_socket(|socket| {
+        let mut chains = Vec::new();
+        let request = dump_everything(libc::NFT_MSG_GETCHAIN as u16);
+        dump(socket, &request, "listing chains", chain_of, &mut chains)?;
+        let mut rules = Vec::new();
+        let request = dump_everything(libc::NFT_MSG_GETRULE as u16);
+        dump(socket, &request, "listing rules", rule_of, &mut rules)?;
+        Ok((chains, rules))
+    })
+}
+
+/// A dump request of `msg_type` over every family and table.
+fn dump_everything(msg_type: u16) -> Vec<u8> {
+    let mut request = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
+    // SAFETY: the buffer holds the largest message nftnl builds; the
+    // request is a header alone.
+    unsafe {
+        let header = sys::nftnl_nlmsg_build_hdr(
+            request.as_mut_ptr().cast(),
+            msg_type,
+            libc::NFPROTO_UNSPEC as u16,
+            (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
+            DUMP_SEQ,
+        );
+        request.truncate((*header).nlmsg_len as usize);
+    }
+    request
+}
+
+/// A string attribute, or empty when unset.
+///
+/// # Safety
+/// `ptr` is null or a NUL-terminated string libnftnl owns.
+unsafe fn owned(ptr: *const libc::c_char) -> String {
+    if ptr.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the caller's promise.
+        unsafe { CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Whether a dumped object is knockd's own table's.
+fn ours(family: u32, table: &str) -> bool {
+    family == libc::NFPROTO_INET as u32 && table.as_bytes() == TABLE.to_bytes()
+}
+
+fn chain_of(header: &libc::nlmsghdr, chains: &mut Vec<ForeignChain>) -> libc::c_int {
+    // SAFETY: `header` is a valid netlink message from mnl; the chain
+    // object is freed before returning, after its fields were copied.
+    unsafe {
+        let chain = sys::nftnl_chain_alloc();
+        assert!(!chain.is_null(), "out of memory");
+        if sys::nftnl_chain_nlmsg_parse(header, chain) >= 0 {
+            let attr = |a: u32| a as u16;
+            let family = sys::nftnl_chain_get_u32(chain, attr(sys::NFTNL_CHAIN_FAMILY));
+            let table = owned(sys::nftnl_chain_get_str(
+                chain,
+                attr(sys::NFTNL_CHAIN_TABLE),
+            ));
+            if !ours(family, &table) {
+                let hooked = sys::nftnl_chain_is_set(chain, attr(sys::NFTNL_CHAIN_HOOKNUM));
+                let policy = sys::nftnl_chain_is_set(chain, attr(sys::NFTNL_CHAIN_POLICY))
+                    .then(|| sys::nftnl_chain_get_u32(chain, attr(sys::NFTNL_CHAIN_POLICY)));
+                chains.push(ForeignChain {
+                    family,
+                    table,
+                    name: owned(sys::nftnl_chain_get_str(chain, attr(sys::NFTNL_CHAIN_NAME))),
+                    hook: hooked
+                        .then(|| sys::nftnl_chain_get_u32(chain, attr(sys::NFTNL_CHAIN_HOOKNUM))),
+                    priority: sys::nftnl_chain_get_s32(chain, attr(sys::NFTNL_CHAIN_PRIO)),
+                    policy_drop: policy == Some(libc::NF_DROP as u32),
+                });
+            }
+        }
+        sys::nftnl_chain_free(chain);
+    }
+    mnl::mnl_sys::MNL_CB_OK
+}
+
+fn rule_of(header: &libc::nlmsghdr, rules: &mut Vec<ForeignRule>) -> libc::c_int {
+    // SAFETY: as in chain_of; snprintf writes at most the buffer's size,
+    // NUL-terminated.
+    unsafe {
+        let rule = sys::nftnl_rule_alloc();
+        assert!(!rule.is_null(), "out of memory");
+        if sys::nftnl_rule_nlmsg_parse(header, rule) >= 0 {
+            let attr = |a: u32| a as u16;
+            let family = sys::nftnl_rule_get_u32(rule, attr(sys::NFTNL_RULE_FAMILY));
+            let table = owned(sys::nftnl_rule_get_str(rule, attr(sys::NFTNL_RULE_TABLE)));
+            if !ours(family, &table) {
+                let mut text = vec![0u8; 16 * 1024];
+                sys::nftnl_rule_snprintf(
+                    text.as_mut_ptr().cast(),
+                    text.len(),
+                    rule,
+                    sys::NFTNL_OUTPUT_DEFAULT,
+                    0,
+                );
+                rules.push(ForeignRule {
+                    family,
+                    table,
+                    chain: owned(sys::nftnl_rule_get_str(rule, attr(sys::NFTNL_RULE_CHAIN))),
+                    handle: sys::nftnl_rule_get_u64(rule, attr(sys::NFTNL_RULE_HANDLE)),
+                    expressions: owned(text.as_ptr().cast()),
+                });
+            }
+        }
+        sys::nftnl_rule_free(rule);
+    }
+    mnl::mnl_sys::MNL_CB_OK
 }
 
 /// The sequence number of dump requests (one at a time per socket).

@@ -49,6 +49,8 @@ const APT_PACKAGES: &[&str] = &[
     // conntrack-tools' `conntrack`: an independent look at the flows that
     // revoke cuts.
     "conntrack",
+    // iptables-nft: the old firewall's DROP that the conflict check names.
+    "iptables",
     // Replaying captured knocks as an attacker would.
     "tcpreplay",
     // The benchmarks read veth's per-queue counters and turn GRO on.

@@ -138,6 +138,7 @@ impl Daemon {
                 "adopted the grants the nftables table held"
             );
         }
+        crate::conflicts::log_on_host(&config);
         // The table's conntrack expressions have loaded conntrack, so its
         // sysctls exist now.
         sessions::stamp_if_capped(&config);

@@ -201,6 +201,7 @@ impl Daemon {
         self.engine = engine;
         self.grants = grants;
         self.loaded_at_ms = unix_ms();
+        crate::conflicts::log_on_host(&self.config);
         // A reload may give a door its first cap.
         super::sessions::stamp_if_capped(&self.config);
         self.session_caps.rescan(Instant::now());
