@@ -11,7 +11,16 @@ dest=${DESTDIR:-}
 # KNOCKD_BIN_DIR: install already-built binaries from there instead.
 bin=${KNOCKD_BIN_DIR:-}
 if [ -z "$bin" ]; then
-    cargo build --release --manifest-path "$root/Cargo.toml" -p knockd --bins
+    # Fleet mode (cluster:) when its build tools are here: protoc and the
+    # protobuf well-known types (protobuf-compiler, libprotobuf-dev).
+    features=
+    if command -v protoc >/dev/null && [ -e /usr/include/google/protobuf/descriptor.proto ]; then
+        features="--features cluster"
+    else
+        echo "install.sh: no protoc or libprotobuf-dev: building without fleet mode (cluster:)" >&2
+    fi
+    # shellcheck disable=SC2086
+    cargo build --release --manifest-path "$root/Cargo.toml" -p knockd --bins $features
     bin=$root/target/release
 fi
 install -d -m 0755 "$dest/usr/local/sbin" "$dest/usr/local/bin" "$dest/etc/systemd/system" \

@@ -334,7 +334,7 @@ fn workspace_bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| dir.join(name));
     assert!(
         bin.exists(),
-        "{} not found: build it first (`cargo build -p knockd`)",
+        "{} not found: build it first (`cargo build -p knockd --features cluster`)",
         bin.display()
     );
     bin

@@ -20,8 +20,45 @@ use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
 mod vm;
+#[path = "../../knockd/xdp_stamp.rs"]
+mod xdp_stamp;
 
-/// Debian packages the build, the tests and the demo need.
+/// Debian packages that building and packaging knockd and knockctl need
+/// (`cargo xtask setup --build`): the C libraries nftables support links,
+/// and dpkg-deb for `cargo xtask deb`. With the committed XDP object,
+/// nothing of the eBPF toolchain. Fleet mode (`--features cluster`) adds
+/// protoc and its well-known types.
+const BUILD_PACKAGES: &[&str] = &[
+    "libnftnl-dev",
+    "libmnl-dev",
+    "pkg-config",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "dpkg-dev",
+    "binutils",
+    "gzip",
+];
+
+/// Files the build reads from those packages: checked after installing,
+/// since a package name can be there (an earlier hand install, a
+/// different version) without the file the build needs.
+const BUILD_FILES: &[(&str, &str)] = &[
+    ("/usr/include/libnftnl/rule.h", "libnftnl-dev"),
+    ("/usr/include/libmnl/libmnl.h", "libmnl-dev"),
+    ("/usr/bin/protoc", "protobuf-compiler"),
+    // etcd-client's .proto files import these; protobuf-compiler ships none.
+    (
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
+    (
+        "/usr/include/google/protobuf/empty.proto",
+        "libprotobuf-dev",
+    ),
+];
+
+/// Debian packages the eBPF toolchain, the tests, the demo and the
+/// benchmarks need on top of [`BUILD_PACKAGES`].
 const APT_PACKAGES: &[&str] = &[
     // bpf-linker links against LLVM 22.
     "llvm-22-dev",
@@ -93,7 +130,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the toolchain and system packages (idempotent; needs root).
-    Setup,
+    Setup {
+        /// Only what building and packaging knockd needs (stable Rust and
+        /// a few C libraries; the XDP object is committed), not the eBPF
+        /// toolchain or the test rig.
+        #[arg(long)]
+        build: bool,
+    },
+    /// Compile the XDP program (needs the eBPF toolchain) and commit-ready
+    /// write it to knockd/xdp/knockd-xdp.o with its source stamp.
+    Xdp,
     /// Setup, then fmt, clippy, unit tests and privileged tests (needs root).
     Test {
         /// Only run tests whose name contains this (both suites).
@@ -146,7 +192,9 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup(),
+        Task::Setup { build: true } => setup_build(),
+        Task::Setup { build: false } => setup(),
+        Task::Xdp => xdp(),
         Task::Test { filter } => test(filter.as_deref()),
         Task::Kernels => {
             setup()?;
@@ -213,7 +261,10 @@ fn setup() -> Result<()> {
     if !is_root() {
         bail!("`cargo xtask setup` installs packages and mounts bpffs: run it as root");
     }
-    step("apt packages", apt_packages)?;
+    step("apt packages", || {
+        apt_install(&[BUILD_PACKAGES, APT_PACKAGES].concat())
+    })?;
+    step("build files", build_files)?;
     step("nightly rust-src", nightly_rust_src)?;
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
@@ -222,8 +273,83 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> Result<&'static str> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// `cargo xtask setup --build`: the packages building and packaging need.
+fn setup_build() -> Result<()> {
+    let start = Instant::now();
+    if !is_root() {
+        bail!("`cargo xtask setup --build` installs packages: run it as root");
+    }
+    step("apt packages", || apt_install(BUILD_PACKAGES))?;
+    step("build files", build_files)?;
+    println!(
+        "setup --build: done in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn build_files() -> Result<&'static str> {
+    for (file, package) in BUILD_FILES {
+        ensure!(
+            Path::new(file).exists(),
+            "{file} is missing though setup installed {package}: `apt-get install --reinstall {package}`"
+        );
+    }
+    Ok("present")
+}
+
+/// `cargo xtask xdp`: compiles the XDP program through knockd's build
+/// script (KNOCKD_XDP_REBUILD=1) and writes it, with the stamp of its
+/// sources, where the build script takes it from.
+fn xdp() -> Result<()> {
+    let root = workspace_root();
+    let built = cargo()
+        .args(["build", "-p", "knockd", "--lib", "--message-format=json"])
+        .env("KNOCKD_XDP_REBUILD", "1")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cargo build")?;
+    ensure!(built.status.success(), "building the XDP program failed");
+    let out_dir = String::from_utf8_lossy(&built.stdout)
+        .lines()
+        .filter(|l| l.contains("\"build-script-executed\"") && l.contains("knockd#"))
+        .find_map(|l| {
+            let start = l.find("\"out_dir\":\"")? + "\"out_dir\":\"".len();
+            Some(l[start..].split('"').next()?.to_owned())
+        })
+        .context("cargo did not report knockd's build script output directory")?;
+    let object = Path::new(&out_dir).join("knockd-xdp");
+    std::fs::copy(&object, root.join(xdp_stamp::OBJECT))
+        .with_context(|| format!("copying {}", object.display()))?;
+    let hash = xdp_stamp::sources_hash(&root)?;
+    std::fs::write(root.join(xdp_stamp::STAMP), format!("{hash}\n"))?;
+    println!(
+        "xdp: wrote {} ({} bytes) and {}; commit both",
+        xdp_stamp::OBJECT,
+        std::fs::metadata(root.join(xdp_stamp::OBJECT))?.len(),
+        xdp_stamp::STAMP
+    );
+    Ok(())
+}
+
+/// The test command's check that the committed XDP object is current.
+fn xdp_current() -> Result<()> {
+    let root = workspace_root();
+    let current = xdp_stamp::sources_hash(&root)?;
+    ensure!(
+        xdp_stamp::committed(&root).as_deref() == Some(current.as_str())
+            && root.join(xdp_stamp::OBJECT).exists(),
+        "{} is not current with knockd-ebpf's and knockd-common's sources: run `cargo xtask xdp` \
+         and commit {} and {}",
+        xdp_stamp::OBJECT,
+        xdp_stamp::OBJECT,
+        xdp_stamp::STAMP
+    );
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> Result<&'static str> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -502,6 +628,8 @@ fn test(filter: Option<&str>) -> Result<()> {
     setup()?;
     println!("test: rustfmt");
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    println!("test: the committed XDP object is current");
+    xdp_current()?;
     println!("test: clippy (userspace, tests, xtask)");
     run(cargo().args([
         "clippy",
@@ -675,7 +803,7 @@ fn test(filter: Option<&str>) -> Result<()> {
 /// Builds the smoke test binary and runs it on every kernel of the suite,
 /// printing one line per kernel.
 fn kernel_suite() -> Result<Vec<vm::Outcome>> {
-    run(cargo().args(["build", "-p", "knockd", "--bins"]))?;
+    run(cargo().args(["build", "-p", "knockd", "--bins", "--features", "cluster"]))?;
     let built = cargo()
         .args(["test", "-p", "knockd-tests", "--test", "kernel", "--no-run"])
         .output()
@@ -772,7 +900,15 @@ fn demo_cluster() -> Result<()> {
 /// Builds knockd's binaries and the test crate's program `name` (release:
 /// benchmarks and demos run what ships), and returns a command for it.
 fn release_tool(name: &str) -> Result<Command> {
-    run(cargo().args(["build", "--release", "--package", "knockd", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "knockd",
+        "--bins",
+        "--features",
+        "cluster",
+    ]))?;
     run(cargo().args([
         "build",
         "--release",
@@ -789,7 +925,15 @@ fn release_tool(name: &str) -> Result<Command> {
 fn demo() -> Result<()> {
     setup()?;
     banner("building knockd (release)");
-    run(cargo().args(["build", "--release", "--package", "knockd", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "knockd",
+        "--bins",
+        "--features",
+        "cluster",
+    ]))?;
     let knockd = workspace_root().join("target/release/knockd");
 
     let id = std::process::id();
@@ -1075,7 +1219,15 @@ const DEB_NAME: &str = "knockd-xdp";
 /// staged tree, and returns its path.
 fn deb(version: Option<&str>) -> Result<PathBuf> {
     let root = workspace_root();
-    run(cargo().args(["build", "--release", "--package", "knockd", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "knockd",
+        "--bins",
+        "--features",
+        "cluster",
+    ]))?;
     let version = match version {
         Some(v) => v.to_owned(),
         None => {
