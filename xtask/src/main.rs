@@ -403,10 +403,20 @@ fn nightly_rust_src() -> Result<&'static str> {
             ]))?;
             Ok("installed")
         }
-        None => bail!(
-            "no nightly toolchain: the eBPF crate builds with nightly's -Z build-std; \
-             install one with `rustup toolchain install nightly --component rust-src`"
-        ),
+        // A machine with rustup's default (stable) alone: the eBPF crate
+        // builds with nightly's -Z build-std, so bring it.
+        None => {
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))?;
+            Ok("installed nightly with rust-src")
+        }
     }
 }
 
