@@ -289,3 +289,160 @@ fn the_package_lives_its_whole_life_under_a_real_systemd() {
     machine.ok("test ! -e /etc/systemd/system/multi-user.target.wants/knockd.service");
     assert_eq!(connect(SSH), Outcome::Answered, "the host is open again");
 }
+
+/// The package `cargo xtask test` builds from an older commit, whose pinned
+/// maps differ from today's (13 counters, not 14): see xtask's
+/// `OLD_LAYOUT_COMMIT`.
+fn old_layout_deb() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/deb-old-layout");
+    std::fs::read_dir(&dir)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no package in {}: `cargo xtask test` builds it",
+                dir.display()
+            )
+        })
+}
+
+/// An upgrade from the last release whose map layout differs: the newer
+/// daemon starts anyway, swapping its maps and program in with no moment
+/// where a protected port answers, keeps the live grant (and the session
+/// through it), and runs with its own layout after.
+#[test]
+fn an_upgrade_from_an_older_map_layout_keeps_the_host_closed_and_the_grants() {
+    require_privileges!();
+    let (deb, _) = debs();
+    let old = old_layout_deb();
+    let testbed = Testbed::new();
+    let (server, client, _) = addrs::family(false);
+    testbed
+        .server
+        .run(|| probe::echo_server(SocketAddr::new(server, SSH)));
+    let connect = |port: u16| {
+        testbed.client.run(move || {
+            probe::tcp_connect(
+                Some(client),
+                SocketAddr::new(server, port),
+                Duration::from_millis(1200),
+            )
+        })
+    };
+    let machine = Machine::boot(&testbed.server);
+    machine.ok("dpkg --purge knockd >/dev/null 2>&1 || true");
+    machine.copy_in(&old, "/root/knockd-xdp-old.deb");
+    machine.copy_in(&deb, "/root/knockd-xdp.deb");
+    machine.ok("dpkg -i /root/knockd-xdp-old.deb 2>&1");
+    let pins = Pins::new("up");
+    let config = format!(
+        "interfaces: [{}]\nxdp_mode: native\nbpffs_dir: {}\n\
+         devices_dir: /etc/knockd/devices.d\n\
+         doors:\n  ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }} }}\n",
+        testbed.server_if,
+        pins.dir().display()
+    );
+    machine.write("/etc/knockd/knockd.yaml", &config, 0o600);
+    let profile = machine.ok(&format!(
+        "knockctl device add laptop --group admins --host {server}"
+    ));
+    let client_dir = tempfile::tempdir().unwrap();
+    let profiles = client_dir.path().join("profiles.yaml");
+    std::fs::write(&profiles, &profile).unwrap();
+    std::fs::set_permissions(
+        &profiles,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    machine.ok("systemctl start knockd");
+    let counters = |machine: &Machine| -> serde_json::Value {
+        serde_json::from_str(&machine.ok(&format!(
+            "knockd stats --json --bpffs-dir {}",
+            pins.dir().display()
+        )))
+        .unwrap()
+    };
+    assert!(
+        counters(&machine).get("knock_unmatched").is_none(),
+        "the old layout has no knock_unmatched slot: {}",
+        counters(&machine)
+    );
+
+    // A live grant, and a session through it.
+    let port: u16 = sh(testbed
+        .client
+        .command(knockctl_bin())
+        .args(["knock", "--profiles"])
+        .arg(&profiles)
+        .arg("laptop"))
+    .trim()
+    .parse()
+    .unwrap();
+    let (outcome, stream) = connect(port);
+    assert_eq!(outcome, Outcome::Answered);
+    let mut session = stream.unwrap();
+    assert!(probe::echo_round_trip(&mut session, b"before"));
+    assert_eq!(connect(SSH).0, Outcome::Silent);
+
+    // Probes of the service port all through the upgrade.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (tried, answered) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let (mut tried, mut answered) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let outcome = testbed.client.run(|| {
+                    probe::tcp_connect(
+                        Some(client),
+                        SocketAddr::new(server, SSH),
+                        Duration::from_millis(300),
+                    )
+                    .0
+                });
+                tried += 1;
+                if outcome == Outcome::Answered {
+                    answered += 1;
+                }
+            }
+            (tried, answered)
+        });
+        // The prober stops even if the upgrade fails (a panic here would
+        // otherwise wait on it forever).
+        // The older example configuration differs from today's, and the
+        // operator edited theirs: keep it, as an unattended upgrade does.
+        let upgraded =
+            machine.sh("dpkg --force-confdef --force-confold -i /root/knockd-xdp.deb 2>&1");
+        std::thread::sleep(Duration::from_millis(600));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let probes = prober.join().unwrap();
+        let output = String::from_utf8_lossy(&upgraded.stdout);
+        eprintln!("dpkg -i (upgrade from the old layout):\n{output}");
+        assert!(
+            upgraded.status.success(),
+            "the upgrade failed: {output}\n{}",
+            machine.ok("journalctl -u knockd --no-pager -n 40 -o cat")
+        );
+        probes
+    });
+    eprintln!("probes during the upgrade: {tried}, answered: {answered}");
+    assert!(tried >= 2, "the prober ran during the upgrade ({tried})");
+    assert_eq!(answered, 0, "a protected port answered during the upgrade");
+
+    assert_eq!(machine.ok("systemctl is-active knockd").trim(), "active");
+    let log = machine.ok("journalctl -u knockd --no-pager -o cat");
+    assert!(log.contains("replaced a stale pin"), "{log}");
+    assert!(
+        counters(&machine).get("knock_unmatched").is_some(),
+        "the new layout is pinned: {}",
+        counters(&machine)
+    );
+    let grants = machine.ok("knockctl grants --json");
+    assert!(grants.contains(&format!("\"port\": {port}")), "{grants}");
+    assert!(probe::echo_round_trip(&mut session, b"after"));
+    assert_eq!(connect(port).0, Outcome::Answered, "the grant still opens");
+    assert_eq!(connect(SSH).0, Outcome::Silent, "the guard is up");
+    machine.ok("dpkg --purge knockd-xdp >/dev/null 2>&1");
+}

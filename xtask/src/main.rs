@@ -23,25 +23,9 @@ mod vm;
 #[path = "../../knockd/xdp_stamp.rs"]
 mod xdp_stamp;
 
-/// Debian packages that building and packaging knockd and knockctl need
-/// (`cargo xtask setup --build`): the C libraries nftables support links,
-/// and dpkg-deb for `cargo xtask deb`. With the committed XDP object,
-/// nothing of the eBPF toolchain. Fleet mode (`--features cluster`) adds
-/// protoc and its well-known types.
-const BUILD_PACKAGES: &[&str] = &[
-    "libnftnl-dev",
-    "libmnl-dev",
-    "pkg-config",
-    "protobuf-compiler",
-    "libprotobuf-dev",
-    "dpkg-dev",
-    "binutils",
-    "gzip",
-];
-
-/// Files the build reads from those packages: checked after installing,
-/// since a package name can be there (an earlier hand install, a
-/// different version) without the file the build needs.
+/// Files the build reads from the [`Need::Build`] packages: checked after
+/// installing, since a package name can be there (an earlier hand install,
+/// a different version) without the file the build needs.
 const BUILD_FILES: &[(&str, &str)] = &[
     ("/usr/include/libnftnl/rule.h", "libnftnl-dev"),
     ("/usr/include/libmnl/libmnl.h", "libmnl-dev"),
@@ -57,61 +41,70 @@ const BUILD_FILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Debian packages the eBPF toolchain, the tests, the demo and the
-/// benchmarks need on top of [`BUILD_PACKAGES`].
-const APT_PACKAGES: &[&str] = &[
+/// What a Debian package of [`APT_PACKAGES`] is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Building and packaging knockd and knockctl (`cargo xtask setup
+    /// --build`): with the committed XDP object, no eBPF toolchain.
+    Build,
+    /// The eBPF toolchain, the tests, the demo and the benchmarks.
+    Rig,
+}
+
+/// Debian packages `cargo xtask setup` installs, and what each is for.
+const APT_PACKAGES: &[(&str, Need)] = &[
     // bpf-linker links against LLVM 22.
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
+    ("llvm-22-dev", Need::Rig),
+    ("libpolly-22-dev", Need::Rig),
+    ("libzstd-dev", Need::Rig),
+    ("zlib1g-dev", Need::Rig),
     // nftables, for the grant tables.
-    "libnftnl-dev",
-    "libmnl-dev",
-    "nftables",
-    "pkg-config",
+    ("libnftnl-dev", Need::Build),
+    ("libmnl-dev", Need::Build),
+    ("nftables", Need::Rig),
+    ("pkg-config", Need::Build),
     // Namespaces, veth, nsenter.
-    "iproute2",
-    "util-linux",
+    ("iproute2", Need::Rig),
+    ("util-linux", Need::Rig),
     // Real peers for tests and the demo: knockd's stock `knock` client.
-    "knockd",
+    ("knockd", Need::Rig),
     // sshd and ssh, for the ProxyCommand test.
-    "openssh-server",
-    "openssh-client",
+    ("openssh-server", Need::Rig),
+    ("openssh-client", Need::Rig),
     // The independent Python check of the protocol's test vectors.
-    "python3",
-    "python3-cryptography",
-    "nmap",
-    "netcat-openbsd",
+    ("python3", Need::Rig),
+    ("python3-cryptography", Need::Rig),
+    ("nmap", Need::Rig),
+    ("netcat-openbsd", Need::Rig),
     // conntrack-tools' `conntrack`: an independent look at the flows that
     // revoke cuts.
-    "conntrack",
+    ("conntrack", Need::Rig),
     // iptables-nft: the old firewall's DROP that the conflict check names.
-    "iptables",
+    ("iptables", Need::Rig),
     // Replaying captured knocks as an attacker would.
-    "tcpreplay",
+    ("tcpreplay", Need::Rig),
     // The benchmarks read veth's per-queue counters and turn GRO on.
-    "ethtool",
+    ("ethtool", Need::Rig),
     // Fleet mode: the etcd-client crate generates its gRPC code with
     // protoc; the fleet tests, demo and benchmark run a real etcd cluster
     // (etcdctl sets up users and roles; openssl makes the TLS material).
-    "protobuf-compiler",
+    ("protobuf-compiler", Need::Build),
     // protoc's well-known types (google/protobuf/*.proto), which
     // etcd-client's .proto files import: protobuf-compiler ships none.
-    "libprotobuf-dev",
-    "etcd-server",
-    "etcd-client",
-    "openssl",
+    ("libprotobuf-dev", Need::Build),
+    ("etcd-server", Need::Rig),
+    ("etcd-client", Need::Rig),
+    ("openssl", Need::Rig),
     // The kernel suite: Debian 12's own kernel booted in a VM (qemu, TCG or
     // KVM) from a tiny initramfs (busybox, modprobe from kmod, cpio).
-    "qemu-system-x86",
-    "busybox-static",
-    "kmod",
-    "cpio",
+    ("qemu-system-x86", Need::Rig),
+    ("busybox-static", Need::Rig),
+    ("kmod", Need::Rig),
+    ("cpio", Need::Rig),
     // `cargo xtask deb`: dpkg-deb, strip, gzip.
-    "dpkg-dev",
-    "binutils",
-    "gzip",
+    ("dpkg-dev", Need::Build),
+    ("binutils", Need::Build),
+    ("gzip", Need::Build),
 ];
 
 /// The bpf-linker release we build; 0.13 is the one known to build with
@@ -161,6 +154,10 @@ enum Task {
         /// The package version (default: the workspace's).
         #[arg(long)]
         version: Option<String>,
+        /// Instead, the upgrade test's package of an older map layout, in
+        /// target/deb-old-layout (needs the repository's history).
+        #[arg(long)]
+        old_layout: bool,
     },
     /// Runs the cargo-fuzz targets (nightly, libFuzzer; `xdp_guard` needs
     /// root), each for `--time` seconds or `--runs` executions, and prints
@@ -210,7 +207,12 @@ fn main() -> Result<()> {
         Task::Demo { which: Some(w) } => {
             bail!("no demo {w:?}: `cargo xtask demo` or `cargo xtask demo cluster`")
         }
-        Task::Deb { version } => deb(version.as_deref()).map(|path| println!("{}", path.display())),
+        Task::Deb {
+            old_layout: true, ..
+        } => old_layout_deb(&workspace_version()?).map(|path| println!("{}", path.display())),
+        Task::Deb { version, .. } => {
+            deb(version.as_deref()).map(|path| println!("{}", path.display()))
+        }
         Task::Bench { which } => bench(&which),
         Task::Fuzz { target, time, runs } => {
             setup()?;
@@ -261,9 +263,7 @@ fn setup() -> Result<()> {
     if !is_root() {
         bail!("`cargo xtask setup` installs packages and mounts bpffs: run it as root");
     }
-    step("apt packages", || {
-        apt_install(&[BUILD_PACKAGES, APT_PACKAGES].concat())
-    })?;
+    step("apt packages", || apt_install(|_| true))?;
     step("build files", build_files)?;
     step("nightly rust-src", nightly_rust_src)?;
     step("bpf-linker", bpf_linker)?;
@@ -279,7 +279,7 @@ fn setup_build() -> Result<()> {
     if !is_root() {
         bail!("`cargo xtask setup --build` installs packages: run it as root");
     }
-    step("apt packages", || apt_install(BUILD_PACKAGES))?;
+    step("apt packages", || apt_install(|need| need == Need::Build))?;
     step("build files", build_files)?;
     println!(
         "setup --build: done in {:.1}s",
@@ -348,10 +348,12 @@ fn xdp_current() -> Result<()> {
     Ok(())
 }
 
-fn apt_install(packages: &[&str]) -> Result<&'static str> {
-    let missing: Vec<&str> = packages
+/// Installs the packages of [`APT_PACKAGES`] whose need `wanted` takes.
+fn apt_install(wanted: impl Fn(Need) -> bool) -> Result<&'static str> {
+    let missing: Vec<&str> = APT_PACKAGES
         .iter()
-        .copied()
+        .filter(|(_, need)| wanted(*need))
+        .map(|(name, _)| *name)
         .filter(|pkg| {
             output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", pkg]))
                 .is_none_or(|status| !status.starts_with("ii"))
@@ -690,6 +692,8 @@ fn test(filter: Option<&str>) -> Result<()> {
         .context("the package's version")?
         .to_owned();
     deb(Some(&format!("{version}+upgrade")))?;
+    println!("test: a package of an older map layout (for tests/systemd.rs's upgrade)");
+    old_layout_deb(&version)?;
 
     println!("test: unit tests");
     let mut unit = cargo();
@@ -1225,6 +1229,74 @@ fn demo() -> Result<()> {
 /// knockd.service).
 const DEB_NAME: &str = "knockd-xdp";
 
+/// The commit the upgrade test's older package is built from: the last
+/// before the counters map grew from 13 to 14 slots (knock_unmatched), so
+/// the maps it pins differ from today's.
+const OLD_LAYOUT_COMMIT: &str = "5870db51fb7826073d393ef1e62e3a47d2250727^";
+
+/// Where that package goes: apart from target/deb, whose packages
+/// tests/systemd.rs tells by name.
+const OLD_LAYOUT_DIR: &str = "target/deb-old-layout";
+
+/// Builds the package of [`OLD_LAYOUT_COMMIT`] (with that tree's own
+/// `cargo xtask deb`, in a tree of its own under target/), versioned below
+/// `version` so that installing today's over it is an upgrade. Kept across
+/// runs: the commit does not change.
+fn old_layout_deb(version: &str) -> Result<PathBuf> {
+    let root = workspace_root();
+    let out = root.join(OLD_LAYOUT_DIR);
+    if let Some(deb) = std::fs::read_dir(&out)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+    {
+        return Ok(deb);
+    }
+    let commit = output(Command::new("git").current_dir(&root).args([
+        "rev-parse",
+        "--verify",
+        &format!("{OLD_LAYOUT_COMMIT}^{{commit}}"),
+    ]))
+    .context(
+        "the upgrade test builds a package from an older commit, and this clone does not \
+         have it: use a full clone (not --depth)",
+    )?;
+    let src = root.join("target/old-layout-src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src)?;
+    run(Command::new("sh").current_dir(&root).args([
+        "-c",
+        &format!(
+            "git archive {} | tar -x -C {}",
+            commit.trim(),
+            src.display()
+        ),
+    ]))?;
+    // That tree's binaries, built in its own target dir (it predates
+    // `cargo xtask deb`), packaged by today's code with its own unit and
+    // example configuration. None of this build's environment leaks in.
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&src)
+            .args(["build", "--release", "-p", "knockd", "--bins"])
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_MANIFEST_DIR")
+            .env_remove("CARGO_PKG_NAME"),
+    )?;
+    std::fs::create_dir_all(&out)?;
+    let deb = package(
+        &src,
+        &src.join("target/release"),
+        &format!("{version}~oldlayout"),
+        &out,
+        false,
+    )?;
+    let _ = std::fs::remove_dir_all(&src);
+    Ok(deb)
+}
+
 /// Builds `target/deb/knockd-xdp_VERSION_ARCH.deb` with dpkg-deb from a
 /// staged tree, and returns its path.
 fn deb(version: Option<&str>) -> Result<PathBuf> {
@@ -1240,24 +1312,37 @@ fn deb(version: Option<&str>) -> Result<PathBuf> {
     ]))?;
     let version = match version {
         Some(v) => v.to_owned(),
-        None => {
-            let manifest = std::fs::read_to_string(root.join("Cargo.toml"))?;
-            manifest
-                .lines()
-                .find_map(|l| l.strip_prefix("version = \""))
-                .and_then(|v| v.strip_suffix('"'))
-                .context("no version in the workspace Cargo.toml")?
-                .to_owned()
-        }
+        None => workspace_version()?,
     };
+    package(
+        &root,
+        &root.join("target/release"),
+        &version,
+        &root.join("target/deb"),
+        true,
+    )
+}
+
+/// Stages and builds the package of the binaries in `release` with the
+/// unit, example configuration and docs of the tree at `src`, into `out`.
+/// `complete`: the binaries generate their man pages and completions, and
+/// failing to is an error; an older build (the upgrade test's) may lack
+/// some, which are then left out.
+fn package(
+    src: &Path,
+    release: &Path,
+    version: &str,
+    out: &Path,
+    complete: bool,
+) -> Result<PathBuf> {
+    let root = src;
     let arch = output(Command::new("dpkg").arg("--print-architecture"))
         .context("dpkg --print-architecture")?;
     let arch = arch.trim();
-    let stage = root.join(format!("target/deb/{DEB_NAME}_{version}_{arch}"));
+    let stage = out.join(format!("{DEB_NAME}_{version}_{arch}"));
     if stage.exists() {
         std::fs::remove_dir_all(&stage)?;
     }
-    let release = root.join("target/release");
     let put = |to: &str, mode: u32, bytes: &[u8]| -> Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
         let path = stage.join(to);
@@ -1267,7 +1352,8 @@ fn deb(version: Option<&str>) -> Result<PathBuf> {
         Ok(())
     };
     let bin = |name: &str| -> Result<Vec<u8>> {
-        std::fs::read(release.join(name)).with_context(|| format!("reading target/release/{name}"))
+        std::fs::read(release.join(name))
+            .with_context(|| format!("reading {}", release.join(name).display()))
     };
     put("usr/sbin/knockd", 0o755, &bin("knockd")?)?;
     put("usr/bin/knockctl", 0o755, &bin("knockctl")?)?;
@@ -1298,10 +1384,14 @@ fn deb(version: Option<&str>) -> Result<PathBuf> {
         )?;
     }
     // Man pages and completions, generated by the binaries themselves.
-    let generated = |binary: &str, args: &[&str]| -> Result<Vec<u8>> {
+    let generated = |binary: &str, args: &[&str]| -> Result<Option<Vec<u8>>> {
         let out = Command::new(release.join(binary)).args(args).output()?;
+        if !out.status.success() && !complete {
+            println!("package: {binary} {args:?} is not in this build; left out");
+            return Ok(None);
+        }
         ensure!(out.status.success(), "{binary} {args:?} failed");
-        Ok(out.stdout)
+        Ok(Some(out.stdout))
     };
     let gzip = |bytes: Vec<u8>| -> Result<Vec<u8>> {
         let mut child = Command::new("gzip")
@@ -1316,32 +1406,30 @@ fn deb(version: Option<&str>) -> Result<PathBuf> {
         ensure!(out.status.success(), "gzip failed");
         Ok(out.stdout)
     };
-    put(
-        "usr/share/man/man8/knockd.8.gz",
-        0o644,
-        &gzip(generated("knockd", &["man"])?)?,
-    )?;
-    put(
-        "usr/share/man/man1/knockctl.1.gz",
-        0o644,
-        &gzip(generated("knockctl", &["man"])?)?,
-    )?;
+    for (binary, path) in [
+        ("knockd", "usr/share/man/man8/knockd.8.gz"),
+        ("knockctl", "usr/share/man/man1/knockctl.1.gz"),
+    ] {
+        if let Some(page) = generated(binary, &["man"])? {
+            put(path, 0o644, &gzip(page)?)?;
+        }
+    }
     for name in ["knockd", "knockctl"] {
-        put(
-            &format!("usr/share/bash-completion/completions/{name}"),
-            0o644,
-            &generated(name, &["completions", "bash"])?,
-        )?;
-        put(
-            &format!("usr/share/zsh/vendor-completions/_{name}"),
-            0o644,
-            &generated(name, &["completions", "zsh"])?,
-        )?;
-        put(
-            &format!("usr/share/fish/vendor_completions.d/{name}.fish"),
-            0o644,
-            &generated(name, &["completions", "fish"])?,
-        )?;
+        for (shell, path) in [
+            (
+                "bash",
+                format!("usr/share/bash-completion/completions/{name}"),
+            ),
+            ("zsh", format!("usr/share/zsh/vendor-completions/_{name}")),
+            (
+                "fish",
+                format!("usr/share/fish/vendor_completions.d/{name}.fish"),
+            ),
+        ] {
+            if let Some(script) = generated(name, &["completions", shell])? {
+                put(&path, 0o644, &script)?;
+            }
+        }
     }
     let doc = format!("usr/share/doc/{DEB_NAME}");
     for file in ["README.md", "docs/PROTOCOL.md", "docs/CONTROL.md"] {
@@ -1358,7 +1446,7 @@ fn deb(version: Option<&str>) -> Result<PathBuf> {
         format!(
             "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
              Upstream-Name: knockd\n\nFiles: *\nCopyright: the knockd authors\nLicense: {}\n",
-            workspace_license(&root)?
+            workspace_license(root)?
         )
         .as_bytes(),
     )?;
@@ -1405,12 +1493,23 @@ fn deb(version: Option<&str>) -> Result<PathBuf> {
         0o755,
         include_bytes!("../../deploy/debian/postrm"),
     )?;
-    let deb = root.join(format!("target/deb/{DEB_NAME}_{version}_{arch}.deb"));
+    let deb = out.join(format!("{DEB_NAME}_{version}_{arch}.deb"));
     run(Command::new("dpkg-deb")
         .args(["--root-owner-group", "-Zxz", "--build"])
         .arg(&stage)
         .arg(&deb))?;
     Ok(deb)
+}
+
+/// The workspace's version, the package's by default.
+fn workspace_version() -> Result<String> {
+    let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml"))?;
+    Ok(manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .context("no version in the workspace Cargo.toml")?
+        .to_owned())
 }
 
 /// The workspace's license expression.
