@@ -458,7 +458,8 @@ pub fn adopt() -> Result<Adopted, Error> {
         let mut adopted = Adopted::default();
         for (seq, socket) in (1 << 21..).zip(&sockets) {
             let message = conntrack_new(socket.remote, socket.local);
-            match created(conntrack, message, seq, what)? {
+            let create = NLM_F_CREATE | NLM_F_EXCL;
+            match acknowledged(conntrack, message, create, seq, what, &[libc::EEXIST])? {
                 true => adopted.adopted += 1,
                 false => adopted.tracked += 1,
             }
@@ -499,31 +500,6 @@ fn conntrack_new(peer: SocketAddr, local: SocketAddr) -> NetfilterMessage {
             ])]),
         ]),
     )
-}
-
-/// Sends one create request; `Ok(false)` when the entry exists already.
-fn created(
-    socket: &mnl::Socket,
-    message: NetfilterMessage,
-    seq: u32,
-    what: &'static str,
-) -> Result<bool, Error> {
-    socket
-        .send(&encode(
-            message,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-            seq,
-        ))
-        .map_err(|source| Error::Send { what, source })?;
-    let mut buffer = vec![0u8; RECV_BUFFER];
-    let n = socket
-        .recv_raw(&mut buffer)
-        .map_err(|source| Error::Receive { what, source })?;
-    match mnl::cb_run(&buffer[..n], seq, socket.portid()) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
-        Err(source) => Err(Error::Refused { what, source }),
-    }
 }
 
 /// Ends every flow a `Cut` describes, in the caller's network namespace:
@@ -808,17 +784,21 @@ fn matching_flows<T>(
     Ok(doomed)
 }
 
-/// Sends one request that expects an acknowledgement; `Ok(false)` when the
-/// kernel answers that the thing is gone (ENOENT, or ESTALE for a cookie
-/// that now names no socket).
+/// Sends one request (with `flags` besides REQUEST and ACK) that expects
+/// an acknowledgement; `Ok(false)` when the kernel answers with one of
+/// `absent`: the thing is gone (ENOENT, or ESTALE for a cookie that now
+/// names no socket: one a destroy found in the meantime is not ours to
+/// abort), or there already (EEXIST, for a create).
 fn acknowledged<I: NetlinkSerializable>(
     socket: &mnl::Socket,
     message: I,
+    flags: u16,
     seq: u32,
     what: &'static str,
+    absent: &[i32],
 ) -> Result<bool, Error> {
     socket
-        .send(&encode(message, NLM_F_REQUEST | NLM_F_ACK, seq))
+        .send(&encode(message, NLM_F_REQUEST | NLM_F_ACK | flags, seq))
         .map_err(|source| Error::Send { what, source })?;
     let mut buffer = vec![0u8; RECV_BUFFER];
     let n = socket
@@ -826,12 +806,13 @@ fn acknowledged<I: NetlinkSerializable>(
         .map_err(|source| Error::Receive { what, source })?;
     match mnl::cb_run(&buffer[..n], seq, socket.portid()) {
         Ok(_) => Ok(true),
-        // ESTALE: a destroy by cookie found another socket in the
-        // meantime; that one is not ours to abort.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => Ok(false),
+        Err(e) if e.raw_os_error().is_some_and(|code| absent.contains(&code)) => Ok(false),
         Err(source) => Err(Error::Refused { what, source }),
     }
 }
+
+/// What a destroy or delete answers for a socket or entry already gone.
+const GONE: &[i32] = &[libc::ENOENT, libc::ESTALE];
 
 /// TCP_LISTEN, from the kernel's tcp_states.h.
 const TCP_LISTEN: u8 = 10;
@@ -844,7 +825,7 @@ fn abort_sockets(socket: &mnl::Socket, doomed: &[&Doomed]) -> Result<usize, Erro
     let mut aborted = 0;
     for (seq, Doomed { socket: id, .. }) in (100..).zip(doomed) {
         let message = SockDiagDestroy::new(SockDiagMessage::InetRequest(id.clone()));
-        if acknowledged(socket, message, seq, what)? {
+        if acknowledged(socket, message, 0, seq, what, GONE)? {
             aborted += 1;
         }
     }
@@ -858,7 +839,7 @@ fn delete_entries(socket: &mnl::Socket, doomed: &[&Doomed]) -> Result<usize, Err
     // Past the lookups' sequence numbers on the same socket.
     for (seq, Doomed { family, key, .. }) in (1 << 20..).zip(doomed) {
         let message = conntrack(*family, ConntrackMessage::Delete(key.clone()));
-        if acknowledged(socket, message, seq, what)? {
+        if acknowledged(socket, message, 0, seq, what, GONE)? {
             deleted += 1;
         }
     }

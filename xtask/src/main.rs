@@ -911,9 +911,8 @@ fn demo_cluster() -> Result<()> {
     run(&mut release_tool("knockd-fleet-demo")?)
 }
 
-/// Builds knockd's binaries and the test crate's program `name` (release:
-/// benchmarks and demos run what ships), and returns a command for it.
-fn release_tool(name: &str) -> Result<Command> {
+/// Builds knockd and knockctl as they ship: release, with fleet mode.
+fn build_release_knockd() -> Result<()> {
     run(cargo().args([
         "build",
         "--release",
@@ -922,7 +921,13 @@ fn release_tool(name: &str) -> Result<Command> {
         "--bins",
         "--features",
         "cluster",
-    ]))?;
+    ]))
+}
+
+/// Builds knockd's binaries and the test crate's program `name` (release:
+/// benchmarks and demos run what ships), and returns a command for it.
+fn release_tool(name: &str) -> Result<Command> {
+    build_release_knockd()?;
     run(cargo().args([
         "build",
         "--release",
@@ -939,15 +944,7 @@ fn release_tool(name: &str) -> Result<Command> {
 fn demo() -> Result<()> {
     setup()?;
     banner("building knockd (release)");
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "knockd",
-        "--bins",
-        "--features",
-        "cluster",
-    ]))?;
+    build_release_knockd()?;
     let knockd = workspace_root().join("target/release/knockd");
 
     let id = std::process::id();
@@ -1301,15 +1298,7 @@ fn old_layout_deb(version: &str) -> Result<PathBuf> {
 /// staged tree, and returns its path.
 fn deb(version: Option<&str>) -> Result<PathBuf> {
     let root = workspace_root();
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "knockd",
-        "--bins",
-        "--features",
-        "cluster",
-    ]))?;
+    build_release_knockd()?;
     let version = match version {
         Some(v) => v.to_owned(),
         None => workspace_version()?,
