@@ -255,7 +255,9 @@ fn errors_are_clear_and_have_exit_codes() {
         stderr.contains("mode 0644 lets group or others read") && stderr.contains("chmod 600"),
         "{stderr}"
     );
-    // Importing it where a different "laptop" exists is refused.
+    // Importing it where a different "laptop" exists is refused (made
+    // private first: a source others can read is refused before that).
+    std::fs::set_permissions(&forged, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = Command::new(knockctl_bin())
         .args(["profile", "import", "--profiles"])
         .arg(&setup.profiles)
