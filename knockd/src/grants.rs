@@ -62,10 +62,23 @@ pub trait Kernel {
     /// The SYNs XDP counted since the last call, by granted port, as
     /// (port, count); the counts start again from zero.
     fn drain_probes(&mut self) -> Result<Vec<(u16, u64)>, Error>;
+    /// Enters the connections in progress that conntrack does not track
+    /// into it, after the table and its grants are in place (those that
+    /// began while the table loaded). Never fails: see [`adopt_sessions`].
+    fn adopt_sessions(&mut self) {}
 }
 
 /// The kernel: the nft module's netlink calls and the guard's maps.
 pub struct Real<'a>(pub &'a mut GuardMaps);
+
+fn log_adopted(adopted: usize) {
+    if adopted > 0 {
+        tracing::info!(
+            connections = adopted,
+            "adopted connections in progress that conntrack did not track, so the guard keeps them"
+        );
+    }
+}
 
 /// [`crate::cut::adopt`], logged rather than fatal: failing to adopt
 /// endangers sessions in progress, not the guard. Returns how many it
@@ -85,22 +98,16 @@ fn adopt_sessions() -> usize {
 }
 
 impl Kernel for Real<'_> {
-    /// Adopts the connections in progress on both sides of loading the
-    /// table (see [`crate::cut::adopt`]): before, so none of their segments
-    /// meets the guard untracked; after, for those that began meanwhile,
-    /// when conntrack may not yet have been watching.
+    /// Adopts the connections in progress before loading the table (see
+    /// [`crate::cut::adopt`]), so none of their segments meets the guard
+    /// untracked; [`Kernel::adopt_sessions`] catches, once the grants are
+    /// back, those that began meanwhile.
     fn install(&mut self, rules: &nft::TableRules) -> Result<(), Error> {
-        let before = adopt_sessions();
-        nft::install(rules)?;
-        let after = adopt_sessions();
-        let adopted = before + after;
-        if adopted > 0 {
-            tracing::info!(
-                connections = adopted,
-                "adopted connections in progress that conntrack did not track, so the guard keeps them"
-            );
-        }
-        Ok(())
+        log_adopted(adopt_sessions());
+        Ok(nft::install(rules)?)
+    }
+    fn adopt_sessions(&mut self) {
+        log_adopted(adopt_sessions());
     }
     fn list_grants(&mut self, doors: &[&str]) -> Result<Vec<Element>, Error> {
         Ok(nft::list_grants(doors)?)
@@ -442,6 +449,7 @@ impl Grants {
             }
         }
         self.refresh_taken();
+        kernel.adopt_sessions();
         Ok(existing.len())
     }
 
@@ -471,6 +479,7 @@ impl Grants {
                 false,
             )?;
         }
+        kernel.adopt_sessions();
         Ok(())
     }
 
