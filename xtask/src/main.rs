@@ -704,6 +704,7 @@ fn test(filter: Option<&str>) -> Result<()> {
         "knockd-ebpf",
         "--exclude",
         "knockd-tests",
+        "--no-fail-fast",
     ]);
     if let Some(filter) = filter {
         unit.args(["--", filter]);
@@ -711,11 +712,18 @@ fn test(filter: Option<&str>) -> Result<()> {
     let (unit_tally, unit_status) = cargo_test(unit)?;
 
     println!("test: privileged tests (BPF_PROG_TEST_RUN, network namespaces)");
+    // The unit tests above built knockd without the tests crate's features
+    // (no `cluster`, so no fleet mode) over target/debug/knockd; the
+    // privileged tests run that file, so it is built again as they need it.
+    run(cargo().args(["build", "-p", "knockd", "--bins", "--features", "cluster"]))?;
     let mut privileged = cargo();
     // One at a time: each test attaches XDP programs and creates namespaces,
     // and timing-sensitive checks ("silent for 1.2 s") want a quiet machine.
     privileged.args([
         "test",
+        // Every test binary runs even when an earlier one fails, so one
+        // failure does not hide another.
+        "--no-fail-fast",
         "--package",
         "knockd-tests",
         "--",
