@@ -196,6 +196,12 @@ pub struct Grant {
     /// rotated on its own would give the fleet two ports for one grant).
     #[serde(skip)]
     pub remote: bool,
+    /// When this grant of this source began (Unix ms; 0 when not known:
+    /// one restored after a restart). Heartbeats and rotations keep it;
+    /// fleet mode publishes it, so a revoke ends only grants opened
+    /// before it.
+    #[serde(skip)]
+    pub opened_at_ms: u64,
 }
 
 /// A grant as another node published it (fleet mode).
@@ -208,6 +214,8 @@ pub struct Published {
     /// Whether another node owns it (else this node published it, before
     /// a restart).
     pub remote: bool,
+    /// When it began, as the publishing node said.
+    pub opened_at_ms: u64,
 }
 
 /// Why a lease moves to a fresh port.
@@ -443,6 +451,7 @@ impl Grants {
                             next_rotation: None,
                             retired: Vec::new(),
                             remote: false,
+                            opened_at_ms: 0,
                         },
                     );
                 }
@@ -584,6 +593,7 @@ impl Grants {
                     next_rotation: None,
                     retired: Vec::new(),
                     remote: false,
+                    opened_at_ms: crate::proto::unix_ms(),
                 }
             }
         };
@@ -870,6 +880,7 @@ impl Grants {
             },
             retired: Vec::new(),
             remote: published.remote,
+            opened_at_ms: published.opened_at_ms,
         };
         // Retired ports of the grant it replaces close now: the fleet
         // knows only the current one.

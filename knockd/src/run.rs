@@ -234,11 +234,20 @@ pub async fn run(
     };
     let mut daemon = Daemon::new(config.clone(), &devices, maps, state)?;
     daemon.set_lockout_open(opened);
-    let mut fleet_events = fleet.map(|settings| {
-        let (link, events) = crate::cluster::spawn(&settings);
-        daemon.set_fleet(daemon::Fleet::new(link, devices.clone()));
-        events
-    });
+    let mut fleet_events = match fleet {
+        Some(settings) => {
+            let book = crate::state::load_revokes(&config.state_dir)?;
+            let (link, events) = crate::cluster::spawn(&settings);
+            daemon.set_fleet(daemon::Fleet::new(
+                link,
+                devices.clone(),
+                book,
+                config.state_dir.clone(),
+            ));
+            Some(events)
+        }
+        None => None,
+    };
 
     // Daemon::new installed the nftables table: every protected port is
     // closed from here on, XDP or not.

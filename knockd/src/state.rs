@@ -54,6 +54,10 @@ pub enum Error {
         "{path} is corrupt ({reason}); it records used one-time sequences, so knockd will not start without it: restore it, or remove it to accept that sequences from the last few minutes could be replayed"
     )]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{path} is corrupt ({reason}); it records the fleet's revokes this node carried out or has still to publish, so knockd will not start without it: restore it, or remove it (revokes of the last minute are then carried out again, and revokes made here while etcd was unreachable are lost)"
+    )]
+    CorruptRevokes { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
@@ -94,6 +98,11 @@ impl StateFile {
             log_lines: 0,
             dirty: false,
         })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The snapshot's path.
@@ -187,19 +196,8 @@ impl StateFile {
 
     /// Replaces the snapshot with `live` (atomically), then empties the log.
     pub fn compact(&mut self, live: &[Consumed]) -> Result<(), Error> {
-        let path = self.path();
-        let tmp = self.dir.join(format!("{SNAPSHOT}.tmp"));
         let text = serde_json::to_vec(live).expect("consumed records serialize");
-        let mut file = File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&text).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        crash_point("after_snapshot_write");
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        crash_point("after_snapshot_rename");
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io(&self.dir))?;
-        crash_point("after_snapshot_sync");
+        replace_file(&self.dir, SNAPSHOT, &text, "snapshot")?;
         if let Some(log) = &self.log {
             let log_path = self.log_path();
             // The snapshot holds every line now, so the log starts over
@@ -216,9 +214,52 @@ impl StateFile {
     }
 }
 
+/// Fleet mode's revoke book (`cluster::revokes`) in `dir`; `None` when
+/// there is none yet (a node's first start in fleet mode).
+#[cfg(feature = "daemon")]
+pub fn load_revokes(dir: &Path) -> Result<Option<crate::cluster::revokes::Book>, Error> {
+    let path = dir.join(crate::cluster::revokes::FILE);
+    match read_bounded(&path)? {
+        None => Ok(None),
+        Some(text) => serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| Error::CorruptRevokes {
+                path,
+                reason: e.to_string(),
+            }),
+    }
+}
+
+/// Writes the revoke book (atomically).
+#[cfg(feature = "daemon")]
+pub fn save_revokes(dir: &Path, book: &crate::cluster::revokes::Book) -> Result<(), Error> {
+    let text = serde_json::to_vec(book).expect("the revoke book serializes");
+    replace_file(dir, crate::cluster::revokes::FILE, &text, "revokes")
+}
+
+/// Replaces `dir/name` with `bytes` atomically: a temporary file, synced,
+/// renamed over it, and the directory synced, so a crash leaves the old
+/// file or the new one, never a torn one. `label` names the crash points
+/// (`after_LABEL_write`, `_rename`, `_sync`).
+pub fn replace_file(dir: &Path, name: &str, bytes: &[u8], label: &str) -> Result<(), Error> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut file = File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    crash_point(&format!("after_{label}_write"));
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    crash_point(&format!("after_{label}_rename"));
+    File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io(dir))?;
+    crash_point(&format!("after_{label}_sync"));
+    Ok(())
+}
+
 /// A file's bytes; `None` if it does not exist; corrupt if it is larger
 /// than any record of ours.
-fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, Error> {
+pub fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, Error> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

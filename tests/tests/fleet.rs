@@ -5,12 +5,15 @@
 
 use std::time::{Duration, Instant};
 
+use knockd::proto::DeviceKey;
 use knockd::proto::{self, DoorKeys, Kind};
 use knockd_tests::{
+    control_raw,
     fleet::{Fleet, LOST, v6_of},
     knockctl, knockctl_json, privileged, probe,
     probe::Outcome,
 };
+use serde_json::{Value, json};
 
 fn fleet(tls: bool) -> Option<Fleet> {
     fleet_with(3, tls, "")
@@ -444,6 +447,28 @@ fn a_node_cut_off_from_etcd_fails_closed_and_resynchronises() {
     };
     let key = fleet.add_device(0, "laptop");
     fleet.nodes[2].partition(&fleet.etcd, true);
+    // The others see C go stale (heartbeats missed), then down (its
+    // heartbeat key expired).
+    let mut seen: Vec<String> = Vec::new();
+    eventually("C shows as down", Duration::from_secs(15), || {
+        let status = knockctl_json(&fleet.nodes[0].socket(), &["status", "--cluster"]);
+        let health = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "n3")
+            .map_or("absent".to_owned(), |n| {
+                n["health"].as_str().unwrap_or("?").to_owned()
+            });
+        if seen.last() != Some(&health) {
+            seen.push(health.clone());
+        }
+        health == "down"
+    });
+    assert!(
+        seen.contains(&"stale".to_owned()),
+        "C went {seen:?}, never stale"
+    );
     fleet.nodes[2]
         .daemon_mut()
         .wait_for(LOST, Duration::from_secs(10), |_| true);
@@ -459,15 +484,7 @@ fn a_node_cut_off_from_etcd_fails_closed_and_resynchronises() {
     let port = answer.reply.port;
     fleet.wait_open(1, port, Duration::from_secs(2)).expect("B");
     assert_ne!(fleet.connect(2, port).0, Outcome::Answered);
-    // The others see C go stale, then down.
-    eventually("C shows as not up", Duration::from_secs(12), || {
-        let status = knockctl_json(&fleet.nodes[0].socket(), &["status", "--cluster"]);
-        status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["name"] == "n3" && n["health"] != "up")
-    });
+
     // Healed: C lists etcd again, installs the grant, serves again.
     fleet.nodes[2].partition(&fleet.etcd, false);
     fleet.wait_synced_count(2, 2);
@@ -765,7 +782,7 @@ fn etcd_write_access_alone_opens_nothing() {
     // grant for the client, and a device with a key of their own.
     let port = 40123;
     let forged = serde_json::json!({
-        "version": 1, "port": port, "device": "laptop", "node": "n1",
+        "version": 2, "port": port, "device": "laptop", "node": "n1",
         "expires_at_ms": knockd::proto::unix_ms() + 600_000, "leased": false, "mac": "00"
     });
     fleet.etcd.ctl_ok(&[
@@ -775,7 +792,7 @@ fn etcd_write_access_alone_opens_nothing() {
     ]);
     let stranger = knockd::proto::DeviceKey::generate();
     let device = serde_json::json!({
-        "version": 1, "id": "mallory", "groups": ["admins"], "doors": ["ssh"],
+        "version": 2, "id": "mallory", "groups": ["admins"], "doors": ["ssh"],
         "sealed_key": stranger.to_hex(), "added_by": "n1", "added_at_ms": 0
     });
     fleet.etcd.ctl_ok(&[
@@ -840,4 +857,431 @@ fn a_knock_over_ipv6_opens_the_door_on_every_node_for_that_address() {
     }
     let grants = knockctl_json(&fleet.nodes[2].socket(), &["grants"]);
     assert_eq!(grants[0]["source"], client.to_string(), "{grants:#}");
+}
+
+/// A knock that must go unanswered (a short wait: a refused knock gets no
+/// reply at all).
+#[track_caller]
+fn assert_refused(fleet: &Fleet, i: usize, key: &DeviceKey, what: &str) {
+    let answer = knockd::client::knock_from(
+        &fleet.socket(),
+        &fleet.target(i, key),
+        Kind::Open,
+        Duration::from_millis(1500),
+    );
+    assert!(
+        answer.is_err(),
+        "node {}: {what}: the knock was answered",
+        i + 1
+    );
+}
+
+/// Waits until node `i` logs that it ignores a record in etcd whose
+/// description contains `record` and whose reason contains `why`.
+#[track_caller]
+fn wait_ignored(fleet: &mut Fleet, i: usize, record: &str, why: &str) {
+    fleet.nodes[i].daemon_mut().wait_for(
+        "fleet: a record in etcd is ignored",
+        Duration::from_secs(5),
+        |l| {
+            l["record"].as_str().is_some_and(|r| r.contains(record))
+                && l["why"].as_str().is_some_and(|w| w.contains(why))
+        },
+    );
+}
+
+/// An echo session from the client through node `i`'s `port`.
+fn session(fleet: &Fleet, i: usize, port: u16) -> std::net::TcpStream {
+    let mut s = fleet
+        .wait_open(i, port, Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("node {} never opened {port}", i + 1))
+        .1;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(probe::echo_round_trip(&mut s, b"hello"));
+    s
+}
+
+/// docs/CLUSTER.md's table of what an etcd writer without the cluster key
+/// can and cannot do, row by row: each "cannot" tried as that writer
+/// (etcdctl as etcd's root) against two nodes.
+#[test]
+fn an_etcd_writer_without_the_cluster_key_cannot_widen_move_or_replay_records() {
+    let Some(mut fleet) = fleet_with(2, false, "") else {
+        return;
+    };
+    let p = fleet.prefix.clone();
+    let get = |fleet: &Fleet, key: &str| -> Value {
+        serde_json::from_str(
+            fleet
+                .etcd
+                .ctl_ok(&["get", "--print-value-only", key])
+                .trim(),
+        )
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+    };
+    let put = |fleet: &Fleet, key: &str, value: &Value| {
+        fleet.etcd.ctl_ok(&["put", key, &value.to_string()]);
+    };
+
+    // Row: widen a device's groups or doors. `low` is a guest, which no
+    // door allows (added through the control protocol, as a node writes
+    // it: signed).
+    let low = DeviceKey::generate();
+    let added = control_raw(
+        &fleet.nodes[0].socket(),
+        json!({"version": 1, "command": "device_add", "id": "low", "groups": ["guests"], "key": low.to_hex()})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(added["ok"], true, "{added}");
+    for node in &mut fleet.nodes {
+        node.daemon_mut()
+            .wait_for("fleet: device added", Duration::from_secs(5), |l| {
+                l["device"] == "low"
+            });
+    }
+    assert_refused(&fleet, 0, &low, "a guest");
+    let mut widened = get(&fleet, &format!("{p}devices/low"));
+    widened["groups"] = json!(["admins"]);
+    widened["doors"] = json!(["ssh"]);
+    put(&fleet, &format!("{p}devices/low"), &widened);
+    for i in 0..2 {
+        wait_ignored(
+            &mut fleet,
+            i,
+            "device low",
+            "not signed by a node of this fleet",
+        );
+        fleet.nodes[i].daemon_mut().wait_for(
+            "fleet: device removed",
+            Duration::from_secs(2),
+            |l| l["device"] == "low",
+        );
+        assert_refused(&fleet, i, &low, "a guest whose record was widened in etcd");
+    }
+    let list = fleet.knockctl_config(0, &["device", "list"]);
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("low\t") && l.contains("REFUSED by every node")),
+        "device list does not mark the edited record: {listed}"
+    );
+
+    // Row: copy a real record under another id.
+    let laptop = fleet.add_device(0, "laptop");
+    put(
+        &fleet,
+        &format!("{p}devices/copy"),
+        &get(&fleet, &format!("{p}devices/laptop")),
+    );
+    for i in 0..2 {
+        wait_ignored(&mut fleet, i, "device copy", "names device \"laptop\"");
+    }
+
+    // Row: move a grant to another address.
+    let port = fleet.knock(0, &laptop, Kind::Open).unwrap().reply.port;
+    let grant_key = format!("{p}grants/ssh/{}", fleet.client_addr);
+    std::thread::sleep(Duration::from_millis(300));
+    let grant = get(&fleet, &grant_key);
+    assert_eq!(grant["port"], port);
+    put(&fleet, &format!("{p}grants/ssh/198.18.200.1"), &grant);
+    for i in 0..2 {
+        wait_ignored(&mut fleet, i, "grant of 198.18.200.1 on ssh", "not signed");
+    }
+
+    // Row: put a revoked grant back.
+    let out = knockctl(&fleet.nodes[1].socket(), &["revoke", "laptop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..2 {
+        eventually("the revoked port closes", Duration::from_secs(2), || {
+            fleet.connect(i, port).0 != Outcome::Answered
+        });
+    }
+    let revokes = fleet
+        .etcd
+        .ctl_ok(&["get", "--prefix", "--keys-only", &format!("{p}revokes/")]);
+    let revoke_key = revokes.lines().find(|l| !l.is_empty()).unwrap().to_owned();
+    let revoke = get(&fleet, &revoke_key);
+    put(&fleet, &grant_key, &grant);
+    for i in 0..2 {
+        wait_ignored(&mut fleet, i, "grant of", "opened before revoke");
+        assert_ne!(
+            fleet.connect(i, port).0,
+            Outcome::Answered,
+            "node {}: a revoked grant written back opened its port",
+            i + 1
+        );
+    }
+
+    // Row: replay a revoke. The device knocks again (a grant opened after
+    // the revoke) and holds a session through each node; the old revoke
+    // written again cuts nothing.
+    let port = fleet.knock(0, &laptop, Kind::Open).unwrap().reply.port;
+    let mut sessions: Vec<_> = (0..2).map(|i| session(&fleet, i, port)).collect();
+    put(&fleet, &revoke_key, &revoke);
+    for i in 0..2 {
+        wait_ignored(&mut fleet, i, "revoke", "carried it out already");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, s) in sessions.iter_mut().enumerate() {
+        assert!(
+            probe::echo_round_trip(s, b"still here"),
+            "node {}: a replayed revoke cut a session opened after it",
+            i + 1
+        );
+        assert_eq!(fleet.connect(i, port).0, Outcome::Answered);
+    }
+
+    // And the operator sees all of it in `status`, text included.
+    let status = knockctl(&fleet.nodes[0].socket(), &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("cluster: node n1"), "{text}");
+    assert!(text.contains("synced: yes, at etcd revision"), "{text}");
+    assert!(text.contains("in etcd is ignored"), "{text}");
+}
+
+/// A revoke issued while etcd has no quorum takes effect on the issuing
+/// node at once, says it reached only that node (exit 4), survives the
+/// node's restart and its resynchronisation, and reaches every node once
+/// quorum is back.
+#[test]
+fn a_revoke_without_quorum_holds_here_and_reaches_the_fleet_when_etcd_is_back() {
+    let Some(mut fleet) = fleet(false) else {
+        return;
+    };
+    let key = fleet.add_device(0, "laptop");
+    let port = fleet.knock(0, &key, Kind::Open).unwrap().reply.port;
+    let mut sessions: Vec<_> = (0..3).map(|i| session(&fleet, i, port)).collect();
+    fleet.etcd.kill(1);
+    fleet.etcd.kill(2);
+    let out = knockctl(&fleet.nodes[0].socket(), &["revoke", "laptop"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(4), "{stdout}{stderr}");
+    assert!(stdout.contains("revoked 1 grant(s)"), "{stdout}");
+    assert!(stderr.contains("revoked here only"), "{stderr}");
+    assert!(
+        !probe::echo_round_trip(&mut sessions[0], b"after"),
+        "A's session lives on"
+    );
+    assert_ne!(fleet.connect(0, port).0, Outcome::Answered);
+    // Documented: the others admit the target until etcd is back.
+    assert!(probe::echo_round_trip(&mut sessions[1], b"meanwhile"));
+    // A's resynchronisations and a restart do not undo it.
+    fleet.nodes[0]
+        .daemon_mut()
+        .wait_for(LOST, Duration::from_secs(10), |_| true);
+    let mut a = fleet.nodes[0].daemon.take().unwrap();
+    a.kill();
+    fleet.nodes[0].daemon = Some(a.restart(&fleet.nodes[0].ns));
+    let status = knockctl_json(&fleet.nodes[0].socket(), &["status"]);
+    assert_eq!(status["cluster"]["revokes_pending"], 1, "{status:#}");
+    let started = Instant::now();
+    fleet.etcd.restart(1);
+    fleet.wait_synced(0);
+    for (i, s) in sessions.iter_mut().enumerate().skip(1) {
+        eventually(
+            &format!("node {}'s session is cut once quorum is back", i + 1),
+            Duration::from_secs(15),
+            || !probe::echo_round_trip(s, b"after"),
+        );
+    }
+    for i in 0..3 {
+        eventually(
+            "the port is shut everywhere",
+            Duration::from_secs(5),
+            || fleet.connect(i, port).0 != Outcome::Answered,
+        );
+    }
+    eprintln!(
+        "every node carried out the revoke {:?} after quorum came back",
+        started.elapsed()
+    );
+    eventually("A has published it", Duration::from_secs(5), || {
+        knockctl_json(&fleet.nodes[0].socket(), &["status"])["cluster"]["revokes_pending"] == 0
+    });
+}
+
+/// A revoke the moment an etcd member dies: whichever way it goes, the
+/// exit status and message say where it took effect, and every node
+/// ends in the documented state within seconds.
+#[test]
+fn a_revoke_as_an_etcd_member_dies_ends_the_grant_everywhere() {
+    let Some(mut fleet) = fleet(false) else {
+        return;
+    };
+    let key = fleet.add_device(0, "laptop");
+    let port = fleet.knock(0, &key, Kind::Open).unwrap().reply.port;
+    let mut sessions: Vec<_> = (0..3).map(|i| session(&fleet, i, port)).collect();
+    // Every member serves some node; the one killed serves A or not.
+    fleet.etcd.kill(0);
+    let out = knockctl(&fleet.nodes[0].socket(), &["revoke", "laptop"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    match out.status.code() {
+        Some(0) => assert!(stdout.contains("fleet: published as"), "{stdout}"),
+        Some(4) => assert!(stderr.contains("revoked here only"), "{stderr}"),
+        other => panic!("revoke exited {other:?}: {stdout}{stderr}"),
+    }
+    eprintln!("revoke as a member died: exit {:?}", out.status.code());
+    for (i, s) in sessions.iter_mut().enumerate() {
+        eventually(
+            &format!("node {}'s session is cut", i + 1),
+            Duration::from_secs(15),
+            || !probe::echo_round_trip(s, b"after"),
+        );
+    }
+    for i in 0..3 {
+        assert_ne!(
+            fleet.connect(i, port).0,
+            Outcome::Answered,
+            "node {}",
+            i + 1
+        );
+    }
+}
+
+/// A wrong etcd password is the operator's to fix: an error line, a
+/// `status` entry and a metric within seconds of start, and the text
+/// status says the node is not synced.
+#[test]
+fn a_wrong_etcd_password_is_reported_within_seconds() {
+    if !privileged() {
+        return;
+    }
+    let fleet = Fleet::new(1, true);
+    let wrong = fleet.dir.path().join("wrong.password");
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let right = fleet.dir.path().join("etcd.password");
+    let config = fleet
+        .config(0, "")
+        .replace(&right.display().to_string(), &wrong.display().to_string());
+    assert!(config.contains("wrong.password"), "{config}");
+    let started = Instant::now();
+    let mut daemon = knockd_tests::Daemon::start(&fleet.nodes[0].ns, &config);
+    let line = daemon.wait_for(
+        "fleet: etcd refuses this node; cluster doors refuse knocks until it is fixed",
+        Duration::from_secs(5),
+        |_| true,
+    );
+    eprintln!("reported {:?} after start: {line}", started.elapsed());
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(line["kind"], "authentication", "{line}");
+    let socket = daemon.control_socket();
+    let status = knockctl_json(&socket, &["status"]);
+    assert!(
+        status["recent_errors"]
+            .to_string()
+            .contains("authentication"),
+        "{status:#}"
+    );
+    let text = String::from_utf8_lossy(&knockctl(&socket, &["status"]).stdout).into_owned();
+    assert!(text.contains("synced: NO"), "{text}");
+    assert!(text.contains("last etcd error:"), "{text}");
+    let metrics = control_metrics(&socket);
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with("knockd_fleet_etcd_errors_total{kind=\"authentication\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert_ne!(failures.rsplit(' ').next(), Some("0"), "{failures}");
+    // check-config --cluster says the same before anything runs, and
+    // passes with the right password.
+    let check = |config: &std::path::Path| {
+        fleet.nodes[0]
+            .ns
+            .command(knockd_tests::knockd_bin())
+            .args(["check-config", "--cluster"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = check(&daemon.config_path());
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("authentication failed"), "{text}");
+    let right_config = fleet.dir.path().join("right.yaml");
+    std::fs::write(
+        &right_config,
+        std::fs::read_to_string(daemon.config_path())
+            .unwrap()
+            .replace(&wrong.display().to_string(), &right.display().to_string()),
+    )
+    .unwrap();
+    let out = check(&right_config);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(": read and wrote ").count(), 3, "{text}");
+}
+
+/// Device records an older knockd wrote (version 1: groups and doors
+/// signed by nothing) are refused after an upgrade, marked in `device
+/// list`, and taken again once the operator vouches for them with `device
+/// sign`; a record whose key this fleet did not seal cannot be vouched for.
+#[test]
+fn device_sign_vouches_for_a_record_an_older_knockd_wrote() {
+    let Some(mut fleet) = fleet_with(1, false, "") else {
+        return;
+    };
+    let p = fleet.prefix.clone();
+    let key = fleet.add_device(0, "laptop");
+    // The record as version 1 wrote it: no mac.
+    let path = format!("{p}devices/laptop");
+    let mut old: Value = serde_json::from_str(
+        fleet
+            .etcd
+            .ctl_ok(&["get", "--print-value-only", &path])
+            .trim(),
+    )
+    .unwrap();
+    old["version"] = 1.into();
+    old.as_object_mut().unwrap().remove("mac");
+    fleet.etcd.ctl_ok(&["put", &path, &old.to_string()]);
+    wait_ignored(&mut fleet, 0, "device laptop", "knockctl device sign");
+    assert_refused(&fleet, 0, &key, "an unsigned record");
+    let list = fleet.knockctl_config(0, &["device", "list"]);
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("REFUSED by every node: record version 1"),
+        "{listed}"
+    );
+
+    let out = fleet.knockctl_config(0, &["device", "sign", "laptop"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("groups [admins], doors [ssh]"), "{said}");
+    fleet.nodes[0].daemon_mut().wait_for_count(
+        "fleet: device added",
+        2,
+        Duration::from_secs(5),
+        |l| l["device"] == "laptop",
+    );
+    fleet
+        .knock(0, &key, Kind::Open)
+        .expect("the vouched-for device opens again");
+
+    // A stranger's record (a key no node sealed) cannot be vouched for.
+    let stranger = json!({
+        "version": 1, "id": "mallory", "groups": ["admins"], "doors": ["ssh"],
+        "sealed_key": DeviceKey::generate().to_hex(), "added_by": "n1", "added_at_ms": 0
+    });
+    fleet
+        .etcd
+        .ctl_ok(&["put", &format!("{p}devices/mallory"), &stranger.to_string()]);
+    let out = fleet.knockctl_config(0, &["device", "sign", "mallory"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("cannot be vouched for"), "{said}");
 }

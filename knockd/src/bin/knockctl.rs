@@ -219,6 +219,17 @@ enum DeviceCommand {
         #[arg(long, default_value = "/etc/knockd/knockd.yaml")]
         config: PathBuf,
     },
+    /// Fleet mode: vouch for a device record in etcd as it stands, signing
+    /// every field under the cluster key. For records an older knockd
+    /// wrote (`device list` marks them): check their groups and doors
+    /// first. Only a record whose key a node of this fleet sealed for this
+    /// id can be signed.
+    Sign {
+        name: String,
+        /// The server's configuration (its cluster: section).
+        #[arg(long, default_value = "/etc/knockd/knockd.yaml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -297,7 +308,8 @@ fn main() -> ExitCode {
         Command::Grants { socket, json } => show(&socket, Request::Grants, json, print_grants),
         Command::Revoke { target, socket } => {
             control::<RevokeReply>(&socket.socket, &Request::Revoke { target })
-                .map(|r| {
+                .map_err(Failure::from)
+                .and_then(|r| {
                     println!(
                         "revoked {} grant(s), cut {} connection(s)",
                         r.revoked, r.connections_cut
@@ -308,8 +320,18 @@ fn main() -> ExitCode {
                             r.fleet_grants.unwrap_or(0)
                         );
                     }
+                    match r.pending {
+                        // Not what was asked: the fleet still admits the
+                        // target. Exit 4 says so to scripts.
+                        Some(why) => Err(Failure(
+                            4,
+                            anyhow!(
+                                "revoked here only: etcd did not take the revoke ({why}); this node keeps it and publishes it when etcd is back, and until then other nodes still admit the target"
+                            ),
+                        )),
+                        None => Ok(()),
+                    }
                 })
-                .map_err(Failure::from)
         }
         Command::Reload { socket } => control::<Reloaded>(&socket.socket, &Request::Reload)
             .map(|r| println!("reloaded {}", r.reloaded))
@@ -422,6 +444,37 @@ struct RevokeReply {
     connections_cut: usize,
     published: Option<String>,
     fleet_grants: Option<usize>,
+    #[serde(default)]
+    pending: Option<String>,
+}
+
+/// `status`'s cluster section: this node's view of etcd.
+fn print_fleet_view(c: &knockd::control::wire::FleetView) {
+    println!("\ncluster: node {}", c.name);
+    if c.synced {
+        println!(
+            "  synced: yes, at etcd revision {}{}",
+            c.revision,
+            c.watch_lag_ms
+                .map_or(String::new(), |ms| format!(", watch lag {ms} ms"))
+        );
+    } else {
+        println!("  synced: NO: cluster doors refuse knocks (fail closed) until it is");
+    }
+    if let Some(e) = &c.etcd_error {
+        println!("  last etcd error: {e}");
+    }
+    println!(
+        "  devices from etcd: {}; knocks waiting for etcd: {}; refused for want of etcd: {}",
+        c.devices_from_etcd, c.waiting_for_etcd, c.cluster_unavailable
+    );
+    if c.revokes_pending > 0 {
+        println!(
+            "  revokes made here that etcd does not have yet: {} (other nodes still admit their targets)",
+            c.revokes_pending
+        );
+    }
+    println!("  the whole fleet: knockctl status --cluster");
 }
 
 fn print_cluster(s: &ClusterStatus) {
@@ -562,6 +615,9 @@ fn print_status(s: &StatusReport) {
             "  {} on {}: {} of {} knocks",
             p.source, p.door, p.knocks, p.of
         );
+    }
+    if let Some(c) = &s.cluster {
+        print_fleet_view(c);
     }
     println!(
         "\nrecent errors: {}",
@@ -967,13 +1023,26 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             let server = server_config(&config)?;
             if let Some(socket) = fleet_socket(server.as_ref()) {
                 let devices: Vec<ClusterDevice> = control(&socket, &Request::DeviceList)?;
+                let mut refused = 0;
                 for d in devices {
+                    let mark = match &d.refused {
+                        None => "etcd".to_owned(),
+                        Some(why) => {
+                            refused += 1;
+                            format!("etcd, REFUSED by every node: {why}")
+                        }
+                    };
                     println!(
-                        "{}\tgroups: {}\tdoors: {}\tadded by {}\tetcd",
+                        "{}\tgroups: {}\tdoors: {}\tadded by {}\t{mark}",
                         d.id,
                         d.groups.join(","),
                         d.doors.join(","),
                         d.added_by
+                    );
+                }
+                if refused > 0 {
+                    eprintln!(
+                        "{refused} record(s) in etcd are refused by every node and open nothing"
                     );
                 }
                 return Ok(());
@@ -1017,6 +1086,23 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("removing {}", file.key_file.display()))?;
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             eprintln!("removed {name}; reload knockd to forget it");
+            Ok(())
+        }
+        DeviceCommand::Sign { name, config } => {
+            let server = server_config(&config)?;
+            let socket = fleet_socket(server.as_ref()).ok_or_else(|| {
+                anyhow!(
+                    "{} has no cluster: section; device sign is for fleet mode",
+                    config.display()
+                )
+            })?;
+            let d: ClusterDevice = control(&socket, &Request::DeviceSign { id: name })?;
+            eprintln!(
+                "signed {}: groups [{}], doors [{}]; every node accepts it within a second",
+                d.id,
+                d.groups.join(", "),
+                d.doors.join(", ")
+            );
             Ok(())
         }
     }

@@ -45,6 +45,11 @@ enum Command {
         /// Configuration file.
         #[arg(default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Fleet mode: also connect to every etcd endpoint as the daemon
+        /// would (TLS, user, password), list the prefix and write and delete
+        /// a key under it; exit 1 if no endpoint answers in full.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Generate a random static knock sequence (unique ports) for a static
     /// door, and optionally export it for clients.
@@ -179,8 +184,25 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::CheckConfig { config: path } => {
+        Command::CheckConfig {
+            config: path,
+            cluster,
+        } => {
             println!("{}", knockd::devices::check_config(&path)?);
+            if cluster {
+                let config = Config::load(&path)?;
+                let section = config.cluster.as_ref().with_context(|| {
+                    format!("--cluster: {} has no cluster: section", path.display())
+                })?;
+                let settings = knockd::cluster::Settings::load(section)?;
+                match knockd::cluster::probe(&settings) {
+                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                    Err(lines) => {
+                        lines.iter().for_each(|l| println!("{l}"));
+                        anyhow::bail!("--cluster: no etcd endpoint answered in full");
+                    }
+                }
+            }
             Ok(())
         }
         Command::Uninstall { bpffs_dir, config } => {

@@ -17,13 +17,13 @@ use tokio::sync::mpsc;
 
 use super::{
     Event, FleetDevice, Request, Settings,
-    model::{self, DeviceRecord, GrantRecord, Key, Keys, RECORD_VERSION, RevokeRecord},
+    model::{self, DeviceRecord, GrantRecord, Key, Keys, RECORD_VERSION, Refused, RevokeRecord},
 };
 use crate::{
     config::Cluster,
     control::{
         Response,
-        wire::{ClusterDevice, ClusterStatus, DeviceChanged, NodeReport, NodeStatus, RevokedFleet},
+        wire::{ClusterDevice, ClusterStatus, DeviceChanged, NodeReport, NodeStatus},
     },
     proto::{DeviceKey, unix_ms},
 };
@@ -32,8 +32,10 @@ use crate::{
 const NODE_TTL_SECS: i64 = 5;
 /// How often a node publishes its report.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
-/// A report older than this is `stale` in `status --cluster`.
-const STALE_MS: u64 = 5000;
+/// A report older than this is `stale` in `status --cluster`: two
+/// heartbeats (one a second) missed, while its key, under a
+/// [`NODE_TTL_SECS`] lease, is still there. Past the lease it is `down`.
+const STALE_MS: u64 = 2500;
 /// How long a revoke record stays for nodes that are catching up: a day,
 /// the default `max_session_secs`, so a node cut off for less than that
 /// still cuts the sessions a revoke ended elsewhere when it returns.
@@ -134,8 +136,14 @@ impl Task {
                     result: Err(why.to_owned()),
                 });
             }
-            Request::Revoke { reply, .. }
-            | Request::DeviceAdd { reply, .. }
+            Request::Revoke { id, .. } => {
+                let _ = self.events.send(Event::RevokeNotPublished {
+                    id,
+                    why: why.to_owned(),
+                });
+            }
+            Request::DeviceAdd { reply, .. }
+            | Request::DeviceSign { reply, .. }
             | Request::DeviceRemove { reply, .. }
             | Request::DeviceList { reply }
             | Request::Status { reply } => {
@@ -255,7 +263,13 @@ impl Task {
         let synced_revokes = revokes
             .kvs()
             .iter()
-            .filter_map(|kv| Some((self.revoke_record(kv.key(), kv.value())?, kv.mod_revision())))
+            .filter_map(|kv| {
+                let Key::Revoke(id) = self.keys.parse(kv.key()) else {
+                    return None;
+                };
+                let record = self.revoke_record(&id, kv.value())?;
+                Some((id, record, kv.mod_revision()))
+            })
             .collect();
         // Then watch from the next revision: nothing between is missed.
         let mut watch = timed(
@@ -326,9 +340,9 @@ impl Task {
                                 let record = if put { self.grant_record(&door, source, kv.value()) } else { None };
                                 let _ = self.events.send(Event::Grant { door, source, record, revision: kv.mod_revision() });
                             }
-                            Key::Revoke(_) if put => {
-                                if let Some(record) = self.revoke_record(kv.key(), kv.value()) {
-                                    let _ = self.events.send(Event::Revoke(record, kv.mod_revision()));
+                            Key::Revoke(id) if put => {
+                                if let Some(record) = self.revoke_record(&id, kv.value()) {
+                                    let _ = self.events.send(Event::Revoke { id, record, revision: kv.mod_revision() });
                                 }
                             }
                             Key::Node(name) if put && name == self.config.name => {
@@ -458,49 +472,63 @@ impl Task {
                     }
                 });
             }
-            Request::Revoke {
-                target,
-                grants,
-                local,
-                reply,
-            } => {
+            Request::Revoke { id, record } => {
                 tokio::spawn(async move {
-                    let id = format!("{}-{}-{:08x}", unix_ms(), name, rand::random::<u32>());
-                    let mut record = RevokeRecord {
-                        mac: String::new(),
-                        version: RECORD_VERSION,
-                        target: target.clone(),
-                        node: name,
-                        at_ms: unix_ms(),
-                    };
+                    let mut record = record;
                     model::sign(&cluster_key, &keys.revoke(&id), &mut record);
-                    let done =
-                        async {
-                            let lease = timed(timeout, client.lease_grant(REVOKE_TTL_SECS, None))
-                                .await?
-                                .id();
-                            let mut ops = vec![TxnOp::put(
-                                keys.revoke(&id),
-                                serde_json::to_vec(&record).expect("records serialize"),
-                                Some(PutOptions::new().with_lease(lease)),
-                            )];
-                            ops.extend(grants.iter().map(|(door, source)| {
-                                TxnOp::delete(keys.grant(door, *source), None)
-                            }));
-                            timed(timeout, client.txn(Txn::new().and_then(ops))).await?;
-                            Ok::<_, String>(())
-                        };
-                    let _ = reply.send(match done.await {
-                        Ok(()) => Response::ok(RevokedFleet {
-                            revoked: local.0,
-                            connections_cut: local.1,
-                            published: keys.revoke(&id),
-                            fleet_grants: grants.len(),
-                        }),
-                        Err(e) => Response::error(format!(
-                            "revoked {} grant(s) and cut {} connection(s) on this node, but could not tell the fleet: {e}; other nodes still admit {target}",
-                            local.0, local.1
-                        )),
+                    let ends = super::revokes::Entry {
+                        target: record.target.clone(),
+                        node: record.node.clone(),
+                        at_ms: record.at_ms,
+                        published: true,
+                    };
+                    let done = async {
+                        // The grants it ends, as etcd has them (a node
+                        // that writes one meanwhile is refused by every
+                        // node: it was opened before the revoke).
+                        let listed = timed(
+                            timeout,
+                            client.get(keys.grants(), Some(GetOptions::new().with_prefix())),
+                        )
+                        .await?;
+                        let ended: Vec<String> = listed
+                            .kvs()
+                            .iter()
+                            .filter_map(|kv| {
+                                let Key::Grant { door, source } = keys.parse(kv.key()) else {
+                                    return None;
+                                };
+                                let g = model::check_grant(
+                                    &cluster_key,
+                                    &keys,
+                                    &door,
+                                    source,
+                                    kv.value(),
+                                )
+                                .ok()?;
+                                ends.ends(source, g.device.as_deref(), g.opened_at_ms)
+                                    .then(|| keys.grant(&door, source))
+                            })
+                            .collect();
+                        let lease = timed(timeout, client.lease_grant(REVOKE_TTL_SECS, None))
+                            .await?
+                            .id();
+                        let mut ops = vec![TxnOp::put(
+                            keys.revoke(&id),
+                            serde_json::to_vec(&record).expect("records serialize"),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )];
+                        ops.extend(ended.iter().map(|key| TxnOp::delete(key.as_str(), None)));
+                        timed(timeout, client.txn(Txn::new().and_then(ops))).await?;
+                        Ok::<_, String>(ended.len())
+                    };
+                    let _ = events.send(match done.await {
+                        Ok(fleet_grants) => Event::RevokePublished {
+                            key: keys.revoke(&id),
+                            id,
+                            fleet_grants,
+                        },
+                        Err(why) => Event::RevokeNotPublished { id, why },
                     });
                 });
             }
@@ -512,7 +540,8 @@ impl Task {
                 reply,
             } => {
                 tokio::spawn(async move {
-                    let record = DeviceRecord {
+                    let mut record = DeviceRecord {
+                        mac: String::new(),
                         version: RECORD_VERSION,
                         sealed_key: model::seal(&cluster_key, &keys, &id, &key),
                         id: id.clone(),
@@ -522,6 +551,7 @@ impl Task {
                         added_at_ms: unix_ms(),
                     };
                     let path = keys.device(&id);
+                    model::sign(&cluster_key, &path, &mut record);
                     let txn = Txn::new()
                         .when([Compare::version(path.clone(), CompareOp::Equal, 0)])
                         .and_then([TxnOp::put(
@@ -564,20 +594,26 @@ impl Task {
                         Ok(r) => Response::ok(
                             r.kvs()
                                 .iter()
-                                .filter_map(|kv| {
-                                    serde_json::from_slice::<DeviceRecord>(kv.value()).ok()
-                                })
-                                .map(|d| ClusterDevice {
-                                    id: d.id,
-                                    groups: d.groups,
-                                    doors: d.doors,
-                                    added_by: d.added_by,
-                                    added_at_ms: d.added_at_ms,
+                                .filter_map(|kv| match keys.parse(kv.key()) {
+                                    Key::Device(id) => {
+                                        Some(listed_device(&cluster_key, &keys, &id, kv.value()))
+                                    }
+                                    _ => None,
                                 })
                                 .collect::<Vec<_>>(),
                         ),
                         Err(e) => unavailable(&e),
                     });
+                });
+            }
+            Request::DeviceSign { id, reply } => {
+                tokio::spawn(async move {
+                    let _ = reply.send(
+                        match vouch(&mut client, &keys, &cluster_key, &id, &name, timeout).await {
+                            Ok(device) => Response::ok(device),
+                            Err(e) => Response::error(e),
+                        },
+                    );
                 });
             }
             Request::Status { reply } => {
@@ -593,89 +629,260 @@ impl Task {
         }
     }
 
-    /// A device record as this node reads it; `None` (logged) when it
-    /// cannot: another version, a key sealed under another cluster key.
+    /// A device record as this node reads it; `None` (reported) when it
+    /// cannot: unsigned or altered, another version, a key sealed under
+    /// another cluster key.
     fn device_record(&self, id: &str, value: &[u8]) -> Option<FleetDevice> {
-        let checked = serde_json::from_slice::<DeviceRecord>(value)
-            .map_err(|e| e.to_string())
-            .and_then(|r| {
-                if r.version != RECORD_VERSION {
-                    return Err(format!(
-                        "record version {}, this node reads {RECORD_VERSION}",
-                        r.version
-                    ));
-                }
-                if r.id != id {
-                    return Err(format!("the record names device {:?}", r.id));
-                }
-                let key = model::open(&self.cluster_key, &self.keys, id, &r.sealed_key)?;
-                Ok(FleetDevice {
-                    device: crate::devices::Device {
-                        id: r.id,
-                        key,
-                        groups: r.groups,
-                        doors: r.doors,
-                        declared_in: format!("etcd:{}", self.keys.device(id)).into(),
-                    },
-                    added_by: r.added_by,
-                })
-            });
-        match checked {
+        match model::check_device(&self.cluster_key, &self.keys, id, value) {
+            Ok((record, key)) => Some(FleetDevice {
+                device: crate::devices::Device {
+                    id: record.id,
+                    key,
+                    groups: record.groups,
+                    doors: record.doors,
+                    declared_in: format!("etcd:{}", self.keys.device(id)).into(),
+                },
+                added_by: record.added_by,
+            }),
+            Err(why) => {
+                self.refused(format!("device {id}"), self.keys.device(id), why);
+                None
+            }
+        }
+    }
+
+    /// A revoke as a node signed it; `None` (reported) for anything else:
+    /// a revoke written to etcd by hand, or by a holder of etcd
+    /// credentials without the cluster key, is not carried out.
+    fn revoke_record(&self, id: &str, value: &[u8]) -> Option<RevokeRecord> {
+        let key = self.keys.revoke(id);
+        match model::check_revoke(&self.cluster_key, &key, value) {
             Ok(record) => Some(record),
-            Err(e) => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "device {id} in etcd ({}) is ignored: {e}",
-                    self.keys.device(id)
-                )));
+            Err(why) => {
+                self.refused(format!("revoke {id}"), key, why);
                 None
             }
         }
     }
 
-    /// A revoke as a node signed it; `None` (logged) for anything else: a
-    /// revoke written to etcd by hand, or by a holder of etcd credentials
-    /// without the cluster key, is not carried out.
-    fn revoke_record(&self, key: &[u8], value: &[u8]) -> Option<RevokeRecord> {
-        let key = String::from_utf8_lossy(key);
-        match serde_json::from_slice::<RevokeRecord>(value) {
-            Ok(r) if model::verify(&self.cluster_key, &key, &r) => Some(r),
-            _ => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "revoke {key} in etcd is not signed by a node of this fleet; ignored"
-                )));
-                None
-            }
-        }
-    }
-
-    /// A grant as a node signed it; `None` (logged) otherwise: write
+    /// A grant as a node signed it; `None` (reported) otherwise: write
     /// access to etcd without the cluster key opens nothing.
     fn grant_record(&self, door: &str, source: IpAddr, value: &[u8]) -> Option<GrantRecord> {
-        match serde_json::from_slice::<GrantRecord>(value) {
-            Ok(r)
-                if r.version == RECORD_VERSION
-                    && !model::verify(&self.cluster_key, &self.keys.grant(door, source), &r) =>
-            {
-                let _ = self.events.send(Event::Failed(format!(
-                    "grant of {source} on {door} in etcd is not signed by a node of this fleet; ignored"
-                )));
-                None
-            }
-            Ok(r) if r.version == RECORD_VERSION => Some(r),
-            Ok(r) => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "grant of {source} on {door} in etcd has record version {}; ignored",
-                    r.version
-                )));
-                None
-            }
-            Err(e) => {
-                let _ = self.events.send(Event::Failed(format!(
-                    "grant of {source} on {door} in etcd is unreadable: {e}; ignored"
-                )));
+        match model::check_grant(&self.cluster_key, &self.keys, door, source, value) {
+            Ok(record) => Some(record),
+            Err(why) => {
+                self.refused(
+                    format!("grant of {source} on {door}"),
+                    self.keys.grant(door, source),
+                    why,
+                );
                 None
             }
         }
+    }
+
+    fn refused(&self, what: String, key: String, why: Refused) {
+        let _ = self.events.send(Event::Refused { what, key, why });
+    }
+}
+
+/// `knockd check-config --cluster`: each endpoint in turn, connected as the
+/// node would (TLS, user, password), asked to list the prefix and to write
+/// and delete a key of its own under it (`P/check/NAME`, which nodes
+/// ignore). A line per endpoint; `Err` when none answered in full.
+pub(super) async fn probe(settings: &Settings) -> Result<Vec<String>, Vec<String>> {
+    let (events, _) = mpsc::unbounded_channel();
+    let (_, requests) = mpsc::unbounded_channel();
+    let mut task = Task::new(settings, events, requests);
+    task.endpoint = 0;
+    let mut lines = Vec::new();
+    let mut good = false;
+    for endpoint in settings.config.endpoints.clone() {
+        let result = async {
+            let mut client = task.connect().await?;
+            let listed = timed(
+                task.timeout,
+                client.get(task.keys.devices(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+            let refused = listed
+                .kvs()
+                .iter()
+                .filter(|kv| match task.keys.parse(kv.key()) {
+                    Key::Device(id) => {
+                        model::check_device(&task.cluster_key, &task.keys, &id, kv.value()).is_err()
+                    }
+                    _ => false,
+                })
+                .count();
+            let check = format!("{}check/{}", task.keys.all(), task.config.name);
+            timed(task.timeout, client.put(check.clone(), unix_ms().to_string(), None))
+                .await
+                .map_err(|e| format!("writing {check}: {e}"))?;
+            timed(task.timeout, client.delete(check.clone(), None))
+                .await
+                .map_err(|e| format!("deleting {check}: {e}"))?;
+            Ok::<_, String>(format!(
+                "read and wrote {} at revision {}; {} device(s) in etcd{}",
+                task.keys.all(),
+                listed.header().map_or(0, |h| h.revision()),
+                listed.kvs().len(),
+                if refused > 0 {
+                    format!(", {refused} of them refused by every node (`knockctl device list` says why)")
+                } else {
+                    String::new()
+                }
+            ))
+        }
+        .await;
+        match result {
+            Ok(line) => {
+                good = true;
+                lines.push(format!("cluster: {endpoint}: {line}"));
+            }
+            Err(e) => lines.push(format!("cluster: {endpoint}: FAILED: {e}")),
+        }
+    }
+    if good { Ok(lines) } else { Err(lines) }
+}
+
+/// A device record for `device list`: what it says, and whether nodes
+/// accept it (they run the same check).
+fn listed_device(cluster_key: &DeviceKey, keys: &Keys, id: &str, value: &[u8]) -> ClusterDevice {
+    match model::check_device(cluster_key, keys, id, value) {
+        Ok((d, _)) => ClusterDevice {
+            id: d.id,
+            groups: d.groups,
+            doors: d.doors,
+            added_by: d.added_by,
+            added_at_ms: d.added_at_ms,
+            refused: None,
+        },
+        Err(why) => {
+            // What the record claims, for the operator to judge.
+            let claimed = serde_json::from_slice::<serde_json::Value>(value).ok();
+            let list = |field: &str| {
+                claimed
+                    .as_ref()
+                    .and_then(|v| v[field].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            };
+            ClusterDevice {
+                id: id.to_owned(),
+                groups: list("groups"),
+                doors: list("doors"),
+                added_by: claimed
+                    .as_ref()
+                    .and_then(|v| v["added_by"].as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                added_at_ms: claimed
+                    .as_ref()
+                    .and_then(|v| v["added_at_ms"].as_u64())
+                    .unwrap_or(0),
+                refused: Some(why.to_string()),
+            }
+        }
+    }
+}
+
+/// `device sign ID`: an operator vouches for a record as it stands (one
+/// written by an older knockd, before every field was signed). Its key
+/// must open under the cluster key for this id, so only a record a node
+/// sealed can be vouched for; its groups and doors are the operator's to
+/// check. Written only if nobody changed it since it was read.
+async fn vouch(
+    client: &mut Client,
+    keys: &Keys,
+    cluster_key: &DeviceKey,
+    id: &str,
+    node: &str,
+    timeout: Duration,
+) -> Result<ClusterDevice, String> {
+    let path = keys.device(id);
+    let read = timed(timeout, client.get(path.clone(), None))
+        .await
+        .map_err(|e| format!("fleet mode: etcd is unreachable ({e}); nothing was changed"))?;
+    let kv = read
+        .kvs()
+        .first()
+        .ok_or_else(|| format!("no device {id} in etcd"))?;
+    let value: serde_json::Value = serde_json::from_slice(kv.value())
+        .map_err(|e| format!("device {id} in etcd is unreadable: {e}"))?;
+    let field = |name: &str| value.get(name).cloned().unwrap_or(serde_json::Value::Null);
+    if field("id").as_str() != Some(id) {
+        return Err(format!("device {id} in etcd names device {}", field("id")));
+    }
+    let sealed_key = field("sealed_key")
+        .as_str()
+        .ok_or_else(|| format!("device {id} in etcd has no sealed_key"))?
+        .to_owned();
+    model::open(cluster_key, keys, id, &sealed_key)
+        .map_err(|e| format!("device {id} cannot be vouched for: {e}"))?;
+    let strings = |name: &str| -> Result<Vec<String>, String> {
+        match field(name) {
+            serde_json::Value::Null => Ok(Vec::new()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .filter(|s| crate::config::is_valid_name(s, crate::config::DEVICE_ID_MAX))
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("device {id}: {name} holds {x}, not a name"))
+                })
+                .collect(),
+            other => Err(format!("device {id}: {name} is {other}, not a list")),
+        }
+    };
+    let mut record = DeviceRecord {
+        mac: String::new(),
+        version: RECORD_VERSION,
+        id: id.to_owned(),
+        groups: strings("groups")?,
+        doors: strings("doors")?,
+        sealed_key,
+        added_by: field("added_by").as_str().unwrap_or(node).to_owned(),
+        added_at_ms: field("added_at_ms").as_u64().unwrap_or_else(unix_ms),
+    };
+    model::sign(cluster_key, &path, &mut record);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            path.clone(),
+            CompareOp::Equal,
+            kv.mod_revision(),
+        )])
+        .and_then([TxnOp::put(
+            path,
+            serde_json::to_vec(&record).expect("records serialize"),
+            None,
+        )]);
+    match timed(timeout, client.txn(txn)).await {
+        Ok(r) if r.succeeded() => Ok(ClusterDevice {
+            id: record.id,
+            groups: record.groups,
+            doors: record.doors,
+            added_by: record.added_by,
+            added_at_ms: record.added_at_ms,
+            refused: None,
+        }),
+        Ok(_) => Err(format!(
+            "device {id} changed in etcd while it was read; nothing was signed: look at it again"
+        )),
+        Err(e) => Err(format!(
+            "fleet mode: etcd is unreachable ({e}); nothing was changed"
+        )),
+    }
+}
+
+/// A node's health from its report's age (`None`: no report, its
+/// heartbeat key expired).
+fn health(report_age_ms: Option<u64>) -> &'static str {
+    match report_age_ms {
+        None => "down",
+        Some(age) if age > STALE_MS => "stale",
+        Some(_) => "up",
     }
 }
 
@@ -722,11 +929,7 @@ async fn cluster_status(
         .map(|name| {
             let report = reports.remove(&name);
             let age = report.as_ref().map(|r| now.saturating_sub(r.at_ms));
-            let health = match age {
-                None => "down",
-                Some(age) if age > STALE_MS => "stale",
-                Some(_) => "up",
-            };
+            let health = health(age);
             NodeStatus {
                 name,
                 health: health.into(),
@@ -740,4 +943,19 @@ async fn cluster_status(
         revision,
         nodes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_stale_between_missed_heartbeats_and_its_lease_running_out() {
+        assert_eq!(health(Some(900)), "up");
+        assert_eq!(health(Some(STALE_MS + 1)), "stale");
+        // The report key lives NODE_TTL_SECS past the last renewal: a
+        // report can be stale for a while before it is gone.
+        assert!(STALE_MS + 1000 < NODE_TTL_SECS as u64 * 1000);
+        assert_eq!(health(None), "down");
+    }
 }

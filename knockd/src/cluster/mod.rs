@@ -14,6 +14,7 @@
 #[cfg(feature = "cluster")]
 mod etcd;
 pub mod model;
+pub mod revokes;
 
 use std::net::IpAddr;
 
@@ -25,7 +26,7 @@ use crate::{
     control::{Response, wire::NodeReport},
     proto::DeviceKey,
 };
-use model::{GrantRecord, RevokeRecord};
+use model::{GrantRecord, Refused, RevokeRecord};
 
 /// Why fleet mode cannot start (read at start-up and reload: a bad key or
 /// password file is named; the file's problem is the cause).
@@ -63,12 +64,12 @@ pub enum Request {
         door: String,
         source: IpAddr,
     },
-    /// Publish a revoke, and delete the target's cluster grants.
+    /// Publish a revoke (at `P/revokes/ID`, signed there), and delete
+    /// the cluster grants in etcd it ends, in one transaction; answered
+    /// with [`Event::RevokePublished`] or [`Event::RevokeNotPublished`].
     Revoke {
-        target: String,
-        grants: Vec<(String, IpAddr)>,
-        local: (usize, usize),
-        reply: oneshot::Sender<Response>,
+        id: String,
+        record: RevokeRecord,
     },
     DeviceAdd {
         id: String,
@@ -82,6 +83,11 @@ pub enum Request {
         reply: oneshot::Sender<Response>,
     },
     DeviceList {
+        reply: oneshot::Sender<Response>,
+    },
+    /// Sign a device record as it stands (`device sign`).
+    DeviceSign {
+        id: String,
         reply: oneshot::Sender<Response>,
     },
     Status {
@@ -100,7 +106,8 @@ pub enum Event {
         revision: i64,
         devices: Vec<FleetDevice>,
         grants: Vec<(String, IpAddr, GrantRecord, i64)>,
-        revokes: Vec<(RevokeRecord, i64)>,
+        /// By id, with their revision.
+        revokes: Vec<(String, RevokeRecord, i64)>,
     },
     /// etcd cannot be reached, or the watch broke: cluster doors fail
     /// closed until the next `Synced`.
@@ -130,8 +137,27 @@ pub enum Event {
         source: IpAddr,
         revision: i64,
     },
-    /// A revoke to carry out.
-    Revoke(RevokeRecord, i64),
+    /// A revoke to carry out (unless this node has, by its id).
+    Revoke {
+        id: String,
+        record: RevokeRecord,
+        revision: i64,
+    },
+    /// etcd took our revoke `id`, at etcd key `key`.
+    RevokePublished {
+        id: String,
+        key: String,
+        fleet_grants: usize,
+    },
+    /// Our revoke `id` did not reach etcd.
+    RevokeNotPublished { id: String, why: String },
+    /// A record in etcd that this node ignores (`what` it claims to be,
+    /// at etcd key `key`).
+    Refused {
+        what: String,
+        key: String,
+        why: Refused,
+    },
     /// The watch is at `revision`; `lag_ms` when our heartbeat came back.
     Progress { revision: i64, lag_ms: Option<u64> },
     /// Our grant write failed: etcd does not have this grant, though this
@@ -211,6 +237,24 @@ impl Settings {
             password,
         })
     }
+}
+
+/// `knockd check-config --cluster`: connects to every endpoint as a node
+/// would and reads and writes under the prefix. A line per endpoint; `Err`
+/// (the same lines) when none answered in full.
+#[cfg(feature = "cluster")]
+pub fn probe(settings: &Settings) -> Result<Vec<String>, Vec<String>> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| vec![format!("cluster: starting the runtime: {e}")])?
+        .block_on(etcd::probe(settings))
+}
+
+/// Without the `cluster` feature, [`Settings::load`] refuses first.
+#[cfg(not(feature = "cluster"))]
+pub fn probe(_settings: &Settings) -> Result<Vec<String>, Vec<String>> {
+    unreachable!("Settings::load refuses fleet mode in a build without the cluster feature")
 }
 
 /// Starts the task. It runs until the daemon exits.

@@ -28,7 +28,12 @@ use sha2::Sha256;
 use crate::{auth::Consumed, proto::DeviceKey};
 
 /// Version of the records below; a node refuses records of another.
-pub const RECORD_VERSION: u32 = 1;
+///
+/// 2: every record is signed over all of its fields (version 1 signed
+/// grants and revokes only, and a device record's groups and doors were
+/// covered by nothing), and grants say when they were opened, so a revoke
+/// ends only what existed when it was issued.
+pub const RECORD_VERSION: u32 = 2;
 
 /// The key layout under one prefix.
 #[derive(Debug, Clone)]
@@ -142,6 +147,11 @@ impl Keys {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceRecord {
+    /// As [`GrantRecord::mac`], over every other field: an etcd writer
+    /// without the cluster key can neither widen a device's groups or
+    /// doors nor move a record to another id.
+    #[serde(default)]
+    pub mac: String,
     pub version: u32,
     pub id: String,
     /// Groups, which doors' `allow.groups` name.
@@ -176,9 +186,17 @@ pub struct GrantRecord {
     pub expires_at_ms: u64,
     /// Whether heartbeats keep it alive.
     pub leased: bool,
+    /// When this grant of this source began (Unix ms), kept across its
+    /// heartbeats and rotations: a revoke ends the grants opened before it
+    /// and no later one, so a grant record written again after a revoke
+    /// (by a writer replaying it) is refused.
+    #[serde(default)]
+    pub opened_at_ms: u64,
 }
 
-/// A revoke, for every node to carry out.
+/// A revoke, for every node to carry out. Its etcd key (`P/revokes/ID`,
+/// signed with it) is unique: each node remembers the ids it carried out,
+/// so the same record written again is not carried out twice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokeRecord {
     /// As [`GrantRecord::mac`]: only a node can make one.
@@ -197,6 +215,12 @@ pub trait Signed: Serialize + Clone {
 }
 
 impl Signed for GrantRecord {
+    fn mac_mut(&mut self) -> &mut String {
+        &mut self.mac
+    }
+}
+
+impl Signed for DeviceRecord {
     fn mac_mut(&mut self) -> &mut String {
         &mut self.mac
     }
@@ -304,6 +328,89 @@ pub fn open(
     Ok(DeviceKey(key))
 }
 
+/// Why a node refuses a record it read from etcd. The words go to the log
+/// (once, at warn), `status`'s recent errors, and `device list`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("unreadable: {0}")]
+    Unreadable(String),
+    #[error(
+        "record version {0}, this node reads {RECORD_VERSION} (written by {by} knockd)",
+        by = if *.0 < RECORD_VERSION { "an older" } else { "a newer" }
+    )]
+    Version(u32),
+    #[error("the record names device {0:?}, not the one its key is for")]
+    WrongId(String),
+    #[error(
+        "not signed by a node of this fleet (a field was changed, or the record was written or moved by someone without the cluster key)"
+    )]
+    Unsigned,
+    #[error("{0}")]
+    Sealed(String),
+}
+
+/// Reads a device record at `P/devices/ID`: parsed, of this version,
+/// naming `id`, signed over every field for that key, and with a key that
+/// opens. Returns the record and its key.
+pub fn check_device(
+    cluster_key: &DeviceKey,
+    keys: &Keys,
+    id: &str,
+    value: &[u8],
+) -> Result<(DeviceRecord, DeviceKey), Refused> {
+    let record = serde_json::from_slice::<DeviceRecord>(value)
+        .map_err(|e| Refused::Unreadable(e.to_string()))?;
+    if record.version != RECORD_VERSION {
+        return Err(Refused::Version(record.version));
+    }
+    if record.id != id {
+        return Err(Refused::WrongId(record.id));
+    }
+    if !verify(cluster_key, &keys.device(id), &record) {
+        return Err(Refused::Unsigned);
+    }
+    let key = open(cluster_key, keys, id, &record.sealed_key).map_err(Refused::Sealed)?;
+    Ok((record, key))
+}
+
+/// Reads a grant record at `P/grants/DOOR/SOURCE`: of this version and
+/// signed for that key.
+pub fn check_grant(
+    cluster_key: &DeviceKey,
+    keys: &Keys,
+    door: &str,
+    source: IpAddr,
+    value: &[u8],
+) -> Result<GrantRecord, Refused> {
+    let record = serde_json::from_slice::<GrantRecord>(value)
+        .map_err(|e| Refused::Unreadable(e.to_string()))?;
+    if record.version != RECORD_VERSION {
+        return Err(Refused::Version(record.version));
+    }
+    if !verify(cluster_key, &keys.grant(door, source), &record) {
+        return Err(Refused::Unsigned);
+    }
+    Ok(record)
+}
+
+/// Reads a revoke record at etcd key `key`: of this version and signed for
+/// that key.
+pub fn check_revoke(
+    cluster_key: &DeviceKey,
+    key: &str,
+    value: &[u8],
+) -> Result<RevokeRecord, Refused> {
+    let record = serde_json::from_slice::<RevokeRecord>(value)
+        .map_err(|e| Refused::Unreadable(e.to_string()))?;
+    if record.version != RECORD_VERSION {
+        return Err(Refused::Version(record.version));
+    }
+    if !verify(cluster_key, key, &record) {
+        return Err(Refused::Unsigned);
+    }
+    Ok(record)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +460,7 @@ mod tests {
             node: "n1".into(),
             expires_at_ms: 1,
             leased: false,
+            opened_at_ms: 0,
         };
         assert!(!verify(&cluster, &at, &record), "unsigned");
         sign(&cluster, &at, &mut record);
@@ -399,5 +507,77 @@ mod tests {
                 .unwrap_err()
                 .contains("expected 60")
         );
+    }
+
+    /// The record `device add` writes.
+    fn signed_device(cluster: &DeviceKey, keys: &Keys, id: &str) -> (DeviceRecord, DeviceKey) {
+        let key = DeviceKey::generate();
+        let mut record = DeviceRecord {
+            mac: String::new(),
+            version: RECORD_VERSION,
+            id: id.into(),
+            groups: vec!["guests".into()],
+            doors: vec!["solo".into()],
+            sealed_key: seal(cluster, keys, id, &key),
+            added_by: "n1".into(),
+            added_at_ms: 1,
+        };
+        sign(cluster, &keys.device(id), &mut record);
+        (record, key)
+    }
+
+    #[test]
+    fn a_device_record_edited_or_moved_without_the_cluster_key_is_refused() {
+        let keys = Keys::new("/knockd/");
+        let cluster = DeviceKey::generate();
+        let (record, key) = signed_device(&cluster, &keys, "low");
+        let bytes = |r: &DeviceRecord| serde_json::to_vec(r).unwrap();
+        let (read, opened) = check_device(&cluster, &keys, "low", &bytes(&record)).unwrap();
+        assert_eq!(
+            (read.groups.clone(), opened),
+            (vec!["guests".to_owned()], key)
+        );
+        // Every field an etcd writer might change is covered.
+        type Edit = fn(&mut DeviceRecord);
+        let edits: [(&str, Edit); 5] = [
+            ("groups", |r| r.groups = vec!["admins".into()]),
+            ("doors", |r| r.doors.push("ssh".into())),
+            ("added_by", |r| r.added_by = "n2".into()),
+            ("added_at_ms", |r| r.added_at_ms += 1),
+            ("mac", |r| r.mac.clear()),
+        ];
+        for (field, edit) in edits {
+            let mut changed = record.clone();
+            edit(&mut changed);
+            assert_eq!(
+                check_device(&cluster, &keys, "low", &bytes(&changed)).unwrap_err(),
+                Refused::Unsigned,
+                "{field}"
+            );
+        }
+        // Copied under another id: its id field names the original; with
+        // the id rewritten too, the signature (and the seal) no longer fit.
+        assert_eq!(
+            check_device(&cluster, &keys, "high", &bytes(&record)).unwrap_err(),
+            Refused::WrongId("low".into())
+        );
+        let mut moved = record.clone();
+        moved.id = "high".into();
+        assert_eq!(
+            check_device(&cluster, &keys, "high", &bytes(&moved)).unwrap_err(),
+            Refused::Unsigned
+        );
+        // A record of the last version (no signature over its groups) is
+        // named as such, not taken.
+        let mut old = serde_json::to_value(&record).unwrap();
+        old["version"] = 1.into();
+        old.as_object_mut().unwrap().remove("mac");
+        let e = check_device(&cluster, &keys, "low", old.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e, Refused::Version(1));
+        assert!(e.to_string().contains("an older knockd"), "{e}");
+        assert!(matches!(
+            check_device(&cluster, &keys, "low", b"{").unwrap_err(),
+            Refused::Unreadable(_)
+        ));
     }
 }

@@ -54,8 +54,14 @@ pub enum Command {
     DeviceRemove {
         id: String,
     },
-    /// Fleet mode: the devices every node knows from etcd.
+    /// Fleet mode: the devices in etcd, each marked with why nodes refuse
+    /// it, if they do.
     DeviceList,
+    /// Fleet mode: sign a device record as it stands, its key sealed by a
+    /// node of this fleet (a record an older knockd wrote).
+    DeviceSign {
+        id: String,
+    },
     /// Fleet mode: every node's heartbeat, health and grants.
     ClusterStatus,
 }
@@ -101,7 +107,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
     let allowed: &[&str] = match name {
         "revoke" => &["command", "target"],
         "device_add" => &["command", "id", "groups", "doors", "key"],
-        "device_remove" => &["command", "id"],
+        "device_remove" | "device_sign" => &["command", "id"],
         _ => &["command"],
     };
     if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -196,6 +202,13 @@ pub struct FleetView {
     pub waiting_for_etcd: usize,
     /// Knocks refused because etcd could not be reached.
     pub cluster_unavailable: u64,
+    /// Why etcd does not serve this node, while it does not (unreachable,
+    /// or refusing its credentials, permissions or certificate).
+    #[serde(default)]
+    pub etcd_error: Option<String>,
+    /// Revokes made here that etcd does not have yet.
+    #[serde(default)]
+    pub revokes_pending: usize,
 }
 
 /// The running configuration.
@@ -288,18 +301,25 @@ pub struct Revoked {
     pub connections_cut: usize,
 }
 
-/// `revoke` in fleet mode: what this node ended, and that the revoke was
-/// published for every other node to carry out.
+/// `revoke` in fleet mode: what this node ended, and whether the revoke
+/// reached etcd for every other node to carry out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokedFleet {
     /// Grants ended on this node.
     pub revoked: usize,
     /// Connections cut on this node.
     pub connections_cut: usize,
-    /// The etcd key every node acts on (`P/revokes/ID`).
-    pub published: String,
+    /// The etcd key every node acts on (`P/revokes/ID`); `null` when etcd
+    /// did not take it (then `pending` says why).
+    pub published: Option<String>,
     /// Cluster grants of the target removed from etcd.
     pub fleet_grants: usize,
+    /// Why etcd does not have the revoke yet: it took effect on this node,
+    /// is kept in its state directory, is never undone by a
+    /// resynchronisation, and is published when etcd is back. Until then
+    /// other nodes still admit the target.
+    #[serde(default)]
+    pub pending: Option<String>,
 }
 
 /// `device_add`, `device_remove`.
@@ -315,10 +335,16 @@ pub struct DeviceChanged {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterDevice {
     pub id: String,
+    /// What the record says (for a refused one: claims).
     pub groups: Vec<String>,
     pub doors: Vec<String>,
     pub added_by: String,
     pub added_at_ms: u64,
+    /// Why every node ignores this record (not signed over all of its
+    /// fields, another version, a key that does not open); `null` for a
+    /// record the nodes accept.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// What a node publishes about itself every second, under a lease

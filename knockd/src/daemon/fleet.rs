@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -24,9 +25,13 @@ use crate::{
     cluster::{
         Event, FleetDevice, Link, Request,
         model::{GrantRecord, RECORD_VERSION, RevokeRecord},
+        revokes::{self, Book},
     },
     config::{OnClusterUnavailable, Scope},
-    control::{Command, Response, wire::NodeReport},
+    control::{
+        Command, Response,
+        wire::{NodeReport, RevokedFleet},
+    },
     devices::Devices,
     grants::{self, Published},
     proto::{DeviceKey, unix_ms},
@@ -69,10 +74,41 @@ pub struct Fleet {
     unwithdrawn: HashSet<(String, IpAddr)>,
     /// Knocks refused for want of etcd.
     unavailable: u64,
+    /// The revokes this node carried out or has still to publish, kept in
+    /// `state_dir` ([`revokes`] says why).
+    revokes: Book,
+    /// No book was on disk at start-up: the first listing says which
+    /// revokes are history, not news.
+    fresh_book: bool,
+    state_dir: PathBuf,
+    /// Revokes sent to etcd and not answered yet, by id.
+    publishing: HashSet<String>,
+    /// Our revokes whose write the watch has not shown yet: that one
+    /// showing is the echo of our write; any later one is a replay.
+    echoes: HashSet<String>,
+    /// A revoke failed to publish while etcd served us: the tick tries
+    /// the pending ones again.
+    retry_revokes: bool,
+    /// `knockctl revoke`s waiting for etcd's answer, by revoke id: the
+    /// reply, and what this node ended (grants, connections).
+    revoke_replies: HashMap<String, (oneshot::Sender<Response>, (usize, usize))>,
+    /// Why etcd is not serving us, by kind, while it is not: a change is
+    /// logged once, not every retry.
+    problem: Option<(&'static str, String)>,
+    /// etcd failures by kind (`authentication`, `permission`, `tls`,
+    /// `unreachable`), for the metrics.
+    problems: BTreeMap<&'static str, u64>,
+    /// Records in etcd this node refused, by key and reason: each is
+    /// reported once (bounded; past the bound, reports start over).
+    refused: HashSet<(String, String)>,
 }
 
+/// Most refused records remembered for reporting once.
+const REFUSED_MAX: usize = 4096;
+
 impl Fleet {
-    pub fn new(link: Link, local: Devices) -> Fleet {
+    /// `book`: the revoke book read from `state_dir` (`None`: none yet).
+    pub fn new(link: Link, local: Devices, book: Option<Book>, state_dir: PathBuf) -> Fleet {
         Fleet {
             link,
             local,
@@ -87,7 +123,22 @@ impl Fleet {
             fallback: HashSet::new(),
             unwithdrawn: HashSet::new(),
             unavailable: 0,
+            fresh_book: book.is_none(),
+            revokes: book.unwrap_or_default(),
+            state_dir,
+            revoke_replies: HashMap::new(),
+            publishing: HashSet::new(),
+            echoes: HashSet::new(),
+            retry_revokes: false,
+            problem: None,
+            problems: BTreeMap::new(),
+            refused: HashSet::new(),
         }
+    }
+
+    /// etcd failures by kind, for the metrics.
+    pub fn problems(&self) -> &BTreeMap<&'static str, u64> {
+        &self.problems
     }
 
     /// The local devices and etcd's, merged.
@@ -106,6 +157,8 @@ impl Fleet {
             devices_from_etcd: self.remote.len(),
             waiting_for_etcd: self.pending.len(),
             cluster_unavailable: self.unavailable,
+            etcd_error: self.problem.as_ref().map(|(_, why)| why.clone()),
+            revokes_pending: self.revokes.pending().len(),
         }
     }
 }
@@ -113,10 +166,53 @@ impl Fleet {
 /// Grants listed in a node's report (`grants_total` counts them all).
 const REPORT_GRANTS_MAX: usize = 64;
 
-/// A node that starts carries out the revokes of this last while: it may
-/// have been down when they were made, with sessions it had let in still
-/// open (the kernel keeps them across a restart).
+/// A node that starts in fleet mode for the first time (no revoke book)
+/// carries out the revokes of this last while: it may have been down when
+/// they were made, with sessions it had let in still open (the kernel
+/// keeps them across a restart). With a book, it carries out every revoke
+/// it has not.
 const FRESH_START_REVOKES_MS: u64 = 60_000;
+
+/// What kind of trouble an etcd error is: the operator's to fix
+/// (credentials, permissions, TLS) or the network's.
+fn problem_kind(why: &str) -> &'static str {
+    let why = why.to_ascii_lowercase();
+    if why.contains("authentication failed")
+        || why.contains("invalid auth token")
+        || why.contains("unauthenticated")
+        || why.contains("user name is empty")
+    {
+        "authentication"
+    } else if why.contains("permission denied") {
+        "permission"
+    } else if why.contains("tls") || why.contains("certificate") || why.contains("handshake") {
+        "tls"
+    } else {
+        "unreachable"
+    }
+}
+
+/// A revoke record's entry in the book.
+fn entry_of(record: &RevokeRecord, published: bool) -> revokes::Entry {
+    revokes::Entry {
+        target: record.target.clone(),
+        node: record.node.clone(),
+        at_ms: record.at_ms,
+        published,
+    }
+}
+
+/// The record (unsigned: the cluster task signs it) of a revoke in the
+/// book.
+fn record_of(entry: &revokes::Entry) -> RevokeRecord {
+    RevokeRecord {
+        mac: String::new(),
+        version: RECORD_VERSION,
+        target: entry.target.clone(),
+        node: entry.node.clone(),
+        at_ms: entry.at_ms,
+    }
+}
 
 /// Seconds a one-time door accepts a sequence for: its steps of skew
 /// either way, and the step itself, with a step to spare.
@@ -245,6 +341,7 @@ impl Daemon {
             node: String::new(),
             expires_at_ms: unix_ms() + g.expires.saturating_duration_since(now).as_millis() as u64,
             leased: g.leased,
+            opened_at_ms: g.opened_at_ms,
         });
         let fleet = self.fleet.as_mut().expect("cluster_scoped checked");
         let key = (door.to_owned(), source);
@@ -308,9 +405,11 @@ impl Daemon {
                 grants,
                 revokes,
             } => {
-                let since = fleet.revision;
                 fleet.synced = true;
                 fleet.revision = revision;
+                if let Some((kind, _)) = fleet.problem.take() {
+                    tracing::info!(was = kind, "fleet: etcd answers again");
+                }
                 let listed_devices: BTreeMap<String, FleetDevice> = devices
                     .into_iter()
                     .map(|d| (d.device.id.clone(), d))
@@ -330,13 +429,47 @@ impl Daemon {
                     .cloned()
                     .collect();
                 fleet.remote = listed_devices;
-                let listed: HashSet<(String, IpAddr)> =
-                    grants.iter().map(|(d, s, _, _)| (d.clone(), *s)).collect();
+                // Revokes first: the grants they ended are neither
+                // installed nor kept. Those this node has not carried
+                // out are news (on a first start, only the last
+                // minute's; the rest are history).
+                let now_ms = unix_ms();
+                let first = std::mem::replace(&mut fleet.fresh_book, false);
+                let mut news = Vec::new();
+                for (id, record, _) in revokes {
+                    if fleet.revokes.knows(&id) {
+                        continue;
+                    }
+                    let age = now_ms.saturating_sub(record.at_ms);
+                    if age <= revokes::KEEP_MS && (!first || age < FRESH_START_REVOKES_MS) {
+                        news.push(record.clone());
+                    }
+                    fleet.revokes.insert(id, entry_of(&record, true));
+                }
                 self.devices_changed();
+                // Carried out while the grants they end are still here, so
+                // their connections are found and cut.
+                for record in news {
+                    self.fleet_revoke(record);
+                }
                 let fleet = self.fleet.as_mut().expect("fleet");
                 let unwithdrawn = std::mem::take(&mut fleet.unwithdrawn);
                 let name = fleet.link.name.clone();
+                let mut listed = HashSet::new();
                 for (door, source, record, rev) in grants {
+                    let fleet = self.fleet.as_ref().expect("fleet");
+                    if let Some(id) = fleet
+                        .revokes
+                        .ending(source, record.device.as_deref(), record.opened_at_ms)
+                        .map(str::to_owned)
+                    {
+                        self.refused_once(
+                            format!("grant of {source} on {door}"),
+                            format!("it was opened before revoke {id}"),
+                        );
+                        continue;
+                    }
+                    listed.insert((door.clone(), source));
                     let key = (door, source);
                     if unwithdrawn.contains(&key)
                         && record.node == name
@@ -391,18 +524,9 @@ impl Daemon {
                 for (door, source) in fallback {
                     self.publish_grant(&door, source);
                 }
-                // Revokes this node missed: those after the revision it
-                // had; on a fresh start (it had none), the last minute's.
-                for (record, rev) in revokes {
-                    let missed = if since > 0 {
-                        rev > since
-                    } else {
-                        unix_ms().saturating_sub(record.at_ms) < FRESH_START_REVOKES_MS
-                    };
-                    if missed && record.node != self.fleet.as_ref().expect("fleet").link.name {
-                        self.fleet_revoke(record);
-                    }
-                }
+                // Revokes made here while etcd was away reach it now.
+                self.publish_revokes();
+                self.save_revokes();
                 self.load_policy()?;
                 for (id, by) in added {
                     tracing::info!(device = %id, %by, "fleet: device added");
@@ -415,11 +539,27 @@ impl Daemon {
                 tracing::info!(revision, "fleet: synchronised with etcd; watching");
             }
             Event::Lost(why) => {
+                let kind = problem_kind(&why);
+                *fleet.problems.entry(kind).or_default() += 1;
                 let was = std::mem::replace(&mut fleet.synced, false);
+                let changed = fleet.problem.as_ref().map(|(k, _)| *k) != Some(kind);
+                fleet.problem = Some((kind, why.clone()));
                 if was {
                     tracing::warn!(%why, "fleet: lost etcd; cluster doors fail closed");
-                    self.record_error(format!(
+                    self.keep_error(format!(
                         "fleet: lost etcd ({why}); cluster doors refuse knocks until it is back (grants in place stay until their deadline)"
+                    ));
+                } else if changed && kind != "unreachable" {
+                    // Not the network: the operator's to fix, and it will
+                    // not go away by retrying.
+                    tracing::error!(%why, kind, "fleet: etcd refuses this node; cluster doors refuse knocks until it is fixed");
+                    self.keep_error(format!(
+                        "fleet: etcd refuses this node ({kind}: {why}); cluster doors refuse knocks until it is fixed"
+                    ));
+                } else if changed {
+                    tracing::warn!(%why, "fleet: cannot reach etcd; cluster doors refuse knocks until it answers");
+                    self.keep_error(format!(
+                        "fleet: cannot reach etcd ({why}); cluster doors refuse knocks until it answers"
                     ));
                 } else {
                     tracing::debug!(%why, "fleet: etcd still unreachable");
@@ -476,7 +616,20 @@ impl Daemon {
             } => {
                 let key = (door.clone(), source);
                 match record {
-                    Some(record) => self.apply_grant(&door, source, record, revision),
+                    Some(record) => {
+                        if let Some(id) = fleet
+                            .revokes
+                            .ending(source, record.device.as_deref(), record.opened_at_ms)
+                            .map(str::to_owned)
+                        {
+                            self.refused_once(
+                                format!("grant of {source} on {door}"),
+                                format!("it was opened before revoke {id}"),
+                            );
+                        } else {
+                            self.apply_grant(&door, source, record, revision);
+                        }
+                    }
                     None => match fleet.revs.get(&key) {
                         Some(Rev::At(known)) if *known < revision => {
                             fleet.revs.remove(&key);
@@ -505,11 +658,86 @@ impl Daemon {
                     *rev = Rev::At(revision);
                 }
             }
-            Event::Revoke(record, revision) => {
+            Event::Revoke {
+                id,
+                record,
+                revision,
+            } => {
                 fleet.revision = fleet.revision.max(revision);
-                if record.node != fleet.link.name {
+                let ours = record.node == fleet.link.name;
+                if fleet.revokes.knows(&id) {
+                    // Our own write, coming back; or a revoke carried out
+                    // already, written again: never twice.
+                    if !(ours && fleet.echoes.remove(&id)) {
+                        self.refused_once(
+                            format!("revoke {id} of {}", record.target),
+                            "written again: this node carried it out already, and does not again"
+                                .into(),
+                        );
+                    }
+                    return Ok(());
+                }
+                let old = unix_ms().saturating_sub(record.at_ms) > revokes::KEEP_MS;
+                fleet.revokes.insert(id.clone(), entry_of(&record, true));
+                self.save_revokes();
+                if old {
+                    self.refused_once(
+                        format!("revoke {id} of {}", record.target),
+                        "issued more than a day ago, longer than etcd keeps a revoke: written again".into(),
+                    );
+                } else if !ours {
                     self.fleet_revoke(record);
                 }
+            }
+            Event::RevokePublished {
+                id,
+                key,
+                fleet_grants,
+            } => {
+                fleet.revokes.mark_published(&id);
+                fleet.publishing.remove(&id);
+                let waiting = fleet.revoke_replies.remove(&id);
+                self.save_revokes();
+                match waiting {
+                    Some((reply, (revoked, connections_cut))) => {
+                        let _ = reply.send(Response::ok(RevokedFleet {
+                            revoked,
+                            connections_cut,
+                            published: Some(key),
+                            fleet_grants,
+                            pending: None,
+                        }));
+                    }
+                    None => {
+                        tracing::info!(%id, fleet_grants, "fleet: a revoke made while etcd was unreachable is published")
+                    }
+                }
+            }
+            Event::RevokeNotPublished { id, why } => {
+                fleet.publishing.remove(&id);
+                fleet.retry_revokes |= fleet.synced;
+                let waiting = fleet.revoke_replies.remove(&id);
+                self.record_error(format!(
+                    "fleet: revoke {id} took effect here but is not in etcd yet ({why}); it is kept, and published when etcd is back"
+                ));
+                if let Some((reply, (revoked, connections_cut))) = waiting {
+                    let _ = reply.send(Response::ok(RevokedFleet {
+                        revoked,
+                        connections_cut,
+                        published: None,
+                        fleet_grants: 0,
+                        pending: Some(why),
+                    }));
+                }
+            }
+            Event::Refused { what, key, why } => {
+                let mut why = why.to_string();
+                if what.starts_with("device ") && why.contains("an older knockd") {
+                    why.push_str(
+                        ": check its groups and doors with `knockctl device list`, then vouch for it with `knockctl device sign ID`",
+                    );
+                }
+                self.refused_once(format!("{what} ({key})"), why);
             }
             Event::Progress { revision, lag_ms } => {
                 fleet.revision = fleet.revision.max(revision);
@@ -573,6 +801,7 @@ impl Daemon {
             expires: now + left,
             leased: record.leased,
             remote: !ours,
+            opened_at_ms: record.opened_at_ms,
         };
         match self.grants.apply(
             &mut grants::Real(&mut self.maps),
@@ -595,9 +824,55 @@ impl Daemon {
         }
     }
 
-    /// Carries out a revoke another node published.
+    /// Reports a record in etcd this node ignores (`what` it claims to
+    /// be): once per record and reason, at warn, and in `status`.
+    fn refused_once(&mut self, what: String, why: String) {
+        let Some(fleet) = &mut self.fleet else { return };
+        if fleet.refused.len() >= REFUSED_MAX {
+            fleet.refused.clear();
+        }
+        if fleet.refused.insert((what.clone(), why.clone())) {
+            tracing::warn!(record = %what, %why, "fleet: a record in etcd is ignored");
+            self.keep_error(format!("fleet: {what} in etcd is ignored: {why}"));
+        }
+    }
+
+    /// Sends the revokes etcd does not have (and that are not on their
+    /// way) to it: after a resynchronisation, and from the tick after a
+    /// failed write.
+    fn publish_revokes(&mut self) {
+        let Some(fleet) = &mut self.fleet else { return };
+        fleet.retry_revokes = false;
+        for (id, entry) in fleet.revokes.pending() {
+            if !fleet.publishing.insert(id.clone()) {
+                continue;
+            }
+            tracing::info!(target = %entry.target, %id, "fleet: publishing a revoke made while etcd did not take it");
+            fleet.echoes.insert(id.clone());
+            fleet.link.send(Request::Revoke {
+                id,
+                record: record_of(&entry),
+            });
+        }
+    }
+
+    /// Writes the revoke book; a failure is an error in `status` (the
+    /// book in memory still holds).
+    fn save_revokes(&mut self) {
+        let Some(fleet) = &mut self.fleet else { return };
+        fleet.revokes.prune(unix_ms());
+        if let Err(e) = crate::state::save_revokes(&fleet.state_dir, &fleet.revokes) {
+            self.record_error(format!(
+                "fleet: could not write the revoke book: {}",
+                chain(&e)
+            ));
+        }
+    }
+
+    /// Carries out a revoke another node published: the grants opened
+    /// before it, and the connections they let in.
     fn fleet_revoke(&mut self, record: RevokeRecord) {
-        match self.revoke(&record.target) {
+        match self.revoke(&record.target, record.at_ms) {
             Ok(r) => {
                 tracing::info!(target = %record.target, by = %record.node, grants = r.revoked, connections = r.connections_cut, "fleet: revoked")
             }
@@ -617,6 +892,13 @@ impl Daemon {
 
     /// Publishes this node's report (once a second, from the tick).
     pub(super) fn report_to_fleet(&mut self) {
+        if self
+            .fleet
+            .as_ref()
+            .is_some_and(|f| f.synced && f.retry_revokes)
+        {
+            self.publish_revokes();
+        }
         let Some(fleet) = &self.fleet else { return };
         // The first grants only: a report is one etcd value, written every
         // second, and etcd refuses values past 1.5 MiB.
@@ -693,15 +975,21 @@ impl Daemon {
                 Some(fleet) => fleet.link.send(Request::Status { reply }),
                 None => drop(reply.send(not_fleet())),
             },
+            Command::DeviceSign { id } => match &self.fleet {
+                Some(fleet) => fleet.link.send(Request::DeviceSign { id, reply }),
+                None => drop(reply.send(not_fleet())),
+            },
             Command::Revoke { target } if self.fleet.is_some() => {
-                // The target's cluster grants, for etcd to delete: every
-                // node's, since this one has them all installed.
+                // Issued now: it ends what exists now, here at once and on
+                // every node once etcd has it. The cluster grants it ends
+                // go from etcd with it.
+                let at_ms = unix_ms();
                 let grants: Vec<(String, IpAddr)> = self
                     .grants_of(&target)
                     .into_iter()
                     .filter(|(door, _)| self.cluster_scoped(door))
                     .collect();
-                let local = match self.revoke(&target) {
+                let local = match self.revoke(&target, u64::MAX) {
                     Ok(r) => (r.revoked, r.connections_cut),
                     Err(super::RequestError::NothingToRevoke(_)) => (0, 0),
                     Err(e) => {
@@ -715,16 +1003,57 @@ impl Daemon {
                 for key in &grants {
                     fleet.revs.remove(key);
                 }
-                fleet.link.send(Request::Revoke {
+                let entry = revokes::Entry {
                     target,
-                    grants,
-                    local,
-                    reply,
-                });
+                    node: fleet.link.name.clone(),
+                    at_ms,
+                    published: false,
+                };
+                let id = format!("{at_ms}-{}-{:08x}", entry.node, rand::random::<u32>());
+                let record = record_of(&entry);
+                fleet.revokes.insert(id.clone(), entry);
+                fleet.revoke_replies.insert(id.clone(), (reply, local));
+                fleet.publishing.insert(id.clone());
+                fleet.echoes.insert(id.clone());
+                fleet.link.send(Request::Revoke { id, record });
+                // Kept before etcd answers: if it does not, the revoke
+                // still stands here after a restart, and reaches etcd later.
+                self.save_revokes();
             }
             other => {
                 let _ = reply.send(self.handle(other));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::problem_kind;
+
+    #[test]
+    fn etcd_errors_the_operator_must_fix_are_told_from_the_network() {
+        // What etcd-client says for each, as the fleet tests saw it.
+        for (why, kind) in [
+            (
+                "https://198.18.0.4:2379: etcd: grpc request error: status: InvalidArgument, message: \"etcdserver: authentication failed, invalid user ID or password\"",
+                "authentication",
+            ),
+            (
+                "etcd: grpc request error: status: PermissionDenied, message: \"etcdserver: permission denied\"",
+                "permission",
+            ),
+            (
+                "https://198.18.0.4:2379: transport error: invalid peer certificate: UnknownIssuer",
+                "tls",
+            ),
+            (
+                "http://198.18.0.4:2379: no connection within 1000 ms",
+                "unreachable",
+            ),
+            ("the watch failed: h2 protocol error", "unreachable"),
+        ] {
+            assert_eq!(problem_kind(why), kind, "{why}");
         }
     }
 }

@@ -512,6 +512,12 @@ impl Daemon {
     /// Logs an error and keeps it for `knockctl status`.
     fn record_error(&mut self, message: String) {
         tracing::error!("{message}");
+        self.keep_error(message);
+    }
+
+    /// Keeps an error for `status` that its caller logged already (with
+    /// fields of its own, or at another level).
+    fn keep_error(&mut self, message: String) {
         if self.recent_errors.len() == RECENT_ERRORS {
             self.recent_errors.pop_front();
         }
@@ -554,7 +560,7 @@ impl Daemon {
         match command {
             Command::Status => Response::ok(self.status()),
             Command::Grants => Response::ok(self.grant_views()),
-            Command::Revoke { target } => match self.revoke(&target) {
+            Command::Revoke { target } => match self.revoke(&target, u64::MAX) {
                 Ok(revoked) => Response::ok(revoked),
                 Err(e) => {
                     if matches!(e, RequestError::Cut { .. }) {
@@ -569,6 +575,7 @@ impl Daemon {
             Command::DeviceAdd { .. }
             | Command::DeviceRemove { .. }
             | Command::DeviceList
+            | Command::DeviceSign { .. }
             | Command::ClusterStatus => {
                 Response::error("not in fleet mode: the configuration has no cluster: section")
             }

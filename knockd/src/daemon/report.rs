@@ -151,6 +151,24 @@ impl Daemon {
                 "Fleet mode: how long this node's last heartbeat took to come back through its watch",
                 lag,
             );
+            let problems = Family::<Labels, Counter>::default();
+            for kind in ["authentication", "permission", "tls", "unreachable"] {
+                problems
+                    .get_or_create(&vec![("kind", kind.to_owned())])
+                    .inc_by(fleet.problems().get(kind).copied().unwrap_or(0));
+            }
+            registry.register(
+                "fleet_etcd_errors",
+                "Fleet mode: connections to etcd lost or refused, by kind (authentication, permission and tls are the operator's to fix)",
+                problems,
+            );
+            let pending = Gauge::<i64>::default();
+            pending.set(view.revokes_pending as i64);
+            registry.register(
+                "fleet_revokes_pending",
+                "Fleet mode: revokes made on this node that etcd does not have yet",
+                pending,
+            );
         }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

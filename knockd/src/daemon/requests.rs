@@ -68,6 +68,12 @@ impl Daemon {
     /// The grants a revoke of `target` ends, as (door, source): those of
     /// an address, or of a device (by id).
     pub(super) fn grants_of(&self, target: &str) -> Vec<(String, IpAddr)> {
+        self.grants_of_before(target, u64::MAX)
+    }
+
+    /// [`grants_of`](Self::grants_of), only those opened at or before
+    /// `at_ms` (Unix ms): what a revoke issued then ends.
+    pub(super) fn grants_of_before(&self, target: &str, at_ms: u64) -> Vec<(String, IpAddr)> {
         let by_ip: Option<IpAddr> = target.parse().ok();
         self.grants
             .list()
@@ -76,6 +82,7 @@ impl Daemon {
                 Some(ip) => g.source == ip,
                 None => g.device.as_deref() == Some(target),
             })
+            .filter(|g| g.opened_at_ms <= at_ms)
             .map(|g| (g.door.clone(), g.source))
             .collect()
     }
@@ -86,9 +93,12 @@ impl Daemon {
     /// connection in between. For an address, that is every connection any
     /// door admitted from it, including those whose grant has expired since;
     /// for a device, those from the addresses of its live grants.
-    pub(super) fn revoke(&mut self, target: &str) -> Result<Revoked, RequestError> {
+    ///
+    /// A revoke issued at `at_ms` (fleet mode: another node's) ends only
+    /// the grants opened by then.
+    pub(super) fn revoke(&mut self, target: &str, at_ms: u64) -> Result<Revoked, RequestError> {
         let by_ip: Option<IpAddr> = target.parse().ok();
-        let doomed = self.grants_of(target);
+        let doomed = self.grants_of_before(target, at_ms);
         let mut cuts = Vec::new();
         let grants = doomed.len();
         for (door, source) in doomed {
