@@ -822,6 +822,7 @@ impl Grants {
                 grant.rotations = before.rotations;
                 grant.probes = before.probes;
                 grant.next_rotation = before.next_rotation;
+                grant.opened_at_ms = before.opened_at_ms;
                 if grant.retired.is_empty() {
                     grant.retired.clone_from(&before.retired);
                 }
@@ -894,6 +895,17 @@ impl Grants {
         self.taken[usize::from(grant.port)] = true;
         self.by_source.insert(key, grant.clone());
         Ok(grant)
+    }
+
+    /// Fleet mode: a grant restored after a restart does not know when it
+    /// was opened (the kernel keeps no such thing); the fleet's record of
+    /// it does, and a revoke judges by it.
+    pub fn learn_opened(&mut self, door: &str, source: IpAddr, opened_at_ms: u64) {
+        if let Some(g) = self.by_source.get_mut(&(door.to_owned(), source))
+            && g.opened_at_ms == 0
+        {
+            g.opened_at_ms = opened_at_ms;
+        }
     }
 
     /// The grant of `door` for `source`, if there is one.
@@ -1271,9 +1283,22 @@ mod tests {
             (Some("laptop"), false),
             "the kernel keeps the device (the element's comment), not the lease"
         );
+        // Nor when the grant was opened: a fleet's record tells it.
+        assert_eq!(g.opened_at_ms, 0);
+        let mut restarted = grants();
+        restarted.install(&mut k, t0).unwrap();
+        restarted.learn_opened("ssh", a, 1234);
+        restarted.learn_opened("ssh", a, 5678);
+        assert_eq!(restarted.list()[0].opened_at_ms, 1234, "learnt once");
         adopted.inherit(&before);
         let g = adopted.list()[0].clone();
         assert_eq!((g.device.as_deref(), g.leased), (Some("laptop"), true));
+        assert_eq!(
+            g.opened_at_ms,
+            before.list()[0].opened_at_ms,
+            "a reload keeps when it was opened"
+        );
+        assert_ne!(g.opened_at_ms, 0);
         // Closing ends every port it held, retired ones too.
         adopted.close(&mut k, "ssh", a, t0).unwrap();
         assert!(k.elements.is_empty() && k.allowed.is_empty());

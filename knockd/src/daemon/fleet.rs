@@ -788,6 +788,7 @@ impl Daemon {
             .insert((door.to_owned(), source), Rev::At(revision));
         let ours = record.node == fleet.link.name;
         if ours && self.grants.get(door, source).is_some() {
+            self.grants.learn_opened(door, source, record.opened_at_ms);
             return;
         }
         let now = Instant::now();
