@@ -85,7 +85,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// End every grant of an address or a device now.
+    /// End every grant of an address or a device now, and cut the
+    /// connections they let in. In fleet mode every node does; exit 4 when
+    /// etcd did not take the revoke: it took effect on this node only,
+    /// which keeps it and publishes it when etcd is back.
     Revoke {
         /// An IP address or a device id.
         target: String,
