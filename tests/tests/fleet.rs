@@ -446,20 +446,27 @@ fn a_node_cut_off_from_etcd_fails_closed_and_resynchronises() {
         return;
     };
     let key = fleet.add_device(0, "laptop");
-    fleet.nodes[2].partition(&fleet.etcd, true);
-    // The others see C go stale (heartbeats missed), then down (its
-    // heartbeat key expired).
-    let mut seen: Vec<String> = Vec::new();
-    eventually("C shows as down", Duration::from_secs(15), || {
+    let health_of_c = |fleet: &Fleet| {
         let status = knockctl_json(&fleet.nodes[0].socket(), &["status", "--cluster"]);
-        let health = status["nodes"]
+        status["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .find(|n| n["name"] == "n3")
             .map_or("absent".to_owned(), |n| {
                 n["health"].as_str().unwrap_or("?").to_owned()
-            });
+            })
+    };
+    // C reports once a second from its first tick on.
+    eventually("C shows as up", Duration::from_secs(5), || {
+        health_of_c(&fleet) == "up"
+    });
+    fleet.nodes[2].partition(&fleet.etcd, true);
+    // The others see C go stale (heartbeats missed), then down (its
+    // heartbeat key expired).
+    let mut seen: Vec<String> = Vec::new();
+    eventually("C shows as down", Duration::from_secs(15), || {
+        let health = health_of_c(&fleet);
         if seen.last() != Some(&health) {
             seen.push(health.clone());
         }
