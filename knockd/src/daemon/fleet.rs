@@ -457,16 +457,7 @@ impl Daemon {
                 let name = fleet.link.name.clone();
                 let mut listed = HashSet::new();
                 for (door, source, record, rev) in grants {
-                    let fleet = self.fleet.as_ref().expect("fleet");
-                    if let Some(id) = fleet
-                        .revokes
-                        .ending(source, record.device.as_deref(), record.opened_at_ms)
-                        .map(str::to_owned)
-                    {
-                        self.refused_once(
-                            format!("grant of {source} on {door}"),
-                            format!("it was opened before revoke {id}"),
-                        );
+                    if self.revoked_grant(&door, source, &record) {
                         continue;
                     }
                     listed.insert((door.clone(), source));
@@ -617,16 +608,7 @@ impl Daemon {
                 let key = (door.clone(), source);
                 match record {
                     Some(record) => {
-                        if let Some(id) = fleet
-                            .revokes
-                            .ending(source, record.device.as_deref(), record.opened_at_ms)
-                            .map(str::to_owned)
-                        {
-                            self.refused_once(
-                                format!("grant of {source} on {door}"),
-                                format!("it was opened before revoke {id}"),
-                            );
-                        } else {
+                        if !self.revoked_grant(&door, source, &record) {
                             self.apply_grant(&door, source, record, revision);
                         }
                     }
@@ -823,6 +805,24 @@ impl Daemon {
                 chain(&e)
             )),
         }
+    }
+
+    /// Whether a grant record in etcd was opened before a revoke this node
+    /// knows of its address or device (a replay, or a write that raced the
+    /// revoke): such a grant is not installed, and is reported.
+    fn revoked_grant(&mut self, door: &str, source: IpAddr, record: &GrantRecord) -> bool {
+        let Some(id) = self.fleet.as_ref().and_then(|f| {
+            f.revokes
+                .ending(source, record.device.as_deref(), record.opened_at_ms)
+                .map(str::to_owned)
+        }) else {
+            return false;
+        };
+        self.refused_once(
+            format!("grant of {source} on {door}"),
+            format!("it was opened before revoke {id}"),
+        );
+        true
     }
 
     /// Reports a record in etcd this node ignores (`what` it claims to
