@@ -74,11 +74,15 @@ pub enum Reason {
     /// Fleet mode: authentic, but etcd could not confirm that no other
     /// node has seen this sequence (fail closed).
     ClusterUnavailable,
+    /// Authentic, but the daemon could not record the sequence as used (a
+    /// full or failing disk): acting on it would let it be replayed after
+    /// a restart.
+    StateWriteFailed,
 }
 
 impl Reason {
     /// Every reason, for counters.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Malformed,
         Reason::NoDoor,
         Reason::UnknownDevice,
@@ -91,6 +95,7 @@ impl Reason {
         Reason::WrongKnock,
         Reason::Timeout,
         Reason::ClusterUnavailable,
+        Reason::StateWriteFailed,
     ];
 
     /// The reason code in logs and counters.
@@ -108,6 +113,7 @@ impl Reason {
             Reason::WrongKnock => "wrong_knock",
             Reason::Timeout => "timeout",
             Reason::ClusterUnavailable => "cluster_unavailable",
+            Reason::StateWriteFailed => "state_write_failed",
         }
     }
 }

@@ -851,9 +851,30 @@ fn a_failed_state_write_refuses_one_knock_and_keeps_serving() {
         status.contains("recording the sequence as used failed"),
         "{status}"
     );
+    // Counted once, as what it was: refused, never accepted (decision
+    // counters only grow, so a knock counted accepted could not be taken
+    // back).
+    let decisions = |daemon: &Daemon| {
+        knockd_tests::knockctl_json(&daemon.control_socket(), &["status"])["decisions"].clone()
+    };
+    let counted = decisions(&daemon);
+    // The client sends the sequence again when no reply comes: each try
+    // is one refusal.
+    let refusals = counted["state_write_failed"].as_u64().unwrap_or(0);
+    assert!(refusals >= 1, "{counted}");
+    assert!(
+        counted["accepted"].as_u64().unwrap_or(0) == 0,
+        "a refused knock was counted accepted: {counted}"
+    );
     std::fs::remove_file(&filler).unwrap();
     let answer = bed.knock(&socket, Kind::Open);
     assert_eq!(bed.connect(answer.reply.port).0, Outcome::Answered);
+    let counted = decisions(&daemon);
+    assert_eq!(
+        (&counted["accepted"], &counted["state_write_failed"]),
+        (&1.into(), &refusals.into()),
+        "{counted}"
+    );
     daemon.assert_running();
 }
 

@@ -179,6 +179,25 @@ fn a_sequence_used_on_one_node_is_a_replay_on_another() {
             .is_empty(),
         "B acted on a replayed sequence"
     );
+    // Counted once, as a replay: never accepted first and taken back (a
+    // counter that goes down reads as a restart to Prometheus).
+    let metrics = control_metrics(&fleet.nodes[1].socket());
+    let count = |outcome: &str, reason: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "knockd_decisions_total{{door=\"ssh\",outcome=\"{outcome}\",reason=\"{reason}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(count("rejected", "replay"), Some(1), "{metrics}");
+    assert_eq!(
+        count("accepted", ""),
+        None,
+        "B counted the replay accepted at some point: {metrics}"
+    );
 }
 
 #[test]

@@ -311,18 +311,12 @@ impl Daemon {
         None
     }
 
-    /// Turns a decision counted as accepted into a reject.
+    /// Refuses a knock the engine accepted but etcd did not confirm: it
+    /// is counted once, as this reject (it was never counted accepted).
     fn refuse_accepted(&mut self, mut decision: Decision, reason: Reason, detail: String) {
-        let door = decision.door.clone().unwrap_or_default();
-        if let Some(n) = self.decisions.get_mut(&(door.clone(), "accepted", "")) {
-            *n = n.saturating_sub(1);
-        }
-        *self
-            .decisions
-            .entry((door, "rejected", reason.name()))
-            .or_default() += 1;
         decision.detail = Some(detail);
         decision.outcome = crate::auth::Outcome::Rejected(reason);
+        self.count(&decision);
         self.log_reject(reason, &decision);
     }
 

@@ -297,22 +297,16 @@ impl Daemon {
             },
             now_ms,
         );
-        let (outcome, reason) = match &decision.outcome {
-            Outcome::Accepted(_) => ("accepted", ""),
-            Outcome::Progress { .. } => ("progress", ""),
-            Outcome::Duplicate => ("duplicate", ""),
-            Outcome::Rejected(reason) => ("rejected", reason.name()),
-        };
-        *self
-            .decisions
-            .entry((decision.door.clone().unwrap_or_default(), outcome, reason))
-            .or_default() += 1;
         if let Outcome::Accepted(action) = decision.outcome
             && decision.consumed.is_some()
         {
-            // Acted on in `flush`, once its sequence is on disk.
+            // Acted on in `flush`, once its sequence is on disk, and
+            // counted there: until then it is not final.
             self.unsynced.push((action, decision, now_ms));
             return Ok(());
+        }
+        if !matches!(decision.outcome, Outcome::Accepted(_)) {
+            self.count(&decision);
         }
         match decision.outcome {
             Outcome::Accepted(action) => self.accept(action, &decision, now_ms)?,
@@ -355,8 +349,9 @@ impl Daemon {
             .collect();
         if let Err(e) = self.state.append(&records) {
             let cause = chain(&e);
-            for (_, decision, _) in &batch {
-                *self.events.entry("state_write_failed").or_default() += 1;
+            for (_, mut decision, _) in batch {
+                decision.outcome = Outcome::Rejected(Reason::StateWriteFailed);
+                self.count(&decision);
                 self.record_error(format!(
                     "refused an accepted knock (door {}, device {}, source {}): recording the sequence as used failed: {cause}",
                     decision.door.as_deref().unwrap_or("-"),
@@ -396,7 +391,30 @@ impl Daemon {
         );
     }
 
+    /// Counts a decision once it is final: what it did, never what it
+    /// might do. Counters only grow (Prometheus reads a decrease as a
+    /// restart).
+    fn count(&mut self, decision: &Decision) {
+        let (outcome, reason) = match &decision.outcome {
+            Outcome::Accepted(_) => ("accepted", ""),
+            Outcome::Progress { .. } => ("progress", ""),
+            Outcome::Duplicate => ("duplicate", ""),
+            Outcome::Rejected(reason) => ("rejected", reason.name()),
+        };
+        *self
+            .decisions
+            .entry((decision.door.clone().unwrap_or_default(), outcome, reason))
+            .or_default() += 1;
+    }
+
+    /// Acts on an accepted knock whose acceptance is final (its sequence
+    /// on disk, and in fleet mode fresh in etcd), and counts it.
     fn accept(&mut self, action: Action, decision: &Decision, now_ms: u64) -> Result<(), Error> {
+        self.count(decision);
+        self.act(action, decision, now_ms)
+    }
+
+    fn act(&mut self, action: Action, decision: &Decision, now_ms: u64) -> Result<(), Error> {
         let door_name = decision
             .door
             .clone()

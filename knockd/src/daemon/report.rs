@@ -80,9 +80,11 @@ impl Daemon {
                 "state_write_failed",
             ),
         ];
+        // Events, and rejects by reason (a failed state write is both).
+        let tally = self.tally();
         for (name, help, key) in events {
             let counter = Counter::<u64>::default();
-            counter.inc_by(self.events.get(key).copied().unwrap_or(0));
+            counter.inc_by(tally.get(key).copied().unwrap_or(0));
             registry.register(name, help, counter);
         }
         let reloads = Family::<Labels, Counter>::default();
