@@ -649,3 +649,57 @@ fn a_door_nobody_can_open_stays_open_until_a_device_can() {
     assert!(status["hints"].as_array().unwrap().is_empty(), "{status:#}");
     bed.open_and_connect();
 }
+
+/// A reload whose file changes `interfaces` keeps both layers on the
+/// running ones (the XDP guard cannot move without a restart, so the
+/// nftables guard chain must not either), and says the change waits for a
+/// restart.
+#[test]
+fn reload_that_changes_interfaces_keeps_both_layers_on_the_running_ones() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let config = daemon.config_path();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("interfaces: ["))
+        .unwrap()
+        .to_owned();
+    let running = line
+        .trim_start_matches("interfaces: [")
+        .trim_end_matches(']')
+        .to_owned();
+    let table = bed.table().unwrap();
+    assert!(table.contains(&format!("iifname \"{running}\"")), "{table}");
+    std::fs::write(
+        &config,
+        text.replace(&line, &format!("interfaces: [{running}, lo]")),
+    )
+    .unwrap();
+    let out = knockctl(&socket, &["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("change only on restart"), "{said}");
+    let table = bed.table().unwrap();
+    assert!(
+        table.contains(&format!("iifname \"{running}\"")) && !table.contains("iifname \"lo\""),
+        "the nftables guard chain followed the file, not the running interfaces: {table}"
+    );
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    let attached: Vec<&str> = status["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["interface"].as_str().unwrap())
+        .collect();
+    assert_eq!(attached, [running.as_str()], "{status:#}");
+    // The service still works through the running interface.
+    let (answer, _) = bed.open_and_connect();
+    assert_ne!(answer.reply.port, 0);
+}

@@ -160,21 +160,37 @@ impl Daemon {
     /// XDP mode and bpffs_dir need a restart to change.
     pub fn reload(&mut self) -> Result<String, RequestError> {
         let path = self.config_path.clone().ok_or(RequestError::NoConfigFile)?;
-        let config = Config::load(&path)?;
-        let devices = Devices::load(&config, &path)?;
+        let loaded = Config::load(&path)?;
+        let devices = Devices::load(&loaded, &path)?;
         let devices = self.fleet_devices(devices);
-        let (config, opened) = crate::lockout::prepare(config, &devices);
-        self.lockout_open = opened;
+        // What only a restart may change is merged back first, so every
+        // layer built below (the nftables guard chain, the engine, the
+        // port policy, status) follows the running interfaces and cluster,
+        // never the file's new ones.
         let mut kept = Vec::new();
-        if config.interfaces != self.config.interfaces
-            || config.xdp_mode != self.config.xdp_mode
-            || config.without_xdp != self.config.without_xdp
-            || config.bpffs_dir != self.config.bpffs_dir
+        if loaded.interfaces != self.config.interfaces
+            || loaded.xdp_mode != self.config.xdp_mode
+            || loaded.without_xdp != self.config.without_xdp
+            || loaded.bpffs_dir != self.config.bpffs_dir
         {
             kept.push("interfaces, xdp_mode, without_xdp and bpffs_dir change only on restart");
         }
-        if config.cluster != self.config.cluster {
+        if loaded.cluster != self.config.cluster {
             kept.push("the cluster section changes only on restart");
+        }
+        let merged = Config {
+            interfaces: self.config.interfaces.clone(),
+            xdp_mode: self.config.xdp_mode,
+            without_xdp: self.config.without_xdp,
+            bpffs_dir: self.config.bpffs_dir.clone(),
+            cluster: self.config.cluster.clone(),
+            ..loaded
+        };
+        let (config, opened) = crate::lockout::prepare(merged, &devices);
+        for what in &kept {
+            tracing::warn!(
+                "reload: {what}: the file's new values are not used until knockd restarts"
+            );
         }
         let engine = Engine::new(&config, &devices, &self.engine.consumed(), unix_ms());
         let mut grants = Grants::new(&config);
@@ -199,14 +215,8 @@ impl Daemon {
         }
         self.maps
             .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
-        self.config = Config {
-            interfaces: self.config.interfaces.clone(),
-            xdp_mode: self.config.xdp_mode,
-            without_xdp: self.config.without_xdp,
-            bpffs_dir: self.config.bpffs_dir.clone(),
-            cluster: self.config.cluster.clone(),
-            ..config
-        };
+        self.config = config;
+        self.lockout_open = opened;
         self.policy_base = crate::policy::port_policy(&self.config, &engine.knock_ports());
         self.engine = engine;
         self.grants = grants;
