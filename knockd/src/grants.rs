@@ -336,7 +336,7 @@ impl Grants {
                 let settings = match &d.kind {
                     DoorKind::OneTime(o) => DoorGrants {
                         kind: GrantKind::Redirect,
-                        range: o.grant_ports.start..=o.grant_ports.end,
+                        range: d.grant_ports(),
                         service_port: d.service_port,
                         open_for,
                         lease_idle: secs(o.lease_idle_secs),
@@ -345,7 +345,7 @@ impl Grants {
                     },
                     DoorKind::Static(_) => DoorGrants {
                         kind: GrantKind::ServicePort,
-                        range: d.service_port..=d.service_port,
+                        range: d.grant_ports(),
                         service_port: d.service_port,
                         open_for,
                         lease_idle: open_for,

@@ -487,6 +487,17 @@ impl OneTimeDoor {
 }
 
 impl Door {
+    /// The ports this door's grants land on: a one-time door's whole
+    /// `grant_ports` range (a lease's earlier ports after a rotation too),
+    /// a static door's service port. What a revoke, a session cap and the
+    /// grant table look at.
+    pub fn grant_ports(&self) -> std::ops::RangeInclusive<u16> {
+        match &self.kind {
+            DoorKind::OneTime(o) => o.grant_ports.start..=o.grant_ports.end,
+            DoorKind::Static(_) => self.service_port..=self.service_port,
+        }
+    }
+
     /// The one-time settings, for a one-time door.
     pub fn one_time(&self) -> Option<&OneTimeDoor> {
         match &self.kind {

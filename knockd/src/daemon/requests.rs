@@ -7,7 +7,7 @@ use std::{net::IpAddr, time::Instant};
 use super::{Daemon, Error};
 use crate::{
     auth::Engine,
-    config::{Config, Door, DoorKind},
+    config::{Config, Door},
     control::wire::Revoked,
     cut,
     devices::Devices,
@@ -52,15 +52,11 @@ impl Daemon {
     /// The flows a door admits for `source`: through its grant range to
     /// the service (one-time), or to the service port itself (static).
     fn door_cut(door: &Door, source: IpAddr) -> cut::Cut {
-        let ports = match &door.kind {
-            // Every port of the range: connections made through ports the
-            // grant held before a rotation too.
-            DoorKind::OneTime(d) => d.grant_ports.start..=d.grant_ports.end,
-            DoorKind::Static(_) => door.service_port..=door.service_port,
-        };
         cut::Cut {
             source,
-            ports,
+            // Every port of the range: connections made through ports the
+            // grant held before a rotation too.
+            ports: door.grant_ports(),
             service_port: door.service_port,
         }
     }

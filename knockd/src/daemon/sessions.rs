@@ -21,11 +21,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::{
-    config::{Config, DoorKind},
-    control::wire::SessionView,
-    cut,
-};
+use crate::{config::Config, control::wire::SessionView, cut};
 
 /// Aged from first sight, a session may be this late per `cap` (a scan
 /// every cap/8): the tolerance when the kernel keeps no timestamps.
@@ -62,12 +58,8 @@ fn doors(config: &Config) -> Vec<(String, cut::Scope, u32)> {
         // connections are not sessions a grant let in.
         .filter(|(_, d)| !d.expose_service_port)
         .map(|(name, d)| {
-            let ports = match &d.kind {
-                DoorKind::OneTime(o) => o.grant_ports.start..=o.grant_ports.end,
-                DoorKind::Static(_) => d.service_port..=d.service_port,
-            };
             let scope = cut::Scope {
-                ports,
+                ports: d.grant_ports(),
                 service_port: d.service_port,
             };
             (name.clone(), scope, d.max_session_secs)
