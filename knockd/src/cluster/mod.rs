@@ -14,6 +14,7 @@
 #[cfg(feature = "cluster")]
 mod etcd;
 pub mod model;
+pub mod replication;
 pub mod revokes;
 
 use std::net::IpAddr;

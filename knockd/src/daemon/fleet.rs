@@ -25,6 +25,7 @@ use crate::{
     cluster::{
         Event, FleetDevice, Link, Request,
         model::{GrantRecord, RECORD_VERSION, RevokeRecord},
+        replication::{Listed, Publish, Replication},
         revokes::{self, Book},
     },
     config::{OnClusterUnavailable, Scope},
@@ -36,16 +37,6 @@ use crate::{
     grants::{self, Published},
     proto::{DeviceKey, unix_ms},
 };
-
-/// What this node knows of a cluster grant's place in etcd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Rev {
-    /// We published it and etcd has not confirmed yet: deletes seen
-    /// meanwhile are older than it.
-    Pending,
-    /// Its latest known write.
-    At(i64),
-}
 
 /// Fleet state the daemon keeps.
 pub struct Fleet {
@@ -63,15 +54,8 @@ pub struct Fleet {
     /// Accepted knocks waiting for etcd, by token.
     pending: HashMap<u64, (Action, Decision, u64)>,
     next_token: u64,
-    /// Cluster grants known to etcd, and ours on their way there.
-    revs: HashMap<(String, IpAddr), Rev>,
-    /// Grants of cluster doors etcd never heard of: made while it was
-    /// unreachable (local fallback), or whose publication failed. A resync
-    /// leaves them be and publishes them.
-    fallback: HashSet<(String, IpAddr)>,
-    /// Grants this node ended whose delete etcd did not take: a resync
-    /// deletes them again instead of installing them from etcd.
-    unwithdrawn: HashSet<(String, IpAddr)>,
+    /// Where each cluster grant stands between this node and etcd.
+    replication: Replication,
     /// Knocks refused for want of etcd.
     unavailable: u64,
     /// The revokes this node carried out or has still to publish, kept in
@@ -119,9 +103,7 @@ impl Fleet {
             started_at_ms: unix_ms(),
             pending: HashMap::new(),
             next_token: 0,
-            revs: HashMap::new(),
-            fallback: HashSet::new(),
-            unwithdrawn: HashSet::new(),
+            replication: Replication::default(),
             unavailable: 0,
             fresh_book: book.is_none(),
             revokes: book.unwrap_or_default(),
@@ -294,9 +276,10 @@ impl Daemon {
                 "etcd unreachable: acting on the knock with this node's replay record only (on_cluster_unavailable: local)"
             );
             if let Some(fleet) = &mut self.fleet {
-                fleet
-                    .fallback
-                    .insert((decision.door.clone().unwrap_or_default(), decision.grant_to));
+                fleet.replication.made_without_etcd((
+                    decision.door.clone().unwrap_or_default(),
+                    decision.grant_to,
+                ));
             }
             return Some((action, decision, now_ms));
         }
@@ -339,28 +322,24 @@ impl Daemon {
         });
         let fleet = self.fleet.as_mut().expect("cluster_scoped checked");
         let key = (door.to_owned(), source);
-        if fleet.fallback.contains(&key) && !fleet.synced {
-            return;
-        }
-        fleet.fallback.remove(&key);
-        match record {
-            Some(mut record) => {
-                fleet.unwithdrawn.remove(&key);
+        match fleet
+            .replication
+            .changed(key, record.is_some(), fleet.synced)
+        {
+            Publish::Put => {
+                let mut record = record.expect("held");
                 record.node = fleet.link.name.clone();
-                fleet.revs.insert(key, Rev::Pending);
                 fleet.link.send(Request::PutGrant {
                     door: door.to_owned(),
                     source,
                     record,
                 });
             }
-            None => {
-                fleet.revs.remove(&key);
-                fleet.link.send(Request::DeleteGrant {
-                    door: door.to_owned(),
-                    source,
-                });
-            }
+            Publish::Delete => fleet.link.send(Request::DeleteGrant {
+                door: door.to_owned(),
+                source,
+            }),
+            Publish::Later => {}
         }
     }
 
@@ -446,9 +425,7 @@ impl Daemon {
                 for record in news {
                     self.fleet_revoke(record);
                 }
-                let fleet = self.fleet.as_mut().expect("fleet");
-                let unwithdrawn = std::mem::take(&mut fleet.unwithdrawn);
-                let name = fleet.link.name.clone();
+                let name = self.fleet.as_ref().expect("fleet").link.name.clone();
                 let mut listed = HashSet::new();
                 for (door, source, record, rev) in grants {
                     if self.revoked_grant(&door, source, &record) {
@@ -456,21 +433,17 @@ impl Daemon {
                     }
                     listed.insert((door.clone(), source));
                     let key = (door, source);
-                    if unwithdrawn.contains(&key)
-                        && record.node == name
-                        && self.grants.get(&key.0, source).is_none()
-                    {
+                    let held = self.grants.get(&key.0, source).is_some();
+                    let fleet = self.fleet.as_mut().expect("fleet");
+                    match fleet.replication.listed(&key, record.node == name, held) {
                         // Ended here while etcd refused the delete: end it
                         // fleet-wide now, rather than reopen it.
-                        let fleet = self.fleet.as_mut().expect("fleet");
-                        fleet.revs.remove(&key);
-                        fleet.link.send(Request::DeleteGrant {
+                        Listed::DeleteAgain => fleet.link.send(Request::DeleteGrant {
                             door: key.0,
                             source,
-                        });
-                        continue;
+                        }),
+                        Listed::Apply => self.apply_grant(&key.0, source, record, rev),
                     }
-                    self.apply_grant(&key.0, source, record, rev);
                 }
                 // Cluster grants etcd no longer has ended while we were
                 // away (expired, closed, revoked).
@@ -483,12 +456,9 @@ impl Daemon {
                     .collect();
                 for (door, source) in gone {
                     let fleet = self.fleet.as_mut().expect("fleet");
-                    if fleet.fallback.contains(&(door.clone(), source))
-                        || fleet.revs.get(&(door.clone(), source)) == Some(&Rev::Pending)
-                    {
+                    if !fleet.replication.unlisted(&(door.clone(), source)) {
                         continue;
                     }
-                    fleet.revs.remove(&(door.clone(), source));
                     let _ = self.grants.close(
                         &mut grants::Real(&mut self.maps),
                         &door,
@@ -497,16 +467,15 @@ impl Daemon {
                     );
                     tracing::info!(%door, %source, "fleet: grant ended while this node was away from etcd; closed");
                 }
-                // Fallback grants made while away are published now.
-                let fallback: Vec<(String, IpAddr)> = self
+                // Grants etcd never had (made while away, or whose write
+                // failed) are published now.
+                let unpublished = self
                     .fleet
-                    .as_ref()
+                    .as_mut()
                     .expect("fleet")
-                    .fallback
-                    .iter()
-                    .cloned()
-                    .collect();
-                for (door, source) in fallback {
+                    .replication
+                    .resynchronised();
+                for (door, source) in unpublished {
                     self.publish_grant(&door, source);
                 }
                 // Revokes made here while etcd was away reach it now.
@@ -606,9 +575,8 @@ impl Daemon {
                             self.apply_grant(&door, source, record, revision);
                         }
                     }
-                    None => match fleet.revs.get(&key) {
-                        Some(Rev::At(known)) if *known < revision => {
-                            fleet.revs.remove(&key);
+                    None => {
+                        if fleet.replication.deleted(&key, revision) {
                             let closed = self.grants.close(
                                 &mut grants::Real(&mut self.maps),
                                 &door,
@@ -619,8 +587,7 @@ impl Daemon {
                                 tracing::info!(%door, %source, "fleet: grant withdrawn");
                             }
                         }
-                        _ => {}
-                    },
+                    }
                 }
             }
             Event::GrantWritten {
@@ -628,11 +595,7 @@ impl Daemon {
                 source,
                 revision,
             } => {
-                if let Some(rev) = fleet.revs.get_mut(&(door, source))
-                    && *rev == Rev::Pending
-                {
-                    *rev = Rev::At(revision);
-                }
+                fleet.replication.written(&(door, source), revision);
             }
             Event::Revoke {
                 id,
@@ -728,24 +691,17 @@ impl Daemon {
                 // Unless a later write is on its way, etcd lacks this
                 // grant: treat it as one made without etcd, so the next
                 // resync (or the grant's next change) publishes it.
-                let key = (door, source);
-                let held = self.grants.get(&key.0, source).is_some();
+                let held = self.grants.get(&door, source).is_some();
                 let fleet = self.fleet.as_mut().expect("fleet");
-                if fleet.revs.get(&key) == Some(&Rev::Pending) {
-                    fleet.revs.remove(&key);
-                    if held {
-                        fleet.fallback.insert(key);
-                    }
-                }
+                fleet.replication.publish_failed((door, source), held);
             }
             Event::WithdrawFailed { door, source, why } => {
                 self.record_error(format!(
                     "fleet: could not withdraw the grant of {source} on cluster door {door}: {why}"
                 ));
-                if self.grants.get(&door, source).is_none() {
-                    let fleet = self.fleet.as_mut().expect("fleet");
-                    fleet.unwithdrawn.insert((door, source));
-                }
+                let held = self.grants.get(&door, source).is_some();
+                let fleet = self.fleet.as_mut().expect("fleet");
+                fleet.replication.withdraw_failed((door, source), held);
             }
             Event::Failed(message) => self.record_error(format!("fleet: {message}")),
         }
@@ -760,8 +716,8 @@ impl Daemon {
         }
         let fleet = self.fleet.as_mut().expect("cluster_scoped checked");
         fleet
-            .revs
-            .insert((door.to_owned(), source), Rev::At(revision));
+            .replication
+            .applied((door.to_owned(), source), revision);
         let ours = record.node == fleet.link.name;
         if ours && self.grants.get(door, source).is_some() {
             self.grants.learn_opened(door, source, record.opened_at_ms);
@@ -996,7 +952,7 @@ impl Daemon {
                 };
                 let fleet = self.fleet.as_mut().expect("checked");
                 for key in &grants {
-                    fleet.revs.remove(key);
+                    fleet.replication.forget(key);
                 }
                 let entry = revokes::Entry {
                     target,
