@@ -29,6 +29,7 @@
 //!   sequences, cluster grants, revokes and heartbeats).
 
 pub mod auth;
+pub mod check;
 pub mod classic;
 pub mod client;
 #[cfg(feature = "daemon")]

@@ -518,7 +518,7 @@ fn print_cluster(s: &ClusterStatus) {
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
-    println!("{}", knockd::devices::check_config(path)?);
+    println!("{}", knockd::check::check_config(path)?);
     Ok(())
 }
 

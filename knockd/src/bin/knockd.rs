@@ -173,7 +173,7 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
     let config_error = e.chain().any(|cause| {
         cause.is::<knockd::config::Error>()
             || cause.is::<knockd::devices::Error>()
-            || cause.is::<knockd::devices::CheckError>()
+            || cause.is::<knockd::check::CheckError>()
     });
     if config_error {
         ExitCode::from(EX_CONFIG)
@@ -188,7 +188,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             config: path,
             cluster,
         } => {
-            println!("{}", knockd::devices::check_config(&path)?);
+            println!("{}", knockd::check::check_config(&path)?);
             if cluster {
                 let config = Config::load(&path)?;
                 let section = config.cluster.as_ref().with_context(|| {
