@@ -16,7 +16,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 
 use super::{
-    Event, FleetDevice, Request, Settings,
+    EtcdError, Event, FleetDevice, Request, Settings, Trouble,
     model::{self, DeviceRecord, GrantRecord, Key, Keys, RECORD_VERSION, Refused, RevokeRecord},
 };
 use crate::{
@@ -57,22 +57,56 @@ pub(super) struct Task {
     endpoint: usize,
 }
 
-/// An etcd error or a timeout, as text for logs and replies.
+/// An etcd request within `timeout`: its error, or the timeout, typed.
 async fn timed<T>(
     timeout: Duration,
     f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, String> {
+) -> Result<T, EtcdError> {
     match tokio::time::timeout(timeout, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("etcd: {e}")),
-        Err(_) => Err(format!(
+        Ok(Err(e)) => Err(typed(&e).context("etcd")),
+        Err(_) => Err(EtcdError::unreachable(format!(
             "etcd did not answer within {} ms",
             timeout.as_millis()
-        )),
+        ))),
     }
 }
 
-fn unavailable(why: &str) -> Response {
+/// What kind of trouble a client error is, from its gRPC status code where
+/// it has one. etcd answers a bad password with InvalidArgument, and the
+/// transport names a certificate problem only in words.
+fn typed(e: &etcd_client::Error) -> EtcdError {
+    let message = e.to_string();
+    let trouble = match e {
+        etcd_client::Error::GRpcStatus(status) => match status.code() {
+            tonic::Code::Unauthenticated => Trouble::Authentication,
+            tonic::Code::PermissionDenied => Trouble::Permission,
+            tonic::Code::InvalidArgument
+                if status.message().contains("authentication failed")
+                    || status.message().contains("invalid auth token") =>
+            {
+                Trouble::Authentication
+            }
+            _ => Trouble::Unreachable,
+        },
+        etcd_client::Error::TransportError(t) => transport_trouble(&format!("{t:?}")),
+        _ => Trouble::Unreachable,
+    };
+    EtcdError { trouble, message }
+}
+
+/// A connection failure is TLS's when its words say so (tonic keeps the
+/// rustls error as text).
+fn transport_trouble(message: &str) -> Trouble {
+    let m = message.to_ascii_lowercase();
+    if m.contains("certificate") || m.contains("tls") || m.contains("handshake") {
+        Trouble::Tls
+    } else {
+        Trouble::Unreachable
+    }
+}
+
+fn unavailable(why: impl std::fmt::Display) -> Response {
     Response::error(format!(
         "fleet mode: etcd is unreachable ({why}); nothing was changed"
     ))
@@ -109,6 +143,7 @@ impl Task {
                 Err(why) => why,
             };
             let _ = self.events.send(Event::Lost(why.clone()));
+            let why = why.message;
             // Each member is tried once before the waits grow.
             let step = attempt / self.config.endpoints.len();
             let wait = Duration::from_millis(BACKOFF[step.min(BACKOFF.len() - 1)]);
@@ -170,13 +205,13 @@ impl Task {
     /// A client for one endpoint, the next in turn: the crate's balanced
     /// channel can route a first request to a dead member, and this way a
     /// failed session moves on to the next member.
-    async fn connect(&mut self) -> Result<Client, String> {
+    async fn connect(&mut self) -> Result<Client, EtcdError> {
         let endpoint = self.config.endpoints[self.endpoint % self.config.endpoints.len()].clone();
         self.endpoint += 1;
         // A partition must end the watch within seconds, not at TCP's
         // timeout: HTTP/2 pings find a dead peer.
         let mut channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .map_err(|e| format!("{endpoint}: {e}"))?
+            .map_err(|e| EtcdError::unreachable(format!("{endpoint}: {e}")))?
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
             .http2_keep_alive_interval(Duration::from_secs(1))
@@ -184,25 +219,34 @@ impl Task {
             .keep_alive_while_idle(true);
         if let Some(tls) = &self.config.tls {
             let read = |path: &Path| {
-                std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+                std::fs::read(path).map_err(|e| EtcdError {
+                    trouble: Trouble::Tls,
+                    message: format!("reading {}: {e}", path.display()),
+                })
             };
             let mut t =
                 TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
             if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
                 t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
-            channel = channel
-                .tls_config(t)
-                .map_err(|e| format!("{endpoint}: TLS: {e}"))?;
+            channel = channel.tls_config(t).map_err(|e| EtcdError {
+                trouble: Trouble::Tls,
+                message: format!("{endpoint}: TLS: {e}"),
+            })?;
         }
         let channel = match tokio::time::timeout(self.timeout, channel.connect()).await {
             Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => return Err(format!("{endpoint}: {e}")),
+            Ok(Err(e)) => {
+                return Err(EtcdError {
+                    trouble: transport_trouble(&format!("{e:?}")),
+                    message: format!("{endpoint}: {e}"),
+                });
+            }
             Err(_) => {
-                return Err(format!(
+                return Err(EtcdError::unreachable(format!(
                     "{endpoint}: no connection within {} ms",
                     self.timeout.as_millis()
-                ));
+                )));
             }
         };
         // Without quorum a member must not answer from stale state, and
@@ -218,12 +262,12 @@ impl Task {
             Client::from_channel(etcd_client::Channel::Tonic(channel), Some(options)),
         )
         .await
-        .map_err(|e| format!("{endpoint}: {e}"))
+        .map_err(|e| e.context(&endpoint))
     }
 
     /// One connection: list, watch, serve requests, until something breaks.
     /// Returns why it ended.
-    async fn session(&mut self) -> Result<String, String> {
+    async fn session(&mut self) -> Result<EtcdError, EtcdError> {
         let mut client = self.connect().await?;
         let timeout = self.timeout;
         // List what the daemon mirrors, at one revision.
@@ -316,15 +360,15 @@ impl Task {
                 message = watch.message() => {
                     let response = match message {
                         Ok(Some(response)) => response,
-                        Ok(None) => return Ok("the watch stream ended".into()),
-                        Err(e) => return Ok(format!("the watch failed: {e}")),
+                        Ok(None) => return Ok(EtcdError::unreachable("the watch stream ended")),
+                        Err(e) => return Ok(typed(&e).context("the watch failed")),
                     };
                     if response.canceled() {
-                        return Ok(format!(
+                        return Ok(EtcdError::unreachable(format!(
                             "etcd cancelled the watch ({}; compacted at {})",
                             response.cancel_reason(),
                             response.compact_revision()
-                        ));
+                        )));
                     }
                     let revision = response.header().map_or(0, |h| h.revision());
                     let mut lag_ms = None;
@@ -359,13 +403,13 @@ impl Task {
                 reply = keep_alive.message() => {
                     match reply {
                         Ok(Some(r)) if r.ttl() > 0 => {}
-                        Ok(_) => return Ok("the heartbeat lease expired".into()),
-                        Err(e) => return Ok(format!("the heartbeat lease failed: {e}")),
+                        Ok(_) => return Ok(EtcdError::unreachable("the heartbeat lease expired")),
+                        Err(e) => return Ok(typed(&e).context("the heartbeat lease failed")),
                     }
                 }
                 _ = heartbeat.tick() => {
                     if let Err(e) = timed(timeout, keeper.keep_alive()).await {
-                        return Ok(format!("renewing the heartbeat lease: {e}"));
+                        return Ok(e.context("renewing the heartbeat lease"));
                     }
                     if let Some(report) = &self.report {
                         let value = serde_json::to_vec(report).expect("reports serialize");
@@ -373,13 +417,13 @@ impl Task {
                         let at = report.at_ms;
                         let started = Instant::now();
                         if let Err(e) = timed(timeout, client.put(key, value, Some(PutOptions::new().with_lease(lease)))).await {
-                            return Ok(format!("writing the heartbeat: {e}"));
+                            return Ok(e.context("writing the heartbeat"));
                         }
                         sent = Some((at, started));
                     }
                 }
                 request = self.requests.recv() => {
-                    let Some(request) = request else { return Ok("shutting down".into()) };
+                    let Some(request) = request else { return Ok(EtcdError::unreachable("shutting down")) };
                     if let Request::Consume { window_secs, .. } = &request {
                         let window_secs = *window_secs;
                         // One lease for every consumed record, renewed while
@@ -393,7 +437,7 @@ impl Task {
                             match timed(timeout, client.lease_grant(ttl as i64, None)).await {
                                 Ok(r) => consume_lease = Some((r.id(), Instant::now(), ttl)),
                                 Err(e) => {
-                                    self.refuse(request, &e);
+                                    self.refuse(request, &e.message);
                                     continue;
                                 }
                             }
@@ -426,7 +470,10 @@ impl Task {
                     let txn = Txn::new()
                         .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
                         .and_then([TxnOp::put(key, name, options)]);
-                    let result = timed(timeout, client.txn(txn)).await.map(|r| r.succeeded());
+                    let result = timed(timeout, client.txn(txn))
+                        .await
+                        .map(|r| r.succeeded())
+                        .map_err(String::from);
                     let _ = events.send(Event::Consumed { token, result });
                 });
             }
@@ -468,7 +515,11 @@ impl Task {
                     if let Err(why) =
                         timed(timeout, client.delete(keys.grant(&door, source), None)).await
                     {
-                        let _ = events.send(Event::WithdrawFailed { door, source, why });
+                        let _ = events.send(Event::WithdrawFailed {
+                            door,
+                            source,
+                            why: why.into(),
+                        });
                     }
                 });
             }
@@ -948,6 +999,48 @@ async fn cluster_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etcd_errors_the_operator_must_fix_are_told_from_the_network() {
+        use tonic::{Code, Status};
+        let status = |code, message: &str| {
+            typed(&etcd_client::Error::GRpcStatus(Status::new(code, message))).trouble
+        };
+        // As etcd 3.4 answered the fleet tests.
+        assert_eq!(
+            status(
+                Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password"
+            ),
+            Trouble::Authentication
+        );
+        assert_eq!(
+            status(Code::Unauthenticated, "etcdserver: invalid auth token"),
+            Trouble::Authentication
+        );
+        assert_eq!(
+            status(Code::PermissionDenied, "etcdserver: permission denied"),
+            Trouble::Permission
+        );
+        assert_eq!(
+            status(Code::InvalidArgument, "etcdserver: key is not provided"),
+            Trouble::Unreachable
+        );
+        assert_eq!(
+            status(Code::Unavailable, "etcdserver: no leader"),
+            Trouble::Unreachable
+        );
+        assert_eq!(
+            transport_trouble("invalid peer certificate: UnknownIssuer"),
+            Trouble::Tls
+        );
+        assert_eq!(
+            transport_trouble("tcp connect error: Connection refused"),
+            Trouble::Unreachable
+        );
+        let e = EtcdError::unreachable("no answer").context("https://198.18.0.4:2379");
+        assert_eq!(e.to_string(), "https://198.18.0.4:2379: no answer");
+    }
 
     #[test]
     fn a_node_is_stale_between_missed_heartbeats_and_its_lease_running_out() {

@@ -43,6 +43,70 @@ pub enum Error {
     NotBuilt,
 }
 
+/// What kind of trouble an etcd failure is: the operator's to fix
+/// (credentials, permissions, TLS), which retrying does not cure, or the
+/// network's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Trouble {
+    Authentication,
+    Permission,
+    Tls,
+    Unreachable,
+}
+
+impl Trouble {
+    /// Every kind, for the metrics.
+    pub const ALL: [Trouble; 4] = [
+        Trouble::Authentication,
+        Trouble::Permission,
+        Trouble::Tls,
+        Trouble::Unreachable,
+    ];
+
+    /// The kind's name in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Trouble::Authentication => "authentication",
+            Trouble::Permission => "permission",
+            Trouble::Tls => "tls",
+            Trouble::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// An etcd failure: what kind of trouble, and what happened, in words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct EtcdError {
+    pub trouble: Trouble,
+    pub message: String,
+}
+
+impl EtcdError {
+    /// A failure of the network or of etcd's availability.
+    pub fn unreachable(message: impl Into<String>) -> EtcdError {
+        EtcdError {
+            trouble: Trouble::Unreachable,
+            message: message.into(),
+        }
+    }
+
+    /// The same failure, saying what was being done.
+    pub fn context(self, what: impl std::fmt::Display) -> EtcdError {
+        EtcdError {
+            message: format!("{what}: {}", self.message),
+            ..self
+        }
+    }
+}
+
+/// Replies and status lines carry the words.
+impl From<EtcdError> for String {
+    fn from(e: EtcdError) -> String {
+        e.message
+    }
+}
+
 /// What the daemon asks of etcd.
 #[derive(Debug)]
 pub enum Request {
@@ -112,7 +176,7 @@ pub enum Event {
     },
     /// etcd cannot be reached, or the watch broke: cluster doors fail
     /// closed until the next `Synced`.
-    Lost(String),
+    Lost(EtcdError),
     /// The answer to a [`Request::Consume`]: `Ok(true)` this node was
     /// first, `Ok(false)` another node (or this one) consumed it already.
     Consumed {

@@ -23,7 +23,7 @@ use super::{Daemon, Error, chain};
 use crate::{
     auth::{Action, Decision, Engine, Reason},
     cluster::{
-        Event, FleetDevice, Link, Request,
+        EtcdError, Event, FleetDevice, Link, Request, Trouble,
         model::{GrantRecord, RECORD_VERSION, RevokeRecord},
         replication::{Listed, Publish, Replication},
         revokes::{self, Book},
@@ -78,10 +78,10 @@ pub struct Fleet {
     revoke_replies: HashMap<String, (oneshot::Sender<Response>, (usize, usize))>,
     /// Why etcd is not serving us, by kind, while it is not: a change is
     /// logged once, not every retry.
-    problem: Option<(&'static str, String)>,
+    problem: Option<EtcdError>,
     /// etcd failures by kind (`authentication`, `permission`, `tls`,
     /// `unreachable`), for the metrics.
-    problems: BTreeMap<&'static str, u64>,
+    problems: BTreeMap<Trouble, u64>,
     /// Records in etcd this node refused, by key and reason: each is
     /// reported once (bounded; past the bound, reports start over).
     refused: HashSet<(String, String)>,
@@ -119,7 +119,7 @@ impl Fleet {
     }
 
     /// etcd failures by kind, for the metrics.
-    pub fn problems(&self) -> &BTreeMap<&'static str, u64> {
+    pub fn problems(&self) -> &BTreeMap<Trouble, u64> {
         &self.problems
     }
 
@@ -139,7 +139,7 @@ impl Fleet {
             devices_from_etcd: self.remote.len(),
             waiting_for_etcd: self.pending.len(),
             cluster_unavailable: self.unavailable,
-            etcd_error: self.problem.as_ref().map(|(_, why)| why.clone()),
+            etcd_error: self.problem.as_ref().map(|e| e.message.clone()),
             revokes_pending: self.revokes.pending().len(),
         }
     }
@@ -154,25 +154,6 @@ const REPORT_GRANTS_MAX: usize = 64;
 /// keeps them across a restart). With a book, it carries out every revoke
 /// it has not.
 const FRESH_START_REVOKES_MS: u64 = 60_000;
-
-/// What kind of trouble an etcd error is: the operator's to fix
-/// (credentials, permissions, TLS) or the network's.
-fn problem_kind(why: &str) -> &'static str {
-    let why = why.to_ascii_lowercase();
-    if why.contains("authentication failed")
-        || why.contains("invalid auth token")
-        || why.contains("unauthenticated")
-        || why.contains("user name is empty")
-    {
-        "authentication"
-    } else if why.contains("permission denied") {
-        "permission"
-    } else if why.contains("tls") || why.contains("certificate") || why.contains("handshake") {
-        "tls"
-    } else {
-        "unreachable"
-    }
-}
 
 /// A revoke record's entry in the book.
 fn entry_of(record: &RevokeRecord, published: bool) -> revokes::Entry {
@@ -380,8 +361,8 @@ impl Daemon {
             } => {
                 fleet.synced = true;
                 fleet.revision = revision;
-                if let Some((kind, _)) = fleet.problem.take() {
-                    tracing::info!(was = kind, "fleet: etcd answers again");
+                if let Some(was) = fleet.problem.take() {
+                    tracing::info!(was = was.trouble.name(), "fleet: etcd answers again");
                 }
                 let listed_devices: BTreeMap<String, FleetDevice> = devices
                     .into_iter()
@@ -493,17 +474,18 @@ impl Daemon {
                 tracing::info!(revision, "fleet: synchronised with etcd; watching");
             }
             Event::Lost(why) => {
-                let kind = problem_kind(&why);
-                *fleet.problems.entry(kind).or_default() += 1;
+                let trouble = why.trouble;
+                let kind = trouble.name();
+                *fleet.problems.entry(trouble).or_default() += 1;
                 let was = std::mem::replace(&mut fleet.synced, false);
-                let changed = fleet.problem.as_ref().map(|(k, _)| *k) != Some(kind);
-                fleet.problem = Some((kind, why.clone()));
+                let changed = fleet.problem.as_ref().map(|e| e.trouble) != Some(trouble);
+                fleet.problem = Some(why.clone());
                 if was {
                     tracing::warn!(%why, "fleet: lost etcd; cluster doors fail closed");
                     self.keep_error(format!(
                         "fleet: lost etcd ({why}); cluster doors refuse knocks until it is back (grants in place stay until their deadline)"
                     ));
-                } else if changed && kind != "unreachable" {
+                } else if changed && trouble != Trouble::Unreachable {
                     // Not the network: the operator's to fix, and it will
                     // not go away by retrying.
                     tracing::error!(%why, kind, "fleet: etcd refuses this node; cluster doors refuse knocks until it is fixed");
@@ -974,37 +956,6 @@ impl Daemon {
             other => {
                 let _ = reply.send(self.handle(other));
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::problem_kind;
-
-    #[test]
-    fn etcd_errors_the_operator_must_fix_are_told_from_the_network() {
-        // What etcd-client says for each, as the fleet tests saw it.
-        for (why, kind) in [
-            (
-                "https://198.18.0.4:2379: etcd: grpc request error: status: InvalidArgument, message: \"etcdserver: authentication failed, invalid user ID or password\"",
-                "authentication",
-            ),
-            (
-                "etcd: grpc request error: status: PermissionDenied, message: \"etcdserver: permission denied\"",
-                "permission",
-            ),
-            (
-                "https://198.18.0.4:2379: transport error: invalid peer certificate: UnknownIssuer",
-                "tls",
-            ),
-            (
-                "http://198.18.0.4:2379: no connection within 1000 ms",
-                "unreachable",
-            ),
-            ("the watch failed: h2 protocol error", "unreachable"),
-        ] {
-            assert_eq!(problem_kind(why), kind, "{why}");
         }
     }
 }

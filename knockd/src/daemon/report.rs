@@ -154,10 +154,10 @@ impl Daemon {
                 lag,
             );
             let problems = Family::<Labels, Counter>::default();
-            for kind in ["authentication", "permission", "tls", "unreachable"] {
+            for trouble in crate::cluster::Trouble::ALL {
                 problems
-                    .get_or_create(&vec![("kind", kind.to_owned())])
-                    .inc_by(fleet.problems().get(kind).copied().unwrap_or(0));
+                    .get_or_create(&vec![("kind", trouble.name().to_owned())])
+                    .inc_by(fleet.problems().get(&trouble).copied().unwrap_or(0));
             }
             registry.register(
                 "fleet_etcd_errors",
