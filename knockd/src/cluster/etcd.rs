@@ -312,7 +312,7 @@ impl Task {
                     return None;
                 };
                 let record = self.revoke_record(&id, kv.value())?;
-                Some((id, record, kv.mod_revision()))
+                Some((id, record))
             })
             .collect();
         // Then watch from the next revision: nothing between is missed.
@@ -527,12 +527,7 @@ impl Task {
                 tokio::spawn(async move {
                     let mut record = record;
                     model::sign(&cluster_key, &keys.revoke(&id), &mut record);
-                    let ends = super::revokes::Entry {
-                        target: record.target.clone(),
-                        node: record.node.clone(),
-                        at_ms: record.at_ms,
-                        published: true,
-                    };
+                    let ends = super::revokes::Entry::of(&record, true);
                     let done = async {
                         // The grants it ends, as etcd has them (a node
                         // that writes one meanwhile is refused by every

@@ -171,8 +171,8 @@ pub enum Event {
         revision: i64,
         devices: Vec<FleetDevice>,
         grants: Vec<(String, IpAddr, GrantRecord, i64)>,
-        /// By id, with their revision.
-        revokes: Vec<(String, RevokeRecord, i64)>,
+        /// By id.
+        revokes: Vec<(String, RevokeRecord)>,
     },
     /// etcd cannot be reached, or the watch broke: cluster doors fail
     /// closed until the next `Synced`.
@@ -238,8 +238,6 @@ pub enum Event {
         source: IpAddr,
         why: String,
     },
-    /// A write failed (it is logged and shown in status).
-    Failed(String),
 }
 
 /// A device from etcd, its key opened (once, here).

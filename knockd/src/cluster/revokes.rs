@@ -45,6 +45,16 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A revoke record's entry (`published`: whether etcd has it).
+    pub fn of(record: &super::model::RevokeRecord, published: bool) -> Entry {
+        Entry {
+            target: record.target.clone(),
+            node: record.node.clone(),
+            at_ms: record.at_ms,
+            published,
+        }
+    }
+
     /// Whether this revoke ends a grant of `source` opened by `device` at
     /// `opened_at_ms` (0: not known, so treated as old).
     pub fn ends(&self, source: IpAddr, device: Option<&str>, opened_at_ms: u64) -> bool {
@@ -92,6 +102,11 @@ impl Book {
             }
             _ => false,
         }
+    }
+
+    /// How many revokes etcd does not have yet.
+    pub fn pending_count(&self) -> usize {
+        self.entries.values().filter(|e| !e.published).count()
     }
 
     /// Revokes etcd does not have yet, oldest first.
@@ -181,6 +196,7 @@ mod tests {
         assert!(!book.knows("old"));
         assert!(book.knows("waiting") && book.knows("new"));
         assert_eq!(book.pending().len(), 1);
+        assert_eq!(book.pending_count(), 1);
         assert!(book.mark_published("waiting"));
         assert!(!book.mark_published("waiting"));
         assert!(book.pending().is_empty());

@@ -140,7 +140,7 @@ impl Fleet {
             waiting_for_etcd: self.pending.len(),
             cluster_unavailable: self.unavailable,
             etcd_error: self.problem.as_ref().map(|e| e.message.clone()),
-            revokes_pending: self.revokes.pending().len(),
+            revokes_pending: self.revokes.pending_count(),
         }
     }
 }
@@ -154,16 +154,6 @@ const REPORT_GRANTS_MAX: usize = 64;
 /// keeps them across a restart). With a book, it carries out every revoke
 /// it has not.
 const FRESH_START_REVOKES_MS: u64 = 60_000;
-
-/// A revoke record's entry in the book.
-fn entry_of(record: &RevokeRecord, published: bool) -> revokes::Entry {
-    revokes::Entry {
-        target: record.target.clone(),
-        node: record.node.clone(),
-        at_ms: record.at_ms,
-        published,
-    }
-}
 
 /// The record (unsigned: the cluster task signs it) of a revoke in the
 /// book.
@@ -390,7 +380,7 @@ impl Daemon {
                 let now_ms = unix_ms();
                 let first = std::mem::replace(&mut fleet.fresh_book, false);
                 let mut news = Vec::new();
-                for (id, record, _) in revokes {
+                for (id, record) in revokes {
                     if fleet.revokes.knows(&id) {
                         continue;
                     }
@@ -398,7 +388,7 @@ impl Daemon {
                     if age <= revokes::KEEP_MS && (!first || age < FRESH_START_REVOKES_MS) {
                         news.push(record.clone());
                     }
-                    fleet.revokes.insert(id, entry_of(&record, true));
+                    fleet.revokes.insert(id, revokes::Entry::of(&record, true));
                 }
                 self.devices_changed();
                 // Carried out while the grants they end are still here, so
@@ -599,7 +589,9 @@ impl Daemon {
                     return Ok(());
                 }
                 let old = unix_ms().saturating_sub(record.at_ms) > revokes::KEEP_MS;
-                fleet.revokes.insert(id.clone(), entry_of(&record, true));
+                fleet
+                    .revokes
+                    .insert(id.clone(), revokes::Entry::of(&record, true));
                 self.save_revokes();
                 if old {
                     self.refused_once(
@@ -685,7 +677,6 @@ impl Daemon {
                 let fleet = self.fleet.as_mut().expect("fleet");
                 fleet.replication.withdraw_failed((door, source), held);
             }
-            Event::Failed(message) => self.record_error(format!("fleet: {message}")),
         }
         Ok(())
     }
