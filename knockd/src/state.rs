@@ -100,11 +100,6 @@ impl StateFile {
         })
     }
 
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The snapshot's path.
     pub fn path(&self) -> PathBuf {
         self.dir.join(SNAPSHOT)

@@ -106,10 +106,13 @@ fn transport_trouble(message: &str) -> Trouble {
     }
 }
 
+/// A fleet command etcd did not answer: what the operator is told.
+fn unreachable(why: impl std::fmt::Display) -> String {
+    format!("fleet mode: etcd is unreachable ({why}); nothing was changed")
+}
+
 fn unavailable(why: impl std::fmt::Display) -> Response {
-    Response::error(format!(
-        "fleet mode: etcd is unreachable ({why}); nothing was changed"
-    ))
+    Response::error(unreachable(why))
 }
 
 impl Task {
@@ -850,7 +853,7 @@ async fn vouch(
     let path = keys.device(id);
     let read = timed(timeout, client.get(path.clone(), None))
         .await
-        .map_err(|e| format!("fleet mode: etcd is unreachable ({e}); nothing was changed"))?;
+        .map_err(unreachable)?;
     let kv = read
         .kvs()
         .first()
@@ -916,9 +919,7 @@ async fn vouch(
         Ok(_) => Err(format!(
             "device {id} changed in etcd while it was read; nothing was signed: look at it again"
         )),
-        Err(e) => Err(format!(
-            "fleet mode: etcd is unreachable ({e}); nothing was changed"
-        )),
+        Err(e) => Err(unreachable(e)),
     }
 }
 
