@@ -89,7 +89,7 @@ pub fn log_on_host(config: &Config) {
             }
         }
         Err(e) => tracing::warn!(
-            error = %crate::daemon::chain(&e),
+            error = %crate::error_chain(&e),
             "could not read the host's ruleset to look for rules that keep doors shut"
         ),
     }

@@ -161,6 +161,7 @@ impl Scope {
 }
 
 /// A connection some door let in, as [`sessions`] finds it.
+#[derive(Debug, Clone)]
 pub struct Session {
     /// Index of the [`Scope`] it came in through.
     pub scope: usize,
@@ -388,6 +389,44 @@ enum Reply {
     Ack,
     Done,
     Other,
+}
+
+impl PartialEq for Session {
+    /// The same connection: the same two ends.
+    fn eq(&self, other: &Session) -> bool {
+        (self.client, self.service) == (other.client, other.service)
+    }
+}
+
+#[cfg(test)]
+impl Session {
+    /// A session as a test's fake kernel shows it (nothing to cut by).
+    pub fn seen(
+        scope: usize,
+        client: SocketAddr,
+        service: SocketAddr,
+        granted_port: u16,
+        started: Option<std::time::SystemTime>,
+    ) -> Session {
+        Session {
+            scope,
+            client,
+            service,
+            granted_port,
+            started,
+            doomed: Doomed {
+                family: NetfilterProtoFamily::IPv4,
+                key: Vec::new(),
+                socket: InetRequest {
+                    family: libc::AF_INET as u8,
+                    protocol: libc::IPPROTO_TCP as u8,
+                    extensions: ExtensionFlags::empty(),
+                    states: StateFlags::empty(),
+                    socket_id: SocketId::new_v4(),
+                },
+            },
+        }
+    }
 }
 
 /// What [`connections`] ended.

@@ -24,7 +24,8 @@ use serde::Serialize;
 
 use crate::{
     config::{Config, DoorKind},
-    maps::{self, GuardMaps, Proto},
+    kernel::Kernel,
+    maps::{self, Proto},
     nft::{self, DoorRules, Element, GrantKey},
 };
 
@@ -37,104 +38,6 @@ pub enum Error {
     Maps(#[from] maps::Error),
     #[error("door {door}: no free port left in {start}-{end}")]
     Exhausted { door: String, start: u16, end: u16 },
-}
-
-/// What grants need of the kernel: nftables' grant elements, the XDP allow
-/// map (TCP entries) and probe counts, and whether a port is bound. [`Real`] is the
-/// kernel; the unit tests below use a recording fake, so the grant
-/// lifecycle (rotation, probes, leases, adoption, a full range) is tested
-/// without root and without sleeping.
-pub trait Kernel {
-    fn install(&mut self, rules: &nft::TableRules) -> Result<(), Error>;
-    fn list_grants(&mut self, doors: &[&str]) -> Result<Vec<Element>, Error>;
-    fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), Error>;
-    /// A static grant's element (`None`: remove it); `exists` says whether
-    /// it is live, as [`nft::update_static_grant`] needs to know.
-    fn update_static_grant(
-        &mut self,
-        key: GrantKey,
-        timeout: Option<Duration>,
-        exists: bool,
-    ) -> Result<(), Error>;
-    fn allow(&mut self, source: IpAddr, port: u16, ttl: Option<Duration>) -> Result<(), Error>;
-    fn revoke(&mut self, source: IpAddr, port: u16) -> Result<(), Error>;
-    fn port_unbound(&self, port: u16) -> bool;
-    /// The SYNs XDP counted since the last call, by granted port, as
-    /// (port, count); the counts start again from zero.
-    fn drain_probes(&mut self) -> Result<Vec<(u16, u64)>, Error>;
-    /// Enters the connections in progress that conntrack does not track
-    /// into it, after the table and its grants are in place (those that
-    /// began while the table loaded). Never fails: see [`adopt_sessions`].
-    fn adopt_sessions(&mut self) {}
-}
-
-/// The kernel: the nft module's netlink calls and the guard's maps.
-pub struct Real<'a>(pub &'a mut GuardMaps);
-
-fn log_adopted(adopted: usize) {
-    if adopted > 0 {
-        tracing::info!(
-            connections = adopted,
-            "adopted connections in progress that conntrack did not track, so the guard keeps them"
-        );
-    }
-}
-
-/// [`crate::cut::adopt`], logged rather than fatal: failing to adopt
-/// endangers sessions in progress, not the guard. Returns how many it
-/// adopted.
-fn adopt_sessions() -> usize {
-    match crate::cut::adopt() {
-        Ok(done) => done.adopted,
-        Err(e) => {
-            tracing::warn!(
-                error = %crate::daemon::chain(&e),
-                "could not enter the connections in progress into conntrack; \
-                 sessions begun before knockd on protected ports may stall"
-            );
-            0
-        }
-    }
-}
-
-impl Kernel for Real<'_> {
-    /// Adopts the connections in progress before loading the table (see
-    /// [`crate::cut::adopt`]), so none of their segments meets the guard
-    /// untracked; [`Kernel::adopt_sessions`] catches, once the grants are
-    /// back, those that began meanwhile.
-    fn install(&mut self, rules: &nft::TableRules) -> Result<(), Error> {
-        log_adopted(adopt_sessions());
-        Ok(nft::install(rules)?)
-    }
-    fn adopt_sessions(&mut self) {
-        log_adopted(adopt_sessions());
-    }
-    fn list_grants(&mut self, doors: &[&str]) -> Result<Vec<Element>, Error> {
-        Ok(nft::list_grants(doors)?)
-    }
-    fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), Error> {
-        Ok(nft::update_grants(add, remove)?)
-    }
-    fn update_static_grant(
-        &mut self,
-        key: GrantKey,
-        timeout: Option<Duration>,
-        exists: bool,
-    ) -> Result<(), Error> {
-        Ok(nft::update_static_grant(key, timeout, exists)?)
-    }
-    fn allow(&mut self, source: IpAddr, port: u16, ttl: Option<Duration>) -> Result<(), Error> {
-        Ok(self.0.allow(source, Proto::Tcp, port, ttl)?)
-    }
-    fn revoke(&mut self, source: IpAddr, port: u16) -> Result<(), Error> {
-        Ok(self.0.revoke(source, Proto::Tcp, port)?)
-    }
-    fn port_unbound(&self, port: u16) -> bool {
-        port_unbound(port)
-    }
-    fn drain_probes(&mut self) -> Result<Vec<(u16, u64)>, Error> {
-        Ok(self.0.drain_probes()?)
-    }
 }
 
 /// Which port a door grants.
@@ -238,6 +141,18 @@ impl Grant {
         self.expires.saturating_duration_since(now).as_secs() as u32
     }
 
+    /// The seconds a reply states, at the time of the decision `now`:
+    /// whole seconds strictly under what is left then. The kernel's
+    /// timeouts start when they are written, after `now`, and the reply
+    /// arrives later still, so a grant of exactly 30 s is stated as 29:
+    /// never more than the client really has.
+    pub fn secs_stated(&self, now: Instant) -> u32 {
+        self.expires
+            .saturating_duration_since(now)
+            .saturating_sub(Duration::from_nanos(1))
+            .as_secs() as u32
+    }
+
     fn element(&self, now: Instant) -> Element {
         self.element_for(self.port, self.expires, now)
     }
@@ -285,24 +200,6 @@ pub struct Grants {
     /// xtask bench footprint`). A port freed meanwhile stays marked until
     /// the next tick, which only keeps it out of the draw a moment longer.
     taken: Vec<bool>,
-}
-
-/// Whether nothing on this host holds TCP `port`: a wildcard bind (IPv6
-/// dual-stack, else IPv4) succeeds only if no socket, listening or
-/// connected, uses it. This asks the kernel about one port, where reading
-/// /proc/net/tcp walks every socket (milliseconds per grant).
-pub fn port_unbound(port: u16) -> bool {
-    use socket2::{Domain, Socket, Type};
-    let try_bind = |domain: Domain, addr: std::net::SocketAddr| -> Option<bool> {
-        let socket = Socket::new(domain, Type::STREAM, None).ok()?;
-        if domain == Domain::IPV6 {
-            socket.set_only_v6(false).ok()?;
-        }
-        Some(socket.bind(&addr.into()).is_ok())
-    };
-    try_bind(Domain::IPV6, (std::net::Ipv6Addr::UNSPECIFIED, port).into())
-        .or_else(|| try_bind(Domain::IPV4, (std::net::Ipv4Addr::UNSPECIFIED, port).into()))
-        .unwrap_or(false)
 }
 
 /// A random port of `range` that `free` accepts (no grant uses it, nothing
@@ -409,7 +306,7 @@ impl Grants {
 
     /// Installs the table and takes over the grants it already holds (from
     /// before a restart), rebuilding their XDP allow entries.
-    pub fn install(&mut self, kernel: &mut impl Kernel, now: Instant) -> Result<usize, Error> {
+    pub fn install(&mut self, kernel: &mut dyn Kernel, now: Instant) -> Result<usize, Error> {
         kernel.install(&self.rules())?;
         let names: Vec<&str> = self
             .doors
@@ -464,7 +361,7 @@ impl Grants {
 
     /// Puts the table back after someone removed it (`nft flush ruleset`),
     /// with every live grant and its remaining time.
-    pub fn restore(&self, kernel: &mut impl Kernel, now: Instant) -> Result<(), Error> {
+    pub fn restore(&self, kernel: &mut dyn Kernel, now: Instant) -> Result<(), Error> {
         kernel.install(&self.rules())?;
         let elements: Vec<Element> = self
             .by_source
@@ -493,7 +390,7 @@ impl Grants {
     }
 
     /// A random free port for a new grant on `door`.
-    fn fresh_port(&mut self, kernel: &impl Kernel, door: &str) -> Result<u16, Error> {
+    fn fresh_port(&mut self, kernel: &dyn Kernel, door: &str) -> Result<u16, Error> {
         let range = &self.doors[door].range;
         let taken = &self.taken;
         let port = pick_port(range, |p| !taken[usize::from(p)] && kernel.port_unbound(p))
@@ -510,7 +407,7 @@ impl Grants {
     /// that exists is replaced, so its timeout restarts.
     fn enforce(
         &self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         grant: &Grant,
         replace: Option<&Grant>,
         now: Instant,
@@ -554,7 +451,7 @@ impl Grants {
     /// with its deadline renewed. Returns the grant.
     pub fn open(
         &mut self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         door: &str,
         source: IpAddr,
         device: Option<&str>,
@@ -607,7 +504,7 @@ impl Grants {
     /// device holds no grant on the door from this address.
     pub fn heartbeat(
         &mut self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         door: &str,
         source: IpAddr,
         device: Option<&str>,
@@ -641,7 +538,7 @@ impl Grants {
     /// Ends a grant now. Established connections carry on (conntrack).
     pub fn close(
         &mut self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         door: &str,
         source: IpAddr,
         now: Instant,
@@ -678,7 +575,7 @@ impl Grants {
     /// Another device's grant on the same address is left alone.
     pub fn close_device(
         &mut self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         door: &str,
         source: IpAddr,
         device: &str,
@@ -709,7 +606,7 @@ impl Grants {
     /// made, as (old, new) grants.
     pub fn tick(
         &mut self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         now: Instant,
     ) -> Result<Vec<(Grant, Grant)>, Error> {
         self.by_source.retain(|_, g| g.expires > now);
@@ -740,7 +637,7 @@ impl Grants {
     /// schedule is left as it was.
     fn rotate(
         &mut self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         old: Grant,
         why: Rotation,
         now: Instant,
@@ -780,7 +677,7 @@ impl Grants {
     /// pairs of the leases moved.
     pub fn rotate_probed(
         &mut self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         now: Instant,
     ) -> Result<Vec<(Grant, Grant)>, Error> {
         let probes = kernel.drain_probes()?;
@@ -848,7 +745,7 @@ impl Grants {
     /// With `remote`, it follows that node and does not rotate.
     pub fn apply(
         &mut self,
-        kernel: &mut impl Kernel,
+        kernel: &mut dyn Kernel,
         door: &str,
         source: IpAddr,
         published: Published,
@@ -935,76 +832,7 @@ mod tests {
     use std::{collections::HashSet, path::Path};
 
     use super::*;
-
-    /// The kernel as a recording: nftables elements (door, source, port) with
-    /// their timeouts, XDP allow entries with theirs, bound ports.
-    #[derive(Default)]
-    struct Fake {
-        elements: HashMap<(String, IpAddr, u16), Duration>,
-        allowed: HashMap<(IpAddr, u16), Option<Duration>>,
-        bound: HashSet<u16>,
-        /// What `list_grants` finds (a table from before a restart).
-        existing: Vec<Element>,
-        /// What `drain_probes` finds next.
-        probes: Vec<(u16, u64)>,
-        installs: usize,
-    }
-
-    impl Kernel for Fake {
-        fn install(&mut self, _rules: &nft::TableRules) -> Result<(), Error> {
-            self.installs += 1;
-            Ok(())
-        }
-        fn list_grants(&mut self, _doors: &[&str]) -> Result<Vec<Element>, Error> {
-            Ok(self.existing.clone())
-        }
-        fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), Error> {
-            for e in remove {
-                self.elements
-                    .remove(&(e.door.clone(), e.key.source, e.key.port));
-            }
-            for e in add {
-                self.elements
-                    .insert((e.door.clone(), e.key.source, e.key.port), e.timeout);
-            }
-            Ok(())
-        }
-        fn update_static_grant(
-            &mut self,
-            key: GrantKey,
-            timeout: Option<Duration>,
-            _exists: bool,
-        ) -> Result<(), Error> {
-            let element = ("static".to_owned(), key.source, key.port);
-            match timeout {
-                Some(t) => self.elements.insert(element, t),
-                None => self.elements.remove(&element),
-            };
-            Ok(())
-        }
-        fn allow(&mut self, source: IpAddr, port: u16, ttl: Option<Duration>) -> Result<(), Error> {
-            self.allowed.insert((source, port), ttl);
-            Ok(())
-        }
-        fn revoke(&mut self, source: IpAddr, port: u16) -> Result<(), Error> {
-            self.allowed.remove(&(source, port));
-            Ok(())
-        }
-        fn port_unbound(&self, port: u16) -> bool {
-            !self.bound.contains(&port)
-        }
-        fn drain_probes(&mut self) -> Result<Vec<(u16, u64)>, Error> {
-            Ok(std::mem::take(&mut self.probes))
-        }
-    }
-
-    impl Fake {
-        /// Whether both kernel places admit `source` to `port`.
-        fn admits(&self, source: IpAddr, port: u16) -> bool {
-            self.allowed.contains_key(&(source, port))
-                && self.elements.contains_key(&("ssh".into(), source, port))
-        }
-    }
+    use crate::kernel::Fake;
 
     const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -1034,7 +862,7 @@ mod tests {
         let a = ip("198.18.0.2");
         let g = grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
         assert!((40000..=40015).contains(&g.port));
-        assert!(k.admits(a, g.port));
+        assert!(k.admits("ssh", a, g.port));
         assert_eq!(k.allowed[&(a, g.port)], Some(SECS(30)));
         let again = grants
             .open(&mut k, "ssh", a, Some("laptop"), t0 + SECS(20))
@@ -1073,7 +901,7 @@ mod tests {
         let (old, new) = &rotated[0];
         assert_eq!((old.port, new.rotations), (opened.port, 1));
         assert_ne!(new.port, old.port);
-        assert!(k.admits(a, new.port) && !k.allowed.contains_key(&(a, old.port)));
+        assert!(k.admits("ssh", a, new.port) && !k.allowed.contains_key(&(a, old.port)));
         assert!(!grants.list().iter().any(|g| g.source == b));
         assert_eq!(new.next_rotation, Some(t0 + SECS(600)));
         let _ = plain;
@@ -1128,8 +956,11 @@ mod tests {
         let new = &moved[0].1;
         assert_ne!(new.port, first.port);
         assert_eq!(new.retired, vec![(first.port, t0 + SECS(90))]);
-        assert!(k.admits(a, first.port), "the holder keeps the old port");
-        assert!(k.admits(a, new.port));
+        assert!(
+            k.admits("ssh", a, first.port),
+            "the holder keeps the old port"
+        );
+        assert!(k.admits("ssh", a, new.port));
         assert_eq!(
             grants.list().iter().find(|g| g.source == b).unwrap().port,
             plain.port
@@ -1326,12 +1157,14 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         assert!(
-            !port_unbound(port),
+            !crate::kernel::port_unbound(port),
             "a listener on one address holds the port"
         );
         drop(listener);
-        assert!(port_unbound(port));
+        assert!(crate::kernel::port_unbound(port));
         let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
-        assert!(!port_unbound(v6.local_addr().unwrap().port()));
+        assert!(!crate::kernel::port_unbound(
+            v6.local_addr().unwrap().port()
+        ));
     }
 }

@@ -49,6 +49,8 @@ pub mod grants;
 #[cfg(feature = "daemon")]
 pub mod guard;
 pub mod host;
+#[cfg(feature = "daemon")]
+pub mod kernel;
 pub mod lockout;
 #[cfg(feature = "daemon")]
 pub mod maps;
@@ -66,6 +68,19 @@ pub mod state;
 mod run;
 #[cfg(feature = "daemon")]
 pub use run::{Error, RunOptions, run};
+
+/// An error and its sources, on one line: how every log line and control
+/// reply states an error.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
 
 /// The next value of a xorshift64 sequence: deterministic noise for the
 /// parsers' never-panic tests, reproducible from the seed.

@@ -138,11 +138,21 @@ pub fn guard(mut config: Config, devices: &Devices) -> (Config, Vec<String>) {
 /// sessions') logged. Returns the configuration to run and the guard's
 /// warnings, which status repeats as hints.
 pub fn prepare(config: Config, devices: &Devices) -> (Config, Vec<String>) {
+    prepare_with(config, devices, &inbound_sessions())
+}
+
+/// [`prepare`], given the sessions in progress (the daemon reads them
+/// through its kernel seam).
+pub fn prepare_with(
+    config: Config,
+    devices: &Devices,
+    sessions: &[InboundSession],
+) -> (Config, Vec<String>) {
     let (config, opened) = guard(config, devices);
     for warning in devices
         .warnings
         .iter()
-        .chain(&check(&config, devices))
+        .chain(&warnings(&config, devices, sessions))
         .chain(&opened)
     {
         tracing::warn!("{warning}");

@@ -6,7 +6,7 @@ use std::{future::Future, path::PathBuf, time::Duration};
 use crate::{
     config::Config,
     control, daemon,
-    daemon::Daemon,
+    daemon::{Daemon, Now},
     devices::Devices,
     events::KnockReader,
     guard,
@@ -67,29 +67,30 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// A reload, told to systemd: RELOADING with the monotonic time it
-/// requires, then READY again whatever the outcome (a refused reload keeps
-/// the old configuration running).
-fn reload(daemon: &mut Daemon) -> control::Response {
-    let mut states = vec![sd_notify::NotifyState::Reloading];
-    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
-        states.push(now);
+/// A control request for the daemon. A reload is told to systemd:
+/// RELOADING with the monotonic time it requires, then READY again
+/// whatever the outcome (a refused reload keeps the old configuration
+/// running).
+fn request(
+    daemon: &mut Daemon,
+    command: control::Command,
+    reply: tokio::sync::oneshot::Sender<control::Response>,
+) {
+    let reload = matches!(command, control::Command::Reload);
+    if reload {
+        let mut states = vec![sd_notify::NotifyState::Reloading];
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        notify(&states);
     }
-    notify(&states);
-    let response = daemon.handle(control::Command::Reload);
-    let status = if response.ok {
-        "configuration reloaded".to_owned()
-    } else {
-        format!(
-            "reload refused: {}",
-            response.error.as_deref().unwrap_or("")
-        )
-    };
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status),
-    ]);
-    response
+    daemon.handle(command, reply, Now::read());
+    if reload {
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(daemon.last_reload()),
+        ]);
+    }
 }
 
 /// The next fleet event; never, outside fleet mode.
@@ -232,7 +233,8 @@ pub async fn run(
         Some(cluster) => Some(crate::cluster::Settings::load(cluster)?),
         None => None,
     };
-    let mut daemon = Daemon::new(config.clone(), &devices, maps, state)?;
+    let kernel = Box::new(crate::kernel::Real::new(maps));
+    let mut daemon = Daemon::new(config.clone(), &devices, kernel, state, Now::read())?;
     daemon.set_lockout_open(opened);
     let mut fleet_events = match fleet {
         Some(settings) => {
@@ -243,6 +245,7 @@ pub async fn run(
                 devices.clone(),
                 book,
                 config.state_dir.clone(),
+                Now::read(),
             ));
             Some(events)
         }
@@ -349,13 +352,15 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            knocks = sniff(&mut sniffer, daemon.maps().policy()) => {
+            knocks = sniff(&mut sniffer, daemon.kernel().port_policy()) => {
+                let now = Now::read();
                 for knock in knocks.map_err(Error::Sniff)? {
-                    daemon.on_knock(&knock)?;
+                    daemon.on_knock(&knock, now)?;
                 }
-                daemon.flush()?;
+                daemon.flush(now)?;
             }
             batch = reader.read() => {
+                let now = Now::read();
                 for knock in batch.map_err(Error::Events)? {
                     match knock {
                         Ok(knock) => {
@@ -367,30 +372,24 @@ pub async fn run(
                                 payload = %hex::encode(&knock.payload),
                                 "knock"
                             );
-                            daemon.on_knock(&knock)?;
+                            daemon.on_knock(&knock, now)?;
                         }
                         Err(e) => tracing::warn!(error = %e, "undecodable knock record"),
                     }
                 }
-                daemon.flush()?;
+                daemon.flush(now)?;
             }
-            _ = tick.tick() => daemon.tick()?,
-            Some((command, reply)) = requests.recv() => {
-                match command {
-                    control::Command::Reload => {
-                        let _ = reply.send(reload(&mut daemon));
-                    }
-                    other => daemon.handle_request(other, reply),
-                }
-            }
-            Some(event) = next_event(&mut fleet_events) => daemon.on_fleet(event)?,
+            _ = tick.tick() => daemon.tick(Now::read())?,
+            Some((command, reply)) = requests.recv() => request(&mut daemon, command, reply),
+            Some(event) = next_event(&mut fleet_events) => daemon.on_fleet(event, Now::read())?,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                let _ = reload(&mut daemon);
+                let (reply, _) = tokio::sync::oneshot::channel();
+                request(&mut daemon, control::Command::Reload, reply);
             }
             _ = watchdog.tick(), if watchdog_on => notify(&[sd_notify::NotifyState::Watchdog]),
             _ = stats.tick() => {
-                let counters = daemon.maps().counters()?;
+                let counters = daemon.kernel().counters()?;
                 tracing::debug!(counters = %serde_json::to_string(&counters).unwrap_or_default(), "counters");
             }
         }
@@ -401,7 +400,7 @@ pub async fn run(
     for listener in listeners {
         let _ = listener.await;
     }
-    let counters = daemon.maps().counters()?;
+    let counters = daemon.kernel().counters()?;
     tracing::info!(
         counters = %serde_json::to_string(&counters).unwrap_or_default(),
         decisions = %serde_json::to_string(&daemon.tally()).unwrap_or_default(),

@@ -14,7 +14,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::sync::oneshot;
@@ -30,12 +30,12 @@ use crate::{
     },
     config::{OnClusterUnavailable, Scope},
     control::{
-        Command, Response,
+        Response,
         wire::{NodeReport, RevokedFleet},
     },
     devices::Devices,
-    grants::{self, Published},
-    proto::{DeviceKey, unix_ms},
+    grants::Published,
+    proto::DeviceKey,
 };
 
 /// Fleet state the daemon keeps.
@@ -92,7 +92,13 @@ const REFUSED_MAX: usize = 4096;
 
 impl Fleet {
     /// `book`: the revoke book read from `state_dir` (`None`: none yet).
-    pub fn new(link: Link, local: Devices, book: Option<Book>, state_dir: PathBuf) -> Fleet {
+    pub fn new(
+        link: Link,
+        local: Devices,
+        book: Option<Book>,
+        state_dir: PathBuf,
+        now: super::Now,
+    ) -> Fleet {
         Fleet {
             link,
             local,
@@ -100,7 +106,7 @@ impl Fleet {
             synced: false,
             revision: 0,
             watch_lag_ms: None,
-            started_at_ms: unix_ms(),
+            started_at_ms: now.unix_ms,
             pending: HashMap::new(),
             next_token: 0,
             replication: Replication::default(),
@@ -280,14 +286,15 @@ impl Daemon {
         if !self.cluster_scoped(door) {
             return;
         }
-        let now = Instant::now();
+        let now = self.now;
         let record = self.grants.get(door, source).map(|g| GrantRecord {
             mac: String::new(),
             version: RECORD_VERSION,
             port: g.port,
             device: g.device.clone(),
             node: String::new(),
-            expires_at_ms: unix_ms() + g.expires.saturating_duration_since(now).as_millis() as u64,
+            expires_at_ms: now.unix_ms
+                + g.expires.saturating_duration_since(now.mono).as_millis() as u64,
             leased: g.leased,
             opened_at_ms: g.opened_at_ms,
         });
@@ -322,7 +329,12 @@ impl Daemon {
         for warning in &devices.warnings {
             tracing::debug!(%warning, "devices");
         }
-        self.engine = Engine::new(&self.config, &devices, &self.engine.consumed(), unix_ms());
+        self.engine = Engine::new(
+            &self.config,
+            &devices,
+            &self.engine.consumed(),
+            self.now.unix_ms,
+        );
         self.policy_base = crate::policy::port_policy(&self.config, &self.engine.knock_ports());
     }
 
@@ -338,7 +350,8 @@ impl Daemon {
     }
 
     /// Acts on what the cluster task reports.
-    pub fn on_fleet(&mut self, event: Event) -> Result<(), Error> {
+    pub fn on_fleet(&mut self, event: Event, now: super::Now) -> Result<(), Error> {
+        self.now = now;
         let Some(fleet) = &mut self.fleet else {
             return Ok(());
         };
@@ -377,7 +390,7 @@ impl Daemon {
                 // installed nor kept. Those this node has not carried
                 // out are news (on a first start, only the last
                 // minute's; the rest are history).
-                let now_ms = unix_ms();
+                let now_ms = now.unix_ms;
                 let first = std::mem::replace(&mut fleet.fresh_book, false);
                 let mut news = Vec::new();
                 for (id, record) in revokes {
@@ -430,12 +443,9 @@ impl Daemon {
                     if !fleet.replication.unlisted(&(door.clone(), source)) {
                         continue;
                     }
-                    let _ = self.grants.close(
-                        &mut grants::Real(&mut self.maps),
-                        &door,
-                        source,
-                        Instant::now(),
-                    );
+                    let _ = self
+                        .grants
+                        .close(self.kernel.as_mut(), &door, source, now.mono);
                     tracing::info!(%door, %source, "fleet: grant ended while this node was away from etcd; closed");
                 }
                 // Grants etcd never had (made while away, or whose write
@@ -549,12 +559,9 @@ impl Daemon {
                     }
                     None => {
                         if fleet.replication.deleted(&key, revision) {
-                            let closed = self.grants.close(
-                                &mut grants::Real(&mut self.maps),
-                                &door,
-                                source,
-                                Instant::now(),
-                            )?;
+                            let closed =
+                                self.grants
+                                    .close(self.kernel.as_mut(), &door, source, now.mono)?;
                             if closed.is_some() {
                                 tracing::info!(%door, %source, "fleet: grant withdrawn");
                             }
@@ -588,7 +595,7 @@ impl Daemon {
                     }
                     return Ok(());
                 }
-                let old = unix_ms().saturating_sub(record.at_ms) > revokes::KEEP_MS;
+                let old = now.unix_ms.saturating_sub(record.at_ms) > revokes::KEEP_MS;
                 fleet
                     .revokes
                     .insert(id.clone(), revokes::Entry::of(&record, true));
@@ -696,8 +703,8 @@ impl Daemon {
             self.grants.learn_opened(door, source, record.opened_at_ms);
             return;
         }
-        let now = Instant::now();
-        let left = Duration::from_millis(record.expires_at_ms.saturating_sub(unix_ms()));
+        let (now, now_ms) = (self.now.mono, self.now.unix_ms);
+        let left = Duration::from_millis(record.expires_at_ms.saturating_sub(now_ms));
         if left.is_zero() {
             return;
         }
@@ -709,15 +716,12 @@ impl Daemon {
             remote: !ours,
             opened_at_ms: record.opened_at_ms,
         };
-        match self.grants.apply(
-            &mut grants::Real(&mut self.maps),
-            door,
-            source,
-            published,
-            now,
-        ) {
+        match self
+            .grants
+            .apply(self.kernel.as_mut(), door, source, published, now)
+        {
             Ok(g) => {
-                if let Err(e) = self.mark_granted(g.port) {
+                if let Err(e) = self.kernel.mark_granted(g.port) {
                     self.record_error(format!("updating the port policy failed: {}", chain(&e)));
                 }
                 tracing::info!(door, %source, port = g.port, by = %record.node, expires_in_secs = g.secs_left(now), "fleet: grant installed");
@@ -784,7 +788,7 @@ impl Daemon {
     /// book in memory still holds).
     fn save_revokes(&mut self) {
         let Some(fleet) = &mut self.fleet else { return };
-        fleet.revokes.prune(unix_ms());
+        fleet.revokes.prune(self.now.unix_ms);
         if let Err(e) = crate::state::save_revokes(&fleet.state_dir, &fleet.revokes) {
             self.record_error(format!(
                 "fleet: could not write the revoke book: {}",
@@ -833,7 +837,7 @@ impl Daemon {
             name: fleet.link.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             started_at_ms: fleet.started_at_ms,
-            at_ms: unix_ms(),
+            at_ms: self.now.unix_ms,
             synced: fleet.synced,
             revision: fleet.revision,
             watch_lag_ms: fleet.watch_lag_ms,
@@ -843,110 +847,108 @@ impl Daemon {
         })));
     }
 
-    /// Answers a control request, later when etcd is involved: fleet
-    /// commands go to the cluster task with `reply`.
-    pub fn handle_request(&mut self, command: Command, reply: oneshot::Sender<Response>) {
-        let not_fleet =
-            || Response::error("not in fleet mode: the configuration has no cluster: section");
-        match command {
-            Command::DeviceAdd {
+    /// Sends a fleet command to the cluster task, which answers on
+    /// `reply` once etcd has; outside fleet mode, answers that it is not.
+    pub(super) fn to_cluster(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Response>) -> Request,
+        reply: oneshot::Sender<Response>,
+    ) {
+        match &self.fleet {
+            Some(fleet) => fleet.link.send(request(reply)),
+            None => drop(reply.send(not_fleet())),
+        }
+    }
+
+    /// `knockctl device add` in fleet mode: checked here, written by the
+    /// cluster task.
+    pub(super) fn device_add(
+        &self,
+        id: String,
+        groups: Vec<String>,
+        doors: Vec<String>,
+        key: &str,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let Some(fleet) = &self.fleet else {
+            return drop(reply.send(not_fleet()));
+        };
+        let checked = (|| {
+            if !crate::config::is_valid_name(&id, crate::config::DEVICE_ID_MAX) {
+                return Err(format!(
+                    "{id:?} is not a valid device id (1-64 of A-Z a-z 0-9 . _ -)"
+                ));
+            }
+            for name in groups.iter().chain(&doors) {
+                if !crate::config::is_valid_name(name, crate::config::DEVICE_ID_MAX) {
+                    return Err(format!("{name:?} is not a valid group or door name"));
+                }
+            }
+            if fleet.local.by_id.contains_key(&id) {
+                return Err(format!(
+                    "device {id} is defined on this node's files already"
+                ));
+            }
+            DeviceKey::from_hex(key).map_err(|e| format!("key: {e}"))
+        })();
+        match checked {
+            Ok(key) => fleet.link.send(Request::DeviceAdd {
                 id,
                 groups,
                 doors,
                 key,
-            } => {
-                let Some(fleet) = &self.fleet else {
-                    return drop(reply.send(not_fleet()));
-                };
-                let checked = (|| {
-                    if !crate::config::is_valid_name(&id, crate::config::DEVICE_ID_MAX) {
-                        return Err(format!(
-                            "{id:?} is not a valid device id (1-64 of A-Z a-z 0-9 . _ -)"
-                        ));
-                    }
-                    for name in groups.iter().chain(&doors) {
-                        if !crate::config::is_valid_name(name, crate::config::DEVICE_ID_MAX) {
-                            return Err(format!("{name:?} is not a valid group or door name"));
-                        }
-                    }
-                    if fleet.local.by_id.contains_key(&id) {
-                        return Err(format!(
-                            "device {id} is defined on this node's files already"
-                        ));
-                    }
-                    DeviceKey::from_hex(&key.0).map_err(|e| format!("key: {e}"))
-                })();
-                match checked {
-                    Ok(key) => fleet.link.send(Request::DeviceAdd {
-                        id,
-                        groups,
-                        doors,
-                        key,
-                        reply,
-                    }),
-                    Err(e) => drop(reply.send(Response::error(e))),
-                }
-            }
-            Command::DeviceRemove { id } => match &self.fleet {
-                Some(fleet) => fleet.link.send(Request::DeviceRemove { id, reply }),
-                None => drop(reply.send(not_fleet())),
-            },
-            Command::DeviceList => match &self.fleet {
-                Some(fleet) => fleet.link.send(Request::DeviceList { reply }),
-                None => drop(reply.send(not_fleet())),
-            },
-            Command::ClusterStatus => match &self.fleet {
-                Some(fleet) => fleet.link.send(Request::Status { reply }),
-                None => drop(reply.send(not_fleet())),
-            },
-            Command::DeviceSign { id } => match &self.fleet {
-                Some(fleet) => fleet.link.send(Request::DeviceSign { id, reply }),
-                None => drop(reply.send(not_fleet())),
-            },
-            Command::Revoke { target } if self.fleet.is_some() => {
-                // Issued now: it ends what exists now, here at once and on
-                // every node once etcd has it. The cluster grants it ends
-                // go from etcd with it.
-                let at_ms = unix_ms();
-                let grants: Vec<(String, IpAddr)> = self
-                    .grants_of(&target)
-                    .into_iter()
-                    .filter(|(door, _)| self.cluster_scoped(door))
-                    .collect();
-                let local = match self.revoke(&target, u64::MAX) {
-                    Ok(r) => (r.revoked, r.connections_cut),
-                    Err(super::RequestError::NothingToRevoke(_)) => (0, 0),
-                    Err(e) => {
-                        if matches!(e, super::RequestError::Cut { .. }) {
-                            self.record_error(chain(&e));
-                        }
-                        return drop(reply.send(Response::error(chain(&e))));
-                    }
-                };
-                let fleet = self.fleet.as_mut().expect("checked");
-                for key in &grants {
-                    fleet.replication.forget(key);
-                }
-                let entry = revokes::Entry {
-                    target,
-                    node: fleet.link.name.clone(),
-                    at_ms,
-                    published: false,
-                };
-                let id = format!("{at_ms}-{}-{:08x}", entry.node, rand::random::<u32>());
-                let record = record_of(&entry);
-                fleet.revokes.insert(id.clone(), entry);
-                fleet.revoke_replies.insert(id.clone(), (reply, local));
-                fleet.publishing.insert(id.clone());
-                fleet.echoes.insert(id.clone());
-                fleet.link.send(Request::Revoke { id, record });
-                // Kept before etcd answers: if it does not, the revoke
-                // still stands here after a restart, and reaches etcd later.
-                self.save_revokes();
-            }
-            other => {
-                let _ = reply.send(self.handle(other));
-            }
+                reply,
+            }),
+            Err(e) => drop(reply.send(Response::error(e))),
         }
     }
+
+    /// `knockctl revoke` in fleet mode. Issued now: it ends what exists
+    /// now, here at once and on every node once etcd has it; `reply` waits
+    /// for etcd's answer. The cluster grants it ends go from etcd with it.
+    pub(super) fn revoke_fleet(&mut self, target: String, reply: oneshot::Sender<Response>) {
+        let at_ms = self.now.unix_ms;
+        let grants: Vec<(String, IpAddr)> = self
+            .grants_of(&target)
+            .into_iter()
+            .filter(|(door, _)| self.cluster_scoped(door))
+            .collect();
+        let local = match self.revoke(&target, u64::MAX) {
+            Ok(r) => (r.revoked, r.connections_cut),
+            Err(super::RequestError::NothingToRevoke(_)) => (0, 0),
+            Err(e) => {
+                if matches!(e, super::RequestError::Cut { .. }) {
+                    self.record_error(chain(&e));
+                }
+                return drop(reply.send(Response::error(chain(&e))));
+            }
+        };
+        let Some(fleet) = self.fleet.as_mut() else {
+            return drop(reply.send(not_fleet()));
+        };
+        for key in &grants {
+            fleet.replication.forget(key);
+        }
+        let entry = revokes::Entry {
+            target,
+            node: fleet.link.name.clone(),
+            at_ms,
+            published: false,
+        };
+        let id = format!("{at_ms}-{}-{:08x}", entry.node, rand::random::<u32>());
+        let record = record_of(&entry);
+        fleet.revokes.insert(id.clone(), entry);
+        fleet.revoke_replies.insert(id.clone(), (reply, local));
+        fleet.publishing.insert(id.clone());
+        fleet.echoes.insert(id.clone());
+        fleet.link.send(Request::Revoke { id, record });
+        // Kept before etcd answers: if it does not, the revoke still
+        // stands here after a restart, and reaches etcd later.
+        self.save_revokes();
+    }
+}
+
+/// The answer to a fleet command outside fleet mode.
+fn not_fleet() -> Response {
+    Response::error("not in fleet mode: the configuration has no cluster: section")
 }

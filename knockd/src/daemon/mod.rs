@@ -9,15 +9,13 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::SocketAddr,
     path::PathBuf,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
-
-use socket2::{Domain, Protocol, Socket, Type};
 
 use log_limit::LogLimiter;
 
+mod commands;
 mod fleet;
 mod log_limit;
 mod report;
@@ -30,16 +28,50 @@ pub use requests::RequestError;
 use crate::{
     auth::{Action, Consumed, Decision, Engine, KnockIn, Outcome, Reason},
     config::Config,
-    control::{Command, Response, wire::Reloaded},
     devices::Devices,
     events::Knock,
     grants::{self, Grants},
     guard::Attachment,
-    maps::{self, GuardMaps, PortPolicy},
-    nft,
-    proto::{Status, unix_ms},
+    kernel::Kernel,
+    maps::{self, PortPolicy},
+    proto::Status,
     state::{self, StateFile},
 };
+
+/// The time of one event: the run loop reads the clock once per event
+/// and hands it to the daemon, which never reads it. The monotonic time
+/// serves deadlines, the wall time conntrack's timestamps and the records
+/// other nodes and clients read (in Unix milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall: SystemTime,
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// Reads both clocks.
+    pub fn read() -> Now {
+        let wall = SystemTime::now();
+        Now {
+            mono: Instant::now(),
+            wall,
+            unix_ms: wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+
+    /// `later` after this.
+    #[cfg(test)]
+    pub fn after(self, later: Duration) -> Now {
+        Now {
+            mono: self.mono + later,
+            wall: self.wall + later,
+            unix_ms: self.unix_ms + later.as_millis() as u64,
+        }
+    }
+}
 
 /// How often the daemon checks that its nftables table is still there.
 const TABLE_CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -63,7 +95,10 @@ pub struct Daemon {
     /// without grants: it changes only when the time step turns or the
     /// configuration is reloaded, so it is not rebuilt per knock.
     policy_base: PortPolicy,
-    maps: GuardMaps,
+    /// Everything the daemon does to the host goes through here.
+    kernel: Box<dyn Kernel + Send>,
+    /// The time of the event being handled (see [`Now`]).
+    now: Now,
     state: StateFile,
     /// Accepted one-time knocks whose sequences are not yet on disk, with
     /// their decision time: `flush` records them, then acts.
@@ -95,6 +130,8 @@ pub struct Daemon {
     decisions: BTreeMap<(String, &'static str, &'static str), u64>,
     /// Reloads that took effect, and that were refused.
     reloads: (u64, u64),
+    /// What the last reload did, for systemd's STATUS=.
+    last_reload: String,
     /// Fleet mode (a `cluster:` section), else `None`.
     fleet: Option<Fleet>,
 }
@@ -108,8 +145,9 @@ impl Daemon {
     pub fn new(
         config: Config,
         devices: &Devices,
-        mut maps: GuardMaps,
+        mut kernel: Box<dyn Kernel + Send>,
         mut state: StateFile,
+        now: Now,
     ) -> Result<Daemon, Error> {
         let consumed = state.load()?;
         state::crash_point("after_load");
@@ -121,7 +159,7 @@ impl Daemon {
                 );
             }
         }
-        let engine = Engine::new(&config, devices, &consumed, unix_ms());
+        let engine = Engine::new(&config, devices, &consumed, now.unix_ms);
         // Start from a short log. Failing here costs nothing: the log
         // still holds what the snapshot would have.
         if state.log_lines() > 0
@@ -131,37 +169,39 @@ impl Daemon {
         }
         let policy_base = crate::policy::port_policy(&config, &engine.knock_ports());
         let mut grants = Grants::new(&config);
-        let adopted = grants.install(&mut grants::Real(&mut maps), Instant::now())?;
+        let adopted = grants.install(kernel.as_mut(), now.mono)?;
         if adopted > 0 {
             tracing::info!(
                 grants = adopted,
                 "adopted the grants the nftables table held"
             );
         }
-        crate::conflicts::log_on_host(&config);
+        kernel.warn_conflicts(&config);
         // The table's conntrack expressions have loaded conntrack, so its
         // sysctls exist now.
-        sessions::stamp_if_capped(&config);
+        sessions::stamp_if_capped(&config, kernel.as_mut());
         let mut daemon = Daemon {
             config,
             engine,
             policy_base,
-            maps,
+            kernel,
+            now,
             state,
             unsynced: Vec::new(),
             grants,
-            table_checked: Instant::now(),
-            reject_log: LogLimiter::new(Instant::now()),
+            table_checked: now.mono,
+            reject_log: LogLimiter::new(now.mono),
             events: BTreeMap::new(),
             config_path: None,
-            loaded_at_ms: unix_ms(),
+            loaded_at_ms: now.unix_ms,
             recent_errors: VecDeque::new(),
             attachments: Vec::new(),
             previous_counters: None,
-            session_caps: sessions::SessionCaps::new(Instant::now()),
+            session_caps: sessions::SessionCaps::new(now.mono),
             lockout_open: Vec::new(),
             decisions: BTreeMap::new(),
             reloads: (0, 0),
+            last_reload: String::new(),
             fleet: None,
         };
         daemon.load_policy()?;
@@ -173,18 +213,11 @@ impl Daemon {
     fn load_policy(&mut self) -> Result<(), Error> {
         let mut policy = self.policy_base.clone();
         policy.mark_granted(self.grants.current_ports());
-        let written = self.maps.apply_port_policy(&policy)?;
+        let written = self.kernel.apply_port_policy(&policy)?;
         if written > 0 {
             tracing::debug!(entries = written, "port policy updated");
         }
         Ok(())
-    }
-
-    /// Marks one more port as granted in the XDP port policy.
-    fn mark_granted(&mut self, port: u16) -> Result<(), Error> {
-        Ok(self
-            .maps
-            .add_port_flags(maps::Proto::Tcp, port, knockd_common::policy::GRANTED)?)
     }
 
     /// Records the doors the lockout guard left open ([`crate::lockout::guard`]).
@@ -192,9 +225,9 @@ impl Daemon {
         self.lockout_open = warnings;
     }
 
-    /// The maps, for counters.
-    pub fn maps(&self) -> &GuardMaps {
-        &self.maps
+    /// The kernel, for the counters and the port policy the run loop reads.
+    pub fn kernel(&self) -> &dyn Kernel {
+        self.kernel.as_ref()
     }
 
     /// Decisions so far, by outcome (accepted, progress, duplicate) or, for
@@ -212,8 +245,9 @@ impl Daemon {
     /// Once a second: move the engine's clock (reloading knock ports when
     /// the time step turns), forget expired grants, rotate leases that are
     /// due, and put the nftables table back if someone removed it.
-    pub fn tick(&mut self) -> Result<(), Error> {
-        if self.engine.tick(unix_ms()) {
+    pub fn tick(&mut self, now: Now) -> Result<(), Error> {
+        self.now = now;
+        if self.engine.tick(now.unix_ms) {
             self.policy_base = crate::policy::port_policy(&self.config, &self.engine.knock_ports());
         }
         if self
@@ -226,28 +260,25 @@ impl Daemon {
                 chain(&e)
             ));
         }
-        let now = Instant::now();
-        let rotated = self.grants.tick(&mut grants::Real(&mut self.maps), now);
+        let rotated = self.grants.tick(self.kernel.as_mut(), now.mono);
         self.log_rotations(rotated, false);
-        let probed = self
-            .grants
-            .rotate_probed(&mut grants::Real(&mut self.maps), now);
+        let probed = self.grants.rotate_probed(self.kernel.as_mut(), now.mono);
         self.log_rotations(probed, true);
         // Knock ports turn with the time step; granted ports with grants.
         self.load_policy()?;
-        if self.session_caps.due(now) {
-            self.enforce_session_caps(now);
+        if self.session_caps.due(now.mono) {
+            self.enforce_session_caps();
         }
         self.report_to_fleet();
-        if now.duration_since(self.table_checked) >= TABLE_CHECK_EVERY {
-            self.table_checked = now;
-            match nft::table_exists() {
+        if now.mono.duration_since(self.table_checked) >= TABLE_CHECK_EVERY {
+            self.table_checked = now.mono;
+            match self.kernel.table_exists() {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(
                         "the knockd nftables table is gone (flushed?); restoring it and its grants"
                     );
-                    let restored = self.grants.restore(&mut grants::Real(&mut self.maps), now);
+                    let restored = self.grants.restore(self.kernel.as_mut(), now.mono);
                     if let Err(e) = restored {
                         self.record_error(format!(
                             "restoring the nftables table failed: {}",
@@ -264,11 +295,13 @@ impl Daemon {
     }
 
     /// Cuts the sessions past their door's cap, logging each.
-    fn enforce_session_caps(&mut self, now: Instant) {
-        match self
-            .session_caps
-            .enforce(&self.config, now, std::time::SystemTime::now())
-        {
+    fn enforce_session_caps(&mut self) {
+        match self.session_caps.enforce(
+            &self.config,
+            self.kernel.as_mut(),
+            self.now.mono,
+            self.now.wall,
+        ) {
             Ok(cut) => {
                 for session in cut {
                     tracing::info!(
@@ -286,8 +319,9 @@ impl Daemon {
     }
 
     /// Judges a knock and acts on the decision.
-    pub fn on_knock(&mut self, knock: &Knock) -> Result<(), Error> {
-        let now_ms = unix_ms();
+    pub fn on_knock(&mut self, knock: &Knock, now: Now) -> Result<(), Error> {
+        self.now = now;
+        let now_ms = now.unix_ms;
         let decision = self.engine.on_knock(
             &KnockIn {
                 source: knock.source,
@@ -338,7 +372,8 @@ impl Daemon {
     /// If the record cannot be written (a full or failing disk), those
     /// knocks are refused: acting on them would leave sequences that could
     /// be replayed after a restart. The daemon goes on serving.
-    pub fn flush(&mut self) -> Result<(), Error> {
+    pub fn flush(&mut self, now: Now) -> Result<(), Error> {
+        self.now = now;
         if self.unsynced.is_empty() {
             return Ok(());
         }
@@ -376,7 +411,7 @@ impl Daemon {
         let suppressed = if decision.device.is_some() {
             Some(0)
         } else {
-            self.reject_log.allow(Instant::now())
+            self.reject_log.allow(self.now.mono)
         };
         let Some(suppressed) = suppressed else { return };
         tracing::warn!(
@@ -422,23 +457,23 @@ impl Daemon {
         let one_time = self.config.doors[&door_name].one_time().is_some();
         let source = decision.grant_to;
         let device = decision.device.as_deref();
-        let now = Instant::now();
+        let now = self.now.mono;
         let mut closed = Vec::new();
-        let kernel = &mut grants::Real(&mut self.maps);
+        let kernel = self.kernel.as_mut();
         // Static doors only ever complete an `open`, which admits the
         // source to the service port itself. The seconds a reply states are
-        // what is left when it is written, rounded down: never more than
-        // the client really has.
+        // [`grants::Grant::secs_stated`]: never more than the client really
+        // has.
         let result: Result<(Status, u16, u32), grants::Error> = match action {
             Action::Open => self
                 .grants
                 .open(kernel, &door_name, source, device, now)
-                .map(|g| (Status::Granted, g.port, g.secs_left(Instant::now()))),
+                .map(|g| (Status::Granted, g.port, g.secs_stated(now))),
             Action::Heartbeat => self
                 .grants
                 .heartbeat(kernel, &door_name, source, device, now)
                 .map(|g| match g {
-                    Some(g) => (Status::Granted, g.port, g.secs_left(Instant::now())),
+                    Some(g) => (Status::Granted, g.port, g.secs_stated(now)),
                     None => (Status::NoGrant, 0, 0),
                 }),
             // A close names its device (it authenticated): it ends that
@@ -480,7 +515,7 @@ impl Daemon {
         // unmarking ports grants left.
         if one_time
             && status == Status::Granted
-            && let Err(e) = self.mark_granted(port)
+            && let Err(e) = self.kernel.mark_granted(port)
         {
             self.record_error(format!("updating the port policy failed: {}", chain(&e)));
         }
@@ -505,7 +540,7 @@ impl Daemon {
         );
         if let Some(reply) = &decision.reply {
             let sealed = reply.seal(status, port, expires_in, now_ms);
-            if let Err(e) = send_reply(reply.from, reply.to, &sealed) {
+            if let Err(e) = self.kernel.send_reply(reply.from, reply.to, &sealed) {
                 tracing::warn!(error = %e, to = %reply.to, "could not send the sealed reply");
             }
             state::crash_point("after_reply");
@@ -514,17 +549,7 @@ impl Daemon {
     }
 }
 
-/// An error and its sources, on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub(crate) use crate::error_chain as chain;
 
 impl Daemon {
     /// Logs an error and keeps it for `knockctl status`.
@@ -539,7 +564,7 @@ impl Daemon {
         if self.recent_errors.len() == RECENT_ERRORS {
             self.recent_errors.pop_front();
         }
-        self.recent_errors.push_back((unix_ms(), message));
+        self.recent_errors.push_back((self.now.unix_ms, message));
     }
 
     /// Logs each (old, new) rotation; `attack` ones (a probed port) are
@@ -572,59 +597,4 @@ impl Daemon {
         self.config_path = config_path;
         self.attachments = attachments;
     }
-
-    /// Answers a control-socket request.
-    pub fn handle(&mut self, command: Command) -> Response {
-        match command {
-            Command::Status => Response::ok(self.status()),
-            Command::Grants => Response::ok(self.grant_views()),
-            Command::Revoke { target } => match self.revoke(&target, u64::MAX) {
-                Ok(revoked) => Response::ok(revoked),
-                Err(e) => {
-                    if matches!(e, RequestError::Cut { .. }) {
-                        self.record_error(chain(&e));
-                    }
-                    Response::error(chain(&e))
-                }
-            },
-            Command::Metrics => Response::ok(self.metrics()),
-            // Fleet commands reach here only outside fleet mode
-            // (`handle_request` takes them in it).
-            Command::DeviceAdd { .. }
-            | Command::DeviceRemove { .. }
-            | Command::DeviceList
-            | Command::DeviceSign { .. }
-            | Command::ClusterStatus => {
-                Response::error("not in fleet mode: the configuration has no cluster: section")
-            }
-            Command::Reload => match self.reload() {
-                Ok(reloaded) => {
-                    self.reloads.0 += 1;
-                    Response::ok(Reloaded { reloaded })
-                }
-                Err(e) => {
-                    self.reloads.1 += 1;
-                    let e = chain(&e);
-                    self.record_error(format!(
-                        "reload refused, the running configuration stays: {e}"
-                    ));
-                    Response::error(e)
-                }
-            },
-        }
-    }
-}
-
-/// Sends `bytes` from `from` (the knocked address and port) to `to`.
-fn send_reply(from: SocketAddr, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
-    let socket = Socket::new(Domain::for_address(from), Type::DGRAM, Some(Protocol::UDP))?;
-    // Nothing else listens on a knock port, but another reply may be
-    // leaving from it right now.
-    socket.set_reuse_address(true)?;
-    if from.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&from.into())?;
-    socket.send_to(bytes, &to.into())?;
-    Ok(())
 }

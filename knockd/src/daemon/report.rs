@@ -1,7 +1,7 @@
 //! What the daemon tells about itself: the status report and the grant list
 //! of the control protocol (`control::wire`), and the OpenMetrics text.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::collections::BTreeMap;
 
 use super::{Daemon, RECENT_ERRORS};
 use crate::{
@@ -29,7 +29,7 @@ impl Daemon {
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         let packets = Family::<Labels, Counter>::default();
-        if let Ok(counters) = self.maps.counters() {
+        if let Ok(counters) = self.kernel.counters() {
             for (verdict, value) in counters.iter() {
                 packets
                     .get_or_create(&vec![("verdict", verdict.to_owned())])
@@ -182,7 +182,7 @@ impl Daemon {
     pub(super) fn session_views(&mut self) -> Vec<crate::control::wire::SessionView> {
         match self
             .session_caps
-            .list(&self.config, std::time::SystemTime::now())
+            .list(&self.config, self.kernel.as_mut(), self.now.wall)
         {
             Ok(sessions) => sessions,
             Err(e) => {
@@ -208,7 +208,7 @@ impl Daemon {
     }
 
     pub(super) fn grant_views(&self) -> Vec<GrantView> {
-        let now = Instant::now();
+        let now = self.now.mono;
         self.grants
             .list()
             .into_iter()
@@ -226,8 +226,8 @@ impl Daemon {
     }
 
     pub(super) fn status(&mut self) -> StatusReport {
-        let now = Instant::now();
-        let counters = self.maps.counters().ok();
+        let now = self.now.mono;
+        let counters = self.kernel.counters().ok();
         let named = |c: &maps::Counters| -> BTreeMap<String, u64> {
             c.iter().map(|(name, v)| (name.to_owned(), v)).collect()
         };

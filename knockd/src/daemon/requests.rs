@@ -2,7 +2,7 @@
 //! (its grants end and their connections are cut), and reloading the
 //! configuration.
 
-use std::{net::IpAddr, time::Instant};
+use std::net::IpAddr;
 
 use super::{Daemon, Error};
 use crate::{
@@ -13,7 +13,6 @@ use crate::{
     devices::Devices,
     grants::{self, Grants},
     maps,
-    proto::unix_ms,
 };
 
 /// Why a control request failed. Its message, with its sources, is the
@@ -98,12 +97,8 @@ impl Daemon {
         let mut cuts = Vec::new();
         let grants = doomed.len();
         for (door, source) in doomed {
-            self.grants.close(
-                &mut grants::Real(&mut self.maps),
-                &door,
-                source,
-                Instant::now(),
-            )?;
+            self.grants
+                .close(self.kernel.as_mut(), &door, source, self.now.mono)?;
             if by_ip.is_none()
                 && let Some(d) = self.config.doors.get(&door)
             {
@@ -117,7 +112,7 @@ impl Daemon {
             return Err(RequestError::UnknownTarget(target.to_owned()));
         }
         self.load_policy()?;
-        let ended = cut::connections(&cuts).map_err(|source| RequestError::Cut {
+        let ended = self.kernel.cut(&cuts).map_err(|source| RequestError::Cut {
             grants,
             target: target.to_owned(),
             source,
@@ -182,15 +177,17 @@ impl Daemon {
             cluster: self.config.cluster.clone(),
             ..loaded
         };
-        let (config, opened) = crate::lockout::prepare(merged, &devices);
+        let sessions = self.kernel.inbound_sessions();
+        let (config, opened) = crate::lockout::prepare_with(merged, &devices, &sessions);
         for what in &kept {
             tracing::warn!(
                 "reload: {what}: the file's new values are not used until knockd restarts"
             );
         }
-        let engine = Engine::new(&config, &devices, &self.engine.consumed(), unix_ms());
+        let now = self.now;
+        let engine = Engine::new(&config, &devices, &self.engine.consumed(), now.unix_ms);
         let mut grants = Grants::new(&config);
-        grants.install(&mut grants::Real(&mut self.maps), Instant::now())?;
+        grants.install(self.kernel.as_mut(), now.mono)?;
         grants.inherit(&self.grants);
         // Grants of doors that are gone end now (best effort: the kernel
         // expires them anyway).
@@ -202,25 +199,22 @@ impl Daemon {
             .map(|g| (g.door.clone(), g.source))
             .collect();
         for (door, source) in gone {
-            let _ = self.grants.close(
-                &mut grants::Real(&mut self.maps),
-                &door,
-                source,
-                Instant::now(),
-            );
+            let _ = self
+                .grants
+                .close(self.kernel.as_mut(), &door, source, now.mono);
         }
-        self.maps
+        self.kernel
             .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;
         self.config = config;
         self.lockout_open = opened;
         self.policy_base = crate::policy::port_policy(&self.config, &engine.knock_ports());
         self.engine = engine;
         self.grants = grants;
-        self.loaded_at_ms = unix_ms();
-        crate::conflicts::log_on_host(&self.config);
+        self.loaded_at_ms = now.unix_ms;
+        self.kernel.warn_conflicts(&self.config);
         // A reload may give a door its first cap.
-        super::sessions::stamp_if_capped(&self.config);
-        self.session_caps.rescan(Instant::now());
+        super::sessions::stamp_if_capped(&self.config, self.kernel.as_mut());
+        self.session_caps.rescan(now.mono);
         self.load_policy()?;
         let summary = format!(
             "{}: doors {:?}, {} devices{}",

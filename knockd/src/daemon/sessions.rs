@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::{config::Config, control::wire::SessionView, cut};
+use crate::{config::Config, control::wire::SessionView, cut, kernel::Kernel};
 
 /// Aged from first sight, a session may be this late per `cap` (a scan
 /// every cap/8): the tolerance when the kernel keeps no timestamps.
@@ -70,11 +70,11 @@ fn doors(config: &Config) -> Vec<(String, cut::Scope, u32)> {
 /// Turns conntrack's timestamps on when some door of `config` caps its
 /// sessions (at start, and at a reload that may add the first cap); says
 /// so when it cannot.
-pub fn stamp_if_capped(config: &Config) {
+pub fn stamp_if_capped(config: &Config, kernel: &mut dyn Kernel) {
     if !config.doors.values().any(|d| d.max_session_secs > 0) {
         return;
     }
-    match cut::enable_timestamps() {
+    match kernel.enable_timestamps() {
         Ok(true) => {}
         Ok(false) | Err(_) => tracing::warn!(
             "could not turn on conntrack timestamps (net.netfilter.nf_conntrack_timestamp); \
@@ -106,11 +106,12 @@ impl SessionCaps {
     pub fn list(
         &mut self,
         config: &Config,
+        kernel: &mut dyn Kernel,
         wall: SystemTime,
     ) -> Result<Vec<SessionView>, cut::Error> {
         let doors = doors(config);
         let scopes: Vec<cut::Scope> = doors.iter().map(|(_, s, _)| s.clone()).collect();
-        let sessions = cut::sessions(&scopes)?;
+        let sessions = kernel.sessions(&scopes)?;
         Ok(sessions
             .iter()
             .map(|s| {
@@ -148,6 +149,7 @@ impl SessionCaps {
     pub fn enforce(
         &mut self,
         config: &Config,
+        kernel: &mut dyn Kernel,
         now: Instant,
         wall: SystemTime,
     ) -> Result<Vec<CutSession>, cut::Error> {
@@ -162,7 +164,7 @@ impl SessionCaps {
         }
         self.next_scan = now + RETRY_AFTER;
         let scopes: Vec<cut::Scope> = doors.iter().map(|(_, s, _)| s.clone()).collect();
-        let sessions = cut::sessions(&scopes)?;
+        let sessions = kernel.sessions(&scopes)?;
         let caps: Vec<(String, u32)> = doors.into_iter().map(|(d, _, cap)| (d, cap)).collect();
         let seen: Vec<Seen> = sessions.iter().map(Seen::of).collect();
         let verdicts = self.judge(&caps, &seen, now, wall);
@@ -173,7 +175,7 @@ impl SessionCaps {
             .filter(|(i, _)| doomed.contains(i))
             .map(|(_, s)| s)
             .collect();
-        if let Err(e) = cut::end(&over) {
+        if let Err(e) = kernel.end_sessions(&over) {
             self.next_scan = now + RETRY_AFTER;
             return Err(e);
         }
