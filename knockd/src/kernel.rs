@@ -94,6 +94,12 @@ pub trait Kernel {
     fn warn_conflicts(&mut self, config: &Config);
     /// Sends `bytes` from `from` (the knocked address and port) to `to`.
     fn send_reply(&mut self, from: SocketAddr, to: SocketAddr, bytes: &[u8]) -> io::Result<()>;
+
+    /// The recording, when this is the unit tests' [`Fake`].
+    #[cfg(test)]
+    fn fake(&mut self) -> Option<&mut Fake> {
+        None
+    }
 }
 
 /// The host: nftables over netlink, the guard's maps, conntrack and
@@ -261,7 +267,8 @@ mod fake {
         pub elements: HashMap<(String, IpAddr, u16), Duration>,
         pub allowed: HashMap<(IpAddr, u16), Option<Duration>>,
         pub bound: HashSet<u16>,
-        /// What `list_grants` finds (a table from before a restart).
+        /// What `list_grants` finds instead of `elements` (a table from
+        /// before a restart).
         pub existing: Vec<Element>,
         /// What `drain_probes` finds next.
         pub probes: Vec<(u16, u64)>,
@@ -278,7 +285,7 @@ mod fake {
         /// Replies sent: (from, to, bytes).
         pub replies: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
         pub knock_rate: (u32, u32),
-        /// Grant writes (nftables and the allow map) fail while set.
+        /// nftables writes (the table, grant elements) fail while set.
         pub fail_grants: bool,
     }
 
@@ -323,6 +330,7 @@ mod fake {
 
     impl Kernel for Fake {
         fn install(&mut self, _rules: &nft::TableRules) -> Result<(), nft::Error> {
+            self.refuse()?;
             self.installs += 1;
             self.table = true;
             Ok(())
@@ -330,8 +338,26 @@ mod fake {
         fn table_exists(&mut self) -> Result<bool, nft::Error> {
             Ok(self.table)
         }
-        fn list_grants(&mut self, _doors: &[&str]) -> Result<Vec<Element>, nft::Error> {
-            Ok(self.existing.clone())
+        /// `existing` when a test set it (the table a restart finds), else
+        /// the elements held (as a reload finds them).
+        fn list_grants(&mut self, doors: &[&str]) -> Result<Vec<Element>, nft::Error> {
+            let held = self
+                .elements
+                .iter()
+                .filter(|((door, _, _), _)| doors.contains(&door.as_str()))
+                .map(|((door, source, port), timeout)| Element {
+                    door: door.clone(),
+                    key: GrantKey {
+                        source: *source,
+                        port: *port,
+                    },
+                    timeout: *timeout,
+                    device: None,
+                });
+            if !self.existing.is_empty() {
+                return Ok(self.existing.clone());
+            }
+            Ok(held.collect())
         }
         fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), nft::Error> {
             self.refuse()?;
@@ -441,6 +467,9 @@ mod fake {
         fn send_reply(&mut self, from: SocketAddr, to: SocketAddr, bytes: &[u8]) -> io::Result<()> {
             self.replies.push((from, to, bytes.to_vec()));
             Ok(())
+        }
+        fn fake(&mut self) -> Option<&mut Fake> {
+            Some(self)
         }
     }
 }

@@ -257,6 +257,17 @@ pub struct Link {
 }
 
 impl Link {
+    /// A link to no task: the unit tests read what the daemon sends.
+    #[cfg(test)]
+    pub fn fake(name: &str) -> (Link, mpsc::UnboundedReceiver<Request>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = Link {
+            tx,
+            name: name.to_owned(),
+        };
+        (link, rx)
+    }
+
     /// Sends a request; if the task is gone (it never ends while the
     /// daemon runs) the request is dropped, and a reply channel with it.
     pub fn send(&self, request: Request) {

@@ -55,12 +55,12 @@ pub struct Fleet {
     pending: HashMap<u64, (Action, Decision, u64)>,
     next_token: u64,
     /// Where each cluster grant stands between this node and etcd.
-    replication: Replication,
+    pub(super) replication: Replication,
     /// Knocks refused for want of etcd.
     unavailable: u64,
     /// The revokes this node carried out or has still to publish, kept in
     /// `state_dir` ([`revokes`] says why).
-    revokes: Book,
+    pub(super) revokes: Book,
     /// No book was on disk at start-up: the first listing says which
     /// revokes are history, not news.
     fresh_book: bool,

@@ -21,6 +21,8 @@ mod log_limit;
 mod report;
 mod requests;
 mod sessions;
+#[cfg(test)]
+mod tests;
 
 pub use fleet::Fleet;
 pub use requests::RequestError;
