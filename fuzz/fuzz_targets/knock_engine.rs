@@ -17,7 +17,7 @@ use std::{
 };
 
 use knockd::{
-    auth::{Engine, KnockIn, Outcome},
+    auth::{Engine, KnockIn},
     config::{Config, Proto},
     devices::{Device, Devices},
     proto::{DeviceKey, DoorKeys, KNOCK_LEN, Knock, Reply, Status},
@@ -115,7 +115,7 @@ fuzz_target!(|data: &[u8]| {
         } else {
             Proto::Tcp
         };
-        let decision = world.engine.on_knock(
+        let verdict = world.engine.on_knock(
             &KnockIn {
                 source,
                 destination,
@@ -124,7 +124,7 @@ fuzz_target!(|data: &[u8]| {
             },
             world.now_ms,
         );
-        if let (Outcome::Accepted(_), Some(reply)) = (&decision.outcome, &decision.reply) {
+        if let Some(reply) = verdict.reply() {
             let sealed = reply.seal(Status::Granted, 40123, 30, world.now_ms);
             let opened = Reply::open(&sealed, &reply.keys, &reply.nonce)
                 .expect("a sealed reply opens with its own keys");

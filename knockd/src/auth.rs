@@ -176,26 +176,168 @@ impl ReplyTo {
     }
 }
 
-/// A decision, with everything the log line needs.
+/// The engine's notes while it judges a knock; [`Engine::on_knock`] turns
+/// them into a [`Verdict`] once it is done.
+#[derive(Debug)]
+struct Draft {
+    outcome: Outcome,
+    door: Option<String>,
+    device: Option<String>,
+    source: SocketAddr,
+    grant_to: IpAddr,
+    detail: Option<String>,
+    reply: Option<ReplyTo>,
+    consumed: Option<Consumed>,
+}
+
+/// What the engine decided about one knock. Each variant carries what it
+/// has, and nothing it cannot: only an acceptance has an action, a
+/// consumed sequence and a reply; only a reject has a reason.
 #[derive(Debug, Clone)]
-pub struct Decision {
-    pub outcome: Outcome,
-    /// The door, once known.
-    pub door: Option<String>,
-    /// The device, once authenticated.
+pub enum Verdict {
+    /// Boxed: it carries the reply's keys, and the far more frequent
+    /// rejects should not move them around.
+    Accepted(Box<Accepted>),
+    /// A valid knock of a sequence not yet complete.
+    Progress {
+        door: String,
+        device: Option<String>,
+        source: SocketAddr,
+        have: u8,
+        need: u8,
+    },
+    /// A knock already counted (a resend, or a tolerated static repeat).
+    Duplicate {
+        door: Option<String>,
+        source: SocketAddr,
+    },
+    Rejected(Rejected),
+}
+
+/// A sequence completed and authenticated.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub action: Action,
+    pub door: String,
+    /// The device (one-time doors; static doors know none).
     pub device: Option<String>,
-    /// The knock's source.
     pub source: SocketAddr,
     /// The address a grant is for: the source, or the address the knock
     /// asked for (which then equals the source).
     pub grant_to: IpAddr,
+    /// Where to send the sealed answer (one-time doors).
+    pub reply: Option<ReplyTo>,
+    /// The sequence this knock consumed (one-time doors): it must be on
+    /// disk before the daemon acts or replies.
+    pub consumed: Option<Consumed>,
+}
+
+/// A knock that does not count.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub reason: Reason,
+    /// The door, once known.
+    pub door: Option<String>,
+    /// The device, once authenticated.
+    pub device: Option<String>,
+    pub source: SocketAddr,
     /// More about the reason, for the log (the measured clock offset, …).
     pub detail: Option<String>,
-    /// Set for accepted one-time knocks.
-    pub reply: Option<ReplyTo>,
-    /// The sequence this knock consumed (accepted one-time knocks): it
-    /// must be on disk before the daemon acts or replies.
-    pub consumed: Option<Consumed>,
+}
+
+impl Accepted {
+    /// This acceptance refused after all (its sequence could not be
+    /// recorded, or etcd did not confirm it is fresh).
+    pub fn refused(self, reason: Reason, detail: String) -> Rejected {
+        Rejected {
+            reason,
+            door: Some(self.door),
+            device: self.device,
+            source: self.source,
+            detail: Some(detail),
+        }
+    }
+}
+
+impl Draft {
+    fn verdict(self) -> Verdict {
+        match self.outcome {
+            Outcome::Accepted(action) => Verdict::Accepted(Box::new(Accepted {
+                action,
+                door: self.door.expect("an accepted knock has found its door"),
+                device: self.device,
+                source: self.source,
+                grant_to: self.grant_to,
+                reply: self.reply,
+                consumed: self.consumed,
+            })),
+            Outcome::Progress { have, need } => Verdict::Progress {
+                door: self.door.expect("progress is made on a door"),
+                device: self.device,
+                source: self.source,
+                have,
+                need,
+            },
+            Outcome::Duplicate => Verdict::Duplicate {
+                door: self.door,
+                source: self.source,
+            },
+            Outcome::Rejected(reason) => Verdict::Rejected(Rejected {
+                reason,
+                door: self.door,
+                device: self.device,
+                source: self.source,
+                detail: self.detail,
+            }),
+        }
+    }
+}
+
+impl Verdict {
+    /// What it comes to, without its data.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Verdict::Accepted(a) => Outcome::Accepted(a.action),
+            Verdict::Progress { have, need, .. } => Outcome::Progress {
+                have: *have,
+                need: *need,
+            },
+            Verdict::Duplicate { .. } => Outcome::Duplicate,
+            Verdict::Rejected(r) => Outcome::Rejected(r.reason),
+        }
+    }
+
+    pub fn door(&self) -> Option<&str> {
+        match self {
+            Verdict::Accepted(a) => Some(&a.door),
+            Verdict::Progress { door, .. } => Some(door),
+            Verdict::Duplicate { door, .. } => door.as_deref(),
+            Verdict::Rejected(r) => r.door.as_deref(),
+        }
+    }
+
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Verdict::Accepted(a) => a.device.as_deref(),
+            Verdict::Progress { device, .. } => device.as_deref(),
+            Verdict::Duplicate { .. } => None,
+            Verdict::Rejected(r) => r.device.as_deref(),
+        }
+    }
+
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Verdict::Rejected(r) => r.detail.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub fn reply(&self) -> Option<&ReplyTo> {
+        match self {
+            Verdict::Accepted(a) => a.reply.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// A knock as the engine sees it.
@@ -521,8 +663,8 @@ impl Engine {
     }
 
     /// Judges one knock.
-    pub fn on_knock(&mut self, knock: &KnockIn<'_>, now_ms: u64) -> Decision {
-        let mut decision = Decision {
+    pub fn on_knock(&mut self, knock: &KnockIn<'_>, now_ms: u64) -> Verdict {
+        let mut decision = Draft {
             outcome: Outcome::Rejected(Reason::NoDoor),
             door: None,
             device: None,
@@ -550,7 +692,7 @@ impl Engine {
         {
             self.one_time_knock(knock, now_ms, &mut decision);
         }
-        decision
+        decision.verdict()
     }
 
     fn static_knock(
@@ -631,8 +773,8 @@ impl Engine {
         Outcome::Rejected(Reason::WrongKnock)
     }
 
-    fn one_time_knock(&mut self, knock: &KnockIn<'_>, now_ms: u64, decision: &mut Decision) {
-        let reject = |decision: &mut Decision, reason| decision.outcome = Outcome::Rejected(reason);
+    fn one_time_knock(&mut self, knock: &KnockIn<'_>, now_ms: u64, decision: &mut Draft) {
+        let reject = |decision: &mut Draft, reason| decision.outcome = Outcome::Rejected(reason);
         let (fields, raw) = match proto::Knock::parse(knock.payload) {
             Ok(parsed) => parsed,
             Err(e) => {

@@ -136,7 +136,7 @@ fn a_million_random_knocks_leave_bounded_state() {
             now,
         );
         assert!(
-            roll >= 80 || matches!(decision.outcome, Outcome::Rejected(_)),
+            roll >= 80 || matches!(decision.outcome(), Outcome::Rejected(_)),
             "a random knock was not rejected: {decision:?}"
         );
         // Now and then a genuine device opens the door.
@@ -159,7 +159,7 @@ fn a_million_random_knocks_leave_bounded_state() {
                     },
                     now,
                 );
-                opened += u64::from(matches!(d.outcome, Outcome::Accepted(_)));
+                opened += u64::from(matches!(d.outcome(), Outcome::Accepted(_)));
             }
         }
     }

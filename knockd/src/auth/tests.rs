@@ -81,11 +81,11 @@ impl World {
         )
     }
 
-    fn send(&mut self, from: &str, knock: &(u16, [u8; 68]), now_ms: u64) -> Decision {
+    fn send(&mut self, from: &str, knock: &(u16, [u8; 68]), now_ms: u64) -> Verdict {
         self.send_raw(from, knock.0, &knock.1, now_ms)
     }
 
-    fn send_raw(&mut self, from: &str, port: u16, payload: &[u8], now_ms: u64) -> Decision {
+    fn send_raw(&mut self, from: &str, port: u16, payload: &[u8], now_ms: u64) -> Verdict {
         self.engine.on_knock(
             &KnockIn {
                 source: from.parse().unwrap(),
@@ -109,12 +109,12 @@ impl World {
                 },
                 now_ms,
             )
-            .outcome
+            .outcome()
     }
 }
 
-fn outcomes(decisions: &[Decision]) -> Vec<Outcome> {
-    decisions.iter().map(|d| d.outcome.clone()).collect()
+fn outcomes(decisions: &[Verdict]) -> Vec<Outcome> {
+    decisions.iter().map(|d| d.outcome().clone()).collect()
 }
 
 const OPEN: Outcome = Outcome::Accepted(Action::Open);
@@ -127,16 +127,19 @@ fn progress(have: u8) -> Outcome {
 fn a_sequence_in_order_opens_and_the_reply_authenticates_the_daemon() {
     let mut w = world(T0 + 1000);
     let knocks = w.knocks("laptop", Kind::Open, T0 + 900, 1);
-    let decisions: Vec<Decision> = knocks
+    let decisions: Vec<Verdict> = knocks
         .iter()
         .map(|k| w.send(CLIENT, k, T0 + 1000))
         .collect();
     assert_eq!(outcomes(&decisions), [progress(1), progress(2), OPEN]);
     let accepted = &decisions[2];
-    assert_eq!(accepted.door.as_deref(), Some("ssh"));
-    assert_eq!(accepted.device.as_deref(), Some("laptop"));
-    assert_eq!(accepted.grant_to, "198.18.0.2".parse::<IpAddr>().unwrap());
-    let reply = accepted.reply.as_ref().unwrap();
+    assert_eq!(accepted.door(), Some("ssh"));
+    assert_eq!(accepted.device(), Some("laptop"));
+    let Verdict::Accepted(a) = accepted else {
+        panic!("{accepted:?}")
+    };
+    assert_eq!(a.grant_to, "198.18.0.2".parse::<IpAddr>().unwrap());
+    let reply = accepted.reply().unwrap();
     assert_eq!(reply.to, CLIENT.parse().unwrap());
     assert_eq!(
         reply.from,
@@ -159,7 +162,7 @@ fn reordering_duplicates_and_a_resent_loss_still_open() {
     let order = [&k[2], &k[2], &k[0], &k[0], &k[1]];
     let got: Vec<Outcome> = order
         .iter()
-        .map(|knock| w.send(CLIENT, knock, T0).outcome)
+        .map(|knock| w.send(CLIENT, knock, T0).outcome())
         .collect();
     assert_eq!(
         got,
@@ -174,11 +177,11 @@ fn reordering_duplicates_and_a_resent_loss_still_open() {
 
     // Knock 1 is lost; the client resends the whole sequence.
     let k = w.knocks("laptop", Kind::Open, T0, 3);
-    assert_eq!(w.send(CLIENT, &k[0], T0).outcome, progress(1));
-    assert_eq!(w.send(CLIENT, &k[2], T0).outcome, progress(2));
+    assert_eq!(w.send(CLIENT, &k[0], T0).outcome(), progress(1));
+    assert_eq!(w.send(CLIENT, &k[2], T0).outcome(), progress(2));
     let resent: Vec<Outcome> = k
         .iter()
-        .map(|knock| w.send(CLIENT, knock, T0 + 500).outcome)
+        .map(|knock| w.send(CLIENT, knock, T0 + 500).outcome())
         .collect();
     assert_eq!(
         resent,
@@ -210,28 +213,28 @@ fn skew_of_one_step_is_accepted_two_is_reported() {
             .last()
             .unwrap();
         if accepted {
-            assert_eq!(last.outcome, OPEN, "offset {offset_steps}");
+            assert_eq!(last.outcome(), OPEN, "offset {offset_steps}");
         } else {
             assert_eq!(
-                last.outcome,
+                last.outcome(),
                 Outcome::Rejected(Reason::ClockSkew),
                 "offset {offset_steps}"
             );
-            let detail = last.detail.unwrap();
+            let detail = last.detail().unwrap();
             let direction = if offset_steps > 0 { "ahead" } else { "behind" };
             let secs = format!(
                 "{:.1} s {direction}",
                 (offset_steps.unsigned_abs() * STEP_MS) as f64 / 1000.0
             );
             assert!(detail.contains(&secs), "{detail}");
-            assert_eq!(last.device.as_deref(), Some("laptop"));
+            assert_eq!(last.device(), Some("laptop"));
         }
     }
     // Beyond the reporting margin the ports are not loaded at all.
     let mut w = world(T0);
     let far = w.knocks("laptop", Kind::Open, T0 + 6 * STEP_MS, 4);
     assert_eq!(
-        w.send(CLIENT, &far[0], T0).outcome,
+        w.send(CLIENT, &far[0], T0).outcome(),
         Outcome::Rejected(Reason::NoDoor)
     );
 }
@@ -248,13 +251,13 @@ fn a_knock_beyond_the_window_on_a_valid_port_is_clock_skew() {
         let far = w.knocks("laptop", Kind::Open, client, 2);
         let decision = w.send_raw(CLIENT, now_port, &far[0].1, T0);
         assert_eq!(
-            decision.outcome,
+            decision.outcome(),
             Outcome::Rejected(Reason::ClockSkew),
             "offset {offset}"
         );
-        assert_eq!(decision.device, None, "unauthenticated");
-        assert_eq!(decision.door.as_deref(), Some("ssh"));
-        let detail = decision.detail.unwrap();
+        assert_eq!(decision.device(), None, "unauthenticated");
+        assert_eq!(decision.door(), Some("ssh"));
+        let detail = decision.detail().unwrap();
         assert!(
             detail.contains(&format!("{offset} steps from the server's"))
                 && detail.contains("only ±5"),
@@ -281,11 +284,11 @@ fn a_time_outside_its_step_is_malformed() {
     };
     let port = keys.port(step, 0, &(7000..=7999));
     let decision = w.send_raw(CLIENT, port, &knock.encode(&keys), T0);
-    assert_eq!(decision.outcome, Outcome::Rejected(Reason::Malformed));
-    assert_eq!(decision.device.as_deref(), Some("laptop"));
+    assert_eq!(decision.outcome(), Outcome::Rejected(Reason::Malformed));
+    assert_eq!(decision.device(), Some("laptop"));
     assert!(
         decision
-            .detail
+            .detail()
             .unwrap()
             .contains(&format!("says step {step}")),
         "the detail names the step"
@@ -295,7 +298,7 @@ fn a_time_outside_its_step_is_malformed() {
         ..knock
     };
     assert_eq!(
-        w.send_raw(CLIENT, port, &fine.encode(&keys), T0).outcome,
+        w.send_raw(CLIENT, port, &fine.encode(&keys), T0).outcome(),
         Outcome::Accepted(Action::Close)
     );
 }
@@ -309,12 +312,12 @@ fn a_replay_fails_within_the_step_and_after_a_restart() {
     }
     for knock in &k {
         let d = w.send(CLIENT, knock, T0 + 1000);
-        assert_eq!(d.outcome, Outcome::Rejected(Reason::Replay));
-        assert!(d.reply.is_none());
+        assert_eq!(d.outcome(), Outcome::Rejected(Reason::Replay));
+        assert!(d.reply().is_none());
     }
     // A replay from another address fails the same way.
     assert_eq!(
-        w.send("198.18.0.66:1", &k[0], T0).outcome,
+        w.send("198.18.0.66:1", &k[0], T0).outcome(),
         Outcome::Rejected(Reason::Replay)
     );
 
@@ -326,7 +329,7 @@ fn a_replay_fails_within_the_step_and_after_a_restart() {
     after.engine = Engine::new(&after.config, &after.devices, &restored, T0 + 2000);
     for knock in &k {
         assert_eq!(
-            after.send(CLIENT, knock, T0 + 2000).outcome,
+            after.send(CLIENT, knock, T0 + 2000).outcome(),
             Outcome::Rejected(Reason::Replay)
         );
     }
@@ -343,19 +346,19 @@ fn forged_truncated_and_oversized_knocks_are_rejected() {
     let mut forged = k[0].1;
     forged[60] ^= 1;
     let d = w.send_raw(CLIENT, k[0].0, &forged, T0);
-    assert_eq!(d.outcome, Outcome::Rejected(Reason::BadMac));
-    assert_eq!(d.device, None, "an unauthenticated knock names no device");
+    assert_eq!(d.outcome(), Outcome::Rejected(Reason::BadMac));
+    assert_eq!(d.device(), None, "an unauthenticated knock names no device");
     for bad in [&k[0].1[..67], &[0u8; 0][..], &[0u8; 1500][..]] {
         let d = w.send_raw(CLIENT, k[0].0, bad, T0);
-        assert_eq!(d.outcome, Outcome::Rejected(Reason::Malformed));
-        assert!(d.detail.unwrap().contains("bytes"));
+        assert_eq!(d.outcome(), Outcome::Rejected(Reason::Malformed));
+        assert!(d.detail().unwrap().contains("bytes"));
     }
     // Right port, but no sequence uses it at that index or step.
     let mut knock = proto::Knock::parse(&k[1].1).unwrap().0;
     knock.index = 0;
     let moved = knock.encode(&w.keys("laptop", "ssh"));
     assert_eq!(
-        w.send_raw(CLIENT, k[1].0, &moved, T0).outcome,
+        w.send_raw(CLIENT, k[1].0, &moved, T0).outcome(),
         Outcome::Rejected(Reason::UnknownDevice)
     );
     // A device the door does not allow has no ports; with its own key it
@@ -370,7 +373,7 @@ fn forged_truncated_and_oversized_knocks_are_rejected() {
     );
     for knock in &intern {
         assert!(matches!(
-            w.send(CLIENT, knock, T0).outcome,
+            w.send(CLIENT, knock, T0).outcome(),
             Outcome::Rejected(_)
         ));
     }
@@ -384,7 +387,7 @@ fn a_sequence_is_bound_to_its_source_and_requested_address() {
     let k = w.knocks("laptop", Kind::Open, T0, 8);
     w.send(CLIENT, &k[0], T0);
     let d = w.send("198.18.0.3:40000", &k[1], T0);
-    assert_eq!(d.outcome, Outcome::Rejected(Reason::SourceMismatch));
+    assert_eq!(d.outcome(), Outcome::Rejected(Reason::SourceMismatch));
     // A knock asking the grant for another address than it came from.
     let bound = sequence(
         &w.keys("laptop", "ssh"),
@@ -395,7 +398,7 @@ fn a_sequence_is_bound_to_its_source_and_requested_address() {
         Some("203.0.113.7".parse().unwrap()),
     );
     assert_eq!(
-        w.send(CLIENT, &bound[0], T0).outcome,
+        w.send(CLIENT, &bound[0], T0).outcome(),
         Outcome::Rejected(Reason::SourceMismatch)
     );
     let bound = sequence(
@@ -407,7 +410,7 @@ fn a_sequence_is_bound_to_its_source_and_requested_address() {
         Some("198.18.0.2".parse().unwrap()),
     );
     let last = bound.iter().map(|k| w.send(CLIENT, k, T0)).last().unwrap();
-    assert_eq!(last.outcome, OPEN);
+    assert_eq!(last.outcome(), OPEN);
 }
 
 #[test]
@@ -420,10 +423,10 @@ fn close_and_heartbeat_are_single_authenticated_knocks() {
         let k = w.knocks("sensor", kind, T0, kind as u8 + 20);
         assert_eq!(k.len(), 1);
         let d = w.send(CLIENT, &k[0], T0);
-        assert_eq!(d.outcome, Outcome::Accepted(action));
-        assert_eq!(d.reply.unwrap().kind, kind);
+        assert_eq!(d.outcome(), Outcome::Accepted(action));
+        assert_eq!(d.reply().unwrap().kind, kind);
         assert_eq!(
-            w.send(CLIENT, &k[0], T0).outcome,
+            w.send(CLIENT, &k[0], T0).outcome(),
             Outcome::Rejected(Reason::Replay)
         );
     }
@@ -440,7 +443,7 @@ fn close_and_heartbeat_are_single_authenticated_knocks() {
         None,
     );
     assert_eq!(
-        w.send(CLIENT, &short[0], T0).outcome,
+        w.send(CLIENT, &short[0], T0).outcome(),
         Outcome::Rejected(Reason::WrongCount)
     );
 }
@@ -450,7 +453,7 @@ fn a_device_completing_too_many_sequences_is_rate_limited() {
     let mut w = world(T0);
     for n in 0..ACCEPTS_PER_DEVICE_STEP + 1 {
         let k = w.knocks("laptop", Kind::Heartbeat, T0, 100 + n as u8);
-        let outcome = w.send(CLIENT, &k[0], T0).outcome;
+        let outcome = w.send(CLIENT, &k[0], T0).outcome();
         if n < ACCEPTS_PER_DEVICE_STEP {
             assert_eq!(outcome, Outcome::Accepted(Action::Heartbeat));
         } else {
@@ -460,7 +463,7 @@ fn a_device_completing_too_many_sequences_is_rate_limited() {
     // Other devices are unaffected.
     let k = w.knocks("sensor", Kind::Heartbeat, T0, 1);
     assert_eq!(
-        w.send(CLIENT, &k[0], T0).outcome,
+        w.send(CLIENT, &k[0], T0).outcome(),
         Outcome::Accepted(Action::Heartbeat)
     );
 }
@@ -475,8 +478,8 @@ fn partial_sequences_are_capped_per_device() {
     assert_eq!(w.engine.state_sizes().pending, PENDING_PER_DEVICE);
     // The newest partial sequence survives and completes.
     let k = w.knocks("laptop", Kind::Open, T0, 219);
-    assert_eq!(w.send(CLIENT, &k[1], T0).outcome, progress(2));
-    assert_eq!(w.send(CLIENT, &k[2], T0).outcome, OPEN);
+    assert_eq!(w.send(CLIENT, &k[1], T0).outcome(), progress(2));
+    assert_eq!(w.send(CLIENT, &k[2], T0).outcome(), OPEN);
 }
 
 #[test]

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use super::{Daemon, Error, chain};
 use crate::{
-    auth::{Action, Decision, Engine, Reason},
+    auth::{Accepted, Engine, Reason},
     cluster::{
         EtcdError, Event, FleetDevice, Link, Request, Trouble,
         model::{GrantRecord, RECORD_VERSION, RevokeRecord},
@@ -52,7 +52,7 @@ pub struct Fleet {
     watch_lag_ms: Option<u64>,
     started_at_ms: u64,
     /// Accepted knocks waiting for etcd, by token.
-    pending: HashMap<u64, (Action, Decision, u64)>,
+    pending: HashMap<u64, (Accepted, u64)>,
     next_token: u64,
     /// Where each cluster grant stands between this node and etcd.
     pub(super) replication: Replication,
@@ -203,30 +203,22 @@ impl Daemon {
     /// knock back when it is to be acted on now.
     pub(super) fn fleet_gate(
         &mut self,
-        action: Action,
-        decision: Decision,
-        now_ms: u64,
-    ) -> Option<(Action, Decision, u64)> {
-        let door = decision.door.clone().unwrap_or_default();
-        let Some((_, fallback, window)) = self.fleet_door(&door) else {
-            return Some((action, decision, now_ms));
+        accepted: Accepted,
+        decided_ms: u64,
+    ) -> Option<(Accepted, u64)> {
+        let Some((_, fallback, window)) = self.fleet_door(&accepted.door) else {
+            return Some((accepted, decided_ms));
         };
-        let Some(consumed) = decision.consumed.clone() else {
-            return Some((action, decision, now_ms));
+        let Some(consumed) = accepted.consumed.clone() else {
+            return Some((accepted, decided_ms));
         };
         let fleet = self.fleet.as_mut().expect("fleet_door checked");
         if !fleet.synced {
-            return self.unavailable(
-                action,
-                decision,
-                now_ms,
-                fallback,
-                "not synchronised with etcd",
-            );
+            return self.unavailable(accepted, decided_ms, fallback, "not synchronised with etcd");
         }
         let token = fleet.next_token;
         fleet.next_token += 1;
-        fleet.pending.insert(token, (action, decision, now_ms));
+        fleet.pending.insert(token, (accepted, decided_ms));
         fleet.link.send(Request::Consume {
             consumed,
             window_secs: window,
@@ -239,45 +231,33 @@ impl Daemon {
     /// else refuse it (fail closed).
     fn unavailable(
         &mut self,
-        action: Action,
-        decision: Decision,
-        now_ms: u64,
+        accepted: Accepted,
+        decided_ms: u64,
         fallback: OnClusterUnavailable,
         why: &str,
-    ) -> Option<(Action, Decision, u64)> {
+    ) -> Option<(Accepted, u64)> {
         if fallback == OnClusterUnavailable::Local {
             tracing::warn!(
-                door = decision.door.as_deref(),
-                device = decision.device.as_deref(),
+                door = accepted.door,
+                device = accepted.device.as_deref(),
                 why,
                 "etcd unreachable: acting on the knock with this node's replay record only (on_cluster_unavailable: local)"
             );
             if let Some(fleet) = &mut self.fleet {
-                fleet.replication.made_without_etcd((
-                    decision.door.clone().unwrap_or_default(),
-                    decision.grant_to,
-                ));
+                fleet
+                    .replication
+                    .made_without_etcd((accepted.door.clone(), accepted.grant_to));
             }
-            return Some((action, decision, now_ms));
+            return Some((accepted, decided_ms));
         }
         if let Some(fleet) = &mut self.fleet {
             fleet.unavailable += 1;
         }
-        self.refuse_accepted(
-            decision,
+        self.reject(&accepted.refused(
             Reason::ClusterUnavailable,
             format!("etcd could not confirm the sequence is fresh fleet-wide: {why}"),
-        );
+        ));
         None
-    }
-
-    /// Refuses a knock the engine accepted but etcd did not confirm: it
-    /// is counted once, as this reject (it was never counted accepted).
-    fn refuse_accepted(&mut self, mut decision: Decision, reason: Reason, detail: String) {
-        decision.detail = Some(detail);
-        decision.outcome = crate::auth::Outcome::Rejected(reason);
-        self.count(&decision);
-        self.log_reject(reason, &decision);
     }
 
     /// Publishes what this node did to a cluster door's grant of `source`:
@@ -502,25 +482,25 @@ impl Daemon {
                 }
             }
             Event::Consumed { token, result } => {
-                let Some((action, decision, now_ms)) = fleet.pending.remove(&token) else {
+                let Some((accepted, decided_ms)) = fleet.pending.remove(&token) else {
                     return Ok(());
                 };
                 match result {
-                    Ok(true) => self.accept(action, &decision, now_ms)?,
-                    Ok(false) => self.refuse_accepted(
-                        decision,
+                    Ok(true) => self.accept(accepted, decided_ms)?,
+                    // Counted once, as this reject: it was never counted
+                    // accepted.
+                    Ok(false) => self.reject(&accepted.refused(
                         Reason::Replay,
                         "the sequence was consumed already in the fleet (etcd has it)".into(),
-                    ),
+                    )),
                     Err(why) => {
-                        let door = decision.door.clone().unwrap_or_default();
                         let fallback = self
-                            .fleet_door(&door)
+                            .fleet_door(&accepted.door)
                             .map_or(OnClusterUnavailable::Closed, |(_, f, _)| f);
-                        if let Some(knock) =
-                            self.unavailable(action, decision, now_ms, fallback, &why)
+                        if let Some((accepted, decided_ms)) =
+                            self.unavailable(accepted, decided_ms, fallback, &why)
                         {
-                            self.accept(knock.0, &knock.1, knock.2)?;
+                            self.accept(accepted, decided_ms)?;
                         }
                     }
                 }

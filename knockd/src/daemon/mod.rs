@@ -28,7 +28,7 @@ pub use fleet::Fleet;
 pub use requests::RequestError;
 
 use crate::{
-    auth::{Action, Consumed, Decision, Engine, KnockIn, Outcome, Reason},
+    auth::{Accepted, Action, Consumed, Engine, KnockIn, Reason, Rejected, Verdict},
     config::Config,
     devices::Devices,
     events::Knock,
@@ -104,7 +104,7 @@ pub struct Daemon {
     state: StateFile,
     /// Accepted one-time knocks whose sequences are not yet on disk, with
     /// their decision time: `flush` records them, then acts.
-    unsynced: Vec<(Action, Decision, u64)>,
+    unsynced: Vec<(Accepted, u64)>,
     /// Every door's grants.
     grants: Grants,
     /// When the nftables table was last checked.
@@ -320,48 +320,48 @@ impl Daemon {
         }
     }
 
-    /// Judges a knock and acts on the decision.
+    /// Judges a knock and acts on the verdict.
     pub fn on_knock(&mut self, knock: &Knock, now: Now) -> Result<(), Error> {
         self.now = now;
-        let now_ms = now.unix_ms;
-        let decision = self.engine.on_knock(
+        let verdict = self.engine.on_knock(
             &KnockIn {
                 source: knock.source,
                 destination: knock.destination,
                 proto: knock.proto,
                 payload: &knock.payload,
             },
-            now_ms,
+            now.unix_ms,
         );
-        if let Outcome::Accepted(action) = decision.outcome
-            && decision.consumed.is_some()
-        {
+        match verdict {
             // Acted on in `flush`, once its sequence is on disk, and
             // counted there: until then it is not final.
-            self.unsynced.push((action, decision, now_ms));
-            return Ok(());
-        }
-        if !matches!(decision.outcome, Outcome::Accepted(_)) {
-            self.count(&decision);
-        }
-        match decision.outcome {
-            Outcome::Accepted(action) => self.accept(action, &decision, now_ms)?,
-            Outcome::Progress { have, need } => tracing::debug!(
-                outcome = "progress",
+            Verdict::Accepted(accepted) if accepted.consumed.is_some() => {
+                self.unsynced.push((*accepted, now.unix_ms));
+            }
+            Verdict::Accepted(accepted) => self.accept(*accepted, now.unix_ms)?,
+            Verdict::Progress {
+                door,
+                device,
+                source,
                 have,
                 need,
-                door = decision.door.as_deref(),
-                device = decision.device.as_deref(),
-                source = %decision.source,
-                "decision"
-            ),
-            Outcome::Duplicate => tracing::debug!(
-                outcome = "duplicate",
-                door = decision.door.as_deref(),
-                source = %decision.source,
-                "decision"
-            ),
-            Outcome::Rejected(reason) => self.log_reject(reason, &decision),
+            } => {
+                self.count(Some(&door), "progress", "");
+                tracing::debug!(
+                    outcome = "progress",
+                    have,
+                    need,
+                    door,
+                    device,
+                    %source,
+                    "decision"
+                );
+            }
+            Verdict::Duplicate { door, source } => {
+                self.count(door.as_deref(), "duplicate", "");
+                tracing::debug!(outcome = "duplicate", door, %source, "decision");
+            }
+            Verdict::Rejected(rejected) => self.reject(&rejected),
         }
         Ok(())
     }
@@ -382,35 +382,38 @@ impl Daemon {
         let batch = std::mem::take(&mut self.unsynced);
         let records: Vec<Consumed> = batch
             .iter()
-            .filter_map(|(_, decision, _)| decision.consumed.clone())
+            .filter_map(|(accepted, _)| accepted.consumed.clone())
             .collect();
         if let Err(e) = self.state.append(&records) {
-            let cause = chain(&e);
-            for (_, mut decision, _) in batch {
-                decision.outcome = Outcome::Rejected(Reason::StateWriteFailed);
-                self.count(&decision);
-                self.record_error(format!(
-                    "refused an accepted knock (door {}, device {}, source {}): recording the sequence as used failed: {cause}",
-                    decision.door.as_deref().unwrap_or("-"),
-                    decision.device.as_deref().unwrap_or("-"),
-                    decision.source,
-                ));
+            let cause = format!("recording the sequence as used failed: {}", chain(&e));
+            for (accepted, _) in batch {
+                let error = format!(
+                    "refused an accepted knock (door {}, device {}, source {}): {cause}",
+                    accepted.door,
+                    accepted.device.as_deref().unwrap_or("-"),
+                    accepted.source,
+                );
+                let rejected = accepted.refused(Reason::StateWriteFailed, cause.clone());
+                self.count(rejected.door.as_deref(), "rejected", rejected.reason.name());
+                self.record_error(error);
             }
             return Ok(());
         }
-        for (action, decision, now_ms) in batch {
+        for (accepted, decided_ms) in batch {
             // In fleet mode etcd has the last word on freshness.
-            if let Some((action, decision, now_ms)) = self.fleet_gate(action, decision, now_ms) {
-                self.accept(action, &decision, now_ms)?;
+            if let Some((accepted, decided_ms)) = self.fleet_gate(accepted, decided_ms) {
+                self.accept(accepted, decided_ms)?;
             }
         }
         Ok(())
     }
 
-    fn log_reject(&mut self, reason: Reason, decision: &Decision) {
-        // Authenticated rejects name a device and are rare: always log them.
-        // Anyone can cause the others, so they are rate-limited.
-        let suppressed = if decision.device.is_some() {
+    /// Counts and logs a reject. Authenticated rejects name a device and
+    /// are rare: always logged. Anyone can cause the others, so they are
+    /// rate-limited.
+    fn reject(&mut self, rejected: &Rejected) {
+        self.count(rejected.door.as_deref(), "rejected", rejected.reason.name());
+        let suppressed = if rejected.device.is_some() {
             Some(0)
         } else {
             self.reject_log.allow(self.now.mono)
@@ -418,47 +421,39 @@ impl Daemon {
         let Some(suppressed) = suppressed else { return };
         tracing::warn!(
             outcome = "rejected",
-            reason = reason.name(),
-            door = decision.door.as_deref(),
-            device = decision.device.as_deref(),
-            source = %decision.source,
-            detail = decision.detail.as_deref(),
+            reason = rejected.reason.name(),
+            door = rejected.door.as_deref(),
+            device = rejected.device.as_deref(),
+            source = %rejected.source,
+            detail = rejected.detail.as_deref(),
             suppressed_before = suppressed,
             "decision"
         );
     }
 
-    /// Counts a decision once it is final: what it did, never what it
+    /// Counts a verdict once it is final: what it did, never what it
     /// might do. Counters only grow (Prometheus reads a decrease as a
     /// restart).
-    fn count(&mut self, decision: &Decision) {
-        let (outcome, reason) = match &decision.outcome {
-            Outcome::Accepted(_) => ("accepted", ""),
-            Outcome::Progress { .. } => ("progress", ""),
-            Outcome::Duplicate => ("duplicate", ""),
-            Outcome::Rejected(reason) => ("rejected", reason.name()),
-        };
+    fn count(&mut self, door: Option<&str>, outcome: &'static str, reason: &'static str) {
         *self
             .decisions
-            .entry((decision.door.clone().unwrap_or_default(), outcome, reason))
+            .entry((door.unwrap_or_default().to_owned(), outcome, reason))
             .or_default() += 1;
     }
 
     /// Acts on an accepted knock whose acceptance is final (its sequence
     /// on disk, and in fleet mode fresh in etcd), and counts it.
-    fn accept(&mut self, action: Action, decision: &Decision, now_ms: u64) -> Result<(), Error> {
-        self.count(decision);
-        self.act(action, decision, now_ms)
+    /// `decided_ms`: when the engine accepted it (the reply says so).
+    fn accept(&mut self, accepted: Accepted, decided_ms: u64) -> Result<(), Error> {
+        self.count(Some(&accepted.door), "accepted", "");
+        self.act(&accepted, decided_ms)
     }
 
-    fn act(&mut self, action: Action, decision: &Decision, now_ms: u64) -> Result<(), Error> {
-        let door_name = decision
-            .door
-            .clone()
-            .expect("accepted knocks name their door");
+    fn act(&mut self, accepted: &Accepted, decided_ms: u64) -> Result<(), Error> {
+        let (action, door_name) = (accepted.action, accepted.door.clone());
+        let source = accepted.grant_to;
+        let device = accepted.device.as_deref();
         let one_time = self.config.doors[&door_name].one_time().is_some();
-        let source = decision.grant_to;
-        let device = decision.device.as_deref();
         let now = self.now.mono;
         let mut closed = Vec::new();
         let kernel = self.kernel.as_mut();
@@ -504,7 +499,7 @@ impl Daemon {
                 self.record_error(format!(
                     "could not act on an accepted knock (door {door_name}, device {}, source {}): {}",
                     device.unwrap_or("-"),
-                    decision.source,
+                    accepted.source,
                     chain(&e)
                 ));
                 return Ok(());
@@ -533,15 +528,15 @@ impl Daemon {
             action = ?action,
             status = ?status,
             door = %door_name,
-            device = decision.device.as_deref(),
-            source = %decision.source,
-            grant_to = %decision.grant_to,
+            device,
+            source = %accepted.source,
+            grant_to = %accepted.grant_to,
             port,
             expires_in_secs = expires_in,
             "decision"
         );
-        if let Some(reply) = &decision.reply {
-            let sealed = reply.seal(status, port, expires_in, now_ms);
+        if let Some(reply) = &accepted.reply {
+            let sealed = reply.seal(status, port, expires_in, decided_ms);
             if let Err(e) = self.kernel.send_reply(reply.from, reply.to, &sealed) {
                 tracing::warn!(error = %e, to = %reply.to, "could not send the sealed reply");
             }
