@@ -55,7 +55,7 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
         crate::host::ephemeral_ports().unwrap_or(crate::host::DEFAULT_EPHEMERAL),
     );
     #[cfg(feature = "daemon")]
-    let conflicts = match crate::conflicts::on_host(&config) {
+    let conflicts = match crate::kernel::conflicts_on_host(&config) {
         Ok(found) => found,
         Err(e) => vec![format!(
             "could not read the host's ruleset to look for rules that keep doors shut ({e}); \

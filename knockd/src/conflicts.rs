@@ -9,7 +9,8 @@
 //! rules are nftables rules underneath) and names each rule that drops or
 //! rejects TCP to a door's service port, and each input chain that drops
 //! by policy with no rule accepting it. It only decides: the nft module
-//! reads the ruleset, check-config, start-up and reload report.
+//! reads the ruleset ([`crate::kernel::conflicts_on_host`] puts the two
+//! together), check-config, start-up and reload report.
 //!
 //! What it cannot judge it leaves alone: a port tested against a named or
 //! anonymous set, rules of families other than inet, ip and ip6, and what a
@@ -70,29 +71,6 @@ pub fn doors_of(config: &Config) -> Vec<Door> {
             },
         })
         .collect()
-}
-
-/// [`find`] on this host's ruleset, as it is now.
-#[cfg(feature = "daemon")]
-pub fn on_host(config: &Config) -> Result<Vec<String>, crate::nft::Error> {
-    let (chains, rules) = crate::nft::host_ruleset()?;
-    Ok(find(&chains, &rules, &doors_of(config)))
-}
-
-/// [`on_host`], each conflict logged as a warning (start-up and reload).
-#[cfg(feature = "daemon")]
-pub fn log_on_host(config: &Config) {
-    match on_host(config) {
-        Ok(found) => {
-            for conflict in found {
-                tracing::warn!(conflict = %conflict, "another table keeps a door shut");
-            }
-        }
-        Err(e) => tracing::warn!(
-            error = %crate::error_chain(&e),
-            "could not read the host's ruleset to look for rules that keep doors shut"
-        ),
-    }
 }
 
 const HOOK_PREROUTING: u32 = 0;

@@ -21,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     config::Config,
-    cut,
+    conflicts, cut,
     lockout::InboundSession,
     maps::{self, Counters, GuardMaps, PortPolicy, Proto},
     nft::{self, Element, GrantKey},
@@ -153,6 +153,17 @@ pub fn port_unbound(port: u16) -> bool {
         .unwrap_or(false)
 }
 
+/// [`conflicts::find`] on this host's ruleset, as it is now: the rules of
+/// other tables that would keep `config`'s doors shut.
+pub fn conflicts_on_host(config: &Config) -> Result<Vec<String>, nft::Error> {
+    let (chains, rules) = nft::host_ruleset()?;
+    Ok(conflicts::find(
+        &chains,
+        &rules,
+        &conflicts::doors_of(config),
+    ))
+}
+
 impl Kernel for Real {
     /// Adopts the connections in progress before loading the table (see
     /// [`cut::adopt`]), so none of their segments meets the guard
@@ -231,7 +242,17 @@ impl Kernel for Real {
         crate::lockout::inbound_sessions()
     }
     fn warn_conflicts(&mut self, config: &Config) {
-        crate::conflicts::log_on_host(config);
+        match conflicts_on_host(config) {
+            Ok(found) => {
+                for conflict in found {
+                    tracing::warn!(conflict = %conflict, "another table keeps a door shut");
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %crate::error_chain(&e),
+                "could not read the host's ruleset to look for rules that keep doors shut"
+            ),
+        }
     }
     fn send_reply(&mut self, from: SocketAddr, to: SocketAddr, bytes: &[u8]) -> io::Result<()> {
         let socket = Socket::new(Domain::for_address(from), Type::DGRAM, Some(Protocol::UDP))?;
