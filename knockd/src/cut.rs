@@ -133,8 +133,8 @@ impl Cut {
         flow.source == self.source && self.scope().admitted(flow)
     }
 
-    fn scope(&self) -> Scope {
-        Scope {
+    fn scope(&self) -> DoorPorts {
+        DoorPorts {
             ports: self.ports.clone(),
             service_port: self.service_port,
         }
@@ -145,12 +145,12 @@ impl Cut {
 /// that conntrack sends on to `service_port` (for a static door `ports`
 /// is the service port itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scope {
+pub struct DoorPorts {
     pub ports: RangeInclusive<u16>,
     pub service_port: u16,
 }
 
-impl Scope {
+impl DoorPorts {
     /// Whether `flow` came in through this door and is not over yet.
     fn admitted(&self, flow: &Flow) -> bool {
         flow.protocol == libc::IPPROTO_TCP as u8
@@ -163,7 +163,7 @@ impl Scope {
 /// A connection some door let in, as [`sessions`] finds it.
 #[derive(Debug, Clone)]
 pub struct Session {
-    /// Index of the [`Scope`] it came in through.
+    /// Index of the [`DoorPorts`] it came in through.
     pub scope: usize,
     /// The client's end and the service's end.
     pub client: SocketAddr,
@@ -189,7 +189,7 @@ pub fn enable_timestamps() -> io::Result<bool> {
 
 /// Every connection in progress that one of `scopes` let in, found the way
 /// a revoke finds them (service sockets, then each one's conntrack entry).
-pub fn sessions(scopes: &[Scope]) -> Result<Vec<Session>, Error> {
+pub fn sessions(scopes: &[DoorPorts]) -> Result<Vec<Session>, Error> {
     if scopes.is_empty() {
         return Ok(Vec::new());
     }

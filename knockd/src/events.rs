@@ -35,9 +35,10 @@ pub enum DecodeError {
     Mixed(u8),
 }
 
-/// A knock, as the daemon works with it.
+/// A knock as XDP (or, without XDP, the packet socket) saw it: what the
+/// engine judges.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Knock {
+pub struct SeenKnock {
     /// `CLOCK_MONOTONIC` nanoseconds when the XDP program saw the packet.
     pub at_ns: u64,
     /// Who knocked. IPv4 sources are plain IPv4 here.
@@ -57,7 +58,7 @@ pub struct Knock {
 }
 
 /// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<Knock, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<SeenKnock, DecodeError> {
     let expected = std::mem::size_of::<KnockEvent>();
     if bytes.len() != expected {
         return Err(DecodeError::Size {
@@ -82,7 +83,7 @@ pub fn decode(bytes: &[u8]) -> Result<Knock, DecodeError> {
     if source.is_ipv4() != v4 || destination.is_ipv4() != v4 {
         return Err(DecodeError::Mixed(event.family));
     }
-    Ok(Knock {
+    Ok(SeenKnock {
         at_ns: event.ts_ns,
         source: SocketAddr::new(source, event.sport),
         destination: SocketAddr::new(destination, event.dport),
@@ -111,7 +112,7 @@ impl KnockReader {
 
     /// Waits for records and returns up to [`BATCH_MAX`] of them, each
     /// decoded or the reason it could not be.
-    pub async fn read(&mut self) -> std::io::Result<Vec<Result<Knock, DecodeError>>> {
+    pub async fn read(&mut self) -> std::io::Result<Vec<Result<SeenKnock, DecodeError>>> {
         loop {
             let mut ready = self.ring.readable_mut().await?;
             let ring = ready.get_inner_mut();

@@ -79,7 +79,7 @@ pub trait Kernel {
     /// the guard, so it is logged.
     fn adopt_sessions(&mut self);
     /// The connections through `scopes`, for session caps and status.
-    fn sessions(&mut self, scopes: &[cut::Scope]) -> Result<Vec<cut::Session>, cut::Error>;
+    fn sessions(&mut self, scopes: &[cut::DoorPorts]) -> Result<Vec<cut::Session>, cut::Error>;
     /// Cuts these sessions (their sockets aborted, conntrack entries gone).
     fn end_sessions(&mut self, sessions: &[cut::Session]) -> Result<cut::Ended, cut::Error>;
     /// Cuts every connection `cuts` describe (a revoke).
@@ -226,7 +226,7 @@ impl Kernel for Real {
     fn adopt_sessions(&mut self) {
         adopt();
     }
-    fn sessions(&mut self, scopes: &[cut::Scope]) -> Result<Vec<cut::Session>, cut::Error> {
+    fn sessions(&mut self, scopes: &[cut::DoorPorts]) -> Result<Vec<cut::Session>, cut::Error> {
         cut::sessions(scopes)
     }
     fn end_sessions(&mut self, sessions: &[cut::Session]) -> Result<cut::Ended, cut::Error> {
@@ -445,7 +445,7 @@ mod fake {
             !self.bound.contains(&port)
         }
         fn adopt_sessions(&mut self) {}
-        fn sessions(&mut self, scopes: &[cut::Scope]) -> Result<Vec<cut::Session>, cut::Error> {
+        fn sessions(&mut self, scopes: &[cut::DoorPorts]) -> Result<Vec<cut::Session>, cut::Error> {
             Ok(self
                 .live
                 .iter()

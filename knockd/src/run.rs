@@ -107,7 +107,7 @@ async fn next_event(
 async fn sniff(
     sniffer: &mut Option<crate::sniff::PacketKnocks>,
     policy: &crate::maps::PortPolicy,
-) -> std::io::Result<Vec<crate::events::Knock>> {
+) -> std::io::Result<Vec<crate::events::SeenKnock>> {
     match sniffer {
         Some(sniffer) => sniffer.read(policy).await,
         None => std::future::pending().await,
@@ -230,7 +230,7 @@ pub async fn run(
     // Fleet mode: the key and password files are read now, so a bad one
     // stops start-up naming it; etcd itself may be down (fail closed).
     let fleet = match &config.cluster {
-        Some(cluster) => Some(crate::cluster::Settings::load(cluster)?),
+        Some(cluster) => Some(crate::cluster::Membership::load(cluster)?),
         None => None,
     };
     let kernel = Box::new(crate::kernel::Real::new(maps));

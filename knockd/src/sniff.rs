@@ -20,7 +20,7 @@ use knockd_common::{KNOCK_PAYLOAD_MAX, knock_wire, policy};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    events::Knock,
+    events::SeenKnock,
     maps::{PortPolicy, Proto},
 };
 
@@ -82,7 +82,7 @@ impl PacketKnocks {
     /// Waits for frames and returns the knocks among them (up to
     /// [`BATCH_MAX`] frames per call), as the XDP program would have
     /// forwarded them under `policy`.
-    pub async fn read(&mut self, policy: &PortPolicy) -> std::io::Result<Vec<Knock>> {
+    pub async fn read(&mut self, policy: &PortPolicy) -> std::io::Result<Vec<SeenKnock>> {
         loop {
             let mut ready = self.socket.readable().await?;
             let mut knocks = Vec::new();
@@ -160,7 +160,7 @@ fn filter() -> Vec<libc::sock_filter> {
 /// A TCP or UDP packet in an Ethernet frame, as a [`Knock`] (not yet
 /// judged); `None` for anything else or anything cut short. `frame` is what
 /// the socket kept of it, `wire_len` the frame's length on the wire.
-pub fn parse(frame: &[u8], wire_len: usize, ifindex: u32) -> Option<Knock> {
+pub fn parse(frame: &[u8], wire_len: usize, ifindex: u32) -> Option<SeenKnock> {
     let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
     let ip = frame.get(14..)?;
     let (source, destination, proto, l4, ip_len) = match ethertype {
@@ -231,7 +231,7 @@ pub fn parse(frame: &[u8], wire_len: usize, ifindex: u32) -> Option<Knock> {
             (0, payload_len as u16, header.get(8..8 + captured)?.to_vec())
         }
     };
-    Some(Knock {
+    Some(SeenKnock {
         at_ns: crate::maps::monotonic_ns(),
         source: SocketAddr::new(source, sport),
         destination: SocketAddr::new(destination, dport),
@@ -245,7 +245,7 @@ pub fn parse(frame: &[u8], wire_len: usize, ifindex: u32) -> Option<Knock> {
 
 /// Whether the XDP program would have forwarded `knock` under `policy`: a
 /// knock port; for TCP a bare SYN; on one-time knock ports, a knock's shape.
-pub fn admits(policy: &PortPolicy, knock: &Knock) -> bool {
+pub fn admits(policy: &PortPolicy, knock: &SeenKnock) -> bool {
     let flags = policy.get(knock.proto, knock.destination.port());
     if flags & policy::KNOCK == 0 {
         return false;

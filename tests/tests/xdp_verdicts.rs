@@ -12,7 +12,7 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use knockd::{
-    events::{Knock, decode},
+    events::{SeenKnock, decode},
     guard::{Guard, KernelLogLevel},
     maps::{Counters, GuardMaps, PortPolicy, Proto},
 };
@@ -107,13 +107,13 @@ impl Bench {
         }
     }
 
-    fn next_knock(&mut self) -> Option<Knock> {
+    fn next_knock(&mut self) -> Option<SeenKnock> {
         self.ring.next().map(|record| decode(&record).unwrap())
     }
 
     /// Runs `frame`, expects a forwarded knock, and returns its event.
     #[track_caller]
-    fn knock(&mut self, frame: &[u8]) -> Knock {
+    fn knock(&mut self, frame: &[u8]) -> SeenKnock {
         self.expect(frame, Counter::KnockForwarded);
         let knock = self.next_knock().expect("a knock event on the ring buffer");
         assert!(self.next_knock().is_none(), "exactly one event");

@@ -194,7 +194,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 let section = config.cluster.as_ref().with_context(|| {
                     format!("--cluster: {} has no cluster: section", path.display())
                 })?;
-                let settings = knockd::cluster::Settings::load(section)?;
+                let settings = knockd::cluster::Membership::load(section)?;
                 match knockd::cluster::probe(&settings) {
                     Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
                     Err(lines) => {

@@ -16,7 +16,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 
 use super::{
-    EtcdError, Event, FleetDevice, Request, Settings, Trouble,
+    EtcdError, Event, FleetDevice, Membership, Request, Trouble,
     model::{self, DeviceRecord, GrantRecord, Key, Keys, RECORD_VERSION, Refused, RevokeRecord},
 };
 use crate::{
@@ -117,7 +117,7 @@ fn unavailable(why: impl std::fmt::Display) -> Response {
 
 impl Task {
     pub(super) fn new(
-        settings: &Settings,
+        settings: &Membership,
         events: mpsc::UnboundedSender<Event>,
         requests: mpsc::UnboundedReceiver<Request>,
     ) -> Task {
@@ -739,7 +739,7 @@ impl Task {
 /// node would (TLS, user, password), asked to list the prefix and to write
 /// and delete a key of its own under it (`P/check/NAME`, which nodes
 /// ignore). A line per endpoint; `Err` when none answered in full.
-pub(super) async fn probe(settings: &Settings) -> Result<Vec<String>, Vec<String>> {
+pub(super) async fn probe(settings: &Membership) -> Result<Vec<String>, Vec<String>> {
     let (events, _) = mpsc::unbounded_channel();
     let (_, requests) = mpsc::unbounded_channel();
     let mut task = Task::new(settings, events, requests);

@@ -275,23 +275,25 @@ impl Link {
     }
 }
 
-/// Everything the task needs, read before it starts so a bad file fails
-/// start-up with its name.
+/// This node's membership of the fleet: its `cluster:` section with the
+/// cluster key and etcd password read from their files. Everything the
+/// task needs, read before it starts so a bad file fails start-up with its
+/// name.
 #[cfg_attr(
     not(feature = "cluster"),
     expect(
         dead_code,
-        reason = "Settings::load refuses without the cluster feature"
+        reason = "Membership::load refuses without the cluster feature"
     )
 )]
-pub struct Settings {
+pub struct Membership {
     config: Cluster,
     cluster_key: DeviceKey,
     password: Option<String>,
 }
 
-impl Settings {
-    pub fn load(config: &Cluster) -> Result<Settings, Error> {
+impl Membership {
+    pub fn load(config: &Cluster) -> Result<Membership, Error> {
         if !cfg!(feature = "cluster") {
             return Err(Error::NotBuilt);
         }
@@ -305,7 +307,7 @@ impl Settings {
             ),
             None => None,
         };
-        Ok(Settings {
+        Ok(Membership {
             config: config.clone(),
             cluster_key,
             password,
@@ -317,7 +319,7 @@ impl Settings {
 /// would and reads and writes under the prefix. A line per endpoint; `Err`
 /// (the same lines) when none answered in full.
 #[cfg(feature = "cluster")]
-pub fn probe(settings: &Settings) -> Result<Vec<String>, Vec<String>> {
+pub fn probe(settings: &Membership) -> Result<Vec<String>, Vec<String>> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -325,15 +327,15 @@ pub fn probe(settings: &Settings) -> Result<Vec<String>, Vec<String>> {
         .block_on(etcd::probe(settings))
 }
 
-/// Without the `cluster` feature, [`Settings::load`] refuses first.
+/// Without the `cluster` feature, [`Membership::load`] refuses first.
 #[cfg(not(feature = "cluster"))]
-pub fn probe(_settings: &Settings) -> Result<Vec<String>, Vec<String>> {
-    unreachable!("Settings::load refuses fleet mode in a build without the cluster feature")
+pub fn probe(_settings: &Membership) -> Result<Vec<String>, Vec<String>> {
+    unreachable!("Membership::load refuses fleet mode in a build without the cluster feature")
 }
 
 /// Starts the task. It runs until the daemon exits.
 #[cfg(feature = "cluster")]
-pub fn spawn(settings: &Settings) -> (Link, mpsc::UnboundedReceiver<Event>) {
+pub fn spawn(settings: &Membership) -> (Link, mpsc::UnboundedReceiver<Event>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (events, events_rx) = mpsc::unbounded_channel();
     let link = Link {
@@ -344,9 +346,9 @@ pub fn spawn(settings: &Settings) -> (Link, mpsc::UnboundedReceiver<Event>) {
     (link, events_rx)
 }
 
-/// Without the `cluster` feature, [`Settings::load`] refuses, so there is
+/// Without the `cluster` feature, [`Membership::load`] refuses, so there is
 /// never a task to start.
 #[cfg(not(feature = "cluster"))]
-pub fn spawn(_settings: &Settings) -> (Link, mpsc::UnboundedReceiver<Event>) {
-    unreachable!("Settings::load refuses fleet mode in a build without the cluster feature")
+pub fn spawn(_settings: &Membership) -> (Link, mpsc::UnboundedReceiver<Event>) {
+    unreachable!("Membership::load refuses fleet mode in a build without the cluster feature")
 }

@@ -133,7 +133,7 @@ pub struct Config<D = Door> {
     pub protect: PortSet,
     /// Ports whose packets are knocks (and so are protected too).
     #[serde(default)]
-    pub knock: Knock,
+    pub knock: KnockSection,
     /// What happens to a new connection or datagram to a port no rule
     /// here mentions: `pass` (the default) leaves it to the host's own
     /// firewall, so closed ports answer as they always did (RST, ICMP
@@ -603,7 +603,7 @@ pub struct PortSet {
 /// Knock ports and the per-source limit on knocks reaching userspace.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Knock {
+pub struct KnockSection {
     /// TCP knock ports: a bare SYN to one is a knock, for classic knockd
     /// clients that knock with TCP.
     #[serde(default)]
@@ -628,9 +628,9 @@ fn default_burst() -> u32 {
     40
 }
 
-impl Default for Knock {
+impl Default for KnockSection {
     fn default() -> Self {
-        Knock {
+        KnockSection {
             tcp: Vec::new(),
             udp: Vec::new(),
             rate_per_sec: default_rate_per_sec(),
@@ -883,7 +883,7 @@ mod tests {
     fn defaults_apply() {
         let config = parse("interfaces: [eth0]\n").unwrap();
         assert_eq!(config.xdp_mode, XdpMode::Auto);
-        assert_eq!(config.knock, Knock::default());
+        assert_eq!(config.knock, KnockSection::default());
         assert_eq!(config.bpffs_dir, Path::new(DEFAULT_BPFFS_DIR));
     }
 

@@ -31,7 +31,7 @@ use crate::{
     auth::{Accepted, Action, Consumed, Engine, KnockIn, Reason, Rejected, Verdict},
     config::Config,
     devices::Devices,
-    events::Knock,
+    events::SeenKnock,
     grants::{self, Grants},
     guard::Attachment,
     kernel::Kernel,
@@ -321,7 +321,7 @@ impl Daemon {
     }
 
     /// Judges a knock and acts on the verdict.
-    pub fn on_knock(&mut self, knock: &Knock, now: Now) -> Result<(), Error> {
+    pub fn on_knock(&mut self, knock: &SeenKnock, now: Now) -> Result<(), Error> {
         self.now = now;
         let verdict = self.engine.on_knock(
             &KnockIn {

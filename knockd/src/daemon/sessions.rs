@@ -50,7 +50,7 @@ pub struct SessionCaps {
 }
 
 /// Each door's scope and cap (0: none), in the configuration's order.
-fn doors(config: &Config) -> Vec<(String, cut::Scope, u32)> {
+fn doors(config: &Config) -> Vec<(String, cut::DoorPorts, u32)> {
     config
         .doors
         .iter()
@@ -58,7 +58,7 @@ fn doors(config: &Config) -> Vec<(String, cut::Scope, u32)> {
         // connections are not sessions a grant let in.
         .filter(|(_, d)| !d.expose_service_port)
         .map(|(name, d)| {
-            let scope = cut::Scope {
+            let scope = cut::DoorPorts {
                 ports: d.grant_ports(),
                 service_port: d.service_port,
             };
@@ -110,7 +110,7 @@ impl SessionCaps {
         wall: SystemTime,
     ) -> Result<Vec<SessionView>, cut::Error> {
         let doors = doors(config);
-        let scopes: Vec<cut::Scope> = doors.iter().map(|(_, s, _)| s.clone()).collect();
+        let scopes: Vec<cut::DoorPorts> = doors.iter().map(|(_, s, _)| s.clone()).collect();
         let sessions = kernel.sessions(&scopes)?;
         Ok(sessions
             .iter()
@@ -163,7 +163,7 @@ impl SessionCaps {
             return Ok(Vec::new());
         }
         self.next_scan = now + RETRY_AFTER;
-        let scopes: Vec<cut::Scope> = doors.iter().map(|(_, s, _)| s.clone()).collect();
+        let scopes: Vec<cut::DoorPorts> = doors.iter().map(|(_, s, _)| s.clone()).collect();
         let sessions = kernel.sessions(&scopes)?;
         let caps: Vec<(String, u32)> = doors.into_iter().map(|(d, _, cap)| (d, cap)).collect();
         let seen: Vec<Seen> = sessions.iter().map(Seen::of).collect();

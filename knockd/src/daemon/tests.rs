@@ -18,7 +18,7 @@ use crate::{
     control::{Command, Response},
     cut,
     devices::{Device, Devices},
-    events::Knock,
+    events::SeenKnock,
     kernel::Fake,
     maps::Proto,
     proto::{DeviceKey, DoorKeys, Kind, sequence},
@@ -143,7 +143,7 @@ impl World {
     }
 
     fn send(&mut self, from: &str, port: u16, payload: &[u8]) {
-        let knock = Knock {
+        let knock = SeenKnock {
             at_ns: 0,
             source: from.parse().unwrap(),
             destination: SocketAddr::new(SERVER.parse().unwrap(), port),
