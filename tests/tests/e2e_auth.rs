@@ -590,7 +590,7 @@ fn a_classic_knockd_conf_imports_and_the_stock_client_opens_it() {
     assert!(out.status.success(), "{notes}");
     let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("knockctl import /etc/knockd.conf:\n{yaml}{notes}");
-    assert!(notes.contains("command not carried over"), "{notes}");
+    assert!(notes.contains("command not run"), "{notes}");
     let config = yaml.replace(
         "interfaces: [eth0]",
         &format!("interfaces: [{}]", testbed.server_if),

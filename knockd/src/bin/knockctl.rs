@@ -863,18 +863,31 @@ fn door_settings(
     Ok((one_time.params(), Some(config.clone())))
 }
 
-/// `knockctl import`: a knockd.conf to knockd.yaml.
+/// `knockctl import`: a knockd.conf to knockd.yaml. Every section's fate
+/// is printed, whether or not any door survives; nothing is written when
+/// none does.
 fn import_classic(file: &Path, output: Option<&Path>) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let imported = knockd::classic::import(&text, &file.display().to_string())
+    // Service names in commands (`--dport ssh`); a host without the file
+    // resolves none, and says so per section.
+    let services = std::fs::read_to_string("/etc/services")
+        .map(|text| knockd::classic::read_services(&text))
+        .unwrap_or_default();
+    let imported = knockd::classic::import(&text, &file.display().to_string(), &services)
         .with_context(|| format!("{}", file.display()))?;
-    // The result must be a configuration knockd takes.
-    knockd::config::Config::parse(&imported.yaml, Path::new("(imported)"))
-        .context("the imported configuration does not validate (a bug: please report it)")?;
-    for note in &imported.notes {
+    for note in imported.notes() {
         eprintln!("knockctl import: {note}");
     }
+    if imported.doors == 0 {
+        anyhow::bail!(
+            "{}: nothing imported: no section could become a door (each one's reason is above)",
+            file.display()
+        );
+    }
+    // import checks each door as it adds it; this is the last word.
+    knockd::config::Config::parse(&imported.yaml, Path::new("(imported)"))
+        .context("the imported configuration does not validate (a bug: please report it)")?;
     match output {
         Some(path) => {
             let mut out = std::fs::OpenOptions::new()
