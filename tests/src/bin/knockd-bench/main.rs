@@ -438,7 +438,14 @@ fn fill_conntrack(server: IpAddr, n: u32) {
 }
 
 /// One control-socket request's round trip; returns the reply's data.
-fn control(socket: &Path, mut request: serde_json::Value) -> (Duration, serde_json::Value) {
+fn control(socket: &Path, request: serde_json::Value) -> (Duration, serde_json::Value) {
+    let (took, reply) = control_raw(socket, request);
+    assert_eq!(reply["ok"], true, "{reply}");
+    (took, reply["data"].clone())
+}
+
+/// [`control`], whatever the answer: the reply itself.
+fn control_raw(socket: &Path, mut request: serde_json::Value) -> (Duration, serde_json::Value) {
     request["version"] = 1.into();
     let mut line = serde_json::to_vec(&request).unwrap();
     line.push(b'\n');
@@ -449,8 +456,7 @@ fn control(socket: &Path, mut request: serde_json::Value) -> (Duration, serde_js
     BufReader::new(&stream).read_line(&mut reply).unwrap();
     let took = start.elapsed();
     let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
-    assert_eq!(reply["ok"], true, "{reply}");
-    (took, reply["data"].clone())
+    (took, reply)
 }
 
 /// `REVOKES` revokes of a fresh one-time grant, each cutting the one

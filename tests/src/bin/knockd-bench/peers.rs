@@ -548,12 +548,18 @@ pub fn run() {
     let control = daemon.control_socket();
     let server_ns = &testbed.server;
     let close = |variant: Variant, source: IpAddr| match variant {
-        // Our grants end by revoke.
+        // Our grants end by revoke. A trial that failed (a knock lost to
+        // the flood) left nothing to revoke: that answer is fine too, the
+        // trial is counted failed already.
         Variant::OneTime | Variant::Static => {
-            crate::control(
+            let (_, reply) = crate::control_raw(
                 &control,
                 serde_json::json!({"command": "revoke", "target": source.to_string()}),
             );
+            let nothing = reply["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("nothing revoked"));
+            assert!(reply["ok"] == true || nothing, "{reply}");
         }
         Variant::Classic => sh(server_ns
             .command("nft")
