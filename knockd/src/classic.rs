@@ -209,8 +209,13 @@ pub fn read_services(text: &str) -> Services {
 /// What a section's command does to the firewall.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Effect {
-    /// Opens `ports` of `proto` to the knocking source.
-    Opens { ports: Vec<u16>, proto: Proto },
+    /// Opens `ports` of `proto`: to the knocking source, or (`everyone`,
+    /// a rule that does not name `%IP%`) to all.
+    Opens {
+        ports: Vec<u16>,
+        proto: Proto,
+        everyone: bool,
+    },
     /// Takes access away (a "close" section).
     Closes,
     /// Not a firewall rule this import reads.
@@ -249,6 +254,7 @@ fn effect(command: &str, services: &Services) -> Result<Effect, String> {
         || has("udp")
         || words.iter().any(|w| w.ends_with("/udp"));
     let proto = if udp { Proto::Udp } else { Proto::Tcp };
+    let everyone = !command.contains("%IP%");
     let one = |port: Result<u16, String>| -> Result<Vec<u16>, String> { port.map(|p| vec![p]) };
     if tool("iptables") || tool("ip6tables") {
         let deleting = has("-D") || has("--delete");
@@ -263,12 +269,23 @@ fn effect(command: &str, services: &Services) -> Result<Effect, String> {
                 one(port_of(port, services))?
             } else if let Some(port) = after(&["--dport", "--destination-port"]) {
                 one(port_of(port, services))?
+            } else if !everyone {
+                return Err(
+                    "it opens every port to the knocking source (its rule names no \
+                     --dport): a knockd door opens one service port, so write one door per \
+                     service"
+                        .into(),
+                );
             } else {
                 return Err(
                     "an iptables rule without --dport: which port it opens is unclear".into(),
                 );
             };
-            return Ok(Effect::Opens { ports, proto });
+            return Ok(Effect::Opens {
+                ports,
+                proto,
+                everyone,
+            });
         }
         return Ok(Effect::Closes);
     }
@@ -291,6 +308,7 @@ fn effect(command: &str, services: &Services) -> Result<Effect, String> {
         return Ok(Effect::Opens {
             ports: one(port_of(&port, services))?,
             proto,
+            everyone,
         });
     }
     if tool("nft") {
@@ -301,6 +319,7 @@ fn effect(command: &str, services: &Services) -> Result<Effect, String> {
             return Ok(Effect::Opens {
                 ports: one(port_of(port, services))?,
                 proto,
+                everyone,
             });
         }
         // An element of a concatenated set: `{ %IP% . 22 }`.
@@ -311,6 +330,7 @@ fn effect(command: &str, services: &Services) -> Result<Effect, String> {
             return Ok(Effect::Opens {
                 ports: one(port_of(port, services))?,
                 proto,
+                everyone,
             });
         }
         return Err("an nft command without a port this import reads".into());
@@ -320,6 +340,7 @@ fn effect(command: &str, services: &Services) -> Result<Effect, String> {
             Some(port) => Ok(Effect::Opens {
                 ports: one(port_of(port, services))?,
                 proto,
+                everyone,
             }),
             None => Err("knock_add without -d PORT".into()),
         };
@@ -337,6 +358,7 @@ fn effect(command: &str, services: &Services) -> Result<Effect, String> {
                 } else {
                     Proto::Tcp
                 },
+                everyone,
             });
         }
         if let Some(i) = words
@@ -347,6 +369,7 @@ fn effect(command: &str, services: &Services) -> Result<Effect, String> {
             return Ok(Effect::Opens {
                 ports: one(port_of(port, services))?,
                 proto,
+                everyone,
             });
         }
         return Err("a firewall-cmd rule without a port".into());
@@ -533,8 +556,8 @@ fn door(
         .find(|(k, _)| !SECTION_KEYS.contains(&k.as_str()))
     {
         return Err(format!(
-            "line {line}: {key:?} is not a key classic knockd knows (it refuses the file too): \
-             fix the spelling and import again"
+            "line {line}: {key:?} is not a key classic knockd knows, and it refuses the file: \
+             a misspelling (fix it and import again) or another port knocker's key"
         ));
     }
     if let Some((flag, line)) = section.flags.first() {
@@ -559,8 +582,12 @@ fn door(
         .get("start_command")
         .or_else(|| section.get("command"))
         .unwrap_or_default();
-    let (ports, proto) = match effect(command, services) {
-        Ok(Effect::Opens { ports, proto }) => (ports, proto),
+    let (ports, proto, everyone) = match effect(command, services) {
+        Ok(Effect::Opens {
+            ports,
+            proto,
+            everyone,
+        }) => (ports, proto, everyone),
         Ok(Effect::Closes) => {
             return Err(format!(
                 "its command takes access away ({command:?}): knockd's grants close on their \
@@ -646,6 +673,12 @@ fn door(
         "command not run ({command:?}): knockd opens TCP port {port} for the knocking source \
          itself, in XDP and nftables"
     ));
+    if everyone {
+        notes.push(format!(
+            "its rule opened port {port} to everyone once anyone knocked (it names no %IP%); \
+             knockd opens it to the knocking source only"
+        ));
+    }
     if let Some(flags) = section.get("tcpflags")
         && !flags.eq_ignore_ascii_case("syn")
     {
