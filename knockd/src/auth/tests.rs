@@ -1,10 +1,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::{
-    devices::Device,
-    proto::{DeviceKey, DoorParams, Status, sequence},
-};
+use crate::proto::{DoorParams, Status, sequence};
 
 /// 2025-02-19T21:20:00Z: the start of step 58_000_000 with 30 s steps.
 const T0: u64 = 1_740_000_000_000;
@@ -25,27 +22,9 @@ struct World {
     engine: Engine,
 }
 
-fn key(id: &str) -> DeviceKey {
-    DeviceKey(std::array::from_fn(|i| {
-        (i as u8).wrapping_mul(id.len() as u8 + 1) ^ id.as_bytes()[0]
-    }))
-}
-
 fn world(now_ms: u64) -> World {
     let config = Config::parse(CONFIG, Path::new("t.yaml")).unwrap();
-    let mut devices = Devices::default();
-    for (id, entry) in &config.devices {
-        devices.by_id.insert(
-            id.clone(),
-            Device {
-                id: id.clone(),
-                key: key(id),
-                groups: entry.groups.clone(),
-                declared_in: "t.yaml".into(),
-                doors: Vec::new(),
-            },
-        );
-    }
+    let devices = Devices::for_tests(&config);
     let engine = Engine::new(&config, &devices, &[], now_ms);
     World {
         config,

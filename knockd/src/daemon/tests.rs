@@ -17,11 +17,11 @@ use crate::{
     config::Config,
     control::{Command, Response},
     cut,
-    devices::{Device, Devices},
+    devices::{Devices, test_key as key},
     events::SeenKnock,
     kernel::Fake,
     maps::Proto,
-    proto::{DeviceKey, DoorKeys, Kind, sequence},
+    proto::{DoorKeys, Kind, sequence},
     state::StateFile,
 };
 
@@ -51,27 +51,8 @@ fn in_dir(yaml: &str, dir: &std::path::Path) -> String {
     yaml.replace("/k/", &format!("{}/", dir.display()))
 }
 
-fn key(id: &str) -> DeviceKey {
-    DeviceKey(std::array::from_fn(|i| {
-        (i as u8).wrapping_mul(id.len() as u8 + 1) ^ id.as_bytes()[0]
-    }))
-}
-
 fn devices(config: &Config) -> Devices {
-    let mut devices = Devices::default();
-    for (id, entry) in &config.devices {
-        devices.by_id.insert(
-            id.clone(),
-            Device {
-                id: id.clone(),
-                key: key(id),
-                groups: entry.groups.clone(),
-                declared_in: "t.yaml".into(),
-                doors: Vec::new(),
-            },
-        );
-    }
-    devices
+    Devices::for_tests(config)
 }
 
 /// A daemon on the fake kernel, its state in a directory of its own,
@@ -512,17 +493,25 @@ impl FleetWorld {
         out
     }
 
+    /// The token of the one request sent since: etcd's consume of a
+    /// knock's sequence.
+    fn consume_token(&mut self) -> u64 {
+        match self.sent().as_slice() {
+            [Request::Consume { token, .. }] => *token,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// etcd's answer to consume `token`.
+    fn consumed(&mut self, token: u64, result: Result<bool, String>) {
+        self.event(Event::Consumed { token, result });
+    }
+
     /// Knocks an open; etcd confirms the sequence is fresh.
     fn open_confirmed(&mut self) -> u16 {
         self.w.knock("laptop", Kind::Open, CLIENT);
-        let token = match self.sent().as_slice() {
-            [Request::Consume { token, .. }] => *token,
-            other => panic!("{other:?}"),
-        };
-        self.event(Event::Consumed {
-            token,
-            result: Ok(true),
-        });
+        let token = self.consume_token();
+        self.consumed(token, Ok(true));
         self.w.port(CLIENT).expect("granted once etcd agreed")
     }
 }
@@ -551,14 +540,8 @@ fn fleet_a_knock_waits_for_etcd_then_its_grant_is_published_pending_then_written
     f.w.knock("laptop", Kind::Open, CLIENT);
     assert!(f.w.port(CLIENT).is_none(), "nothing before etcd's word");
     assert_eq!(f.w.count("accepted"), 0);
-    let token = match f.sent().as_slice() {
-        [Request::Consume { token, .. }] => *token,
-        other => panic!("{other:?}"),
-    };
-    f.event(Event::Consumed {
-        token,
-        result: Ok(true),
-    });
+    let token = f.consume_token();
+    f.consumed(token, Ok(true));
     let port = f.w.port(CLIENT).unwrap();
     assert_eq!(f.w.count("accepted"), 1);
     match f.sent().as_slice() {
@@ -590,14 +573,8 @@ fn fleet_a_sequence_etcd_has_is_a_replay_counted_once_and_never_accepted() {
     let mut f = FleetWorld::new("");
     f.synced(Vec::new());
     f.w.knock("laptop", Kind::Open, CLIENT);
-    let token = match f.sent().as_slice() {
-        [Request::Consume { token, .. }] => *token,
-        other => panic!("{other:?}"),
-    };
-    f.event(Event::Consumed {
-        token,
-        result: Ok(false),
-    });
+    let token = f.consume_token();
+    f.consumed(token, Ok(false));
     assert!(f.w.port(CLIENT).is_none());
     assert!(f.w.kernel().replies.is_empty());
     assert_eq!((f.w.count("accepted"), f.w.count("replay")), (0, 1));
