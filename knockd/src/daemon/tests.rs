@@ -108,19 +108,24 @@ impl World {
     /// knocks, then the flush that follows a batch.
     fn knock(&mut self, device: &str, kind: Kind, from: &str) {
         self.nonce += 1;
-        let params = self.daemon.config.doors["ssh"].one_time().unwrap().params();
-        let knocks = sequence(
-            &DoorKeys::derive(&key(device), "ssh"),
-            &params,
-            kind,
-            self.now.unix_ms,
-            [self.nonce; 16],
-            None,
-        );
+        let knocks = self.sequence(device, kind, self.nonce);
         for (port, payload) in knocks {
             self.send(from, port, &payload);
         }
         self.daemon.flush(self.now).unwrap();
+    }
+
+    /// The knocks of a sequence of `kind` by `device` to ssh, now.
+    fn sequence(&self, device: &str, kind: Kind, nonce: u8) -> Vec<(u16, [u8; 68])> {
+        let params = self.daemon.config.doors["ssh"].one_time().unwrap().params();
+        sequence(
+            &DoorKeys::derive(&key(device), "ssh"),
+            &params,
+            kind,
+            self.now.unix_ms,
+            [nonce; 16],
+            None,
+        )
     }
 
     fn send(&mut self, from: &str, port: u16, payload: &[u8]) {
@@ -178,16 +183,7 @@ fn an_accepted_open_grants_in_both_kernel_places_then_replies() {
 #[test]
 fn nothing_is_acted_on_before_its_sequence_is_on_disk() {
     let mut w = World::new("", "");
-    w.nonce += 1;
-    let params = w.daemon.config.doors["ssh"].one_time().unwrap().params();
-    let knocks = sequence(
-        &DoorKeys::derive(&key("laptop"), "ssh"),
-        &params,
-        Kind::Open,
-        T0,
-        [9; 16],
-        None,
-    );
+    let knocks = w.sequence("laptop", Kind::Open, 90);
     for (port, payload) in &knocks {
         w.send(CLIENT, *port, payload);
     }
@@ -202,15 +198,7 @@ fn nothing_is_acted_on_before_its_sequence_is_on_disk() {
 #[test]
 fn a_replayed_sequence_is_refused_and_each_of_its_knocks_counted_once() {
     let mut w = World::new("", "");
-    let params = w.daemon.config.doors["ssh"].one_time().unwrap().params();
-    let knocks = sequence(
-        &DoorKeys::derive(&key("laptop"), "ssh"),
-        &params,
-        Kind::Open,
-        T0,
-        [7; 16],
-        None,
-    );
+    let knocks = w.sequence("laptop", Kind::Open, 70);
     for _ in 0..2 {
         for (port, payload) in &knocks {
             w.send(CLIENT, *port, payload);
