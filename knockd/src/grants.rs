@@ -604,6 +604,23 @@ impl Grants {
     /// Forgets expired grants (the kernel already dropped them) and moves
     /// leases whose rotation is due to fresh ports. Returns the rotations
     /// made, as (old, new) grants.
+    /// Forgets the grants past their deadline (the kernel closed them at
+    /// it already) and returns them, for their doors' close hooks.
+    pub fn expire(&mut self, now: Instant) -> Vec<Grant> {
+        let expired: Vec<(String, IpAddr)> = self
+            .by_source
+            .iter()
+            .filter(|(_, g)| g.expires <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let expired = expired
+            .into_iter()
+            .filter_map(|k| self.by_source.remove(&k))
+            .collect();
+        self.refresh_taken();
+        expired
+    }
+
     pub fn tick(
         &mut self,
         kernel: &mut dyn Kernel,

@@ -22,6 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::{
     config::Config,
     conflicts, cut,
+    hooks::{HookCounts, HookRun, Runner},
     lockout::InboundSession,
     maps::{self, Counters, GuardMaps, PortPolicy, Proto},
     nft::{self, Element, GrantKey},
@@ -95,6 +96,13 @@ pub trait Kernel {
     /// Sends `bytes` from `from` (the knocked address and port) to `to`.
     fn send_reply(&mut self, from: SocketAddr, to: SocketAddr, bytes: &[u8]) -> io::Result<()>;
 
+    // Hooks.
+
+    /// Starts a door's hook in the background: it never delays the caller.
+    fn run_hook(&mut self, run: HookRun);
+    /// How the hooks started so far went.
+    fn hook_counts(&self) -> HookCounts;
+
     /// The recording, when this is the unit tests' [`Fake`].
     #[cfg(test)]
     fn fake(&mut self) -> Option<&mut Fake> {
@@ -106,11 +114,15 @@ pub trait Kernel {
 /// sock_diag, sysctls, and a UDP socket per reply.
 pub struct Real {
     maps: GuardMaps,
+    hooks: Runner,
 }
 
 impl Real {
     pub fn new(maps: GuardMaps) -> Real {
-        Real { maps }
+        Real {
+            maps,
+            hooks: Runner::default(),
+        }
     }
 }
 
@@ -266,6 +278,12 @@ impl Kernel for Real {
         socket.send_to(bytes, &to.into())?;
         Ok(())
     }
+    fn run_hook(&mut self, run: HookRun) {
+        self.hooks.start(run);
+    }
+    fn hook_counts(&self) -> HookCounts {
+        self.hooks.counts()
+    }
 }
 
 #[cfg(test)]
@@ -306,6 +324,8 @@ mod fake {
         /// Replies sent: (from, to, bytes).
         pub replies: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
         pub knock_rate: (u32, u32),
+        /// Hooks started, in order.
+        pub hooks: Vec<HookRun>,
         /// nftables writes (the table, grant elements) fail while set.
         pub fail_grants: bool,
     }
@@ -326,6 +346,7 @@ mod fake {
                 cuts: Vec::new(),
                 replies: Vec::new(),
                 knock_rate: (0, 0),
+                hooks: Vec::new(),
                 fail_grants: false,
             }
         }
@@ -488,6 +509,15 @@ mod fake {
         fn send_reply(&mut self, from: SocketAddr, to: SocketAddr, bytes: &[u8]) -> io::Result<()> {
             self.replies.push((from, to, bytes.to_vec()));
             Ok(())
+        }
+        fn run_hook(&mut self, run: HookRun) {
+            self.hooks.push(run);
+        }
+        fn hook_counts(&self) -> HookCounts {
+            HookCounts {
+                started: self.hooks.len() as u64,
+                ..HookCounts::default()
+            }
         }
         fn fake(&mut self) -> Option<&mut Fake> {
             Some(self)

@@ -48,6 +48,7 @@ pub mod events;
 pub mod grants;
 #[cfg(feature = "daemon")]
 pub mod guard;
+pub mod hooks;
 pub mod host;
 #[cfg(feature = "daemon")]
 pub mod kernel;

@@ -66,6 +66,21 @@ impl Error {
     }
 }
 
+/// Why a configuration file that names hooks must not be trusted: not
+/// root's, or writable by others than its owner.
+fn hooks_file_problem(uid: u32, mode: u32) -> Option<String> {
+    if uid != 0 {
+        return Some(format!("owned by uid {uid}, not root"));
+    }
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "mode {:04o}: group or others may write it",
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
 /// How to attach the XDP program.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -366,6 +381,42 @@ pub(crate) struct RawDoor {
     pub sequence: Option<Vec<KnockPort>>,
     /// Static: seconds a sequence may take from its first knock (default 10).
     pub seq_timeout_secs: Option<u32>,
+    /// Commands to run when a grant of this door opens and when it ends.
+    pub hooks: Option<Hooks>,
+}
+
+/// Commands a door runs when a grant opens and when it ends (classic
+/// knockd's start and stop commands, for what is not a firewall rule:
+/// waking a service, telling another system). Each is an argv list, run
+/// without a shell (unless the operator writes one), as `user`, with the
+/// grant's facts in its environment (`KNOCKD_EVENT`, `KNOCKD_DOOR`,
+/// `KNOCKD_SOURCE`, `KNOCKD_FAMILY`, `KNOCKD_PORT`, `KNOCKD_DEVICE`) and
+/// `%IP%` in an argument replaced by the source address. A hook never
+/// delays the grant: it starts after the grant is in place, is killed at
+/// `timeout_secs`, and its failure is logged and counted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// Run when a grant opens (each accepted open, as classic knockd runs
+    /// its start command on each sequence).
+    #[serde(default)]
+    pub on_open: Vec<String>,
+    /// Run when a grant ends: its deadline, a close, a revoke, or a reload
+    /// that removes the door.
+    #[serde(default)]
+    pub on_close: Vec<String>,
+    /// The user the commands run as (required: whoever writes the
+    /// configuration chooses, knowingly, `root` if it must be).
+    pub user: String,
+    /// The group (default: the user's own).
+    pub group: Option<String>,
+    /// Seconds a command may run before it is killed (default 10).
+    #[serde(default = "default_hook_timeout")]
+    pub timeout_secs: u32,
+}
+
+fn default_hook_timeout() -> u32 {
+    10
 }
 
 /// Defaults and bounds of door settings.
@@ -428,6 +479,8 @@ pub struct Door {
     /// Seconds a connection it let in may live (0: no cap).
     pub max_session_secs: u32,
     pub kind: DoorKind,
+    /// Commands run when a grant opens or ends.
+    pub hooks: Option<Hooks>,
 }
 
 /// How a door is opened, and the settings only that way has.
@@ -544,6 +597,7 @@ impl From<RawDoor> for Door {
             open_for_secs: raw.open_for_secs.unwrap_or(d::OPEN_FOR_SECS),
             max_session_secs: raw.max_session_secs.unwrap_or(d::MAX_SESSION_SECS),
             kind,
+            hooks: raw.hooks,
         }
     }
 }
@@ -697,7 +751,31 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        if let Some(name) = config
+            .doors
+            .iter()
+            .find(|(_, d)| d.hooks.is_some())
+            .map(|(n, _)| n)
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::metadata(path).map_err(|source| Error::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            if let Some(problem) = hooks_file_problem(meta.uid(), meta.mode()) {
+                return Err(Error::invalid(
+                    format!("doors.{name}.hooks"),
+                    format!(
+                        "{}: {problem}: hooks run commands, so only root may write the file \
+                         that names them (fix: chown root {1} && chmod go-w {1})",
+                        path.display(),
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates `text`; `path` only names the source in errors.
@@ -722,6 +800,61 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn hooks_are_argv_lists_with_a_user_and_are_checked() {
+        let door = |hooks: &str| {
+            parse(&format!(
+                "interfaces: [eth0]\ndoors: {{ game: {{ service_port: 25565, mode: static, \
+                 sequence: [\"1:udp\"], hooks: {{ {hooks} }} }} }}\n"
+            ))
+        };
+        let config = door("on_open: [/srv/wake, \"%IP%\"], user: games").unwrap();
+        let hooks = config.doors["game"].hooks.clone().unwrap();
+        assert_eq!(hooks.on_open, ["/srv/wake", "%IP%"]);
+        assert_eq!((hooks.user.as_str(), hooks.timeout_secs), ("games", 10));
+        for (hooks, says) in [
+            (
+                "user: games",
+                "doors.game.hooks.on_open: hooks need on_open, on_close or both",
+            ),
+            (
+                "on_open: [wake], user: games",
+                "the program needs an absolute path",
+            ),
+            (
+                "on_close: [/bin/x], user: \"a b\"",
+                "hooks.user: \"a b\" is not a user",
+            ),
+            (
+                "on_close: [/bin/x], user: games, timeout_secs: 0",
+                "hooks.timeout_secs",
+            ),
+        ] {
+            let e = door(hooks).unwrap_err().to_string();
+            assert!(e.contains(says), "{hooks}: {e}");
+        }
+        assert!(
+            door("on_open: [/srv/wake]")
+                .unwrap_err()
+                .to_string()
+                .contains("user"),
+            "the user is required"
+        );
+    }
+
+    #[test]
+    fn a_file_naming_hooks_must_be_roots_and_not_writable_by_others() {
+        assert_eq!(hooks_file_problem(0, 0o100644), None);
+        assert_eq!(hooks_file_problem(0, 0o100600), None);
+        assert!(
+            hooks_file_problem(1000, 0o100644)
+                .unwrap()
+                .contains("uid 1000")
+        );
+        assert!(hooks_file_problem(0, 0o100664).unwrap().contains("0664"));
+        assert!(hooks_file_problem(0, 0o100646).unwrap().contains("others"));
     }
 
     /// Two `ssh:` doors: serde would keep the second, and port 22 (the

@@ -217,6 +217,9 @@ impl Config<RawDoor> {
                     }
                 }
             }
+            if let Some(hooks) = &door.hooks {
+                check_hooks(hooks, &|field: &str| key(&format!("hooks.{field}")))?;
+            }
             match door.mode {
                 DoorMode::OneTime => {
                     check_bounds(
@@ -385,4 +388,51 @@ fn check_bounds(key: &str, value: Option<u32>, min: u32, max: u32) -> Result<(),
         }
         _ => Ok(()),
     }
+}
+
+/// Most arguments a hook's command line may have, and bytes in one.
+const HOOK_ARGS_MAX: usize = 64;
+const HOOK_ARG_MAX: usize = 4096;
+
+/// A door's hooks: at least one command, each an absolute program path and
+/// bounded arguments; a user and group that are names; a timeout in range.
+fn check_hooks(hooks: &super::Hooks, key: &dyn Fn(&str) -> String) -> Result<(), Error> {
+    if hooks.on_open.is_empty() && hooks.on_close.is_empty() {
+        return Err(Error::invalid(
+            key("on_open"),
+            "hooks need on_open, on_close or both",
+        ));
+    }
+    for (field, argv) in [("on_open", &hooks.on_open), ("on_close", &hooks.on_close)] {
+        let Some(program) = argv.first() else {
+            continue;
+        };
+        if !program.starts_with('/') {
+            return Err(Error::invalid(
+                key(field),
+                format!("{program:?}: the program needs an absolute path (no PATH lookup)"),
+            ));
+        }
+        if argv.len() > HOOK_ARGS_MAX
+            || argv
+                .iter()
+                .any(|a| a.len() > HOOK_ARG_MAX || a.contains('\0'))
+        {
+            return Err(Error::invalid(
+                key(field),
+                format!("at most {HOOK_ARGS_MAX} arguments of {HOOK_ARG_MAX} bytes, without NUL"),
+            ));
+        }
+    }
+    for (field, name) in [("user", Some(&hooks.user)), ("group", hooks.group.as_ref())] {
+        if let Some(name) = name
+            && !super::is_valid_name(name, 32)
+        {
+            return Err(Error::invalid(
+                key(field),
+                format!("{name:?} is not a user or group name"),
+            ));
+        }
+    }
+    check_bounds(&key("timeout_secs"), Some(hooks.timeout_secs), 1, 3600)
 }

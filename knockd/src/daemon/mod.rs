@@ -34,6 +34,7 @@ use crate::{
     events::SeenKnock,
     grants::{self, Grants},
     guard::Attachment,
+    hooks::{HookEvent, HookRun},
     kernel::Kernel,
     maps::{self, PortPolicy},
     proto::Status,
@@ -237,6 +238,16 @@ impl Daemon {
     /// show. Derived from `decisions`, which metrics label by door too.
     pub fn tally(&self) -> BTreeMap<&'static str, u64> {
         let mut tally = self.events.clone();
+        let hooks = self.kernel.hook_counts();
+        for (name, count) in [
+            ("hooks_started", hooks.started),
+            ("hooks_failed", hooks.failed),
+            ("hooks_timed_out", hooks.timed_out),
+        ] {
+            if count > 0 {
+                tally.insert(name, count);
+            }
+        }
         for ((_, outcome, reason), count) in &self.decisions {
             let key = if reason.is_empty() { outcome } else { reason };
             *tally.entry(key).or_default() += count;
@@ -261,6 +272,9 @@ impl Daemon {
                 "compacting the consumed-sequence record failed: {}",
                 chain(&e)
             ));
+        }
+        for grant in self.grants.expire(now.mono) {
+            self.hook_ended(&grant);
         }
         let rotated = self.grants.tick(self.kernel.as_mut(), now.mono);
         self.log_rotations(rotated, false);
@@ -484,7 +498,7 @@ impl Daemon {
                     } else {
                         Status::Closed
                     };
-                    closed.extend(ended.into_iter().map(|g| g.source));
+                    closed.extend(ended);
                     (status, 0, 0)
                 }),
         };
@@ -520,8 +534,8 @@ impl Daemon {
         if status == Status::Granted {
             self.publish_grant(&door_name, source);
         }
-        for source in closed {
-            self.publish_grant(&door_name, source);
+        for grant in &closed {
+            self.publish_grant(&door_name, grant.source);
         }
         tracing::info!(
             outcome = "accepted",
@@ -541,6 +555,13 @@ impl Daemon {
                 tracing::warn!(error = %e, to = %reply.to, "could not send the sealed reply");
             }
             state::crash_point("after_reply");
+        }
+        // Hooks last: the grant and the reply never wait for them.
+        if action == Action::Open && status == Status::Granted {
+            self.hook(HookEvent::Open, &door_name, source, device, port);
+        }
+        for grant in &closed {
+            self.hook_ended(grant);
         }
         Ok(())
     }
@@ -585,6 +606,44 @@ impl Daemon {
             } else {
                 tracing::info!(%door, device, %source, old_port, port, rotations = new.rotations, "lease rotated");
             }
+        }
+    }
+
+    /// Starts `door`'s hook for `event` on a grant of `source`, if the door
+    /// has one (it runs in the background: see [`Kernel::run_hook`]).
+    fn hook(
+        &mut self,
+        event: HookEvent,
+        door: &str,
+        source: std::net::IpAddr,
+        device: Option<&str>,
+        port: u16,
+    ) {
+        let Some(hooks) = self.config.doors.get(door).and_then(|d| d.hooks.clone()) else {
+            return;
+        };
+        self.kernel.run_hook(HookRun {
+            event,
+            door: door.to_owned(),
+            source,
+            device: device.map(str::to_owned),
+            port,
+            hooks,
+        });
+    }
+
+    /// A grant this node made ended (its deadline, a close, a revoke, a
+    /// reload): its door's close hook. Grants another node made run their
+    /// hooks there.
+    fn hook_ended(&mut self, grant: &grants::Grant) {
+        if !grant.remote {
+            self.hook(
+                HookEvent::Close,
+                &grant.door.clone(),
+                grant.source,
+                grant.device.clone().as_deref(),
+                grant.port,
+            );
         }
     }
 

@@ -97,8 +97,12 @@ impl Daemon {
         let mut cuts = Vec::new();
         let grants = doomed.len();
         for (door, source) in doomed {
-            self.grants
-                .close(self.kernel.as_mut(), &door, source, self.now.mono)?;
+            if let Some(grant) =
+                self.grants
+                    .close(self.kernel.as_mut(), &door, source, self.now.mono)?
+            {
+                self.hook_ended(&grant);
+            }
             if by_ip.is_none()
                 && let Some(d) = self.config.doors.get(&door)
             {
@@ -199,9 +203,14 @@ impl Daemon {
             .map(|g| (g.door.clone(), g.source))
             .collect();
         for (door, source) in gone {
-            let _ = self
-                .grants
-                .close(self.kernel.as_mut(), &door, source, now.mono);
+            // The door is gone from the new file: its close hook is the
+            // running configuration's.
+            if let Ok(Some(grant)) =
+                self.grants
+                    .close(self.kernel.as_mut(), &door, source, now.mono)
+            {
+                self.hook_ended(&grant);
+            }
         }
         self.kernel
             .set_knock_rate(config.knock.rate_per_sec, config.knock.burst)?;

@@ -19,6 +19,7 @@ use crate::{
     cut,
     devices::{Devices, test_key as key},
     events::SeenKnock,
+    hooks::HookEvent,
     kernel::Fake,
     maps::Proto,
     proto::{DoorKeys, Kind, sequence},
@@ -742,4 +743,57 @@ fn fleet_a_revoke_holds_here_when_etcd_refuses_it_and_is_published_at_resync() {
             .iter()
             .any(|r| matches!(r, Request::Revoke { id: again, .. } if *again == id))
     );
+}
+
+#[test]
+fn hooks_run_after_an_open_and_when_the_grant_ends_with_its_facts() {
+    let hooks = ", hooks: { on_open: [/srv/up, \"%IP%\"], on_close: [/srv/down], user: nobody }";
+    let mut w = World::new("", &format!(", open_for_secs: 5{hooks}"));
+    w.knock("laptop", Kind::Open, CLIENT);
+    let port = w.port(CLIENT).unwrap();
+    let run = w.kernel().hooks[0].clone();
+    assert_eq!(run.event, HookEvent::Open);
+    assert_eq!((run.door.as_str(), run.port), ("ssh", port));
+    assert_eq!(run.source, ip(CLIENT));
+    assert_eq!(run.device.as_deref(), Some("laptop"));
+    assert_eq!(run.argv().unwrap(), ["/srv/up", "198.18.0.2"]);
+    assert!(w.kernel().replies.len() == 1, "the reply went out too");
+    // Its deadline ends it: the close hook.
+    let now = w.later(Duration::from_secs(6));
+    w.daemon.tick(now).unwrap();
+    let runs: Vec<HookEvent> = w.kernel().hooks.iter().map(|r| r.event).collect();
+    assert_eq!(runs, [HookEvent::Open, HookEvent::Close]);
+    assert_eq!(w.kernel().hooks[1].port, port);
+    // A close knock and a revoke end grants too.
+    w.knock("laptop", Kind::Open, CLIENT);
+    w.knock("laptop", Kind::Close, CLIENT);
+    w.knock("phone", Kind::Open, OTHER);
+    let answer = w.request(Command::Revoke {
+        target: "phone".into(),
+    });
+    assert!(answer.ok, "{answer:?}");
+    let runs: Vec<(HookEvent, IpAddr)> = w.kernel().hooks[2..]
+        .iter()
+        .map(|r| (r.event, r.source))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            (HookEvent::Open, ip(CLIENT)),
+            (HookEvent::Close, ip(CLIENT)),
+            (HookEvent::Open, ip(OTHER)),
+            (HookEvent::Close, ip(OTHER)),
+        ]
+    );
+}
+
+#[test]
+fn a_door_without_hooks_and_a_refused_knock_run_none() {
+    let mut w = World::new("", "");
+    w.knock("laptop", Kind::Open, CLIENT);
+    let hooks = ", hooks: { on_open: [/srv/up], user: nobody }";
+    let mut h = World::new("", hooks);
+    h.kernel().fail_grants = true;
+    h.knock("laptop", Kind::Open, CLIENT);
+    assert!(w.kernel().hooks.is_empty() && h.kernel().hooks.is_empty());
 }
