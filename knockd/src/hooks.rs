@@ -113,7 +113,10 @@ mod runner {
         time::Duration,
     };
 
-    use nix::unistd::{Group, User};
+    use nix::{
+        sys::signal::{Signal, killpg},
+        unistd::{Group, Pid, User},
+    };
     use tokio::io::AsyncReadExt as _;
 
     use super::{HookCounts, HookRun};
@@ -192,6 +195,9 @@ mod runner {
                 // Dropping from root clears the supplementary groups too.
                 .uid(uid)
                 .gid(gid)
+                // A group of its own, so a timeout kills what it started
+                // too (a shell's children).
+                .process_group(0)
                 .kill_on_drop(true);
             let mut child = match command.spawn() {
                 Ok(child) => child,
@@ -204,6 +210,7 @@ mod runner {
                 }
                 String::from_utf8_lossy(&text).into_owned()
             };
+            let pid = child.id();
             let stdout = child.stdout.take().map(|p| Box::new(p) as Box<_>);
             let stderr = child.stderr.take().map(|p| Box::new(p) as Box<_>);
             let timeout = Duration::from_secs(u64::from(run.hooks.timeout_secs));
@@ -216,7 +223,9 @@ mod runner {
                 Ok(done) => done,
                 Err(_) => {
                     self.timed_out.fetch_add(1, Ordering::Relaxed);
-                    // kill_on_drop ends it as `child` goes.
+                    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
                     return self.failed(
                         &run,
                         format!("still running after {} s: killed", run.hooks.timeout_secs),
