@@ -222,10 +222,10 @@ mod runner {
             let (status, out, err) = match waited {
                 Ok(done) => done,
                 Err(_) => {
-                    self.timed_out.fetch_add(1, Ordering::Relaxed);
                     if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
                         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                     }
+                    self.timed_out.fetch_add(1, Ordering::Relaxed);
                     return self.failed(
                         &run,
                         format!("still running after {} s: killed", run.hooks.timeout_secs),
