@@ -18,9 +18,14 @@
 //! (`-d 443`). What cannot, and is said so: a section that takes access
 //! away (knockd's grants close by themselves), one that opens a UDP
 //! service or several ports, one whose knock ports another door uses
-//! (knockd judges a knock port for one door), commands that are not
-//! firewall rules, `one_time_sequences`, `target`, TCP flags other than a
-//! bare SYN, and a key classic knockd does not know (it refuses the file).
+//! (knockd judges a knock port for one door), `one_time_sequences`,
+//! `target`, TCP flags other than a bare SYN, and a key classic knockd
+//! does not know (it refuses the file).
+//!
+//! A section whose command is not a firewall rule (waking a server,
+//! starting a service, calling a script with `%IP%`) becomes an action
+//! door: its `start_command` and `stop_command` run as the door's hooks,
+//! through `/bin/sh -c` and as root, as classic knockd ran them.
 
 use std::{collections::BTreeMap, fmt, path::Path};
 
@@ -507,7 +512,8 @@ pub fn import(text: &str, source: &str, services: &Services) -> Result<Imported,
             notes: Vec::new(),
         };
         match door(section, services, &knock_ports, &mut report.notes) {
-            Err(why) => report.notes.insert(0, why),
+            // What it would have become no longer matters: only why not.
+            Err(why) => report.notes = vec![why],
             Ok((door, knocks)) => {
                 let name = unique_name(door_name(&section.name), &doors);
                 if name != section.name {
@@ -525,10 +531,12 @@ pub fn import(text: &str, source: &str, services: &Services) -> Result<Imported,
                         doors = with;
                         report.door = Some(name);
                     }
-                    Err(e) => report.notes.insert(
-                        0,
-                        format!("knockd cannot express it: {}", crate::error_chain(&e)),
-                    ),
+                    Err(e) => {
+                        report.notes = vec![format!(
+                            "knockd cannot express it: {}",
+                            crate::error_chain(&e)
+                        )]
+                    }
                 }
             }
         }
@@ -582,12 +590,28 @@ fn door(
         .get("start_command")
         .or_else(|| section.get("command"))
         .unwrap_or_default();
-    let (ports, proto, everyone) = match effect(command, services) {
+    // What the command does decides first: a section that takes access
+    // away is skipped for that, whatever its knocks.
+    let opens = match effect(command, services) {
         Ok(Effect::Opens {
             ports,
             proto,
             everyone,
-        }) => (ports, proto, everyone),
+        }) => match (ports.as_slice(), proto) {
+            ([port], Proto::Tcp) => Some((*port, everyone)),
+            (_, Proto::Udp) => {
+                return Err(format!(
+                    "it opens UDP port(s) {ports:?}: knockd's doors open TCP services only, so \
+                     this UDP service would be neither protected nor opened"
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "it opens several ports ({ports:?}): a knockd door opens one service port; \
+                     write one door per port"
+                ));
+            }
+        },
         Ok(Effect::Closes) => {
             return Err(format!(
                 "its command takes access away ({command:?}): knockd's grants close on their \
@@ -595,66 +619,60 @@ fn door(
             ));
         }
         Ok(Effect::Other) if command.is_empty() => return Err("no command".into()),
-        Ok(Effect::Other) => {
-            return Err(format!(
-                "its command is not a firewall rule this import reads ({command:?}): knockd \
-                 cannot run commands, so write this door by hand"
-            ));
-        }
+        Ok(Effect::Other) => None,
         Err(why) => return Err(format!("{why} ({command:?})")),
     };
-    let port = match (ports.as_slice(), proto) {
-        ([port], Proto::Tcp) => *port,
-        (_, Proto::Udp) => {
-            return Err(format!(
-                "it opens UDP port(s) {ports:?}: knockd's doors open TCP services only, so \
-                 this UDP service would be neither protected nor opened"
-            ));
-        }
-        _ => {
-            return Err(format!(
-                "it opens several ports ({ports:?}): a knockd door opens one service port; \
-                 write one door per port"
-            ));
-        }
-    };
-    if let Some((knock, other)) = knocks
-        .iter()
-        .find_map(|k| knock_ports.get(k).map(|other| (k, other)))
-    {
+    if let Some((key, knock)) = shared_knock(&knocks, knock_ports) {
         return Err(format!(
-            "knock port {knock} is [{other}]'s too: classic knockd shares knock ports between \
+            "knock port {key} is [{knock}]'s too: classic knockd shares knock ports between \
              sections, knockd judges each knock port for one door; give this section ports \
              of its own"
         ));
     }
-    let seq_timeout = match section.get("seq_timeout") {
-        Some(t) => t
-            .parse::<u32>()
-            .map_err(|_| format!("seq_timeout {t:?} is not a number of seconds"))?,
-        None => {
-            notes.push(format!(
-                "seq_timeout: classic knockd's default, {SEQ_TIMEOUT_SECS} s, written"
-            ));
-            SEQ_TIMEOUT_SECS
-        }
+    let seq_timeout = seq_timeout(section, notes)?;
+    let door = match opens {
+        Some((port, everyone)) => service_door(
+            section,
+            command,
+            port,
+            everyone,
+            &knocks,
+            seq_timeout,
+            notes,
+        )?,
+        None => action_door(section, command, &knocks, seq_timeout, notes)?,
     };
+    if let Some(flags) = section.get("tcpflags")
+        && !flags.eq_ignore_ascii_case("syn")
+    {
+        notes.push(format!(
+            "tcpflags {flags:?} not carried over: a TCP knock is a bare SYN"
+        ));
+    }
+    if section.keys.contains_key("target") {
+        notes.push("target not carried over: knockd listens on its interfaces".into());
+    }
+    Ok((door, knocks))
+}
+
+/// A section whose command opens TCP `port`, as a static door on that
+/// service port: knockd opens it itself, so the command is not run.
+fn service_door(
+    section: &Section,
+    command: &str,
+    port: u16,
+    everyone: bool,
+    knocks: &[KnockPort],
+    seq_timeout: u32,
+    notes: &mut Vec<String>,
+) -> Result<String, String> {
     let mut door = format!(
-        "    mode: static\n    service_port: {port}\n    sequence: [{}]\n    seq_timeout_secs: {seq_timeout}\n",
-        knocks
-            .iter()
-            .map(|k| format!("\"{k}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "    mode: static\n    service_port: {port}\n{}",
+        knocks_yaml(knocks, seq_timeout)
     );
     match section.get("stop_command") {
         Some(stop) => {
-            let secs = match section.get("cmd_timeout") {
-                Some(t) => t
-                    .parse::<u32>()
-                    .map_err(|_| format!("cmd_timeout {t:?} is not a number of seconds"))?,
-                None => CMD_TIMEOUT_SECS,
-            };
+            let secs = cmd_timeout(section)?;
             door.push_str(&format!("    open_for_secs: {secs}\n"));
             notes.push(format!(
                 "stop_command after {secs} s became open_for_secs: {secs}, the time the port \
@@ -679,17 +697,103 @@ fn door(
              knockd opens it to the knocking source only"
         ));
     }
-    if let Some(flags) = section.get("tcpflags")
-        && !flags.eq_ignore_ascii_case("syn")
-    {
+    Ok(door)
+}
+
+/// The first of `knocks` another section's door knocks on already, with
+/// that section.
+fn shared_knock<'a>(
+    knocks: &[KnockPort],
+    taken: &'a BTreeMap<KnockPort, String>,
+) -> Option<(KnockPort, &'a str)> {
+    knocks
+        .iter()
+        .find_map(|k| taken.get(k).map(|other| (*k, other.as_str())))
+}
+
+/// The section's `seq_timeout`, or classic knockd's default (said so).
+fn seq_timeout(section: &Section, notes: &mut Vec<String>) -> Result<u32, String> {
+    match section.get("seq_timeout") {
+        Some(t) => t
+            .parse::<u32>()
+            .map_err(|_| format!("seq_timeout {t:?} is not a number of seconds")),
+        None => {
+            notes.push(format!(
+                "seq_timeout: classic knockd's default, {SEQ_TIMEOUT_SECS} s, written"
+            ));
+            Ok(SEQ_TIMEOUT_SECS)
+        }
+    }
+}
+
+/// The section's `cmd_timeout`, or classic knockd's default.
+fn cmd_timeout(section: &Section) -> Result<u32, String> {
+    match section.get("cmd_timeout") {
+        Some(t) => t
+            .parse::<u32>()
+            .map_err(|_| format!("cmd_timeout {t:?} is not a number of seconds")),
+        None => Ok(CMD_TIMEOUT_SECS),
+    }
+}
+
+/// A static door's `sequence` and `seq_timeout_secs` lines.
+fn knocks_yaml(knocks: &[KnockPort], seq_timeout: u32) -> String {
+    format!(
+        "    sequence: [{}]\n    seq_timeout_secs: {seq_timeout}\n",
+        knocks
+            .iter()
+            .map(|k| format!("\"{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// A classic command as a hook's argv: run by the shell, as classic
+/// knockd runs it (system(3)), written as a YAML block list indented for
+/// a door's `hooks:`.
+fn shell_hook(command: &str) -> String {
+    let argv = ["/bin/sh", "-c", command];
+    let list = serde_yaml::to_string(&argv).expect("a list of strings serialises");
+    list.lines().map(|line| format!("      {line}\n")).collect()
+}
+
+/// A section whose command is not a firewall rule, as an action door: no
+/// service port, the start command as `hooks.on_open` and the stop
+/// command (after `cmd_timeout`) as `hooks.on_close`.
+fn action_door(
+    section: &Section,
+    command: &str,
+    knocks: &[KnockPort],
+    seq_timeout: u32,
+    notes: &mut Vec<String>,
+) -> Result<String, String> {
+    let mut door = format!("    mode: static\n{}", knocks_yaml(knocks, seq_timeout));
+    let stop = section.get("stop_command").filter(|c| !c.is_empty());
+    if stop.is_some() {
+        door.push_str(&format!("    open_for_secs: {}\n", cmd_timeout(section)?));
+    }
+    door.push_str("    hooks:\n      user: root\n      on_open:\n");
+    door.push_str(&shell_hook(command));
+    notes.push(format!(
+        "its command is not a firewall rule ({command:?}): an action door, which opens no \
+         port and runs it as hooks.on_open on each sequence, through /bin/sh as root as \
+         classic knockd did (set hooks.user to a less privileged user if the command allows)"
+    ));
+    if let Some(stop) = stop {
+        door.push_str("      on_close:\n");
+        door.push_str(&shell_hook(stop));
         notes.push(format!(
-            "tcpflags {flags:?} not carried over: a TCP knock is a bare SYN"
+            "stop_command ({stop:?}) runs as hooks.on_close, {} s after the last sequence \
+             (cmd_timeout)",
+            cmd_timeout(section)?
         ));
     }
-    if section.keys.contains_key("target") {
-        notes.push("target not carried over: knockd listens on its interfaces".into());
-    }
-    Ok((door, knocks))
+    notes.push(
+        "a hook is killed after hooks.timeout_secs (10 s), where classic knockd waited; under \
+         the shipped systemd unit hooks need a drop-in (README: Hooks)"
+            .into(),
+    );
+    Ok(door)
 }
 
 #[cfg(test)]
@@ -751,14 +855,14 @@ mod tests {
     fn debians_stock_config_becomes_two_static_doors() {
         let (imported, config) = imported(DEBIAN);
         assert_eq!(imported.doors, 2);
-        assert_eq!(config.doors["openSSH"].service_port, 22);
+        assert_eq!(config.doors["openSSH"].service_port, Some(22));
         assert_eq!(
             knocks(&config, "openSSH"),
             ["7000:tcp", "8000:tcp", "9000:tcp"]
         );
         let ssh = config.doors["openSSH"].static_door().unwrap();
         assert_eq!(ssh.seq_timeout_secs, 5);
-        assert_eq!(config.doors["openHTTPS"].service_port, 443);
+        assert_eq!(config.doors["openHTTPS"].service_port, Some(443));
         assert_eq!(report(&imported, "closeSSH").door, None);
         assert_notes(
             &imported,
@@ -822,7 +926,7 @@ mod tests {
         assert_eq!(imported.doors, 4);
         let ports: Vec<u16> = ["open", "open_2", "open_ssh", "open_ssh_2"]
             .iter()
-            .map(|d| config.doors[*d].service_port)
+            .filter_map(|d| config.doors[*d].service_port)
             .collect();
         assert_eq!(ports, [22, 80, 443, 8443]);
     }
@@ -897,7 +1001,6 @@ mod tests {
             ("iptables -I INPUT -p tcp --dport 22 -j DROP", None),
             ("ufw delete allow from %IP% to any port 22", None),
             ("nft delete element inet filter allowed { %IP% . 22 }", None),
-            ("/usr/local/bin/wake-server %IP%", None),
             (
                 "iptables -A INPUT -s %IP% -p tcp --dport nosuchservice -j ACCEPT",
                 None,
@@ -906,7 +1009,7 @@ mod tests {
         for (n, (command, port)) in cases.iter().enumerate() {
             let text = format!("[s]\n sequence = {}\n command = {command}\n", 1000 + n);
             let (imported, config) = imported(&text);
-            let got = config.doors.get("s").map(|d| d.service_port);
+            let got = config.doors.get("s").and_then(|d| d.service_port);
             assert_eq!(got, *port, "{command}: {:?}", imported.notes());
             if port.is_none() {
                 assert!(
@@ -921,7 +1024,7 @@ mod tests {
     fn a_file_with_nothing_to_import_reports_every_section() {
         let (imported, config) = imported(
             "[options]\n logfile = /var/log/knockd.log\n\
-             [a]\n sequence = 1\n command = /usr/bin/touch /tmp/x\n\
+             [a]\n sequence = 1\n command = ufw delete allow from %IP% to any port 22\n\
              [otp]\n one_time_sequences = /etc/knockd/otp\n",
         );
         assert!(config.doors.is_empty());
@@ -930,7 +1033,7 @@ mod tests {
             &imported,
             &[
                 "line 2 [options]: logfile not carried over",
-                "line 3 [a]: skipped\n  its command is not a firewall rule",
+                "line 3 [a]: skipped\n  its command takes access away",
                 "line 6 [otp]: skipped\n  one_time_sequences cannot be carried over",
             ],
         );
@@ -938,6 +1041,40 @@ mod tests {
             import("sequence = 1\n", "f", &Services::new()).unwrap_err(),
             Error::Syntax { line: 1, .. }
         ));
+    }
+
+    #[test]
+    fn a_section_that_runs_something_else_becomes_an_action_door() {
+        let wake = r#"/usr/bin/wakeonlan -i 198.18.0.255 "00:11:22:33:44:55" # game box"#;
+        let text = format!(
+            "[wake]\n sequence = 7001:udp,7002:udp\n seq_timeout = 15\n cmd_timeout = 600\n \
+             start_command = {wake}\n stop_command = /usr/local/bin/sleep-box %IP%\n\
+             [hello]\n sequence = 7003\n command = echo knocked by %IP% >> /var/log/knocks\n"
+        );
+        let (imported, config) = imported(&text);
+        assert_eq!(imported.doors, 2);
+        let door = &config.doors["wake"];
+        assert_eq!(door.service_port, None, "an action door opens no port");
+        assert_eq!(door.open_for_secs, 600, "cmd_timeout: when the stop runs");
+        assert_eq!(door.static_door().unwrap().seq_timeout_secs, 15);
+        let hooks = door.hooks.as_ref().unwrap();
+        assert_eq!(hooks.on_open, ["/bin/sh", "-c", wake], "quotes and # kept");
+        assert_eq!(
+            hooks.on_close,
+            ["/bin/sh", "-c", "/usr/local/bin/sleep-box %IP%"]
+        );
+        assert_eq!(hooks.user, "root", "as classic knockd ran it");
+        let hello = &config.doors["hello"];
+        assert_eq!(hello.open_for_secs, 30, "no stop: the default");
+        assert!(hello.hooks.as_ref().unwrap().on_close.is_empty());
+        assert_notes(
+            &imported,
+            &[
+                "line 1 [wake]: imported as door wake\n  its command is not a firewall rule",
+                "stop_command (\"/usr/local/bin/sleep-box %IP%\") runs as hooks.on_close, 600 s",
+                "line 7 [hello]: imported as door hello\n  seq_timeout: classic knockd's default",
+            ],
+        );
     }
 
     #[test]
@@ -949,7 +1086,7 @@ mod tests {
         let (imported, config) = imported(text);
         assert_eq!(config.interfaces, ["ens3"]);
         let web = &config.doors["open_web"];
-        assert_eq!(web.service_port, 8443);
+        assert_eq!(web.service_port, Some(8443));
         assert_eq!(web.open_for_secs, 20);
         assert_eq!(
             knocks(&config, "open_web"),

@@ -61,14 +61,15 @@ pub fn doors_of(config: &Config) -> Vec<Door> {
     config
         .doors
         .iter()
-        .filter(|(_, d)| !d.expose_service_port)
-        .map(|(name, d)| Door {
-            name: name.clone(),
-            service_port: d.service_port,
-            grant_ports: match &d.kind {
-                DoorKind::OneTime(o) => Some(o.grant_ports),
-                DoorKind::Static(_) => None,
-            },
+        .filter_map(|(name, d)| {
+            Some(Door {
+                name: name.clone(),
+                service_port: d.guarded_port()?,
+                grant_ports: match &d.kind {
+                    DoorKind::OneTime(o) => Some(o.grant_ports),
+                    DoorKind::Static(_) => None,
+                },
+            })
         })
         .collect()
 }

@@ -4,7 +4,10 @@
 //!   the service, which can become a lease that heartbeats keep alive and
 //!   that moves to fresh ports;
 //! - a static door's grant is the service port itself (classic clients
-//!   cannot learn a port), open for the door's `open_for`.
+//!   cannot learn a port), open for the door's `open_for`;
+//! - an action door's grant opens nothing: it is the time between the
+//!   door's open and close hooks (classic knockd's start and stop
+//!   commands), and lives here only, so a restart forgets it.
 //!
 //! A grant exists twice in the kernel, and this module keeps the two in
 //! step: an nftables element (a one-time grant's redirect, or a static
@@ -49,6 +52,8 @@ pub enum GrantKind {
     Redirect,
     /// The service port itself (static doors).
     ServicePort,
+    /// No port: the grant only runs its door's hooks (action doors).
+    Action,
 }
 
 /// A door's grant settings.
@@ -56,6 +61,7 @@ pub enum GrantKind {
 struct DoorGrants {
     kind: GrantKind,
     range: RangeInclusive<u16>,
+    /// 0 for an action door, which has none.
     service_port: u16,
     open_for: Duration,
     lease_idle: Duration,
@@ -74,7 +80,7 @@ pub struct Grant {
     /// restart have none until the device's next heartbeat).
     pub device: Option<String>,
     /// The port it admits to: a random one, or a static door's service
-    /// port.
+    /// port; 0 for an action door's grant, which admits nothing.
     pub port: u16,
     /// Whether heartbeats keep it alive (and its port rotates).
     pub leased: bool,
@@ -234,16 +240,20 @@ impl Grants {
                     DoorKind::OneTime(o) => DoorGrants {
                         kind: GrantKind::Redirect,
                         range: d.grant_ports(),
-                        service_port: d.service_port,
+                        service_port: d.service_port.unwrap_or_default(),
                         open_for,
                         lease_idle: secs(o.lease_idle_secs),
                         rotate_every: (o.rotate_every_secs > 0).then(|| secs(o.rotate_every_secs)),
                         rotate_on_probes: u64::from(o.rotate_on_probes),
                     },
                     DoorKind::Static(_) => DoorGrants {
-                        kind: GrantKind::ServicePort,
+                        kind: if d.service_port.is_some() {
+                            GrantKind::ServicePort
+                        } else {
+                            GrantKind::Action
+                        },
                         range: d.grant_ports(),
-                        service_port: d.service_port,
+                        service_port: d.service_port.unwrap_or_default(),
                         open_for,
                         lease_idle: open_for,
                         rotate_every: None,
@@ -433,6 +443,8 @@ impl Grants {
                 let timeout = grant.expires.saturating_duration_since(now);
                 kernel.update_static_grant(key, Some(timeout), exists)?;
             }
+            // Nothing in the kernel: the hooks are the grant.
+            GrantKind::Action => return Ok(()),
         }
         kernel.allow(
             grant.source,
@@ -475,7 +487,7 @@ impl Grants {
             None => {
                 let port = match settings.kind {
                     GrantKind::Redirect => self.fresh_port(kernel, door)?,
-                    GrantKind::ServicePort => settings.service_port,
+                    GrantKind::ServicePort | GrantKind::Action => settings.service_port,
                 };
                 Grant {
                     kind: settings.kind,
@@ -561,6 +573,7 @@ impl Grants {
                 };
                 let _ = kernel.update_static_grant(key, None, grant.expires > now);
             }
+            GrantKind::Action => return Ok(Some(grant)),
         }
         for port in grant.ports() {
             kernel.revoke(grant.source, port)?;
@@ -601,9 +614,6 @@ impl Grants {
         Ok(ended)
     }
 
-    /// Forgets expired grants (the kernel already dropped them) and moves
-    /// leases whose rotation is due to fresh ports. Returns the rotations
-    /// made, as (old, new) grants.
     /// Forgets the grants past their deadline (the kernel closed them at
     /// it already) and returns them, for their doors' close hooks.
     pub fn expire(&mut self, now: Instant) -> Vec<Grant> {
@@ -621,6 +631,9 @@ impl Grants {
         expired
     }
 
+    /// Forgets expired grants (the kernel already dropped them) and moves
+    /// leases whose rotation is due to fresh ports. Returns the rotations
+    /// made, as (old, new) grants.
     pub fn tick(
         &mut self,
         kernel: &mut dyn Kernel,
@@ -742,13 +755,14 @@ impl Grants {
                 }
             }
         }
-        // The kernel lists no static grants; those of static doors that
-        // remain carry over as they were.
+        // The kernel lists no static grants (and holds no action door's);
+        // those of doors that remain as they were carry over.
         for (key, grant) in &old.by_source {
-            if grant.kind == GrantKind::ServicePort
-                && self.doors.get(&key.0).is_some_and(|d| {
-                    d.kind == GrantKind::ServicePort && d.service_port == grant.port
-                })
+            if grant.kind != GrantKind::Redirect
+                && self
+                    .doors
+                    .get(&key.0)
+                    .is_some_and(|d| d.kind == grant.kind && d.service_port == grant.port)
             {
                 self.by_source.insert(key.clone(), grant.clone());
             }

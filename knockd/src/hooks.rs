@@ -74,7 +74,15 @@ impl HookRun {
             ("KNOCKD_DOOR", self.door.clone()),
             ("KNOCKD_SOURCE", self.source.to_string()),
             ("KNOCKD_FAMILY", family.to_owned()),
-            ("KNOCKD_PORT", self.port.to_string()),
+            // Empty for an action door's grant, which opens no port.
+            (
+                "KNOCKD_PORT",
+                if self.port == 0 {
+                    String::new()
+                } else {
+                    self.port.to_string()
+                },
+            ),
         ];
         if let Some(device) = &self.device {
             env.push(("KNOCKD_DEVICE", device.clone()));

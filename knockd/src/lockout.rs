@@ -96,15 +96,14 @@ fn parse_endpoint(text: &str, v6: bool) -> Option<(IpAddr, u16)> {
 /// may open left open (as `expose_service_port` would), and a warning for
 /// each such door.
 pub fn guard(mut config: Config, devices: &Devices) -> (Config, Vec<String>) {
-    let unopenable: Vec<String> = config
+    let unopenable: Vec<(String, u16)> = config
         .doors
         .iter()
         .filter(|(name, door)| {
-            !door.expose_service_port
-                && matches!(door.kind, DoorKind::OneTime(_))
+            matches!(door.kind, DoorKind::OneTime(_))
                 && devices.allowed(&config, name).next().is_none()
         })
-        .map(|(name, _)| name.clone())
+        .filter_map(|(name, door)| Some((name.clone(), door.guarded_port()?)))
         .collect();
     let mut warnings = Vec::new();
     // In fleet mode the devices come from etcd after start-up: a door no
@@ -112,7 +111,7 @@ pub fn guard(mut config: Config, devices: &Devices) -> (Config, Vec<String>) {
     // port to everyone until a reload would undo the whole point. It
     // stays shut (fail closed).
     if config.cluster.is_some() {
-        for name in unopenable {
+        for (name, _) in unopenable {
             warnings.push(format!(
                 "doors.{name}: no device on this node's own files may open this door; in fleet \
                  mode its devices come from etcd, and its service port stays closed until then"
@@ -120,14 +119,13 @@ pub fn guard(mut config: Config, devices: &Devices) -> (Config, Vec<String>) {
         }
         return (config, warnings);
     }
-    for name in unopenable {
+    for (name, port) in unopenable {
         let door = config.doors.get_mut(&name).expect("listed above");
         door.expose_service_port = true;
         warnings.push(format!(
-            "doors.{name}: no device may open this door, so its service port {} stays OPEN \
+            "doors.{name}: no device may open this door, so its service port {port} stays OPEN \
              to everyone (lockout guard); add a device (`knockctl device add`) and reload \
-             to close it",
-            door.service_port
+             to close it"
         ));
     }
     (config, warnings)
@@ -181,7 +179,10 @@ pub fn warnings(config: &Config, devices: &Devices, sessions: &[InboundSession])
     };
     let mut out = Vec::new();
     for (port, peers) in &by_port {
-        let door = config.doors.iter().find(|(_, d)| d.service_port == *port);
+        let door = config
+            .doors
+            .iter()
+            .find(|(_, d)| d.service_port == Some(*port));
         match door {
             Some((name, door)) => {
                 let openable = door.expose_service_port

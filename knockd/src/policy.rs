@@ -40,8 +40,8 @@ pub fn port_policy(config: &Config, knocks: &BTreeSet<KnockPort>) -> PortPolicy 
         }
     }
     for door in config.doors.values() {
-        if !door.expose_service_port {
-            table.set(Proto::Tcp, door.service_port, policy::PROTECTED);
+        if let Some(port) = door.guarded_port() {
+            table.set(Proto::Tcp, port, policy::PROTECTED);
         }
         match &door.kind {
             DoorKind::OneTime(d) => {
@@ -84,10 +84,7 @@ pub fn port_policy(config: &Config, knocks: &BTreeSet<KnockPort>) -> PortPolicy 
     for door in config.doors.values() {
         let ports: Box<dyn Iterator<Item = u16>> = match &door.kind {
             DoorKind::OneTime(d) => Box::new(d.grant_ports.ports()),
-            DoorKind::Static(_) if !door.expose_service_port => {
-                Box::new(std::iter::once(door.service_port))
-            }
-            DoorKind::Static(_) => Box::new(std::iter::empty()),
+            DoorKind::Static(_) => Box::new(door.guarded_port().into_iter()),
         };
         for port in ports {
             let flags = table.get(Proto::Tcp, port);
@@ -103,7 +100,7 @@ pub fn port_policy(config: &Config, knocks: &BTreeSet<KnockPort>) -> PortPolicy 
             .doors
             .values()
             .filter(|d| d.expose_service_port)
-            .map(|d| d.service_port);
+            .filter_map(|d| d.service_port);
         for port in config
             .public
             .tcp
@@ -164,6 +161,22 @@ mod tests {
         );
         let set = table.flagged();
         assert_eq!(set, 6);
+    }
+
+    #[test]
+    fn an_action_door_guards_its_knocks_and_no_tcp_port() {
+        let config = Config::parse(
+            "interfaces: [eth0]\n\
+             doors:\n\
+             \x20 wake: { mode: static, sequence: [\"6000:udp\", \"6001:tcp\"], \
+             hooks: { on_open: [/srv/wake], user: nobody } }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let table = port_policy(&config, &BTreeSet::new());
+        assert_eq!(table.get(Proto::Udp, 6000), policy::PROTECTED);
+        assert_eq!(table.get(Proto::Tcp, 6001), policy::PROTECTED);
+        assert_eq!(table.flagged(), 2, "nothing else: it opens no port");
     }
 
     #[test]

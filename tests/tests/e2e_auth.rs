@@ -562,56 +562,6 @@ fn the_stock_knock_client_opens_static_doors_over_udp_and_tcp() {
     }
 }
 
-/// Migration: `knockctl import` turns Debian's own /etc/knockd.conf (from
-/// the knockd package, installed by setup) into knockd.yaml; knockd runs
-/// it, and the stock `knock` client opens its doors with the sequences the
-/// old configuration had.
-#[test]
-fn a_classic_knockd_conf_imports_and_the_stock_client_opens_it() {
-    require_privileges!();
-    let classic = std::path::Path::new("/etc/knockd.conf");
-    assert!(
-        classic.exists(),
-        "/etc/knockd.conf is missing: `cargo xtask setup` installs Debian's knockd"
-    );
-    let testbed = Testbed::new();
-    let (server, client, _) = addrs::family(false);
-    testbed.server.run(|| {
-        for port in [22, 443] {
-            probe::echo_server(SocketAddr::new(server, port));
-        }
-    });
-    let out = std::process::Command::new(knockd_tests::knockctl_bin())
-        .arg("import")
-        .arg(classic)
-        .output()
-        .unwrap();
-    let notes = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{notes}");
-    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!("knockctl import /etc/knockd.conf:\n{yaml}{notes}");
-    assert!(notes.contains("command not run"), "{notes}");
-    let config = yaml.replace(
-        "interfaces: [eth0]",
-        &format!("interfaces: [{}]", testbed.server_if),
-    );
-    let _daemon = Daemon::start(&testbed.server, &config);
-    let parsed = knockd::config::Config::parse(&yaml, std::path::Path::new("i.yaml")).unwrap();
-    for door in parsed.doors.values() {
-        let to = SocketAddr::new(server, door.service_port);
-        assert_eq!(connect(&testbed.client, client, to), Outcome::Silent);
-        let knocks: Vec<String> = door
-            .static_door()
-            .unwrap()
-            .sequence
-            .iter()
-            .map(|k| k.to_string())
-            .collect();
-        let knocks: Vec<&str> = knocks.iter().map(String::as_str).collect();
-        stock_knock_opens(&testbed, (server, client), to, &knocks);
-    }
-}
-
 #[test]
 fn check_config_names_an_unsafe_key_file() {
     require_privileges!();

@@ -55,8 +55,9 @@ enum Command {
     #[command(subcommand)]
     Profile(ProfileCommand),
     /// Turn a classic knockd configuration (knockd.conf) into static doors:
-    /// prints knockd.yaml, and on stderr what it guessed and what it could
-    /// not carry over (shell commands, close sections).
+    /// prints knockd.yaml, and on stderr one report per section (the door
+    /// it became, an action door for a command that is not a firewall
+    /// rule, or why it was skipped), naming its line.
     Import {
         /// The knockd.conf to read.
         #[arg(default_value = "/etc/knockd.conf")]
@@ -533,7 +534,12 @@ fn print_grants(grants: &Vec<GrantView>) {
             g.door,
             g.device.as_deref().unwrap_or("-"),
             g.source.to_string(),
-            g.port,
+            // An action door's grant opens no port.
+            if g.port == 0 {
+                "-".to_owned()
+            } else {
+                g.port.to_string()
+            },
             if g.lease { "yes" } else { "no" },
             g.secs_left,
             g.rotations

@@ -332,8 +332,10 @@ pub struct Allow {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDoor {
     /// The TCP port of the service behind the door (sshd's 22, say). It is
-    /// protected: reachable only through a grant.
-    pub service_port: u16,
+    /// protected: reachable only through a grant. A static door may leave
+    /// it out to be an action door: its grant opens no port and only runs
+    /// its hooks (classic knockd's sections that wake or start something).
+    pub service_port: Option<u16>,
     /// `one_time` (default) or `static`.
     #[serde(default)]
     pub mode: DoorMode,
@@ -471,8 +473,9 @@ impl RawDoor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Door {
     /// The TCP port of the service behind the door: reachable only through
-    /// a grant, unless `expose_service_port`.
-    pub service_port: u16,
+    /// a grant, unless `expose_service_port`. `None` for an action door,
+    /// whose grant opens nothing and runs its hooks (static doors only).
+    pub service_port: Option<u16>,
     pub expose_service_port: bool,
     /// Seconds a grant admits new connections.
     pub open_for_secs: u32,
@@ -542,13 +545,25 @@ impl OneTimeDoor {
 impl Door {
     /// The ports this door's grants land on: a one-time door's whole
     /// `grant_ports` range (a lease's earlier ports after a rotation too),
-    /// a static door's service port. What a revoke, a session cap and the
-    /// grant table look at.
+    /// a static door's service port, none for an action door. What a
+    /// revoke, a session cap and the grant table look at.
     pub fn grant_ports(&self) -> std::ops::RangeInclusive<u16> {
-        match &self.kind {
-            DoorKind::OneTime(o) => o.grant_ports.start..=o.grant_ports.end,
-            DoorKind::Static(_) => self.service_port..=self.service_port,
+        match (&self.kind, self.service_port) {
+            (DoorKind::OneTime(o), _) => o.grant_ports.start..=o.grant_ports.end,
+            (DoorKind::Static(_), Some(port)) => port..=port,
+            #[expect(
+                clippy::reversed_empty_ranges,
+                reason = "empty on purpose: an action door admits no connection"
+            )]
+            (DoorKind::Static(_), None) => 1..=0,
         }
+    }
+
+    /// The service port a grant lets connections reach, when the door
+    /// guards one and does not leave it exposed: the port the guard drops,
+    /// sessions are capped on and conflicting rules are looked for.
+    pub fn guarded_port(&self) -> Option<u16> {
+        self.service_port.filter(|_| !self.expose_service_port)
     }
 
     /// The one-time settings, for a one-time door.
@@ -1127,6 +1142,18 @@ mod tests {
         assert_eq!(e, "doors.vpn.knocks: 17 is not in 1-16");
         let e = with("  vpn: { service_port: 1194, step_secs: 1 }\n");
         assert_eq!(e, "doors.vpn.step_secs: 1 is not in 5-3600");
+        let e = with("  vpn: { knocks: 3 }\n");
+        assert!(
+            e.starts_with("doors.vpn.service_port: missing: a one-time door opens a service"),
+            "{e}"
+        );
+        let e = with("  vpn: { mode: static, sequence: [\"5000:udp\"] }\n");
+        assert!(e.contains("needs hooks.on_open to run"), "{e}");
+        let e = with(
+            "  vpn: { mode: static, sequence: [\"5000:udp\"], \
+             hooks: { on_close: [/bin/true], user: root } }\n",
+        );
+        assert!(e.contains("needs hooks.on_open to run"), "{e}");
         let e = with("  vpn: { service_port: 0 }\n");
         assert_eq!(e, "doors.vpn.service_port: port 0 is not in 1-65535");
         let e = with("  vpn: { service_port: 22, knock_ports: \"9000-9100\" }\n");

@@ -118,19 +118,39 @@ impl Config<RawDoor> {
         for (name, door) in &self.doors {
             let key = |field: &str| format!("doors.{name}.{field}");
             validate_name(name, DOOR_NAME_MAX, &format!("doors.{name}"))?;
-            if door.service_port == 0 {
-                return Err(Error::invalid(
+            match door.service_port {
+                Some(0) => {
+                    return Err(Error::invalid(
+                        key("service_port"),
+                        "port 0 is not in 1-65535",
+                    ));
+                }
+                Some(port) => claim(
+                    KnockPort {
+                        port,
+                        proto: Proto::Tcp,
+                    },
                     key("service_port"),
-                    "port 0 is not in 1-65535",
-                ));
+                )?,
+                // An action door: it opens nothing, so what it does is its
+                // hooks, and only a static door's knock needs no reply
+                // naming a port.
+                None if door.mode == DoorMode::OneTime => {
+                    return Err(Error::invalid(
+                        key("service_port"),
+                        "missing: a one-time door opens a service (a door without one, which \
+                         only runs its hooks, must be mode: static)",
+                    ));
+                }
+                None if door.hooks.as_ref().is_none_or(|h| h.on_open.is_empty()) => {
+                    return Err(Error::invalid(
+                        key("service_port"),
+                        "missing: a door without a service port opens nothing, so it needs \
+                         hooks.on_open to run",
+                    ));
+                }
+                None => {}
             }
-            claim(
-                KnockPort {
-                    port: door.service_port,
-                    proto: Proto::Tcp,
-                },
-                key("service_port"),
-            )?;
             check_bounds(&key("open_for_secs"), door.open_for_secs, 1, 86_400)?;
             check_bounds(
                 &key("max_session_secs"),

@@ -241,7 +241,8 @@ pub struct GrantView {
     /// adopted after a restart.
     pub device: Option<String>,
     pub source: IpAddr,
-    /// The granted port (a static door's: its service port).
+    /// The granted port (a static door's: its service port; 0 for an
+    /// action door's grant, which opens none).
     pub port: u16,
     /// Whether heartbeats keep it alive.
     pub lease: bool,

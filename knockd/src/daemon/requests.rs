@@ -49,15 +49,16 @@ pub enum RequestError {
 
 impl Daemon {
     /// The flows a door admits for `source`: through its grant range to
-    /// the service (one-time), or to the service port itself (static).
-    fn door_cut(door: &Door, source: IpAddr) -> cut::Cut {
-        cut::Cut {
+    /// the service (one-time), or to the service port itself (static);
+    /// none through an action door, which admits no connection.
+    fn door_cut(door: &Door, source: IpAddr) -> Option<cut::Cut> {
+        Some(cut::Cut {
             source,
             // Every port of the range: connections made through ports the
             // grant held before a rotation too.
             ports: door.grant_ports(),
-            service_port: door.service_port,
-        }
+            service_port: door.service_port?,
+        })
     }
 
     /// The grants a revoke of `target` ends, as (door, source): those of
@@ -106,11 +107,16 @@ impl Daemon {
             if by_ip.is_none()
                 && let Some(d) = self.config.doors.get(&door)
             {
-                cuts.push(Self::door_cut(d, source));
+                cuts.extend(Self::door_cut(d, source));
             }
         }
         if let Some(ip) = by_ip {
-            cuts.extend(self.config.doors.values().map(|d| Self::door_cut(d, ip)));
+            cuts.extend(
+                self.config
+                    .doors
+                    .values()
+                    .filter_map(|d| Self::door_cut(d, ip)),
+            );
         }
         if grants == 0 && by_ip.is_none() && !self.engine.knows_device(target) {
             return Err(RequestError::UnknownTarget(target.to_owned()));

@@ -55,14 +55,14 @@ fn doors(config: &Config) -> Vec<(String, cut::DoorPorts, u32)> {
         .doors
         .iter()
         // An exposed service port admits anyone without a grant, so its
-        // connections are not sessions a grant let in.
-        .filter(|(_, d)| !d.expose_service_port)
-        .map(|(name, d)| {
+        // connections are not sessions a grant let in; an action door
+        // lets in none.
+        .filter_map(|(name, d)| {
             let scope = cut::DoorPorts {
                 ports: d.grant_ports(),
-                service_port: d.service_port,
+                service_port: d.guarded_port()?,
             };
-            (name.clone(), scope, d.max_session_secs)
+            Some((name.clone(), scope, d.max_session_secs))
         })
         .collect()
 }

@@ -67,6 +67,11 @@ struct World {
 
 impl World {
     fn new(top: &str, extra: &str) -> World {
+        World::from_yaml(&yaml(top, extra))
+    }
+
+    /// A daemon on `yaml`, whose `/k/` key files are written for it.
+    fn from_yaml(yaml: &str) -> World {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         for id in ["laptop", "phone"] {
@@ -75,7 +80,7 @@ impl World {
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         let path = dir.path().join("knockd.yaml");
-        let text = in_dir(&yaml(top, extra), dir.path());
+        let text = in_dir(yaml, dir.path());
         std::fs::write(&path, &text).unwrap();
         let config = Config::parse(&text, &path).unwrap();
         let devices = devices(&config);
@@ -785,6 +790,48 @@ fn hooks_run_after_an_open_and_when_the_grant_ends_with_its_facts() {
             (HookEvent::Close, ip(OTHER)),
         ]
     );
+}
+
+#[test]
+fn an_action_door_opens_nothing_and_runs_its_hooks_until_open_for_has_passed() {
+    let mut w = World::from_yaml(&format!(
+        "{}  wake: {{ mode: static, sequence: [\"6100:udp\"], open_for_secs: 5, \
+         hooks: {{ on_open: [/srv/wake, \"%IP%\"], on_close: [/srv/sleep], user: nobody }} }}\n",
+        yaml("", "")
+    ));
+    w.send(CLIENT, 6100, b"");
+    let kernel = w.kernel();
+    assert!(
+        kernel.elements.is_empty() && kernel.allowed.is_empty(),
+        "no port opened"
+    );
+    assert_eq!(kernel.hooks.len(), 1);
+    let run = kernel.hooks[0].clone();
+    assert_eq!((run.event, run.door.as_str()), (HookEvent::Open, "wake"));
+    assert_eq!(run.argv().unwrap(), ["/srv/wake", "198.18.0.2"]);
+    assert!(
+        run.env().contains(&("KNOCKD_PORT", String::new())),
+        "no port to tell"
+    );
+    // The sequence again renews the grant and runs the open hook again,
+    // as classic knockd runs its start command on each sequence.
+    w.later(Duration::from_secs(3));
+    w.send(CLIENT, 6100, b"");
+    let now = w.later(Duration::from_secs(4));
+    w.daemon.tick(now).unwrap();
+    assert_eq!(w.kernel().hooks.len(), 2, "5 s since the last: not over");
+    let now = w.later(Duration::from_secs(2));
+    w.daemon.tick(now).unwrap();
+    let runs: Vec<HookEvent> = w.kernel().hooks.iter().map(|r| r.event).collect();
+    assert_eq!(runs, [HookEvent::Open, HookEvent::Open, HookEvent::Close]);
+    // A revoke of the address ends it too, and cuts nothing for it.
+    w.send(CLIENT, 6100, b"");
+    let answer = w.request(Command::Revoke {
+        target: "198.18.0.2".into(),
+    });
+    assert!(answer.ok, "{answer:?}");
+    assert_eq!(w.kernel().hooks.last().unwrap().event, HookEvent::Close);
+    assert!(w.daemon.grant_views().is_empty());
 }
 
 #[test]
