@@ -1039,6 +1039,25 @@ mod tests {
     fn example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/knockd.example.yaml");
         Config::load(&path).unwrap();
+        // Its commented doors (a static one, an action door) hold too.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("  # ") {
+                Some(rest)
+                    if rest.starts_with("  ") || (rest.ends_with(':') && !rest.contains(' ')) =>
+                {
+                    format!("  {rest}\n")
+                }
+                _ => format!("{line}\n"),
+            })
+            .collect();
+        let config = Config::parse(&uncommented, &path).unwrap();
+        assert_eq!(
+            config.doors.keys().collect::<Vec<_>>(),
+            ["legacy", "ssh", "wake"]
+        );
+        assert_eq!(config.doors["wake"].service_port, None);
     }
 
     #[test]
