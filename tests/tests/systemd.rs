@@ -23,6 +23,8 @@ use knockd_tests::{
 
 const SSH: u16 = 22;
 const LEGACY: u16 = 2222;
+/// Where the test's hook writes, inside the machine.
+const HOOK_DIR: &str = "/run/knockd-hook-test";
 
 /// The two packages `cargo xtask test` builds: the version, and the same
 /// with a bumped version, for the upgrade.
@@ -124,7 +126,9 @@ fn the_package_lives_its_whole_life_under_a_real_systemd() {
         "interfaces: [{}]\nxdp_mode: native\nbpffs_dir: {bpffs_dir}\n\
          devices_dir: /etc/knockd/devices.d\n\
          doors:\n  ssh: {{ service_port: {SSH}, allow: {{ groups: [admins] }} }}\n  \
-         legacy: {{ service_port: {LEGACY}, mode: static, sequence: [\"6000:udp\", \"6001:udp\"] }}\n",
+         legacy: {{ service_port: {LEGACY}, mode: static, sequence: [\"6000:udp\", \"6001:udp\"] }}\n  \
+         wake: {{ mode: static, sequence: [\"6100:udp\"], hooks: {{ user: nobody, \
+         on_open: [/bin/sh, -c, \"id -u > {HOOK_DIR}/woken\"] }} }}\n",
         testbed.server_if
     );
     machine.write("/etc/knockd/knockd.yaml", &config, 0o600);
@@ -236,6 +240,56 @@ fn the_package_lives_its_whole_life_under_a_real_systemd() {
         "{grants}"
     );
     assert_eq!(connect(port), Outcome::Answered);
+
+    // Hooks: under the shipped unit they fail (no CAP_SETUID/SETGID, a
+    // read-only file system), logged and counted; with the README's
+    // drop-in they run as their user.
+    machine.ok(&format!("mkdir -m 0777 {HOOK_DIR}"));
+    let wake = || {
+        sh(testbed
+            .client
+            .command("knock")
+            .args([&server.to_string(), "-u", "6100"]))
+    };
+    let hooks = |field: &str| {
+        let status = machine.ok("knockctl status --json");
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        status["decisions"][field].as_u64().unwrap_or(0)
+    };
+    wake();
+    wait_until("the hook to fail", Duration::from_secs(10), || {
+        hooks("hooks_failed") == 1
+    });
+    machine.ok(&format!("test ! -e {HOOK_DIR}/woken"));
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let drop_in = readme
+        .split("## Hooks")
+        .nth(1)
+        .and_then(|hooks| hooks.split("```ini\n").nth(1))
+        .and_then(|ini| ini.split("```").next())
+        .expect("the README's hooks drop-in")
+        .replace("/the/paths/your/hooks/write", HOOK_DIR);
+    machine.write(
+        "/etc/systemd/system/knockd.service.d/hooks.conf",
+        &drop_in,
+        0o644,
+    );
+    machine.ok("systemctl daemon-reload");
+    machine.ok("systemctl restart knockd");
+    wake();
+    wait_until("the hook to run", Duration::from_secs(10), || {
+        machine
+            .sh(&format!("test -s {HOOK_DIR}/woken"))
+            .status
+            .success()
+    });
+    assert_eq!(
+        machine.ok(&format!("cat {HOOK_DIR}/woken")).trim(),
+        "65534",
+        "the hook runs as nobody"
+    );
+    assert_eq!(hooks("hooks_failed"), 0, "a fresh daemon, no failure");
 
     // Stopping leaves the guard: the table, the pins, the silence.
     machine.ok("systemctl stop knockd");
