@@ -11,13 +11,14 @@
 //! knock (TCP unless `:udp`), `seq_timeout` (25 s when absent),
 //! `cmd_timeout` (10 s when a `stop_command` closes the port) as the time
 //! a grant admits new connections, the `Interface` option, and the service
-//! port, read from the section's firewall command: iptables (`--dport`,
+//! port and its protocol (a UDP service becomes a UDP door), read from the
+//! section's firewall command: iptables (`--dport`,
 //! `--dport=`, service names from /etc/services, `-D ... -j DROP` which
 //! opens by deleting a drop), nftables (`dport 22`, `{ %IP% . 22 }`), ufw
 //! (`allow from %IP% to any port 22`, `allow 2222/tcp`) and knock_add
 //! (`-d 443`). What cannot, and is said so: a section that takes access
-//! away (knockd's grants close by themselves), one that opens a UDP
-//! service or several ports, one whose knock ports another door uses
+//! away (knockd's grants close by themselves), one that opens several
+//! ports, one whose knock ports another door uses
 //! (knockd judges a knock port for one door), `one_time_sequences`,
 //! `target`, TCP flags other than a bare SYN, and a key classic knockd
 //! does not know (it refuses the file).
@@ -597,14 +598,8 @@ fn door(
             ports,
             proto,
             everyone,
-        }) => match (ports.as_slice(), proto) {
-            ([port], Proto::Tcp) => Some((*port, everyone)),
-            (_, Proto::Udp) => {
-                return Err(format!(
-                    "it opens UDP port(s) {ports:?}: knockd's doors open TCP services only, so \
-                     this UDP service would be neither protected nor opened"
-                ));
-            }
+        }) => match ports.as_slice() {
+            [port] => Some((*port, proto, everyone)),
             _ => {
                 return Err(format!(
                     "it opens several ports ({ports:?}): a knockd door opens one service port; \
@@ -631,11 +626,10 @@ fn door(
     }
     let seq_timeout = seq_timeout(section, notes)?;
     let door = match opens {
-        Some((port, everyone)) => service_door(
+        Some((port, proto, everyone)) => service_door(
             section,
             command,
-            port,
-            everyone,
+            (port, proto, everyone),
             &knocks,
             seq_timeout,
             notes,
@@ -655,21 +649,22 @@ fn door(
     Ok((door, knocks))
 }
 
-/// A section whose command opens TCP `port`, as a static door on that
-/// service port: knockd opens it itself, so the command is not run.
+/// A section whose command opens `port` of `proto` (to everyone when the
+/// rule names no %IP%), as a static door on that service port: knockd
+/// opens it itself, so the command is not run.
 fn service_door(
     section: &Section,
     command: &str,
-    port: u16,
-    everyone: bool,
+    (port, proto, everyone): (u16, Proto, bool),
     knocks: &[KnockPort],
     seq_timeout: u32,
     notes: &mut Vec<String>,
 ) -> Result<String, String> {
-    let mut door = format!(
-        "    mode: static\n    service_port: {port}\n{}",
-        knocks_yaml(knocks, seq_timeout)
-    );
+    let mut door = format!("    mode: static\n    service_port: {port}\n");
+    if proto == Proto::Udp {
+        door.push_str("    service_protocol: udp\n");
+    }
+    door.push_str(&knocks_yaml(knocks, seq_timeout));
     match section.get("stop_command") {
         Some(stop) => {
             let secs = cmd_timeout(section)?;
@@ -687,10 +682,17 @@ fn service_door(
                 .into(),
         ),
     }
-    notes.push(format!(
-        "command not run ({command:?}): knockd opens TCP port {port} for the knocking source \
-         itself, in XDP and nftables"
-    ));
+    notes.push(match proto {
+        Proto::Tcp => format!(
+            "command not run ({command:?}): knockd opens TCP port {port} for the knocking \
+             source itself, in XDP and nftables"
+        ),
+        Proto::Udp => format!(
+            "command not run ({command:?}): a UDP door; knockd opens UDP port {port} for the \
+             knocking source itself, in nftables, and flows it let in carry on after \
+             open_for_secs until they go quiet or are revoked"
+        ),
+    });
     if everyone {
         notes.push(format!(
             "its rule opened port {port} to everyone once anyone knocked (it names no %IP%); \
@@ -906,14 +908,19 @@ mod tests {
     }
 
     #[test]
-    fn a_udp_service_is_skipped_not_turned_into_a_tcp_door() {
+    fn a_udp_service_becomes_a_udp_door() {
         let (imported, config) = imported(
             "[wireguard]\n sequence = 4000,5000\n \
-             command = iptables -I INPUT -s %IP% -p udp --dport 51820 -j ACCEPT\n",
+             command = iptables -I INPUT -s %IP% -p udp --dport 51820 -j ACCEPT\n\
+             [openvpn]\n sequence = 4001,5001\n command = ufw allow from %IP% to any port 1194 proto udp\n",
         );
-        assert!(config.doors.is_empty());
-        assert_eq!(imported.doors, 0);
-        assert_notes(&imported, &["it opens UDP port(s) [51820]"]);
+        assert_eq!(imported.doors, 2);
+        let door = &config.doors["wireguard"];
+        assert_eq!(door.service_port, Some(51820));
+        assert_eq!(door.service_protocol, Proto::Udp, "not a TCP door");
+        assert_eq!(door.udp_service_port(), Some(51820));
+        assert_eq!(config.doors["openvpn"].service_protocol, Proto::Udp);
+        assert_notes(&imported, &["a UDP door; knockd opens UDP port 51820"]);
     }
 
     #[test]

@@ -98,11 +98,15 @@ pub enum Error {
 /// Which flows to cut: TCP from `source` to one of `ports`, that conntrack
 /// sends on to `service_port` (the redirect a grant sets up; for a static
 /// door, where nothing is redirected, `ports` is the service port itself).
+/// With `udp` (a UDP door's), UDP flows from `source` to `service_port`:
+/// only their conntrack entries go, since a UDP service's one socket
+/// serves every peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cut {
     pub source: IpAddr,
     pub ports: RangeInclusive<u16>,
     pub service_port: u16,
+    pub udp: bool,
 }
 
 /// One flow as conntrack reports it.
@@ -130,6 +134,12 @@ const TCP_CLOSE: u8 = 8;
 
 impl Cut {
     fn matches(&self, flow: &Flow) -> bool {
+        if self.udp {
+            return flow.source == self.source
+                && flow.protocol == libc::IPPROTO_UDP as u8
+                && flow.dport == self.service_port
+                && flow.local.port() == self.service_port;
+        }
         flow.source == self.source && self.scope().admitted(flow)
     }
 
@@ -417,13 +427,13 @@ impl Session {
             doomed: Doomed {
                 family: NetfilterProtoFamily::IPv4,
                 key: Vec::new(),
-                socket: InetRequest {
+                socket: Some(InetRequest {
                     family: libc::AF_INET as u8,
                     protocol: libc::IPPROTO_TCP as u8,
                     extensions: ExtensionFlags::empty(),
                     states: StateFlags::empty(),
                     socket_id: SocketId::new_v4(),
-                },
+                }),
             },
         }
     }
@@ -449,8 +459,9 @@ pub struct Ended {
 struct Doomed {
     family: NetfilterProtoFamily,
     key: Vec<ConntrackAttribute>,
-    /// The service's socket of the flow.
-    socket: InetRequest,
+    /// The service's socket of the flow (none for a UDP flow: the
+    /// service's socket is everyone's).
+    socket: Option<InetRequest>,
 }
 
 /// What [`adopt`] did.
@@ -545,10 +556,69 @@ fn conntrack_new(peer: SocketAddr, local: SocketAddr) -> NetfilterMessage {
 /// aborts its local socket, then deletes its conntrack entry. A flow that
 /// ended on its own meanwhile is not counted.
 pub fn connections(cuts: &[Cut]) -> Result<Ended, Error> {
-    if cuts.is_empty() {
-        return Ok(Ended::default());
+    let (udp, tcp): (Vec<Cut>, Vec<Cut>) = cuts.iter().cloned().partition(|c| c.udp);
+    let mut ended = Ended::default();
+    if !tcp.is_empty() {
+        ended = with_sockets(|diag, conntrack| cut_on(diag, conntrack, &tcp))?;
     }
-    with_sockets(|diag, conntrack| cut_on(diag, conntrack, cuts))
+    if !udp.is_empty() {
+        let (flows, more_left) = with_sockets(|_, conntrack| cut_udp_on(conntrack, &udp))?;
+        ended.flows += flows;
+        ended.more_left |= more_left;
+    }
+    Ok(ended)
+}
+
+/// Deletes the conntrack entries of the UDP flows `cuts` describe. UDP has
+/// no connected socket per peer to look them up by, so the table of each
+/// source's family is walked (at most `MAX_FLOWS` matches a call). Returns
+/// the entries deleted, and whether more matched.
+fn cut_udp_on(socket: &mnl::Socket, cuts: &[Cut]) -> Result<(usize, bool), Error> {
+    let what = "listing UDP flows (conntrack)";
+    let mut families: Vec<NetfilterProtoFamily> = Vec::new();
+    for cut in cuts {
+        let family = family_of(cut.source);
+        if !families.contains(&family) {
+            families.push(family);
+        }
+    }
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let mut doomed = Vec::new();
+    for (seq, family) in (1 << 22..).zip(families) {
+        let request = conntrack(family, ConntrackMessage::Get(Vec::new()));
+        socket
+            .send(&encode(request, NLM_F_REQUEST | NLM_F_DUMP, seq))
+            .map_err(|source| Error::Send { what, source })?;
+        'dump: loop {
+            let n = socket
+                .recv_raw(&mut buffer)
+                .map_err(|source| Error::Receive { what, source })?;
+            if n == 0 {
+                break;
+            }
+            for reply in messages(&buffer[..n]) {
+                match reply {
+                    Ok(Reply::Entry(attributes)) => {
+                        if doomed.len() < MAX_FLOWS
+                            && flow_of(&attributes)
+                                .is_some_and(|f| cuts.iter().any(|c| c.matches(&f)))
+                        {
+                            doomed.push(Doomed {
+                                family,
+                                key: delete_key(&attributes),
+                                socket: None,
+                            });
+                        }
+                    }
+                    Ok(Reply::Done) => break 'dump,
+                    Ok(Reply::Ack | Reply::Other) => {}
+                    Err(source) => return Err(Error::Refused { what, source }),
+                }
+            }
+        }
+    }
+    let doomed: Vec<&Doomed> = doomed.iter().collect();
+    Ok((delete_entries(socket, &doomed)?, doomed.len() == MAX_FLOWS))
 }
 
 thread_local! {
@@ -806,7 +876,7 @@ fn matching_flows<T>(
                                 Doomed {
                                     family,
                                     key,
-                                    socket: service.id.clone(),
+                                    socket: Some(service.id.clone()),
                                 },
                             ));
                         }
@@ -862,7 +932,8 @@ const TCP_LISTEN: u8 = 10;
 fn abort_sockets(socket: &mnl::Socket, doomed: &[&Doomed]) -> Result<usize, Error> {
     let what = "aborting the service's socket (sock_diag)";
     let mut aborted = 0;
-    for (seq, Doomed { socket: id, .. }) in (100..).zip(doomed) {
+    let ids = doomed.iter().filter_map(|d| d.socket.as_ref());
+    for (seq, id) in (100..).zip(ids) {
         let message = SockDiagDestroy::new(SockDiagMessage::InetRequest(id.clone()));
         if acknowledged(socket, message, 0, seq, what, GONE)? {
             aborted += 1;
@@ -944,11 +1015,27 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_cut_matches_the_sources_udp_flows_to_the_service_port() {
+        let cut = Cut {
+            source: "198.18.0.2".parse().unwrap(),
+            ports: 51820..=51820,
+            service_port: 51820,
+            udp: true,
+        };
+        let yes = |a: Vec<ConntrackAttribute>| cut.matches(&flow_of(&a).unwrap());
+        assert!(yes(entry("198.18.0.2", Protocol::Udp, 51820, 51820)));
+        assert!(!yes(entry("198.18.0.3", Protocol::Udp, 51820, 51820)));
+        assert!(!yes(entry("198.18.0.2", Protocol::Tcp, 51820, 51820)));
+        assert!(!yes(entry("198.18.0.2", Protocol::Udp, 51821, 51821)));
+    }
+
+    #[test]
     fn only_redirected_flows_of_the_source_match() {
         let cut = Cut {
             source: "198.18.0.2".parse().unwrap(),
             ports: 40000..=40999,
             service_port: 22,
+            udp: false,
         };
         let yes = |a: Vec<ConntrackAttribute>| cut.matches(&flow_of(&a).unwrap());
         assert!(yes(entry("198.18.0.2", Protocol::Tcp, 40500, 22)));

@@ -63,6 +63,9 @@ struct DoorGrants {
     range: RangeInclusive<u16>,
     /// 0 for an action door, which has none.
     service_port: u16,
+    /// Whether the service is UDP (a static door's): its grant is an
+    /// element of the UDP static set, and XDP is not involved.
+    udp: bool,
     open_for: Duration,
     lease_idle: Duration,
     rotate_every: Option<Duration>,
@@ -105,6 +108,9 @@ pub struct Grant {
     /// rotated on its own would give the fleet two ports for one grant).
     #[serde(skip)]
     pub remote: bool,
+    /// Whether it admits to a UDP service (a UDP door's).
+    #[serde(skip)]
+    pub udp: bool,
     /// When this grant of this source began (Unix ms; 0 when not known:
     /// one restored after a restart). Heartbeats and rotations keep it;
     /// fleet mode publishes it, so a revoke ends only grants opened
@@ -241,6 +247,7 @@ impl Grants {
                         kind: GrantKind::Redirect,
                         range: d.grant_ports(),
                         service_port: d.service_port.unwrap_or_default(),
+                        udp: false,
                         open_for,
                         lease_idle: secs(o.lease_idle_secs),
                         rotate_every: (o.rotate_every_secs > 0).then(|| secs(o.rotate_every_secs)),
@@ -254,6 +261,7 @@ impl Grants {
                         },
                         range: d.grant_ports(),
                         service_port: d.service_port.unwrap_or_default(),
+                        udp: d.udp_service_port().is_some(),
                         open_for,
                         lease_idle: open_for,
                         rotate_every: None,
@@ -270,7 +278,19 @@ impl Grants {
             doors: Vec::new(),
             interfaces: config.interfaces.clone(),
             guarded_tcp: protected.protected_ranges(Proto::Tcp),
-            guarded_udp: protected.protected_ranges(Proto::Udp),
+            // UDP doors' service ports too: XDP passes them to this table,
+            // whose conntrack tells a granted flow's datagrams from new ones.
+            guarded_udp: protected
+                .protected_ranges(Proto::Udp)
+                .into_iter()
+                .chain(
+                    config
+                        .doors
+                        .values()
+                        .filter_map(|d| d.udp_service_port())
+                        .map(|port| port..=port),
+                )
+                .collect(),
             dark: (config.closed_ports == crate::config::ClosedPorts::Drop)
                 .then(|| config.public.udp.iter().map(|r| r.start..=r.end).collect()),
         };
@@ -358,6 +378,8 @@ impl Grants {
                             next_rotation: None,
                             retired: Vec::new(),
                             remote: false,
+                            // Redirect grants (the only ones listed) are TCP.
+                            udp: false,
                             opened_at_ms: 0,
                         },
                     );
@@ -391,6 +413,7 @@ impl Grants {
             };
             kernel.update_static_grant(
                 key,
+                g.udp,
                 Some(g.expires.saturating_duration_since(now)),
                 false,
             )?;
@@ -441,7 +464,11 @@ impl Grants {
                 // Live if the grant it replaces had not expired yet.
                 let exists = replace.is_some_and(|old| old.expires > now);
                 let timeout = grant.expires.saturating_duration_since(now);
-                kernel.update_static_grant(key, Some(timeout), exists)?;
+                kernel.update_static_grant(key, grant.udp, Some(timeout), exists)?;
+                if grant.udp {
+                    // XDP passes a UDP door's port: nftables alone admits.
+                    return Ok(());
+                }
             }
             // Nothing in the kernel: the hooks are the grant.
             GrantKind::Action => return Ok(()),
@@ -502,6 +529,7 @@ impl Grants {
                     next_rotation: None,
                     retired: Vec::new(),
                     remote: false,
+                    udp: settings.udp,
                     opened_at_ms: crate::proto::unix_ms(),
                 }
             }
@@ -571,7 +599,10 @@ impl Grants {
                     source: grant.source,
                     port: grant.port,
                 };
-                let _ = kernel.update_static_grant(key, None, grant.expires > now);
+                let _ = kernel.update_static_grant(key, grant.udp, None, grant.expires > now);
+                if grant.udp {
+                    return Ok(Some(grant));
+                }
             }
             GrantKind::Action => return Ok(Some(grant)),
         }
@@ -759,10 +790,9 @@ impl Grants {
         // those of doors that remain as they were carry over.
         for (key, grant) in &old.by_source {
             if grant.kind != GrantKind::Redirect
-                && self
-                    .doors
-                    .get(&key.0)
-                    .is_some_and(|d| d.kind == grant.kind && d.service_port == grant.port)
+                && self.doors.get(&key.0).is_some_and(|d| {
+                    d.kind == grant.kind && d.service_port == grant.port && d.udp == grant.udp
+                })
             {
                 self.by_source.insert(key.clone(), grant.clone());
             }
@@ -809,6 +839,7 @@ impl Grants {
             },
             retired: Vec::new(),
             remote: published.remote,
+            udp: false,
             opened_at_ms: published.opened_at_ms,
         };
         // Retired ports of the grant it replaces close now: the fleet

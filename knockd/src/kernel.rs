@@ -38,11 +38,13 @@ pub trait Kernel {
     fn table_exists(&mut self) -> Result<bool, nft::Error>;
     fn list_grants(&mut self, doors: &[&str]) -> Result<Vec<Element>, nft::Error>;
     fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), nft::Error>;
-    /// A static grant's element (`None`: remove it); `exists` says whether
-    /// it is live, as [`nft::update_static_grant`] needs to know.
+    /// A static grant's element (`None`: remove it), in the UDP set for a
+    /// UDP door; `exists` says whether it is live, as
+    /// [`nft::update_static_grant`] needs to know.
     fn update_static_grant(
         &mut self,
         key: GrantKey,
+        udp: bool,
         timeout: Option<Duration>,
         exists: bool,
     ) -> Result<(), nft::Error>;
@@ -197,10 +199,11 @@ impl Kernel for Real {
     fn update_static_grant(
         &mut self,
         key: GrantKey,
+        udp: bool,
         timeout: Option<Duration>,
         exists: bool,
     ) -> Result<(), nft::Error> {
-        nft::update_static_grant(key, timeout, exists)
+        nft::update_static_grant(key, udp, timeout, exists)
     }
     fn allow(
         &mut self,
@@ -302,7 +305,7 @@ mod fake {
     /// grants, `bound` ports, `probes`, `live` sessions) and may make the
     /// grant writes fail (`fail_grants`).
     pub struct Fake {
-        /// nftables grant elements: (door or "static", source, port).
+        /// nftables grant elements: (set: a door, or "static" / "static_udp"; source; port).
         pub elements: HashMap<(String, IpAddr, u16), Duration>,
         pub allowed: HashMap<(IpAddr, u16), Option<Duration>>,
         pub bound: HashSet<u16>,
@@ -416,11 +419,13 @@ mod fake {
         fn update_static_grant(
             &mut self,
             key: GrantKey,
+            udp: bool,
             timeout: Option<Duration>,
             _exists: bool,
         ) -> Result<(), nft::Error> {
             self.refuse()?;
-            let element = ("static".to_owned(), key.source, key.port);
+            let set = if udp { "static_udp" } else { "static" };
+            let element = (set.to_owned(), key.source, key.port);
             match timeout {
                 Some(t) => self.elements.insert(element, t),
                 None => self.elements.remove(&element),

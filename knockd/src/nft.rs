@@ -11,6 +11,9 @@
 //!   # static doors' grants: the service port itself, for one source
 //!   set static_ipv4_grants { type ipv4_addr . inet_service; flags timeout; }
 //!   set static_ipv6_grants { type ipv6_addr . inet_service; flags timeout; }
+//!   # UDP doors' grants (a WireGuard server's port, say)
+//!   set static_udp_ipv4_grants { type ipv4_addr . inet_service; flags timeout; }
+//!   set static_udp_ipv6_grants { type ipv6_addr . inet_service; flags timeout; }
 //!   chain prerouting { type nat hook prerouting priority dstnat; policy accept;
 //!     # per one-time door:
 //!     tcp dport START-END ip saddr . tcp dport @ssh4 dnat ip to ip daddr:SERVICE
@@ -24,7 +27,11 @@
 //!     ct status dnat accept            # redirected by a grant, above
 //!     ip saddr . tcp dport @static_ipv4_grants accept
 //!     ip6 saddr . tcp dport @static_ipv6_grants accept
-//!     # per range of protected ports, the same ports XDP protects:
+//!     ip saddr . udp dport @static_udp_ipv4_grants accept
+//!     ip6 saddr . udp dport @static_udp_ipv6_grants accept
+//!     # per range of protected ports, the same ports XDP protects, and
+//!     # UDP doors' service ports, which XDP passes (only conntrack, above,
+//!     # tells a datagram of a granted flow from a new one):
 //!     meta l4proto tcp tcp dport START-END drop
 //!     meta l4proto udp udp dport START-END drop
 //!     # a dark host (closed_ports: drop) only; its closed TCP ports are
@@ -85,6 +92,11 @@ const STATIC_SET6: &CStr = c"static_ipv6_grants";
 /// Same-batch ids of the static sets, above any door's (`set_id`).
 const STATIC_SET_ID4: u32 = 0x4000_0001;
 const STATIC_SET_ID6: u32 = 0x4000_0002;
+/// UDP doors' grants: (source, service port) admitted to a UDP service.
+const STATIC_UDP_SET4: &CStr = c"static_udp_ipv4_grants";
+const STATIC_UDP_SET6: &CStr = c"static_udp_ipv6_grants";
+const STATIC_UDP_SET_ID4: u32 = 0x4000_0003;
+const STATIC_UDP_SET_ID6: u32 = 0x4000_0004;
 /// Most grant elements per netlink message (each is under 100 bytes).
 const ELEMS_PER_MSG: usize = 256;
 /// Capacity hint for the grant sets.
@@ -168,14 +180,18 @@ fn set_name(door: &str, v6: bool) -> CString {
     CString::new(format!("{door}{}", if v6 { 6 } else { 4 })).expect("door names hold no NUL")
 }
 
-/// The static doors' grant set for one address family.
-fn static_set(v6: bool) -> (&'static CStr, u32) {
-    if v6 {
-        (STATIC_SET6, STATIC_SET_ID6)
-    } else {
-        (STATIC_SET4, STATIC_SET_ID4)
+/// The static doors' grant set for one protocol and address family.
+fn static_set(udp: bool, v6: bool) -> (&'static CStr, u32) {
+    match (udp, v6) {
+        (false, false) => (STATIC_SET4, STATIC_SET_ID4),
+        (false, true) => (STATIC_SET6, STATIC_SET_ID6),
+        (true, false) => (STATIC_UDP_SET4, STATIC_UDP_SET_ID4),
+        (true, true) => (STATIC_UDP_SET6, STATIC_UDP_SET_ID6),
     }
 }
+
+/// Every static set: TCP and UDP, each family.
+const STATIC_SETS: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (true, true)];
 
 /// Set ids tie rules to sets created in the same batch.
 fn set_id(door_index: usize, v6: bool) -> u32 {
@@ -596,10 +612,15 @@ fn guard_rules<'a>(chain: &'a Chain<'a>, table: &TableRules) -> Vec<Rule<'a>> {
     redirected.add_expr(&nft_expr!(cmp != 0u32));
     redirected.add_expr(&nft_expr!(verdict accept));
     rules.push(redirected);
-    for v6 in [false, true] {
-        let (set, id) = static_set(v6);
+    for (udp, v6) in STATIC_SETS {
+        let (set, id) = static_set(udp, v6);
         let mut rule = Rule::new(chain);
-        l4proto(&mut rule, libc::IPPROTO_TCP as u8);
+        let proto = if udp {
+            libc::IPPROTO_UDP
+        } else {
+            libc::IPPROTO_TCP
+        };
+        l4proto(&mut rule, proto as u8);
         grant_lookup(&mut rule, set, id, v6);
         rule.add_expr(&nft_expr!(verdict accept));
         rules.push(rule);
@@ -689,8 +710,8 @@ pub fn install(rules: &TableRules) -> Result<(), Error> {
             batch.add(&set, MsgType::Add);
         }
     }
-    for v6 in [false, true] {
-        let (name, id) = static_set(v6);
+    for (udp, v6) in STATIC_SETS {
+        let (name, id) = static_set(udp, v6);
         let set = GrantSet {
             name: name.to_owned(),
             id,
@@ -713,7 +734,7 @@ pub fn install(rules: &TableRules) -> Result<(), Error> {
     let wanted: Vec<CString> = doors
         .iter()
         .flat_map(|d| [set_name(&d.name, false), set_name(&d.name, true)])
-        .chain([STATIC_SET4.to_owned(), STATIC_SET6.to_owned()])
+        .chain(STATIC_SETS.map(|(udp, v6)| static_set(udp, v6).0.to_owned()))
         .collect();
     for name in list_sets()?.into_iter().filter(|n| !wanted.contains(n)) {
         let stale = GrantSet {
@@ -813,8 +834,9 @@ pub fn update_grants(add: &[Element], remove: &[Element]) -> Result<(), Error> {
     send_and_process(&batch.finalize(), "updating grants")
 }
 
-/// Admits `key.source` to the TCP port `key.port` itself (a static door's
-/// service port) for `timeout`, or, with `None`, ends that admission.
+/// Admits `key.source` to the TCP (or, `udp`, UDP) port `key.port` itself
+/// (a static door's service port) for `timeout`, or, with `None`, ends
+/// that admission.
 /// `exists` says whether the caller holds the element live: only then is
 /// it removed first (so its timeout restarts). A removal of an element
 /// that is not there fails the whole transaction, and the kernel's abort
@@ -823,10 +845,11 @@ pub fn update_grants(add: &[Element], remove: &[Element]) -> Result<(), Error> {
 /// alone.
 pub fn update_static_grant(
     key: GrantKey,
+    udp: bool,
     timeout: Option<Duration>,
     exists: bool,
 ) -> Result<(), Error> {
-    let (set, _) = static_set(key.source.is_ipv6());
+    let (set, _) = static_set(udp, key.source.is_ipv6());
     let elem = [(set.to_owned(), key, timeout.unwrap_or_default(), None)];
     let batch_of = |remove: bool| {
         let mut batch = Batch::new();

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use knockd::{
     classic::{self, Services},
-    config::Config,
+    config::{Config, Proto},
 };
 
 /// A section as this test reads it: keys lower-cased, the line of its
@@ -145,7 +145,17 @@ fn every_corpus_file_imports_faithfully_or_says_why_per_section() {
                 .or(keys.get("command"))
                 .expect("a door has a command");
             match door.service_port {
-                Some(_) => assert_eq!(door.service_port, port(command), "{name}: {command}"),
+                Some(_) => {
+                    assert_eq!(door.service_port, port(command), "{name}: {command}");
+                    let udp = command.contains("-p udp")
+                        || command.contains("/udp")
+                        || command.contains("proto udp");
+                    assert_eq!(
+                        door.service_protocol == Proto::Udp,
+                        udp,
+                        "{name}: {command}"
+                    );
+                }
                 // An action door: a command that is no firewall rule, run
                 // as classic knockd ran it, and its stop command at the end.
                 None => {

@@ -73,6 +73,18 @@ pub fn udp_send(from: SocketAddr, to: SocketAddr, payloads: &[impl AsRef<[u8]>])
     }
 }
 
+/// A UDP service that answers every datagram with its payload, on its own
+/// thread, for as long as the process lives.
+pub fn udp_echo_server(addr: SocketAddr) {
+    let socket = UdpSocket::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+}
+
 /// A TCP listener that echoes every byte back, on its own thread, for as
 /// long as the process lives. Returns the bound address.
 pub fn echo_server(addr: SocketAddr) -> SocketAddr {

@@ -9,7 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -30,17 +30,6 @@ const UNLISTED_TCP: u16 = 8080;
 const UNLISTED_UDP: u16 = 5301;
 /// Nothing listens.
 const CLOSED: u16 = 9999;
-
-/// A UDP service that answers every datagram with its payload.
-fn udp_echo(addr: SocketAddr) {
-    let socket = UdpSocket::bind(addr).unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0; 2048];
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(&buf[..n], from);
-        }
-    });
-}
 
 /// nmap from the client namespace: every port it saw in a state other
 /// than the one it leaves out as "ignored", and that ignored state with
@@ -82,7 +71,7 @@ fn dark_host(v6: bool) {
             probe::echo_server(SocketAddr::new(server, port));
         }
         for port in [PUBLIC_UDP, UNLISTED_UDP] {
-            udp_echo(SocketAddr::new(server, port));
+            probe::udp_echo_server(SocketAddr::new(server, port));
         }
     });
     let targeted =
@@ -190,7 +179,7 @@ fn dark_host(v6: bool) {
     let (_, client, _) = addrs::family(v6);
     bed.testbed.client.run(|| {
         probe::echo_server(SocketAddr::new(client, 7777));
-        udp_echo(SocketAddr::new(client, 5353));
+        probe::udp_echo_server(SocketAddr::new(client, 5353));
     });
     bed.testbed.server.run(|| {
         let (outcome, stream) = probe::tcp_connect(

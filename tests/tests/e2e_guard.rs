@@ -211,6 +211,7 @@ fn admit(testbed: &Testbed, daemon: &Daemon, source: IpAddr, port: u16) {
         .run(|| {
             nft::update_static_grant(
                 GrantKey { source, port },
+                false,
                 Some(Duration::from_secs(600)),
                 false,
             )
@@ -235,7 +236,7 @@ fn allow_entry_admits_exactly_that_source_and_port(v6: bool) {
     };
     testbed
         .server
-        .run(|| nft::update_static_grant(key, Some(Duration::from_secs(600)), false))
+        .run(|| nft::update_static_grant(key, false, Some(Duration::from_secs(600)), false))
         .unwrap();
     assert_eq!(
         connect(&testbed.client, client, SocketAddr::new(server, SSH)),
@@ -295,6 +296,7 @@ fn established_connection_survives_allow_removal(v6: bool) {
                     source: client,
                     port: SSH,
                 },
+                false,
                 None,
                 true,
             )

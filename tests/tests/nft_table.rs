@@ -81,6 +81,9 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
         "set static_ipv4_grants",
         "ip saddr . tcp dport @static_ipv4_grants accept",
         "ip6 saddr . tcp dport @static_ipv6_grants accept",
+        "set static_udp_ipv4_grants",
+        "ip saddr . udp dport @static_udp_ipv4_grants accept",
+        "ip6 saddr . udp dport @static_udp_ipv6_grants accept",
         "\ttcp dport 22 drop",
         "\ttcp dport 40000-40999 drop",
         "\tudp dport 7000-7999 drop",
@@ -95,6 +98,7 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
     let at = |needle: &str| listed.find(needle).unwrap();
     assert!(at("ct state established") < at("ct status dnat"));
     assert!(at("@static_ipv6_grants accept") < at("tcp dport 22 drop"));
+    assert!(at("@static_udp_ipv6_grants accept") < at("udp dport 7000-7999 drop"));
 
     // A static grant: one source, the service port itself, with a timeout;
     // adding it again restarts the timeout; removing it twice is fine.
@@ -102,12 +106,21 @@ fn the_table_holds_sets_rules_and_expiring_grants() {
         source: "198.18.0.9".parse().unwrap(),
         port: 2222,
     };
-    ns.run(|| nft::update_static_grant(key, Some(Duration::from_secs(30)), false).unwrap());
-    ns.run(|| nft::update_static_grant(key, Some(Duration::from_secs(60)), true).unwrap());
+    ns.run(|| nft::update_static_grant(key, false, Some(Duration::from_secs(30)), false).unwrap());
+    ns.run(|| nft::update_static_grant(key, false, Some(Duration::from_secs(60)), true).unwrap());
     let listed = ruleset(&ns);
     assert!(listed.contains("198.18.0.9 . 2222 timeout 1m"), "{listed}");
-    ns.run(|| nft::update_static_grant(key, None, true).unwrap());
-    ns.run(|| nft::update_static_grant(key, None, true).unwrap());
+    ns.run(|| nft::update_static_grant(key, false, None, true).unwrap());
+    ns.run(|| nft::update_static_grant(key, false, None, true).unwrap());
+    // A UDP door's grant lands in the UDP set.
+    ns.run(|| nft::update_static_grant(key, true, Some(Duration::from_secs(30)), false).unwrap());
+    let listed = ruleset(&ns);
+    let udp_set = &listed[listed.find("set static_udp_ipv4_grants").unwrap()..];
+    assert!(
+        udp_set[..udp_set.find('}').unwrap()].contains("198.18.0.9 . 2222"),
+        "{listed}"
+    );
+    ns.run(|| nft::update_static_grant(key, true, None, true).unwrap());
     assert!(!ruleset(&ns).contains("198.18.0.9"));
 
     let v4 = element("ssh", "198.18.0.2", 40001, 30);

@@ -336,6 +336,11 @@ pub(crate) struct RawDoor {
     /// it out to be an action door: its grant opens no port and only runs
     /// its hooks (classic knockd's sections that wake or start something).
     pub service_port: Option<u16>,
+    /// Static: `tcp` (default) or `udp`, the service's protocol (a
+    /// WireGuard or OpenVPN server's `udp`). A UDP service port is guarded
+    /// by knockd's nftables table rather than XDP: only conntrack can tell
+    /// a datagram of a flow a grant let in from a new one.
+    pub service_protocol: Option<Proto>,
     /// `one_time` (default) or `static`.
     #[serde(default)]
     pub mode: DoorMode,
@@ -476,6 +481,8 @@ pub struct Door {
     /// a grant, unless `expose_service_port`. `None` for an action door,
     /// whose grant opens nothing and runs its hooks (static doors only).
     pub service_port: Option<u16>,
+    /// The service's protocol: TCP, or UDP (static doors only).
+    pub service_protocol: Proto,
     pub expose_service_port: bool,
     /// Seconds a grant admits new connections.
     pub open_for_secs: u32,
@@ -559,11 +566,19 @@ impl Door {
         }
     }
 
-    /// The service port a grant lets connections reach, when the door
-    /// guards one and does not leave it exposed: the port the guard drops,
+    /// The TCP service port a grant lets connections reach, when the door
+    /// guards one and does not leave it exposed: the port XDP drops,
     /// sessions are capped on and conflicting rules are looked for.
     pub fn guarded_port(&self) -> Option<u16> {
-        self.service_port.filter(|_| !self.expose_service_port)
+        self.service_port
+            .filter(|_| !self.expose_service_port && self.service_protocol == Proto::Tcp)
+    }
+
+    /// The UDP service port of a UDP door, which knockd's nftables table
+    /// guards (XDP passes it: see [`RawDoor::service_protocol`]).
+    pub fn udp_service_port(&self) -> Option<u16> {
+        self.service_port
+            .filter(|_| self.service_protocol == Proto::Udp)
     }
 
     /// The one-time settings, for a one-time door.
@@ -608,6 +623,7 @@ impl From<RawDoor> for Door {
         };
         Door {
             service_port: raw.service_port,
+            service_protocol: raw.service_protocol.unwrap_or(Proto::Tcp),
             expose_service_port: raw.expose_service_port,
             open_for_secs: raw.open_for_secs.unwrap_or(d::OPEN_FOR_SECS),
             max_session_secs: raw.max_session_secs.unwrap_or(d::MAX_SESSION_SECS),
@@ -1173,6 +1189,27 @@ mod tests {
              hooks: { on_close: [/bin/true], user: root } }\n",
         );
         assert!(e.contains("needs hooks.on_open to run"), "{e}");
+        let e = with("  vpn: { service_port: 1194, service_protocol: udp }\n");
+        assert_eq!(
+            e,
+            "doors.vpn.service_protocol: only static doors take this setting"
+        );
+        let e = with(
+            "  vpn: { mode: static, service_protocol: udp, sequence: [\"5000:udp\"], \
+             hooks: { on_open: [/bin/true], user: root } }\n",
+        );
+        assert!(
+            e.starts_with("doors.vpn.service_protocol: a door without"),
+            "{e}"
+        );
+        let e = with(
+            "  vpn: { service_port: 7001, service_protocol: udp, mode: static, \
+             sequence: [\"5000:udp\"] }\n",
+        );
+        assert_eq!(
+            e,
+            "doors.vpn.service_port: 7001:udp is already used by doors.ssh.knock_ports"
+        );
         let e = with("  vpn: { service_port: 0 }\n");
         assert_eq!(e, "doors.vpn.service_port: port 0 is not in 1-65535");
         let e = with("  vpn: { service_port: 22, knock_ports: \"9000-9100\" }\n");

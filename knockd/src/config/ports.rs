@@ -9,7 +9,7 @@ use knockd_common::{IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Deserialize, Deserializer, Serialize, de};
 
 /// Transport protocol of a port rule or grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,

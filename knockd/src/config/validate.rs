@@ -128,13 +128,19 @@ impl Config<RawDoor> {
                 Some(port) => claim(
                     KnockPort {
                         port,
-                        proto: Proto::Tcp,
+                        proto: door.service_protocol.unwrap_or(Proto::Tcp),
                     },
                     key("service_port"),
                 )?,
                 // An action door: it opens nothing, so what it does is its
                 // hooks, and only a static door's knock needs no reply
                 // naming a port.
+                None if door.service_protocol.is_some() => {
+                    return Err(Error::invalid(
+                        key("service_protocol"),
+                        "a door without a service_port has no service to name a protocol for",
+                    ));
+                }
                 None if door.mode == DoorMode::OneTime => {
                     return Err(Error::invalid(
                         key("service_port"),
@@ -208,6 +214,7 @@ impl Config<RawDoor> {
                 ),
             ];
             let static_fields = [
+                ("service_protocol", door.service_protocol.is_some()),
                 ("sequence", door.sequence.is_some()),
                 ("seq_timeout_secs", door.seq_timeout_secs.is_some()),
             ];

@@ -58,6 +58,7 @@ impl Daemon {
             // grant held before a rotation too.
             ports: door.grant_ports(),
             service_port: door.service_port?,
+            udp: door.udp_service_port().is_some(),
         })
     }
 

@@ -835,6 +835,50 @@ fn an_action_door_opens_nothing_and_runs_its_hooks_until_open_for_has_passed() {
 }
 
 #[test]
+fn a_udp_door_admits_in_nftables_alone_and_a_revoke_cuts_its_udp_flows() {
+    let mut w = World::from_yaml(&format!(
+        "{}  vpn: {{ service_port: 51820, service_protocol: udp, mode: static, \
+         sequence: [\"6200:udp\", \"6201:tcp\"] }}\n",
+        yaml("", "")
+    ));
+    w.send(CLIENT, 6200, b"");
+    let tcp = SeenKnock {
+        at_ns: 0,
+        source: CLIENT.parse().unwrap(),
+        destination: SocketAddr::new(SERVER.parse().unwrap(), 6201),
+        proto: Proto::Tcp,
+        ifindex: 1,
+        tcp_flags: 0x02,
+        payload_len: 0,
+        payload: Vec::new(),
+    };
+    w.daemon.on_knock(&tcp, w.now).unwrap();
+    let kernel = w.kernel();
+    assert!(
+        kernel
+            .elements
+            .contains_key(&("static_udp".into(), ip(CLIENT), 51820)),
+        "{:?}",
+        kernel.elements
+    );
+    assert!(
+        kernel.allowed.is_empty(),
+        "XDP passes a UDP door's port: no allow entry"
+    );
+    let answer = w.request(Command::Revoke {
+        target: "198.18.0.2".into(),
+    });
+    assert!(answer.ok, "{answer:?}");
+    let kernel = w.kernel();
+    assert!(kernel.elements.is_empty(), "the element is gone");
+    let cut = kernel.cuts[0]
+        .iter()
+        .find(|c| c.service_port == 51820)
+        .expect("the UDP door's flows are cut");
+    assert!(cut.udp && cut.source == ip(CLIENT));
+}
+
+#[test]
 fn a_door_without_hooks_and_a_refused_knock_run_none() {
     let mut w = World::new("", "");
     w.knock("laptop", Kind::Open, CLIENT);
