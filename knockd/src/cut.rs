@@ -586,36 +586,25 @@ fn cut_udp_on(socket: &mnl::Socket, cuts: &[Cut]) -> Result<(usize, bool), Error
     let mut doomed = Vec::new();
     for (seq, family) in (1 << 22..).zip(families) {
         let request = conntrack(family, ConntrackMessage::Get(Vec::new()));
-        socket
-            .send(&encode(request, NLM_F_REQUEST | NLM_F_DUMP, seq))
-            .map_err(|source| Error::Send { what, source })?;
-        'dump: loop {
-            let n = socket
-                .recv_raw(&mut buffer)
-                .map_err(|source| Error::Receive { what, source })?;
-            if n == 0 {
-                break;
-            }
-            for reply in messages(&buffer[..n]) {
-                match reply {
-                    Ok(Reply::Entry(attributes)) => {
-                        if doomed.len() < MAX_FLOWS
-                            && flow_of(&attributes)
-                                .is_some_and(|f| cuts.iter().any(|c| c.matches(&f)))
-                        {
-                            doomed.push(Doomed {
-                                family,
-                                key: delete_key(&attributes),
-                                socket: None,
-                            });
-                        }
-                    }
-                    Ok(Reply::Done) => break 'dump,
-                    Ok(Reply::Ack | Reply::Other) => {}
-                    Err(source) => return Err(Error::Refused { what, source }),
+        conntrack_answer(
+            socket,
+            &mut buffer,
+            request,
+            NLM_F_DUMP,
+            seq,
+            what,
+            |attributes| {
+                if doomed.len() < MAX_FLOWS
+                    && flow_of(&attributes).is_some_and(|f| cuts.iter().any(|c| c.matches(&f)))
+                {
+                    doomed.push(Doomed {
+                        family,
+                        key: delete_key(&attributes),
+                        socket: None,
+                    });
                 }
-            }
-        }
+            },
+        )?;
     }
     let doomed: Vec<&Doomed> = doomed.iter().collect();
     Ok((delete_entries(socket, &doomed)?, doomed.len() == MAX_FLOWS))
@@ -852,45 +841,70 @@ fn matching_flows<T>(
                 service.remote,
             ))]),
         );
-        socket
-            .send(&encode(request, NLM_F_REQUEST | NLM_F_ACK, seq))
-            .map_err(|source| Error::Send { what, source })?;
-        'reply: loop {
-            let n = socket
-                .recv_raw(&mut buffer)
-                .map_err(|source| Error::Receive { what, source })?;
-            if n == 0 {
-                break;
-            }
-            for reply in messages(&buffer[..n]) {
-                match reply {
-                    Ok(Reply::Entry(attributes)) => {
-                        let Some(flow) = flow_of(&attributes) else {
-                            continue;
-                        };
-                        if let Some(tag) = keep_flow(&flow) {
-                            let key = delete_key(&attributes);
-                            doomed.push((
-                                tag,
-                                flow,
-                                Doomed {
-                                    family,
-                                    key,
-                                    socket: Some(service.id.clone()),
-                                },
-                            ));
-                        }
-                    }
-                    Ok(Reply::Ack | Reply::Done) => break 'reply,
-                    Ok(Reply::Other) => {}
-                    // No entry: the flow did not pass conntrack here.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break 'reply,
-                    Err(source) => return Err(Error::Refused { what, source }),
+        conntrack_answer(
+            socket,
+            &mut buffer,
+            request,
+            NLM_F_ACK,
+            seq,
+            what,
+            |attributes| {
+                let Some(flow) = flow_of(&attributes) else {
+                    return;
+                };
+                if let Some(tag) = keep_flow(&flow) {
+                    let key = delete_key(&attributes);
+                    doomed.push((
+                        tag,
+                        flow,
+                        Doomed {
+                            family,
+                            key,
+                            socket: Some(service.id.clone()),
+                        },
+                    ));
                 }
+            },
+        )?;
+    }
+    Ok(doomed)
+}
+
+/// Sends one conntrack request (with `flags` besides REQUEST: ACK for a
+/// lookup, DUMP for the whole table) and hands each entry of the answer to
+/// `entry`, until the kernel says it is done. ENOENT ends the answer
+/// quietly: a lookup found nothing (the flow did not pass conntrack here).
+/// `buffer` (`RECV_BUFFER` long) is the caller's, so a revoke's many
+/// lookups share one.
+fn conntrack_answer(
+    socket: &mnl::Socket,
+    buffer: &mut [u8],
+    request: NetfilterMessage,
+    flags: u16,
+    seq: u32,
+    what: &'static str,
+    mut entry: impl FnMut(Vec<ConntrackAttribute>),
+) -> Result<(), Error> {
+    socket
+        .send(&encode(request, NLM_F_REQUEST | flags, seq))
+        .map_err(|source| Error::Send { what, source })?;
+    loop {
+        let n = socket
+            .recv_raw(buffer)
+            .map_err(|source| Error::Receive { what, source })?;
+        if n == 0 {
+            return Ok(());
+        }
+        for reply in messages(&buffer[..n]) {
+            match reply {
+                Ok(Reply::Entry(attributes)) => entry(attributes),
+                Ok(Reply::Ack | Reply::Done) => return Ok(()),
+                Ok(Reply::Other) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                Err(source) => return Err(Error::Refused { what, source }),
             }
         }
     }
-    Ok(doomed)
 }
 
 /// Sends one request (with `flags` besides REQUEST and ACK) that expects
