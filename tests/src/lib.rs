@@ -276,6 +276,25 @@ impl Default for Testbed {
 
 /// Path of the `knockd` binary: `$KNOCKD_BIN`, or the one cargo built next
 /// to this test executable.
+/// `file`'s text once something (a hook, say) has written it, within
+/// `secs`.
+pub fn wait_for_file(file: &Path, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file)
+            && !text.is_empty()
+        {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn knockd_bin() -> PathBuf {
     std::env::var_os("KNOCKD_BIN").map_or_else(|| workspace_bin("knockd"), PathBuf::from)
 }

@@ -5,30 +5,11 @@
 
 use std::{
     os::unix::fs::PermissionsExt as _,
-    path::Path,
     time::{Duration, Instant},
 };
 
 use knockd::proto::Kind;
-use knockd_tests::{bed::Bed, probe::Outcome, require_privileges};
-
-/// `file` once a hook has written it (within `secs`).
-fn wait_for(file: &Path, secs: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(file)
-            && !text.is_empty()
-        {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never written",
-            file.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use knockd_tests::{bed::Bed, probe::Outcome, require_privileges, wait_for_file};
 
 fn env_of(text: &str, key: &str) -> Option<String> {
     text.lines()
@@ -53,7 +34,7 @@ fn hooks_run_as_their_user_with_the_grants_facts_and_never_hold_the_grant() {
     let answer = bed.knock(&socket, Kind::Open);
     // The open hook sleeps 30 s; the grant is already usable.
     assert_eq!(bed.connect(answer.reply.port).0, Outcome::Answered);
-    let env = wait_for(&out.path().join("open.env"), 5);
+    let env = wait_for_file(&out.path().join("open.env"), 5);
     assert_eq!(env_of(&env, "KNOCKD_EVENT").as_deref(), Some("open"));
     assert_eq!(env_of(&env, "KNOCKD_DOOR").as_deref(), Some("ssh"));
     assert_eq!(env_of(&env, "KNOCKD_DEVICE").as_deref(), Some("laptop"));
@@ -64,10 +45,10 @@ fn hooks_run_as_their_user_with_the_grants_facts_and_never_hold_the_grant() {
         Some(answer.reply.port.to_string())
     );
     assert_eq!(env_of(&env, "HOME"), None, "a clean environment");
-    let uid = wait_for(&out.path().join("open.uid"), 5);
+    let uid = wait_for_file(&out.path().join("open.uid"), 5);
     assert_eq!(uid.trim(), "65534", "runs as nobody");
     // The grant ends at its deadline: the close hook runs, and fails.
-    let env = wait_for(&out.path().join("close.env"), 8);
+    let env = wait_for_file(&out.path().join("close.env"), 8);
     assert_eq!(env_of(&env, "KNOCKD_EVENT").as_deref(), Some("close"));
     // The open hook was killed at its 2 s; the close hook exited 3.
     let deadline = Instant::now() + Duration::from_secs(5);

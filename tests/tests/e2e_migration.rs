@@ -11,13 +11,13 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use knockd_tests::{
     Daemon, NetNs, Testbed, addrs, knockctl_bin, knockd_bin,
     probe::{self, Outcome},
-    require_privileges, sh,
+    require_privileges, sh, wait_for_file,
 };
 
 const SILENCE: Duration = Duration::from_millis(1200);
@@ -148,15 +148,5 @@ fn the_readmes_way_from_classic_knockd_works_as_written() {
 
     // The section that ran a command: its knock runs it, with the source.
     stock_knock(&testbed, server, &["-u", "7100", "7200"]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&woken)
-            && !text.is_empty()
-        {
-            assert_eq!(text.trim(), client.to_string());
-            break;
-        }
-        assert!(Instant::now() < deadline, "the wake command never ran");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_eq!(wait_for_file(&woken, 5).trim(), client.to_string());
 }
