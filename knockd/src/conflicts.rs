@@ -7,8 +7,8 @@
 //! grant, and ssh still times out. This module reads the host's other
 //! tables (as libnftnl renders their expressions; iptables-nft and ufw
 //! rules are nftables rules underneath) and names each rule that drops or
-//! rejects TCP to a door's service port, and each input chain that drops
-//! by policy with no rule accepting it. It only decides: the nft module
+//! rejects a door's service port (TCP, or UDP for a UDP door), and each
+//! input chain that drops by policy with no rule accepting it. It only decides: the nft module
 //! reads the ruleset ([`crate::kernel::conflicts_on_host`] puts the two
 //! together), check-config, start-up and reload report.
 //!
@@ -17,7 +17,7 @@
 //! jump leads to (a drop in a chain that is jumped to is named by its own
 //! chain).
 
-use crate::config::{Config, DoorKind, PortRange};
+use crate::config::{Config, DoorKind, PortRange, Proto};
 
 /// One chain outside knockd's table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +52,8 @@ pub struct ForeignRule {
 pub struct Door {
     pub name: String,
     pub service_port: u16,
+    /// The service's protocol (UDP for a UDP door); grant ports are TCP.
+    pub proto: Proto,
     pub grant_ports: Option<PortRange>,
 }
 
@@ -62,9 +64,15 @@ pub fn doors_of(config: &Config) -> Vec<Door> {
         .doors
         .iter()
         .filter_map(|(name, d)| {
+            let (service_port, proto) = match (d.guarded_port(), d.udp_service_port()) {
+                (Some(port), _) => (port, Proto::Tcp),
+                (None, Some(port)) => (port, Proto::Udp),
+                (None, None) => return None,
+            };
             Some(Door {
                 name: name.clone(),
-                service_port: d.guarded_port()?,
+                service_port,
+                proto,
                 grant_ports: match &d.kind {
                     DoorKind::OneTime(o) => Some(o.grant_ports),
                     DoorKind::Static(_) => None,
@@ -98,12 +106,12 @@ enum Verdict {
     Other,
 }
 
-/// What a rule's expressions say about TCP to destination ports.
+/// What a rule's expressions say about destination ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Reading {
     verdict: Verdict,
-    /// The rule tests something that is not TCP (UDP, ICMP...).
-    not_tcp: bool,
+    /// The IP protocol the rule tests for (`None`: it does not say).
+    proto: Option<u8>,
     /// The rule tests the destination port in a way not read here (a set).
     unknown_port: bool,
     /// Each test of the destination port: the ports it lets through.
@@ -132,10 +140,12 @@ impl PortTest {
 }
 
 impl Reading {
-    /// Whether the rule applies to TCP to `port` (as far as its port tests
+    /// Whether the rule applies to `proto` to `port` (as far as its tests
     /// tell); a rule with no port test applies to every port.
-    fn covers(&self, port: u16) -> bool {
-        !self.not_tcp && !self.unknown_port && self.port_tests.iter().all(|t| t.admits(port))
+    fn covers(&self, proto: Proto, port: u16) -> bool {
+        self.proto.is_none_or(|p| p == proto.number())
+            && !self.unknown_port
+            && self.port_tests.iter().all(|t| t.admits(port))
     }
 
     fn covers_any(&self, ports: PortRange) -> bool {
@@ -151,7 +161,7 @@ impl Reading {
         }
         probes
             .into_iter()
-            .any(|p| ports.contains(p) && self.covers(p))
+            .any(|p| ports.contains(p) && self.covers(Proto::Tcp, p))
     }
 }
 
@@ -170,7 +180,7 @@ fn port_of(token: &str) -> Option<u16> {
 fn read(expressions: &str) -> Reading {
     let mut reading = Reading {
         verdict: Verdict::Other,
-        not_tcp: false,
+        proto: None,
         unknown_port: false,
         port_tests: Vec::new(),
     };
@@ -231,11 +241,10 @@ fn read(expressions: &str) -> Reading {
                             }
                         });
                     }
-                } else if proto_reg.as_deref() == Some(*reg)
-                    && *op == "eq"
-                    && word_bytes(value).map(|b| b[0]) != Some(libc::IPPROTO_TCP as u8)
-                {
-                    reading.not_tcp = true;
+                } else if proto_reg.as_deref() == Some(*reg) && *op == "eq" {
+                    // A protocol no door has (ICMP, say) names itself too,
+                    // and so covers no door.
+                    reading.proto = word_bytes(value).map(|b| b[0]).or(Some(0));
                 }
             }
             ["range", "eq", "reg", reg, low, high, ..] if dport_reg.as_deref() == Some(*reg) => {
@@ -318,14 +327,16 @@ pub fn find(chains: &[ForeignChain], rules: &[ForeignRule], doors: &[Door]) -> V
             } else {
                 None
             }
+            .map(|ports| (Proto::Tcp, ports))
             .or_else(|| {
                 reading
-                    .covers(door.service_port)
-                    .then(|| format!("service port {}", door.service_port))
+                    .covers(door.proto, door.service_port)
+                    .then(|| (door.proto, format!("service port {}", door.service_port)))
             });
-            if let Some(port) = port {
+            if let Some((proto, port)) = port {
+                let proto = proto.to_string().to_uppercase();
                 found.push(format!(
-                    "table {family} {}, chain {}, rule handle {} {what} TCP to the {port} of door {}: \
+                    "table {family} {}, chain {}, rule handle {} {what} {proto} to the {port} of door {}: \
                      a grant accepts only in knockd's table, so this rule keeps the door shut \
                      after a knock. Remove it (see the README's \"Coming from another \
                      firewall\")",
@@ -347,16 +358,20 @@ pub fn find(chains: &[ForeignChain], rules: &[ForeignRule], doors: &[Door]) -> V
                     let reading = read(&r.expressions);
                     reading.verdict == Verdict::Accept
                         && !reading.port_tests.is_empty()
-                        && reading.covers(door.service_port)
+                        && reading.covers(door.proto, door.service_port)
                 }
             });
             if !accepted {
                 found.push(format!(
                     "table {family} {}, chain {} drops by policy, and no rule of that table \
-                     accepts TCP to door {}'s service port {}: a grant's connections would be \
+                     accepts {} to door {}'s service port {}: a grant's connections would be \
                      dropped there. Accept that port in that table (knockd's guard keeps it shut \
                      to everyone without a grant)",
-                    chain.table, chain.name, door.name, door.service_port
+                    chain.table,
+                    chain.name,
+                    door.proto.to_string().to_uppercase(),
+                    door.name,
+                    door.service_port
                 ));
             }
         }
@@ -372,6 +387,7 @@ mod tests {
         Door {
             name: "ssh".into(),
             service_port: 22,
+            proto: Proto::Tcp,
             grant_ports: Some(PortRange {
                 start: 60000,
                 end: 60999,
@@ -427,6 +443,47 @@ mod tests {
             "{}",
             found[0]
         );
+    }
+
+    #[test]
+    fn a_udp_doors_port_is_judged_for_udp() {
+        let chains = [chain("filter", "INPUT", Some(1), 0, true)];
+        let vpn = Door {
+            name: "vpn".into(),
+            service_port: 51820,
+            proto: Proto::Udp,
+            grant_ports: None,
+        };
+        // `-A INPUT -p udp --dport 51820 -j DROP`, and the same for TCP.
+        let udp = IPTABLES_DROP_22
+            .replace("0x00000006", "0x00000011")
+            .replace("0x00001600", "0x00006cca");
+        let tcp = IPTABLES_DROP_22.replace("0x00001600", "0x00006cca");
+        let found = find(
+            &chains,
+            &[rule("filter", "INPUT", &udp)],
+            std::slice::from_ref(&vpn),
+        );
+        assert!(
+            found[0].starts_with(
+                "table ip filter, chain INPUT, rule handle 4 drops UDP to the service port 51820 of door vpn"
+            ),
+            "{found:?}"
+        );
+        assert!(
+            found[1].contains("accepts UDP to door vpn's service port 51820"),
+            "{found:?}"
+        );
+        let accepted = udp.replace("drop", "accept");
+        let found = find(
+            &chains,
+            &[
+                rule("filter", "INPUT", &tcp),
+                rule("filter", "INPUT", &accepted),
+            ],
+            &[vpn],
+        );
+        assert_eq!(found, Vec::<String>::new(), "a TCP drop leaves UDP alone");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! port unreachable. Debian's stock `knock` client opens it for its source
 //! alone; a flow the grant let in carries on past `open_for_secs` (conntrack
 //! knows it), while a new flow after the deadline meets silence; a revoke
-//! ends the flow at once.
+//! ends the flow at once. check-config names an iptables-nft DROP of the
+//! UDP port, as it does a TCP one.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -11,7 +12,7 @@ use std::{
 };
 
 use knockd_tests::{
-    Daemon, Testbed, addrs, knockctl,
+    Daemon, Testbed, addrs, knockctl, knockd_bin,
     probe::{self, Outcome},
     require_privileges, sh,
 };
@@ -60,14 +61,45 @@ fn a_udp_door_opens_for_the_knocker_keeps_its_flow_and_a_revoke_ends_it() {
     testbed
         .server
         .run(|| probe::udp_echo_server(SocketAddr::new(server, VPN)));
-    let daemon = Daemon::start(
-        &testbed.server,
-        &format!(
-            "interfaces: [{}]\ndoors:\n  vpn: {{ service_port: {VPN}, service_protocol: udp, \
-             mode: static, sequence: [\"6300:udp\", \"6301:udp\"], open_for_secs: 3 }}\n",
-            testbed.server_if
-        ),
+    let config = format!(
+        "interfaces: [{}]\ndoors:\n  vpn: {{ service_port: {VPN}, service_protocol: udp, \
+         mode: static, sequence: [\"6300:udp\", \"6301:udp\"], open_for_secs: 3 }}\n",
+        testbed.server_if
     );
+
+    // The old firewall's UDP drop of the port is named, as a TCP one is.
+    let iptables = |op: &str| {
+        sh(testbed.server.command("iptables").args([
+            op,
+            "INPUT",
+            "-p",
+            "udp",
+            "--dport",
+            &VPN.to_string(),
+            "-j",
+            "DROP",
+        ]))
+    };
+    iptables("-A");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("knockd.yaml");
+    std::fs::write(&file, &config).unwrap();
+    let check = testbed
+        .server
+        .command(knockd_bin())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(
+        said.contains("drops UDP to the service port 51820 of door vpn"),
+        "{said}"
+    );
+    iptables("-D");
+
+    let daemon = Daemon::start(&testbed.server, &config);
     let to = SocketAddr::new(server, VPN);
     let probe = |from| testbed.client.run(move || probe::udp_probe(from, to, WAIT));
     assert_eq!(probe(client), Outcome::Silent, "no answer, no ICMP");
