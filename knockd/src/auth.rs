@@ -209,6 +209,8 @@ pub enum Verdict {
     /// A knock already counted (a resend, or a tolerated static repeat).
     Duplicate {
         door: Option<String>,
+        /// The device, once authenticated (a one-time resend).
+        device: Option<String>,
         source: SocketAddr,
     },
     Rejected(Rejected),
@@ -280,6 +282,7 @@ impl Draft {
             },
             Outcome::Duplicate => Verdict::Duplicate {
                 door: self.door,
+                device: self.device,
                 source: self.source,
             },
             Outcome::Rejected(reason) => Verdict::Rejected(Rejected {
@@ -320,7 +323,7 @@ impl Verdict {
         match self {
             Verdict::Accepted(a) => a.device.as_deref(),
             Verdict::Progress { device, .. } => device.as_deref(),
-            Verdict::Duplicate { .. } => None,
+            Verdict::Duplicate { device, .. } => device.as_deref(),
             Verdict::Rejected(r) => r.device.as_deref(),
         }
     }

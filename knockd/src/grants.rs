@@ -14,6 +14,9 @@
 //! grant's element in the static sets) and an XDP allow-map entry (the
 //! admission of new connections to that port), with the same deadline.
 //! Both expire by themselves, so a dead daemon leaves no open door behind.
+//! A UDP door's grant is its element in the UDP static sets alone (XDP
+//! passes that port: only conntrack tells a granted flow's datagrams from
+//! new ones).
 
 use std::{
     collections::HashMap,

@@ -139,10 +139,14 @@ fn reordering_duplicates_and_a_resent_loss_still_open() {
     let mut w = world(T0);
     let k = w.knocks("laptop", Kind::Open, T0, 2);
     let order = [&k[2], &k[2], &k[0], &k[0], &k[1]];
-    let got: Vec<Outcome> = order
+    let verdicts: Vec<Verdict> = order
         .iter()
-        .map(|knock| w.send(CLIENT, knock, T0).outcome())
+        .map(|knock| w.send(CLIENT, knock, T0))
         .collect();
+    // A resend is authenticated before it is found a duplicate: its line
+    // names the device, as every authenticated line does (§7).
+    assert_eq!(verdicts[1].device(), Some("laptop"));
+    let got = outcomes(&verdicts);
     assert_eq!(
         got,
         [

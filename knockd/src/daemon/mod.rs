@@ -371,9 +371,13 @@ impl Daemon {
                     "decision"
                 );
             }
-            Verdict::Duplicate { door, source } => {
+            Verdict::Duplicate {
+                door,
+                device,
+                source,
+            } => {
                 self.count(door.as_deref(), "duplicate", "");
-                tracing::debug!(outcome = "duplicate", door, %source, "decision");
+                tracing::debug!(outcome = "duplicate", door, device, %source, "decision");
             }
             Verdict::Rejected(rejected) => self.reject(&rejected),
         }
