@@ -266,6 +266,7 @@ fn setup() -> Result<()> {
     step("apt packages", || apt_install(|_| true))?;
     step("build files", build_files)?;
     step("nightly rust-src", nightly_rust_src)?;
+    step("client targets", client_targets)?;
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
     step("cargo-fuzz", cargo_fuzz)?;
@@ -420,6 +421,51 @@ fn nightly_rust_src() -> Result<&'static str> {
             Ok("installed nightly with rust-src")
         }
     }
+}
+
+/// The targets knockctl is checked for besides this machine's (the
+/// operator's laptop): it must type-check there, with the client side of
+/// the crate alone (`--no-default-features`).
+const CLIENT_TARGETS: &[&str] = &["x86_64-apple-darwin", "aarch64-apple-darwin"];
+
+fn client_targets() -> Result<&'static str> {
+    let installed =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    let missing: Vec<&str> = CLIENT_TARGETS
+        .iter()
+        .copied()
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if missing.is_empty() {
+        return Ok("already installed");
+    }
+    run(Command::new("rustup")
+        .args(["target", "add"])
+        .args(&missing))?;
+    Ok("installed")
+}
+
+/// `cargo check` of knockctl for each of [`CLIENT_TARGETS`]; the targets
+/// that fail.
+fn check_client_targets() -> Vec<&'static str> {
+    CLIENT_TARGETS
+        .iter()
+        .copied()
+        .filter(|target| {
+            println!("test: knockctl type-checks for {target}");
+            run(cargo().args([
+                "check",
+                "-p",
+                "knockd",
+                "--no-default-features",
+                "--bin",
+                "knockctl",
+                "--target",
+                target,
+            ]))
+            .is_err()
+        })
+        .collect()
 }
 
 fn bpf_linker() -> Result<&'static str> {
@@ -762,6 +808,8 @@ fn test(filter: Option<&str>) -> Result<()> {
         eprintln!("fuzz smoke failed: {e:#}");
     }
 
+    let client_failed = check_client_targets();
+
     println!("test: protocol vectors, recomputed by an independent implementation");
     // Debian's interpreter, which is the one python3-cryptography serves.
     let vectors = Command::new("/usr/bin/python3")
@@ -782,14 +830,17 @@ fn test(filter: Option<&str>) -> Result<()> {
         }),
         Err(_) => (0, 1),
     };
+    let client_targets = (CLIENT_TARGETS.len() - client_failed.len()) as u64;
     let passed = unit_tally.passed
         + privileged_tally.passed
         + kernels_passed
+        + client_targets
         + u64::from(vectors_ok)
         + fuzz_smoke.as_ref().map_or(0, |runs| runs.len() as u64);
     let failed = unit_tally.failed
         + privileged_tally.failed
         + kernels_failed
+        + client_failed.len() as u64
         + u64::from(!vectors_ok)
         + u64::from(!fuzz_ok);
     println!();
@@ -806,8 +857,17 @@ fn test(filter: Option<&str>) -> Result<()> {
             println!("kernel: {}", outcome.line());
         }
     }
+    println!(
+        "knockctl: type-checks for {client_targets} of {} other targets ({})",
+        CLIENT_TARGETS.len(),
+        CLIENT_TARGETS.join(", ")
+    );
     println!("{passed} passed, {failed} failed");
     ensure!(unit_status.success(), "unit tests failed");
+    ensure!(
+        client_failed.is_empty(),
+        "knockctl does not type-check for {client_failed:?}"
+    );
     ensure!(
         kernels_failed == 0,
         "the kernel suite failed (lines starting `kernel:` above)"
