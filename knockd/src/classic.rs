@@ -770,9 +770,13 @@ fn action_door(
     notes: &mut Vec<String>,
 ) -> Result<String, String> {
     let mut door = format!("    mode: static\n{}", knocks_yaml(knocks, seq_timeout));
-    let stop = section.get("stop_command").filter(|c| !c.is_empty());
-    if stop.is_some() {
-        door.push_str(&format!("    open_for_secs: {}\n", cmd_timeout(section)?));
+    // The stop command, and when it runs (classic knockd's cmd_timeout).
+    let stop = match section.get("stop_command").filter(|c| !c.is_empty()) {
+        Some(stop) => Some((stop, cmd_timeout(section)?)),
+        None => None,
+    };
+    if let Some((_, secs)) = stop {
+        door.push_str(&format!("    open_for_secs: {secs}\n"));
     }
     door.push_str("    hooks:\n      user: root\n      on_open:\n");
     door.push_str(&shell_hook(command));
@@ -781,13 +785,12 @@ fn action_door(
          port and runs it as hooks.on_open on each sequence, through /bin/sh as root as \
          classic knockd did (set hooks.user to a less privileged user if the command allows)"
     ));
-    if let Some(stop) = stop {
+    if let Some((stop, secs)) = stop {
         door.push_str("      on_close:\n");
         door.push_str(&shell_hook(stop));
         notes.push(format!(
-            "stop_command ({stop:?}) runs as hooks.on_close, {} s after the last sequence \
-             (cmd_timeout)",
-            cmd_timeout(section)?
+            "stop_command ({stop:?}) runs as hooks.on_close, {secs} s after the last sequence \
+             (cmd_timeout)"
         ));
     }
     notes.push(
