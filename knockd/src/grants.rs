@@ -126,7 +126,6 @@ pub struct Grant {
 #[derive(Debug, Clone)]
 pub struct Published {
     pub port: u16,
-    pub device: Option<String>,
     pub expires: Instant,
     pub leased: bool,
     /// Whether another node owns it (else this node published it, before
@@ -134,6 +133,41 @@ pub struct Published {
     pub remote: bool,
     /// When it began, as the publishing node said.
     pub opened_at_ms: u64,
+}
+
+/// Who holds a grant: a door, an address and, on a one-time door, the
+/// device that authenticated. Devices behind one address (a NAT) each hold
+/// their own grant, with its own port and lease, and each one's close or
+/// heartbeat acts on its own alone. A static or action door's grant has no
+/// device in its holder: it is the service port for an address, which the
+/// kernel cannot tell devices apart on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Holder {
+    pub door: String,
+    pub source: IpAddr,
+    pub device: Option<String>,
+}
+
+impl Holder {
+    pub fn new(door: &str, source: IpAddr, device: Option<&str>) -> Holder {
+        Holder {
+            door: door.to_owned(),
+            source,
+            device: device.map(str::to_owned),
+        }
+    }
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "door {}, source {}, device {}",
+            self.door,
+            self.source,
+            self.device.as_deref().unwrap_or("-")
+        )
+    }
 }
 
 /// Why a lease moves to a fresh port.
@@ -151,6 +185,18 @@ enum Rotation {
 pub const RETIRED_MAX: usize = 4;
 
 impl Grant {
+    /// Who holds it: the key it is kept under.
+    pub fn holder(&self) -> Holder {
+        Holder {
+            door: self.door.clone(),
+            source: self.source,
+            device: self
+                .device
+                .clone()
+                .filter(|_| self.kind == GrantKind::Redirect),
+        }
+    }
+
     /// Seconds left to open new connections.
     pub fn secs_left(&self, now: Instant) -> u32 {
         self.expires.saturating_duration_since(now).as_secs() as u32
@@ -207,9 +253,9 @@ pub struct Grants {
     /// The table's rules beyond the doors (interfaces, protected ports),
     /// from the configuration, so a flushed table can be put back.
     table: nft::TableRules,
-    by_source: HashMap<(String, IpAddr), Grant>,
+    held: HashMap<Holder, Grant>,
     /// By port: whether some grant (current or retired) may be using it.
-    /// Set as a port is handed out, rebuilt from `by_source` each tick and
+    /// Set as a port is handed out, rebuilt from `held` each tick and
     /// after an install or a reload, so an open does not walk every grant
     /// (with 100,000 grants that walk cost a millisecond per open; `cargo
     /// xtask bench footprint`). A port freed meanwhile stays marked until
@@ -300,7 +346,7 @@ impl Grants {
         Grants {
             doors,
             table,
-            by_source: HashMap::new(),
+            held: HashMap::new(),
             taken: vec![false; usize::from(u16::MAX) + 1],
         }
     }
@@ -309,7 +355,7 @@ impl Grants {
     fn refresh_taken(&mut self) {
         self.taken.fill(false);
         for port in self
-            .by_source
+            .held
             .values()
             .filter(|g| g.kind == GrantKind::Redirect)
             .flat_map(Grant::ports)
@@ -351,9 +397,13 @@ impl Grants {
         for element in &existing {
             kernel.allow(element.key.source, element.key.port, Some(element.timeout))?;
             let (port, expires) = (element.key.port, now + element.timeout);
-            let key = (element.door.clone(), element.key.source);
-            match self.by_source.get_mut(&key) {
-                // Several elements for one source: the longest-lived is the
+            let key = Holder {
+                door: element.door.clone(),
+                source: element.key.source,
+                device: element.device.clone(),
+            };
+            match self.held.get_mut(&key) {
+                // Several elements for one holder: the longest-lived is the
                 // grant, the others ports a probe rotation retired.
                 Some(grant) => {
                     let (keep, retire) = if expires > grant.expires {
@@ -365,7 +415,7 @@ impl Grants {
                     grant.retired.push(retire);
                 }
                 None => {
-                    self.by_source.insert(
+                    self.held.insert(
                         key,
                         Grant {
                             kind: GrantKind::Redirect,
@@ -399,14 +449,14 @@ impl Grants {
     pub fn restore(&self, kernel: &mut dyn Kernel, now: Instant) -> Result<(), Error> {
         kernel.install(&self.rules())?;
         let elements: Vec<Element> = self
-            .by_source
+            .held
             .values()
             .filter(|g| g.kind == GrantKind::Redirect)
             .flat_map(|g| g.elements(now))
             .collect();
         kernel.update_grants(&elements, &[])?;
         for g in self
-            .by_source
+            .held
             .values()
             .filter(|g| g.kind == GrantKind::ServicePort)
         {
@@ -489,8 +539,41 @@ impl Grants {
         Ok(())
     }
 
-    /// Opens `door` for `source`: a fresh random port, or the one it has,
-    /// with its deadline renewed. Returns the grant.
+    /// The holder a knock of `device` from `source` on `door` acts on,
+    /// and the grant it holds. On a one-time door a device with no grant
+    /// of its own takes over one at that address whose device is unknown
+    /// (restored after a restart from an element without a comment), which
+    /// is returned as the key to retire.
+    fn find(
+        &self,
+        door: &str,
+        source: IpAddr,
+        device: Option<&str>,
+    ) -> (Holder, Option<Grant>, Option<Holder>) {
+        let per_device = self.doors[door].kind == GrantKind::Redirect;
+        let holder = Holder::new(door, source, device.filter(|_| per_device));
+        if let Some(grant) = self.held.get(&holder) {
+            return (holder, Some(grant.clone()), None);
+        }
+        let unknown = Holder::new(door, source, None);
+        match self.held.get(&unknown) {
+            Some(grant) if per_device && holder.device.is_some() => {
+                (holder, Some(grant.clone()), Some(unknown))
+            }
+            _ => (holder, None, None),
+        }
+    }
+
+    /// Keeps `grant` under `holder`, retiring the key it was found under.
+    fn keep(&mut self, holder: Holder, grant: &Grant, retire: Option<Holder>) {
+        if let Some(old) = retire {
+            self.held.remove(&old);
+        }
+        self.held.insert(holder, grant.clone());
+    }
+
+    /// Opens `door` for `device` at `source`: a fresh random port, or the
+    /// one its grant has, with its deadline renewed. Returns the grant.
     pub fn open(
         &mut self,
         kernel: &mut dyn Kernel,
@@ -500,8 +583,7 @@ impl Grants {
         now: Instant,
     ) -> Result<Grant, Error> {
         let settings = self.doors[door].clone();
-        let key = (door.to_owned(), source);
-        let existing = self.by_source.get(&key).cloned();
+        let (holder, existing, retire) = self.find(door, source, device);
         let grant = match &existing {
             Some(old) => Grant {
                 device: device.map(str::to_owned).or(old.device.clone()),
@@ -538,7 +620,7 @@ impl Grants {
             }
         };
         self.enforce(kernel, &grant, existing.as_ref(), now)?;
-        self.by_source.insert(key, grant.clone());
+        self.keep(holder, &grant, retire);
         Ok(grant)
     }
 
@@ -554,13 +636,10 @@ impl Grants {
         now: Instant,
     ) -> Result<Option<Grant>, Error> {
         let settings = self.doors[door].clone();
-        let key = (door.to_owned(), source);
-        let Some(old) = self.by_source.get(&key).cloned() else {
+        let (holder, Some(old), retire) = self.find(door, source, device) else {
             return Ok(None);
         };
-        if old.kind != GrantKind::Redirect
-            || (old.device.is_some() && old.device.as_deref() != device)
-        {
+        if old.kind != GrantKind::Redirect {
             return Ok(None);
         }
         let grant = Grant {
@@ -574,7 +653,7 @@ impl Grants {
             ..old.clone()
         };
         self.enforce(kernel, &grant, Some(&old), now)?;
-        self.by_source.insert(key, grant.clone());
+        self.keep(holder, &grant, retire);
         Ok(Some(grant))
     }
 
@@ -582,11 +661,10 @@ impl Grants {
     pub fn close(
         &mut self,
         kernel: &mut dyn Kernel,
-        door: &str,
-        source: IpAddr,
+        holder: &Holder,
         now: Instant,
     ) -> Result<Option<Grant>, Error> {
-        let Some(grant) = self.by_source.remove(&(door.to_owned(), source)) else {
+        let Some(grant) = self.held.remove(holder) else {
             return Ok(None);
         };
         // Elements may have just expired; their absence is the goal, so
@@ -619,7 +697,7 @@ impl Grants {
     /// device holds on `door`, from any address of either family (a
     /// dual-stack client may hold one per family), and the grant of
     /// `source` if no device is known for it (adopted after a restart).
-    /// Another device's grant on the same address is left alone.
+    /// Another device's grant, on the same address or not, is left alone.
     pub fn close_device(
         &mut self,
         kernel: &mut dyn Kernel,
@@ -628,22 +706,18 @@ impl Grants {
         device: &str,
         now: Instant,
     ) -> Result<Vec<Grant>, Error> {
-        let mut sources: Vec<IpAddr> = self
-            .by_source
+        let unknown = Holder::new(door, source, None);
+        let holders: Vec<Holder> = self
+            .held
             .iter()
-            .filter(|((d, _), g)| d == door && g.device.as_deref() == Some(device))
-            .map(|((_, s), _)| *s)
+            .filter(|(h, g)| {
+                h.door == door && (g.device.as_deref() == Some(device) || **h == unknown)
+            })
+            .map(|(h, _)| h.clone())
             .collect();
-        if self
-            .by_source
-            .get(&(door.to_owned(), source))
-            .is_some_and(|g| g.device.is_none())
-        {
-            sources.push(source);
-        }
         let mut ended = Vec::new();
-        for source in sources {
-            ended.extend(self.close(kernel, door, source, now)?);
+        for holder in holders {
+            ended.extend(self.close(kernel, &holder, now)?);
         }
         Ok(ended)
     }
@@ -651,15 +725,15 @@ impl Grants {
     /// Forgets the grants past their deadline (the kernel closed them at
     /// it already) and returns them, for their doors' close hooks.
     pub fn expire(&mut self, now: Instant) -> Vec<Grant> {
-        let expired: Vec<(String, IpAddr)> = self
-            .by_source
+        let expired: Vec<Holder> = self
+            .held
             .iter()
             .filter(|(_, g)| g.expires <= now)
             .map(|(k, _)| k.clone())
             .collect();
         let expired = expired
             .into_iter()
-            .filter_map(|k| self.by_source.remove(&k))
+            .filter_map(|k| self.held.remove(&k))
             .collect();
         self.refresh_taken();
         expired
@@ -673,13 +747,13 @@ impl Grants {
         kernel: &mut dyn Kernel,
         now: Instant,
     ) -> Result<Vec<(Grant, Grant)>, Error> {
-        self.by_source.retain(|_, g| g.expires > now);
+        self.held.retain(|_, g| g.expires > now);
         // The kernel closed retired ports at their deadline already.
-        for grant in self.by_source.values_mut() {
+        for grant in self.held.values_mut() {
             grant.retired.retain(|&(_, expires)| expires > now);
         }
         let due: Vec<Grant> = self
-            .by_source
+            .held
             .values()
             .filter(|g| !g.remote && g.next_rotation.is_some_and(|at| at <= now))
             .cloned()
@@ -725,8 +799,7 @@ impl Grants {
                 self.enforce(kernel, &grant, None, now)?;
             }
         }
-        self.by_source
-            .insert((old.door.clone(), old.source), grant.clone());
+        self.held.insert(old.holder(), grant.clone());
         Ok(grant)
     }
 
@@ -747,7 +820,7 @@ impl Grants {
         let probes = kernel.drain_probes()?;
         let mut due = Vec::new();
         for (port, count) in &probes {
-            for grant in self.by_source.values_mut().filter(|g| g.port == *port) {
+            for grant in self.held.values_mut().filter(|g| g.port == *port) {
                 grant.probes += count;
                 let threshold = self.doors[&grant.door].rotate_on_probes;
                 if grant.leased
@@ -774,8 +847,8 @@ impl Grants {
     /// too (its device, lease and rotation state), which the kernel's
     /// elements do not record.
     pub fn inherit(&mut self, old: &Grants) {
-        for (key, grant) in &mut self.by_source {
-            if let Some(before) = old.by_source.get(key)
+        for (key, grant) in &mut self.held {
+            if let Some(before) = old.held.get(key)
                 && before.port == grant.port
             {
                 grant.device.clone_from(&before.device);
@@ -791,38 +864,37 @@ impl Grants {
         }
         // The kernel lists no static grants (and holds no action door's);
         // those of doors that remain as they were carry over.
-        for (key, grant) in &old.by_source {
+        for (key, grant) in &old.held {
             if grant.kind != GrantKind::Redirect
-                && self.doors.get(&key.0).is_some_and(|d| {
+                && self.doors.get(&key.door).is_some_and(|d| {
                     d.kind == grant.kind && d.service_port == grant.port && d.udp == grant.udp
                 })
             {
-                self.by_source.insert(key.clone(), grant.clone());
+                self.held.insert(key.clone(), grant.clone());
             }
         }
         self.refresh_taken();
     }
 
-    /// Fleet mode: makes this node's grant of `door` for `source` what
-    /// another node published (its port, device, deadline, lease), in
-    /// both kernel places, replacing what it had. One-time doors only.
-    /// With `remote`, it follows that node and does not rotate.
+    /// Fleet mode: makes this node's grant of `holder` what another node
+    /// published (its port, deadline, lease), in both kernel places,
+    /// replacing what it had. One-time doors only. With `remote`, it
+    /// follows that node and does not rotate.
     pub fn apply(
         &mut self,
         kernel: &mut dyn Kernel,
-        door: &str,
-        source: IpAddr,
+        holder: &Holder,
         published: Published,
         now: Instant,
     ) -> Result<Grant, Error> {
-        let key = (door.to_owned(), source);
-        let existing = self.by_source.get(&key).cloned();
+        let (door, source) = (holder.door.as_str(), holder.source);
+        let existing = self.held.get(holder).cloned();
         let rotate_every = self.doors.get(door).and_then(|d| d.rotate_every);
         let grant = Grant {
             kind: GrantKind::Redirect,
             door: door.to_owned(),
             source,
-            device: published.device,
+            device: holder.device.clone(),
             port: published.port,
             leased: published.leased,
             rotations: existing
@@ -855,30 +927,30 @@ impl Grants {
         }
         self.enforce(kernel, &grant, existing.as_ref(), now)?;
         self.taken[usize::from(grant.port)] = true;
-        self.by_source.insert(key, grant.clone());
+        self.held.insert(holder.clone(), grant.clone());
         Ok(grant)
     }
 
     /// Fleet mode: a grant restored after a restart does not know when it
     /// was opened (the kernel keeps no such thing); the fleet's record of
     /// it does, and a revoke judges by it.
-    pub fn learn_opened(&mut self, door: &str, source: IpAddr, opened_at_ms: u64) {
-        if let Some(g) = self.by_source.get_mut(&(door.to_owned(), source))
+    pub fn learn_opened(&mut self, holder: &Holder, opened_at_ms: u64) {
+        if let Some(g) = self.held.get_mut(holder)
             && g.opened_at_ms == 0
         {
             g.opened_at_ms = opened_at_ms;
         }
     }
 
-    /// The grant of `door` for `source`, if there is one.
-    pub fn get(&self, door: &str, source: IpAddr) -> Option<&Grant> {
-        self.by_source.get(&(door.to_owned(), source))
+    /// The grant `holder` holds, if there is one.
+    pub fn get(&self, holder: &Holder) -> Option<&Grant> {
+        self.held.get(holder)
     }
 
     /// The random ports grants use now (not retired ones, not static
     /// doors' service ports), in no order: the ports probes are counted on.
     pub fn current_ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.by_source
+        self.held
             .values()
             .filter(|g| g.kind == GrantKind::Redirect)
             .map(|g| g.port)
@@ -886,8 +958,8 @@ impl Grants {
 
     /// Every live grant.
     pub fn list(&self) -> Vec<&Grant> {
-        let mut grants: Vec<&Grant> = self.by_source.values().collect();
-        grants.sort_by_key(|g| (&g.door, g.source));
+        let mut grants: Vec<&Grant> = self.held.values().collect();
+        grants.sort_by_key(|g| (&g.door, g.source, &g.device));
         grants
     }
 }
@@ -1064,7 +1136,7 @@ mod tests {
         );
         // A closed grant's port is free again at the next tick.
         grants
-            .close(&mut k, "ssh", ip("198.18.0.2"), t0)
+            .close(&mut k, &Holder::new("ssh", ip("198.18.0.2"), None), t0)
             .unwrap()
             .unwrap();
         grants.tick(&mut k, t0).unwrap();
@@ -1103,7 +1175,9 @@ mod tests {
         let mut reloaded = self::grants();
         reloaded.inherit(&grants);
         assert!(reloaded.list().iter().any(|g| g.door == "legacy"));
-        grants.close(&mut k, "legacy", a, t0 + SECS(11)).unwrap();
+        grants
+            .close(&mut k, &Holder::new("legacy", a, None), t0 + SECS(11))
+            .unwrap();
         assert!(!k.allowed.contains_key(&(a, 2222)));
         assert!(!k.elements.contains_key(&("static".into(), a, 2222)));
         // Expired, it is forgotten at the next tick.
@@ -1148,6 +1222,88 @@ mod tests {
         );
     }
 
+    /// Devices behind one address (a NAT) each hold their own grant: their
+    /// own port, lease and close. Before, a second device's open took over
+    /// the first one's grant, and the first one's close then found none
+    /// while the port stayed open.
+    #[test]
+    fn devices_behind_one_address_hold_one_grant_each() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let nat = ip("198.18.0.2");
+        let laptop = grants.open(&mut k, "ssh", nat, Some("laptop"), t0).unwrap();
+        let sensor = grants.open(&mut k, "ssh", nat, Some("sensor"), t0).unwrap();
+        assert_ne!(laptop.port, sensor.port, "a port each");
+        assert_eq!(grants.list().len(), 2);
+        for port in [laptop.port, sensor.port] {
+            assert!(k.admits("ssh", nat, port));
+        }
+        // The sensor's heartbeat makes its own grant a lease, not the
+        // laptop's.
+        grants
+            .heartbeat(&mut k, "ssh", nat, Some("sensor"), t0 + SECS(10))
+            .unwrap()
+            .unwrap();
+        let held = |grants: &Grants, device: &str| {
+            grants
+                .get(&Holder::new("ssh", nat, Some(device)))
+                .map(|g| (g.port, g.leased))
+        };
+        assert_eq!(held(&grants, "sensor"), Some((sensor.port, true)));
+        assert_eq!(held(&grants, "laptop"), Some((laptop.port, false)));
+        // A reopen by the laptop keeps its own port.
+        let again = grants
+            .open(&mut k, "ssh", nat, Some("laptop"), t0 + SECS(20))
+            .unwrap();
+        assert_eq!(again.port, laptop.port);
+        // The laptop's close ends its grant alone.
+        let ended = grants
+            .close_device(&mut k, "ssh", nat, "laptop", t0 + SECS(21))
+            .unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].port, laptop.port);
+        assert!(!k.admits("ssh", nat, laptop.port));
+        assert!(k.admits("ssh", nat, sensor.port));
+        assert_eq!(held(&grants, "sensor"), Some((sensor.port, true)));
+        // A third device behind the NAT has nothing to heartbeat.
+        assert!(
+            grants
+                .heartbeat(&mut k, "ssh", nat, Some("phone"), t0 + SECS(22))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// A grant restored from an element without a device (written before
+    /// elements named theirs) is taken over by the first device that
+    /// knocks from its address, and is then that device's alone.
+    #[test]
+    fn a_grant_of_no_known_device_goes_to_the_first_device_that_claims_it() {
+        let (mut k, t0) = (Fake::default(), Instant::now());
+        let nat = ip("198.18.0.2");
+        k.existing = vec![Element {
+            door: "ssh".into(),
+            key: GrantKey {
+                source: nat,
+                port: 40007,
+            },
+            timeout: SECS(30),
+            device: None,
+        }];
+        let mut grants = grants();
+        grants.install(&mut k, t0).unwrap();
+        let claimed = grants
+            .heartbeat(&mut k, "ssh", nat, Some("laptop"), t0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (claimed.port, claimed.device.as_deref()),
+            (40007, Some("laptop"))
+        );
+        assert!(grants.get(&Holder::new("ssh", nat, None)).is_none());
+        let other = grants.open(&mut k, "ssh", nat, Some("sensor"), t0).unwrap();
+        assert_ne!(other.port, 40007);
+        assert_eq!(grants.list().len(), 2);
+    }
     #[test]
     fn a_restart_adopts_the_table_and_a_reload_keeps_what_it_knew() {
         let (mut before, mut k, t0) = (grants(), Fake::default(), Instant::now());
@@ -1183,8 +1339,9 @@ mod tests {
         assert_eq!(g.opened_at_ms, 0);
         let mut restarted = grants();
         restarted.install(&mut k, t0).unwrap();
-        restarted.learn_opened("ssh", a, 1234);
-        restarted.learn_opened("ssh", a, 5678);
+        let laptop = Holder::new("ssh", a, Some("laptop"));
+        restarted.learn_opened(&laptop, 1234);
+        restarted.learn_opened(&laptop, 5678);
         assert_eq!(restarted.list()[0].opened_at_ms, 1234, "learnt once");
         adopted.inherit(&before);
         let g = adopted.list()[0].clone();
@@ -1196,7 +1353,7 @@ mod tests {
         );
         assert_ne!(g.opened_at_ms, 0);
         // Closing ends every port it held, retired ones too.
-        adopted.close(&mut k, "ssh", a, t0).unwrap();
+        adopted.close(&mut k, &laptop, t0).unwrap().unwrap();
         assert!(k.elements.is_empty() && k.allowed.is_empty());
     }
 

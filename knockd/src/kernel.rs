@@ -307,6 +307,8 @@ mod fake {
     pub struct Fake {
         /// nftables grant elements: (set: a door, or "static" / "static_udp"; source; port).
         pub elements: HashMap<(String, IpAddr, u16), Duration>,
+        /// The device each one-time grant element names (its comment).
+        pub comments: HashMap<(String, IpAddr, u16), String>,
         pub allowed: HashMap<(IpAddr, u16), Option<Duration>>,
         pub bound: HashSet<u16>,
         /// What `list_grants` finds instead of `elements` (a table from
@@ -337,6 +339,7 @@ mod fake {
         fn default() -> Fake {
             Fake {
                 elements: HashMap::new(),
+                comments: HashMap::new(),
                 allowed: HashMap::new(),
                 bound: HashSet::new(),
                 existing: Vec::new(),
@@ -390,14 +393,14 @@ mod fake {
                 .elements
                 .iter()
                 .filter(|((door, _, _), _)| doors.contains(&door.as_str()))
-                .map(|((door, source, port), timeout)| Element {
+                .map(|(key @ (door, source, port), timeout)| Element {
                     door: door.clone(),
                     key: GrantKey {
                         source: *source,
                         port: *port,
                     },
                     timeout: *timeout,
-                    device: None,
+                    device: self.comments.get(key).cloned(),
                 });
             if !self.existing.is_empty() {
                 return Ok(self.existing.clone());
@@ -407,12 +410,17 @@ mod fake {
         fn update_grants(&mut self, add: &[Element], remove: &[Element]) -> Result<(), nft::Error> {
             self.refuse()?;
             for e in remove {
-                self.elements
-                    .remove(&(e.door.clone(), e.key.source, e.key.port));
+                let key = (e.door.clone(), e.key.source, e.key.port);
+                self.elements.remove(&key);
+                self.comments.remove(&key);
             }
             for e in add {
-                self.elements
-                    .insert((e.door.clone(), e.key.source, e.key.port), e.timeout);
+                let key = (e.door.clone(), e.key.source, e.key.port);
+                self.elements.insert(key.clone(), e.timeout);
+                match &e.device {
+                    Some(device) => self.comments.insert(key, device.clone()),
+                    None => self.comments.remove(&key),
+                };
             }
             Ok(())
         }

@@ -495,3 +495,80 @@ fn a_session_is_cut_at_its_cap_v6() {
     require_privileges!();
     a_session_is_cut_at_its_cap(true);
 }
+
+/// Two devices behind one address (a NAT, here one client address): each
+/// gets a grant and a port of its own; one's close ends its grant alone,
+/// the other's heartbeat keeps its own port, and a restart adopts both
+/// grants with their devices.
+#[test]
+fn devices_behind_one_address_hold_a_grant_each() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let sensor_key = knockd::proto::DeviceKey::generate();
+    let sensor_path = bed.dir.path().join("sensor.key");
+    std::fs::write(&sensor_path, sensor_key.to_hex()).unwrap();
+    std::fs::set_permissions(
+        &sensor_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let config = bed.config("").replace(
+        "devices: { ",
+        &format!(
+            "devices: {{ sensor: {{ key_file: {}, groups: [admins] }}, ",
+            sensor_path.display()
+        ),
+    );
+    assert!(config.contains("sensor:"), "{config}");
+    let daemon = knockd_tests::Daemon::start(&bed.testbed.server, &config);
+    let knock = |key: &knockd::proto::DeviceKey, kind: Kind| {
+        knockd::client::knock_from(
+            &bed.socket(),
+            &bed.target(key.clone()),
+            kind,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    let laptop = knock(&bed.key, Kind::Open).reply;
+    let sensor = knock(&sensor_key, Kind::Open).reply;
+    assert_eq!(
+        (laptop.status, sensor.status),
+        (Status::Granted, Status::Granted)
+    );
+    assert_ne!(laptop.port, sensor.port, "a port each");
+    let table = bed.table().unwrap();
+    for port in [laptop.port, sensor.port] {
+        assert!(
+            table.contains(&format!("{} . {port}", bed.client)),
+            "{table}"
+        );
+        assert_eq!(bed.connect(port).0, Outcome::Answered, "port {port}");
+    }
+    // The laptop's close ends its grant; the sensor's stays.
+    let closed = knock(&bed.key, Kind::Close).reply;
+    assert_eq!(closed.status, Status::Closed);
+    assert_eq!(bed.connect(laptop.port).0, Outcome::Silent);
+    assert_eq!(bed.connect(sensor.port).0, Outcome::Answered);
+    // The sensor's heartbeat finds its own grant; the laptop has none.
+    let beat = knock(&sensor_key, Kind::Heartbeat).reply;
+    assert_eq!((beat.status, beat.port), (Status::Granted, sensor.port));
+    assert_eq!(
+        knock(&bed.key, Kind::Heartbeat).reply.status,
+        Status::NoGrant
+    );
+    // After a restart both devices' grants are known by device again.
+    let laptop = knock(&bed.key, Kind::Open).reply;
+    let mut daemon = daemon;
+    assert!(daemon.stop().success());
+    let mut restarted = daemon.restart(&bed.testbed.server);
+    restarted.wait_for(
+        "adopted the grants the nftables table held",
+        Duration::from_secs(5),
+        |v| v["grants"] == 2,
+    );
+    let again = knock(&bed.key, Kind::Open).reply;
+    assert_eq!(again.port, laptop.port, "the laptop's own grant renewed");
+    let beat = knock(&sensor_key, Kind::Heartbeat).reply;
+    assert_eq!((beat.status, beat.port), (Status::Granted, sensor.port));
+}

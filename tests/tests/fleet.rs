@@ -813,7 +813,7 @@ fn etcd_write_access_alone_opens_nothing() {
     });
     fleet.etcd.ctl_ok(&[
         "put",
-        &format!("{}grants/ssh/{}", fleet.prefix, fleet.client_addr),
+        &format!("{}grants/ssh/{}/laptop", fleet.prefix, fleet.client_addr),
         &forged.to_string(),
     ]);
     let stranger = knockd::proto::DeviceKey::generate();
@@ -1006,15 +1006,33 @@ fn an_etcd_writer_without_the_cluster_key_cannot_widen_move_or_replay_records() 
         wait_ignored(&mut fleet, i, "device copy", "names device \"laptop\"");
     }
 
-    // Row: move a grant to another address.
+    // Row: move a grant to another address, or to another device at its
+    // address.
     let port = fleet.knock(0, &laptop, Kind::Open).unwrap().reply.port;
-    let grant_key = format!("{p}grants/ssh/{}", fleet.client_addr);
+    let grant_key = format!("{p}grants/ssh/{}/laptop", fleet.client_addr);
     std::thread::sleep(Duration::from_millis(300));
     let grant = get(&fleet, &grant_key);
     assert_eq!(grant["port"], port);
-    put(&fleet, &format!("{p}grants/ssh/198.18.200.1"), &grant);
+    put(
+        &fleet,
+        &format!("{p}grants/ssh/198.18.200.1/laptop"),
+        &grant,
+    );
     for i in 0..2 {
-        wait_ignored(&mut fleet, i, "grant of 198.18.200.1 on ssh", "not signed");
+        wait_ignored(
+            &mut fleet,
+            i,
+            "grant (door ssh, source 198.18.200.1, device laptop)",
+            "not signed",
+        );
+    }
+    put(
+        &fleet,
+        &format!("{p}grants/ssh/{}/intern", fleet.client_addr),
+        &grant,
+    );
+    for i in 0..2 {
+        wait_ignored(&mut fleet, i, "device intern)", "not signed");
     }
 
     // Row: put a revoked grant back.
@@ -1036,7 +1054,7 @@ fn an_etcd_writer_without_the_cluster_key_cannot_widen_move_or_replay_records() 
     let revoke = get(&fleet, &revoke_key);
     put(&fleet, &grant_key, &grant);
     for i in 0..2 {
-        wait_ignored(&mut fleet, i, "grant of", "opened before revoke");
+        wait_ignored(&mut fleet, i, "grant (door ssh", "opened before revoke");
         assert_ne!(
             fleet.connect(i, port).0,
             Outcome::Answered,

@@ -4,7 +4,6 @@
 //! [`Event`](super::Event)s out.
 
 use std::{
-    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -25,6 +24,7 @@ use crate::{
         Response,
         wire::{ClusterDevice, ClusterStatus, DeviceChanged, NodeReport, NodeStatus},
     },
+    grants::Holder,
     proto::{DeviceKey, unix_ms},
 };
 
@@ -187,17 +187,15 @@ impl Task {
             | Request::Status { reply } => {
                 let _ = reply.send(unavailable(why));
             }
-            Request::PutGrant { door, source, .. } => {
+            Request::PutGrant { holder, .. } => {
                 let _ = self.events.send(Event::PublishFailed {
-                    door,
-                    source,
+                    holder,
                     why: why.to_owned(),
                 });
             }
-            Request::DeleteGrant { door, source } => {
+            Request::DeleteGrant { holder } => {
                 let _ = self.events.send(Event::WithdrawFailed {
-                    door,
-                    source,
+                    holder,
                     why: why.to_owned(),
                 });
             }
@@ -301,10 +299,10 @@ impl Task {
         }
         let mut synced_grants = Vec::new();
         for kv in grants.kvs() {
-            if let Key::Grant { door, source } = self.keys.parse(kv.key())
-                && let Some(record) = self.grant_record(&door, source, kv.value())
+            if let Key::Grant(holder) = self.keys.parse(kv.key())
+                && let Some(record) = self.grant_record(&holder, kv.value())
             {
-                synced_grants.push((door, source, record, kv.mod_revision()));
+                synced_grants.push((holder, record, kv.mod_revision()));
             }
         }
         let synced_revokes = revokes
@@ -383,9 +381,9 @@ impl Task {
                                 let device = if put { self.device_record(&id, kv.value()) } else { None };
                                 let _ = self.events.send(Event::Device { id, device });
                             }
-                            Key::Grant { door, source } => {
-                                let record = if put { self.grant_record(&door, source, kv.value()) } else { None };
-                                let _ = self.events.send(Event::Grant { door, source, record, revision: kv.mod_revision() });
+                            Key::Grant(holder) => {
+                                let record = if put { self.grant_record(&holder, kv.value()) } else { None };
+                                let _ = self.events.send(Event::Grant { holder, record, revision: kv.mod_revision() });
                             }
                             Key::Revoke(id) if put => {
                                 if let Some(record) = self.revoke_record(&id, kv.value()) {
@@ -480,22 +478,18 @@ impl Task {
                     let _ = events.send(Event::Consumed { token, result });
                 });
             }
-            Request::PutGrant {
-                door,
-                source,
-                record,
-            } => {
+            Request::PutGrant { holder, record } => {
                 tokio::spawn(async move {
                     let ttl = (record.expires_at_ms.saturating_sub(unix_ms()) / 1000 + 2) as i64;
                     let mut record = record;
-                    model::sign(&cluster_key, &keys.grant(&door, source), &mut record);
+                    model::sign(&cluster_key, &keys.grant(&holder), &mut record);
                     let written = async {
                         let lease = timed(timeout, client.lease_grant(ttl, None)).await?.id();
                         let value = serde_json::to_vec(&record).expect("records serialize");
                         let put = timed(
                             timeout,
                             client.put(
-                                keys.grant(&door, source),
+                                keys.grant(&holder),
                                 value,
                                 Some(PutOptions::new().with_lease(lease)),
                             ),
@@ -504,23 +498,17 @@ impl Task {
                         Ok::<_, String>(put.header().map_or(0, |h| h.revision()))
                     };
                     let _ = events.send(match written.await {
-                        Ok(revision) => Event::GrantWritten {
-                            door,
-                            source,
-                            revision,
-                        },
-                        Err(why) => Event::PublishFailed { door, source, why },
+                        Ok(revision) => Event::GrantWritten { holder, revision },
+                        Err(why) => Event::PublishFailed { holder, why },
                     });
                 });
             }
-            Request::DeleteGrant { door, source } => {
+            Request::DeleteGrant { holder } => {
                 tokio::spawn(async move {
-                    if let Err(why) =
-                        timed(timeout, client.delete(keys.grant(&door, source), None)).await
+                    if let Err(why) = timed(timeout, client.delete(keys.grant(&holder), None)).await
                     {
                         let _ = events.send(Event::WithdrawFailed {
-                            door,
-                            source,
+                            holder,
                             why: why.into(),
                         });
                     }
@@ -544,19 +532,14 @@ impl Task {
                             .kvs()
                             .iter()
                             .filter_map(|kv| {
-                                let Key::Grant { door, source } = keys.parse(kv.key()) else {
+                                let Key::Grant(holder) = keys.parse(kv.key()) else {
                                     return None;
                                 };
-                                let g = model::check_grant(
-                                    &cluster_key,
-                                    &keys,
-                                    &door,
-                                    source,
-                                    kv.value(),
-                                )
-                                .ok()?;
-                                ends.ends(source, g.device.as_deref(), g.opened_at_ms)
-                                    .then(|| keys.grant(&door, source))
+                                let g =
+                                    model::check_grant(&cluster_key, &keys, &holder, kv.value())
+                                        .ok()?;
+                                ends.ends(holder.source, g.device.as_deref(), g.opened_at_ms)
+                                    .then(|| keys.grant(&holder))
                             })
                             .collect();
                         let lease = timed(timeout, client.lease_grant(REVOKE_TTL_SECS, None))
@@ -716,15 +699,11 @@ impl Task {
 
     /// A grant as a node signed it; `None` (reported) otherwise: write
     /// access to etcd without the cluster key opens nothing.
-    fn grant_record(&self, door: &str, source: IpAddr, value: &[u8]) -> Option<GrantRecord> {
-        match model::check_grant(&self.cluster_key, &self.keys, door, source, value) {
+    fn grant_record(&self, holder: &Holder, value: &[u8]) -> Option<GrantRecord> {
+        match model::check_grant(&self.cluster_key, &self.keys, holder, value) {
             Ok(record) => Some(record),
             Err(why) => {
-                self.refused(
-                    format!("grant of {source} on {door}"),
-                    self.keys.grant(door, source),
-                    why,
-                );
+                self.refused(format!("grant ({holder})"), self.keys.grant(holder), why);
                 None
             }
         }

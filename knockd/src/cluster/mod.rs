@@ -17,14 +17,13 @@ pub mod model;
 pub mod replication;
 pub mod revokes;
 
-use std::net::IpAddr;
-
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     auth::Consumed,
     config::Cluster,
     control::{Response, wire::NodeReport},
+    grants::Holder,
     proto::DeviceKey,
 };
 use model::{GrantRecord, Refused, RevokeRecord};
@@ -120,14 +119,12 @@ pub enum Request {
     },
     /// Publish a cluster door's grant (every node installs it).
     PutGrant {
-        door: String,
-        source: IpAddr,
+        holder: Holder,
         record: GrantRecord,
     },
     /// Withdraw a cluster door's grant (a close, a revoke).
     DeleteGrant {
-        door: String,
-        source: IpAddr,
+        holder: Holder,
     },
     /// Publish a revoke (at `P/revokes/ID`, signed there), and delete
     /// the cluster grants in etcd it ends, in one transaction; answered
@@ -170,7 +167,7 @@ pub enum Event {
     Synced {
         revision: i64,
         devices: Vec<FleetDevice>,
-        grants: Vec<(String, IpAddr, GrantRecord, i64)>,
+        grants: Vec<(Holder, GrantRecord, i64)>,
         /// By id.
         revokes: Vec<(String, RevokeRecord)>,
     },
@@ -191,17 +188,12 @@ pub enum Event {
     },
     /// A cluster grant was published (`Some`) or withdrawn or expired.
     Grant {
-        door: String,
-        source: IpAddr,
+        holder: Holder,
         record: Option<GrantRecord>,
         revision: i64,
     },
     /// Our own grant write reached etcd at `revision`.
-    GrantWritten {
-        door: String,
-        source: IpAddr,
-        revision: i64,
-    },
+    GrantWritten { holder: Holder, revision: i64 },
     /// A revoke to carry out (unless this node has, by its id).
     Revoke {
         id: String,
@@ -227,17 +219,9 @@ pub enum Event {
     Progress { revision: i64, lag_ms: Option<u64> },
     /// Our grant write failed: etcd does not have this grant, though this
     /// node installed it.
-    PublishFailed {
-        door: String,
-        source: IpAddr,
-        why: String,
-    },
+    PublishFailed { holder: Holder, why: String },
     /// Our delete of a grant this node ended failed: etcd still has it.
-    WithdrawFailed {
-        door: String,
-        source: IpAddr,
-        why: String,
-    },
+    WithdrawFailed { holder: Holder, why: String },
 }
 
 /// A device from etcd, its key opened (once, here).

@@ -8,12 +8,10 @@
 //! |---|---|---|
 //! | `P/devices/ID` | [`DeviceRecord`], key sealed | none |
 //! | `P/consumed/DOOR/DEVICE/STEP/NONCE` | the node that consumed it | the node's replay lease |
-//! | `P/grants/DOOR/SOURCE` | [`GrantRecord`] | the grant's lifetime |
+//! | `P/grants/DOOR/SOURCE/DEVICE` | [`GrantRecord`] | the grant's lifetime |
 //! | `P/revokes/ID` | [`RevokeRecord`] | a minute |
 //! | `P/nodes/NAME` | [`NodeReport`](crate::control::wire::NodeReport) | a few seconds |
 //! | `P/members/NAME` | when the node first joined | none |
-
-use std::net::IpAddr;
 
 use chacha20poly1305::{
     ChaCha20Poly1305, KeyInit as _,
@@ -25,7 +23,7 @@ use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::{auth::Consumed, proto::DeviceKey};
+use crate::{auth::Consumed, grants::Holder, proto::DeviceKey};
 
 /// Version of the records below; a node refuses records of another.
 ///
@@ -33,6 +31,12 @@ use crate::{auth::Consumed, proto::DeviceKey};
 /// grants and revokes only, and a device record's groups and doors were
 /// covered by nothing), and grants say when they were opened, so a revoke
 /// ends only what existed when it was issued.
+///
+/// Grants moved from `P/grants/DOOR/SOURCE` to `P/grants/DOOR/SOURCE/DEVICE`
+/// (devices behind one NAT address hold one grant each) without a new
+/// version: the records are unchanged, and each layout reads the other's
+/// keys as [`Key::Other`], so a device record, which a version change would
+/// make every node refuse until re-signed, is not touched.
 pub const RECORD_VERSION: u32 = 2;
 
 /// The key layout under one prefix.
@@ -45,10 +49,7 @@ pub struct Keys {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
     Device(String),
-    Grant {
-        door: String,
-        source: IpAddr,
-    },
+    Grant(Holder),
     Revoke(String),
     Node(String),
     /// Consumed sequences, members, and anything a newer version may add.
@@ -80,8 +81,17 @@ impl Keys {
         format!("{}grants/", self.prefix)
     }
 
-    pub fn grant(&self, door: &str, source: IpAddr) -> String {
-        format!("{}{door}/{source}", self.grants())
+    /// A grant's key. A grant whose device is not known (restored after a
+    /// restart from an element without one) has an empty last segment:
+    /// device ids are never empty.
+    pub fn grant(&self, holder: &Holder) -> String {
+        format!(
+            "{}{}/{}/{}",
+            self.grants(),
+            holder.door,
+            holder.source,
+            holder.device.as_deref().unwrap_or_default()
+        )
     }
 
     pub fn revoke(&self, id: &str) -> String {
@@ -127,17 +137,29 @@ impl Keys {
             return Key::Other;
         };
         let mut parts = rest.split('/');
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some("devices"), Some(id), None, None) if !id.is_empty() => Key::Device(id.into()),
-            (Some("grants"), Some(door), Some(source), None) => match source.parse() {
-                Ok(source) => Key::Grant {
-                    door: door.into(),
-                    source,
-                },
-                Err(_) => Key::Other,
-            },
-            (Some("revokes"), Some(id), None, None) => Key::Revoke(id.into()),
-            (Some("nodes"), Some(name), None, None) => Key::Node(name.into()),
+        let segments = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        );
+        match segments {
+            (Some("devices"), Some(id), None, None, None) if !id.is_empty() => {
+                Key::Device(id.into())
+            }
+            (Some("grants"), Some(door), Some(source), Some(device), None) if !door.is_empty() => {
+                match source.parse() {
+                    Ok(source) => Key::Grant(Holder {
+                        door: door.into(),
+                        source,
+                        device: (!device.is_empty()).then(|| device.into()),
+                    }),
+                    Err(_) => Key::Other,
+                }
+            }
+            (Some("revokes"), Some(id), None, None, None) => Key::Revoke(id.into()),
+            (Some("nodes"), Some(name), None, None, None) => Key::Node(name.into()),
             _ => Key::Other,
         }
     }
@@ -373,13 +395,12 @@ pub fn check_device(
     Ok((record, key))
 }
 
-/// Reads a grant record at `P/grants/DOOR/SOURCE`: of this version and
-/// signed for that key.
+/// Reads a grant record at `P/grants/DOOR/SOURCE/DEVICE`: of this
+/// version, signed for that key, and for the device the key names.
 pub fn check_grant(
     cluster_key: &DeviceKey,
     keys: &Keys,
-    door: &str,
-    source: IpAddr,
+    holder: &Holder,
     value: &[u8],
 ) -> Result<GrantRecord, Refused> {
     let record = serde_json::from_slice::<GrantRecord>(value)
@@ -387,8 +408,11 @@ pub fn check_grant(
     if record.version != RECORD_VERSION {
         return Err(Refused::Version(record.version));
     }
-    if !verify(cluster_key, &keys.grant(door, source), &record) {
+    if !verify(cluster_key, &keys.grant(holder), &record) {
         return Err(Refused::Unsigned);
+    }
+    if record.device != holder.device {
+        return Err(Refused::WrongId(record.device.unwrap_or_default()));
     }
     Ok(record)
 }
@@ -413,6 +437,8 @@ pub fn check_revoke(
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
     #[test]
@@ -423,13 +449,13 @@ mod tests {
             Key::Device("laptop".into())
         );
         let source: IpAddr = "2001:db8::2".parse().unwrap();
-        assert_eq!(
-            keys.parse(keys.grant("ssh", source).as_bytes()),
-            Key::Grant {
-                door: "ssh".into(),
-                source
-            }
-        );
+        for device in [Some("laptop"), None] {
+            let holder = Holder::new("ssh", source, device);
+            assert_eq!(
+                keys.parse(keys.grant(&holder).as_bytes()),
+                Key::Grant(holder)
+            );
+        }
         assert_eq!(keys.parse(keys.node("a").as_bytes()), Key::Node("a".into()));
         assert_eq!(
             keys.parse(keys.revoke("r1").as_bytes()),
@@ -437,7 +463,10 @@ mod tests {
         );
         for other in [
             "/other/devices/x",
-            "/fleet/grants/ssh/not-an-ip",
+            "/fleet/grants/ssh/not-an-ip/laptop",
+            // Version 2's layout, without the device.
+            "/fleet/grants/ssh/198.18.0.2",
+            "/fleet/grants/ssh/198.18.0.2/laptop/more",
             "/fleet/devices/",
             "/fleet/members/a",
             "/fleet/consumed/ssh/laptop/1/00",
@@ -451,7 +480,8 @@ mod tests {
     fn records_verify_only_unaltered_at_their_key_under_the_cluster_key() {
         let keys = Keys::new("/knockd/");
         let cluster = DeviceKey::generate();
-        let at = keys.grant("ssh", "198.18.0.2".parse().unwrap());
+        let holder = Holder::new("ssh", "198.18.0.2".parse().unwrap(), Some("laptop"));
+        let at = keys.grant(&holder);
         let mut record = GrantRecord {
             mac: String::new(),
             version: RECORD_VERSION,
@@ -465,13 +495,37 @@ mod tests {
         assert!(!verify(&cluster, &at, &record), "unsigned");
         sign(&cluster, &at, &mut record);
         assert!(verify(&cluster, &at, &record));
-        // Another key, another source, another field value, another
-        // cluster key: refused.
+        assert!(
+            check_grant(
+                &cluster,
+                &keys,
+                &holder,
+                &serde_json::to_vec(&record).unwrap()
+            )
+            .is_ok()
+        );
+        // Another key, another source or device, another field value,
+        // another cluster key: refused.
         assert!(!verify(&DeviceKey::generate(), &at, &record));
-        assert!(!verify(
-            &cluster,
-            &keys.grant("ssh", "198.18.0.3".parse().unwrap()),
-            &record
+        for other in [
+            Holder::new("ssh", "198.18.0.3".parse().unwrap(), Some("laptop")),
+            Holder::new("ssh", "198.18.0.2".parse().unwrap(), Some("sensor")),
+            Holder::new("ssh", "198.18.0.2".parse().unwrap(), None),
+        ] {
+            assert!(!verify(&cluster, &keys.grant(&other), &record), "{other}");
+        }
+        // Signed for its key but naming another device: refused.
+        let mut moved = record.clone();
+        moved.device = Some("sensor".into());
+        sign(&cluster, &at, &mut moved);
+        assert!(matches!(
+            check_grant(
+                &cluster,
+                &keys,
+                &holder,
+                &serde_json::to_vec(&moved).unwrap()
+            ),
+            Err(Refused::WrongId(_))
         ));
         let mut longer = record.clone();
         longer.expires_at_ms += 1;

@@ -15,10 +15,10 @@
 //! - [`State::Unwithdrawn`]: we ended it and etcd refused the delete: a
 //!   resynchronisation deletes it again rather than install it.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::collections::HashMap;
 
-/// A cluster grant: its door and source.
-pub type GrantKey = (String, IpAddr);
+/// A cluster grant: its door, source and device.
+pub type GrantKey = crate::grants::Holder;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -176,7 +176,11 @@ mod tests {
     use super::*;
 
     fn key(n: u8) -> GrantKey {
-        ("ssh".into(), IpAddr::from([198, 18, 0, n]))
+        GrantKey::new(
+            "ssh",
+            std::net::IpAddr::from([198, 18, 0, n]),
+            Some("laptop"),
+        )
     }
 
     #[test]

@@ -12,7 +12,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::IpAddr,
     path::PathBuf,
     time::Duration,
 };
@@ -34,7 +33,7 @@ use crate::{
         wire::{NodeReport, RevokedFleet},
     },
     devices::Devices,
-    grants::Published,
+    grants::{Grant, Holder, Published},
     proto::DeviceKey,
 };
 
@@ -244,9 +243,11 @@ impl Daemon {
                 "etcd unreachable: acting on the knock with this node's replay record only (on_cluster_unavailable: local)"
             );
             if let Some(fleet) = &mut self.fleet {
-                fleet
-                    .replication
-                    .made_without_etcd((accepted.door.clone(), accepted.grant_to));
+                fleet.replication.made_without_etcd(Holder::new(
+                    &accepted.door,
+                    accepted.grant_to,
+                    accepted.device.as_deref(),
+                ));
             }
             return Some((accepted, decided_ms));
         }
@@ -260,14 +261,14 @@ impl Daemon {
         None
     }
 
-    /// Publishes what this node did to a cluster door's grant of `source`:
-    /// its current state, or its end.
-    pub(super) fn publish_grant(&mut self, door: &str, source: IpAddr) {
-        if !self.cluster_scoped(door) {
+    /// Publishes what this node did to a cluster door's grant of
+    /// `holder`: its current state, or its end.
+    pub(super) fn publish_grant(&mut self, holder: &Holder) {
+        if !self.cluster_scoped(&holder.door) {
             return;
         }
         let now = self.now;
-        let record = self.grants.get(door, source).map(|g| GrantRecord {
+        let record = self.grants.get(holder).map(|g| GrantRecord {
             mac: String::new(),
             version: RECORD_VERSION,
             port: g.port,
@@ -279,23 +280,20 @@ impl Daemon {
             opened_at_ms: g.opened_at_ms,
         });
         let fleet = self.fleet.as_mut().expect("cluster_scoped checked");
-        let key = (door.to_owned(), source);
         match fleet
             .replication
-            .changed(key, record.is_some(), fleet.synced)
+            .changed(holder.clone(), record.is_some(), fleet.synced)
         {
             Publish::Put => {
                 let mut record = record.expect("held");
                 record.node = fleet.link.name.clone();
                 fleet.link.send(Request::PutGrant {
-                    door: door.to_owned(),
-                    source,
+                    holder: holder.clone(),
                     record,
                 });
             }
             Publish::Delete => fleet.link.send(Request::DeleteGrant {
-                door: door.to_owned(),
-                source,
+                holder: holder.clone(),
             }),
             Publish::Later => {}
         }
@@ -391,42 +389,36 @@ impl Daemon {
                 }
                 let name = self.fleet.as_ref().expect("fleet").link.name.clone();
                 let mut listed = HashSet::new();
-                for (door, source, record, rev) in grants {
-                    if self.revoked_grant(&door, source, &record) {
+                for (holder, record, rev) in grants {
+                    if self.revoked_grant(&holder, &record) {
                         continue;
                     }
-                    listed.insert((door.clone(), source));
-                    let key = (door, source);
-                    let held = self.grants.get(&key.0, source).is_some();
+                    listed.insert(holder.clone());
+                    let held = self.grants.get(&holder).is_some();
                     let fleet = self.fleet.as_mut().expect("fleet");
-                    match fleet.replication.listed(&key, record.node == name, held) {
+                    match fleet.replication.listed(&holder, record.node == name, held) {
                         // Ended here while etcd refused the delete: end it
                         // fleet-wide now, rather than reopen it.
-                        Listed::DeleteAgain => fleet.link.send(Request::DeleteGrant {
-                            door: key.0,
-                            source,
-                        }),
-                        Listed::Apply => self.apply_grant(&key.0, source, record, rev),
+                        Listed::DeleteAgain => fleet.link.send(Request::DeleteGrant { holder }),
+                        Listed::Apply => self.apply_grant(&holder, record, rev),
                     }
                 }
                 // Cluster grants etcd no longer has ended while we were
                 // away (expired, closed, revoked).
-                let gone: Vec<(String, IpAddr)> = self
+                let gone: Vec<Holder> = self
                     .grants
                     .list()
                     .into_iter()
-                    .map(|g| (g.door.clone(), g.source))
-                    .filter(|key| self.cluster_scoped(&key.0) && !listed.contains(key))
+                    .map(Grant::holder)
+                    .filter(|h| self.cluster_scoped(&h.door) && !listed.contains(h))
                     .collect();
-                for (door, source) in gone {
+                for holder in gone {
                     let fleet = self.fleet.as_mut().expect("fleet");
-                    if !fleet.replication.unlisted(&(door.clone(), source)) {
+                    if !fleet.replication.unlisted(&holder) {
                         continue;
                     }
-                    let _ = self
-                        .grants
-                        .close(self.kernel.as_mut(), &door, source, now.mono);
-                    tracing::info!(%door, %source, "fleet: grant ended while this node was away from etcd; closed");
+                    let _ = self.grants.close(self.kernel.as_mut(), &holder, now.mono);
+                    tracing::info!(%holder, "fleet: grant ended while this node was away from etcd; closed");
                 }
                 // Grants etcd never had (made while away, or whose write
                 // failed) are published now.
@@ -436,8 +428,8 @@ impl Daemon {
                     .expect("fleet")
                     .replication
                     .resynchronised();
-                for (door, source) in unpublished {
-                    self.publish_grant(&door, source);
+                for holder in unpublished {
+                    self.publish_grant(&holder);
                 }
                 // Revokes made here while etcd was away reach it now.
                 self.publish_revokes();
@@ -525,36 +517,26 @@ impl Daemon {
                 }
             }
             Event::Grant {
-                door,
-                source,
+                holder,
                 record,
                 revision,
-            } => {
-                let key = (door.clone(), source);
-                match record {
-                    Some(record) => {
-                        if !self.revoked_grant(&door, source, &record) {
-                            self.apply_grant(&door, source, record, revision);
-                        }
+            } => match record {
+                Some(record) => {
+                    if !self.revoked_grant(&holder, &record) {
+                        self.apply_grant(&holder, record, revision);
                     }
-                    None => {
-                        if fleet.replication.deleted(&key, revision) {
-                            let closed =
-                                self.grants
-                                    .close(self.kernel.as_mut(), &door, source, now.mono)?;
-                            if closed.is_some() {
-                                tracing::info!(%door, %source, "fleet: grant withdrawn");
-                            }
+                }
+                None => {
+                    if fleet.replication.deleted(&holder, revision) {
+                        let closed = self.grants.close(self.kernel.as_mut(), &holder, now.mono)?;
+                        if closed.is_some() {
+                            tracing::info!(%holder, "fleet: grant withdrawn");
                         }
                     }
                 }
-            }
-            Event::GrantWritten {
-                door,
-                source,
-                revision,
-            } => {
-                fleet.replication.written(&(door, source), revision);
+            },
+            Event::GrantWritten { holder, revision } => {
+                fleet.replication.written(&holder, revision);
             }
             Event::Revoke {
                 id,
@@ -645,42 +627,47 @@ impl Daemon {
                     fleet.watch_lag_ms = lag_ms;
                 }
             }
-            Event::PublishFailed { door, source, why } => {
+            Event::PublishFailed { holder, why } => {
                 self.record_error(format!(
-                    "fleet: could not publish the grant of {source} on cluster door {door}: {why}"
+                    "fleet: could not publish the grant of cluster door {}, source {}, device {}: {why}",
+                    holder.door,
+                    holder.source,
+                    holder.device.as_deref().unwrap_or("-")
                 ));
                 // Unless a later write is on its way, etcd lacks this
                 // grant: treat it as one made without etcd, so the next
                 // resync (or the grant's next change) publishes it.
-                let held = self.grants.get(&door, source).is_some();
+                let held = self.grants.get(&holder).is_some();
                 let fleet = self.fleet.as_mut().expect("fleet");
-                fleet.replication.publish_failed((door, source), held);
+                fleet.replication.publish_failed(holder, held);
             }
-            Event::WithdrawFailed { door, source, why } => {
+            Event::WithdrawFailed { holder, why } => {
                 self.record_error(format!(
-                    "fleet: could not withdraw the grant of {source} on cluster door {door}: {why}"
+                    "fleet: could not withdraw the grant of cluster door {}, source {}, device {}: {why}",
+                    holder.door,
+                    holder.source,
+                    holder.device.as_deref().unwrap_or("-")
                 ));
-                let held = self.grants.get(&door, source).is_some();
+                let held = self.grants.get(&holder).is_some();
                 let fleet = self.fleet.as_mut().expect("fleet");
-                fleet.replication.withdraw_failed((door, source), held);
+                fleet.replication.withdraw_failed(holder, held);
             }
         }
         Ok(())
     }
 
     /// Installs a grant another node published (or ours, after a restart).
-    fn apply_grant(&mut self, door: &str, source: IpAddr, record: GrantRecord, revision: i64) {
+    fn apply_grant(&mut self, holder: &Holder, record: GrantRecord, revision: i64) {
+        let (door, source) = (holder.door.as_str(), holder.source);
         if !self.cluster_scoped(door) {
             tracing::warn!(door, %source, "fleet: a grant for a door that is not scope: cluster here; ignored (do all nodes share the configuration?)");
             return;
         }
         let fleet = self.fleet.as_mut().expect("cluster_scoped checked");
-        fleet
-            .replication
-            .applied((door.to_owned(), source), revision);
+        fleet.replication.applied(holder.clone(), revision);
         let ours = record.node == fleet.link.name;
-        if ours && self.grants.get(door, source).is_some() {
-            self.grants.learn_opened(door, source, record.opened_at_ms);
+        if ours && self.grants.get(holder).is_some() {
+            self.grants.learn_opened(holder, record.opened_at_ms);
             return;
         }
         let (now, now_ms) = (self.now.mono, self.now.unix_ms);
@@ -690,7 +677,6 @@ impl Daemon {
         }
         let published = Published {
             port: record.port,
-            device: record.device,
             expires: now + left,
             leased: record.leased,
             remote: !ours,
@@ -698,13 +684,13 @@ impl Daemon {
         };
         match self
             .grants
-            .apply(self.kernel.as_mut(), door, source, published, now)
+            .apply(self.kernel.as_mut(), holder, published, now)
         {
             Ok(g) => {
                 if let Err(e) = self.kernel.mark_granted(g.port) {
                     self.record_error(format!("updating the port policy failed: {}", chain(&e)));
                 }
-                tracing::info!(door, %source, port = g.port, by = %record.node, expires_in_secs = g.secs_left(now), "fleet: grant installed");
+                tracing::info!(door, %source, device = g.device.as_deref(), port = g.port, by = %record.node, expires_in_secs = g.secs_left(now), "fleet: grant installed");
             }
             Err(e) => self.record_error(format!(
                 "fleet: could not install the grant of {source} on {door} from {}: {}",
@@ -717,16 +703,16 @@ impl Daemon {
     /// Whether a grant record in etcd was opened before a revoke this node
     /// knows of its address or device (a replay, or a write that raced the
     /// revoke): such a grant is not installed, and is reported.
-    fn revoked_grant(&mut self, door: &str, source: IpAddr, record: &GrantRecord) -> bool {
+    fn revoked_grant(&mut self, holder: &Holder, record: &GrantRecord) -> bool {
         let Some(id) = self.fleet.as_ref().and_then(|f| {
             f.revokes
-                .ending(source, record.device.as_deref(), record.opened_at_ms)
+                .ending(holder.source, record.device.as_deref(), record.opened_at_ms)
                 .map(str::to_owned)
         }) else {
             return false;
         };
         self.refused_once(
-            format!("grant of {source} on {door}"),
+            format!("grant ({holder})"),
             format!("it was opened before revoke {id}"),
         );
         true
@@ -888,10 +874,10 @@ impl Daemon {
     /// for etcd's answer. The cluster grants it ends go from etcd with it.
     pub(super) fn revoke_fleet(&mut self, target: String, reply: oneshot::Sender<Response>) {
         let at_ms = self.now.unix_ms;
-        let grants: Vec<(String, IpAddr)> = self
+        let grants: Vec<Holder> = self
             .grants_of(&target)
             .into_iter()
-            .filter(|(door, _)| self.cluster_scoped(door))
+            .filter(|h| self.cluster_scoped(&h.door))
             .collect();
         let local = match self.revoke(&target, u64::MAX) {
             Ok(r) => (r.revoked, r.connections_cut),

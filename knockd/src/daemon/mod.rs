@@ -536,10 +536,10 @@ impl Daemon {
         }
         // A cluster door's grant (or its end) goes to every node.
         if status == Status::Granted {
-            self.publish_grant(&door_name, source);
+            self.publish_grant(&grants::Holder::new(&door_name, source, device));
         }
         for grant in &closed {
-            self.publish_grant(&door_name, grant.source);
+            self.publish_grant(&grant.holder());
         }
         tracing::info!(
             outcome = "accepted",
@@ -601,7 +601,7 @@ impl Daemon {
             Err(e) => return self.record_error(format!("rotating grants failed: {}", chain(&e))),
         };
         for (old, new) in rotations {
-            self.publish_grant(&new.door, new.source);
+            self.publish_grant(&new.holder());
             let (door, device, source) = (&new.door, new.device.as_deref(), new.source);
             let (old_port, port, probes) = (old.port, new.port, old.probes);
             if attack {

@@ -11,7 +11,7 @@ use crate::{
     control::wire::Revoked,
     cut,
     devices::Devices,
-    grants::{self, Grants},
+    grants::{self, Grant, Grants, Holder},
     maps,
 };
 
@@ -62,15 +62,15 @@ impl Daemon {
         })
     }
 
-    /// The grants a revoke of `target` ends, as (door, source): those of
-    /// an address, or of a device (by id).
-    pub(super) fn grants_of(&self, target: &str) -> Vec<(String, IpAddr)> {
+    /// The grants a revoke of `target` ends: those of an address (every
+    /// device's behind it), or of a device (by id).
+    pub(super) fn grants_of(&self, target: &str) -> Vec<Holder> {
         self.grants_of_before(target, u64::MAX)
     }
 
     /// [`grants_of`](Self::grants_of), only those opened at or before
     /// `at_ms` (Unix ms): what a revoke issued then ends.
-    pub(super) fn grants_of_before(&self, target: &str, at_ms: u64) -> Vec<(String, IpAddr)> {
+    pub(super) fn grants_of_before(&self, target: &str, at_ms: u64) -> Vec<Holder> {
         let by_ip: Option<IpAddr> = target.parse().ok();
         self.grants
             .list()
@@ -80,7 +80,7 @@ impl Daemon {
                 None => g.device.as_deref() == Some(target),
             })
             .filter(|g| g.opened_at_ms <= at_ms)
-            .map(|g| (g.door.clone(), g.source))
+            .map(Grant::holder)
             .collect()
     }
 
@@ -98,17 +98,17 @@ impl Daemon {
         let doomed = self.grants_of_before(target, at_ms);
         let mut cuts = Vec::new();
         let grants = doomed.len();
-        for (door, source) in doomed {
-            if let Some(grant) =
-                self.grants
-                    .close(self.kernel.as_mut(), &door, source, self.now.mono)?
+        for holder in doomed {
+            if let Some(grant) = self
+                .grants
+                .close(self.kernel.as_mut(), &holder, self.now.mono)?
             {
                 self.hook_ended(&grant);
             }
             if by_ip.is_none()
-                && let Some(d) = self.config.doors.get(&door)
+                && let Some(d) = self.config.doors.get(&holder.door)
             {
-                cuts.extend(Self::door_cut(d, source));
+                cuts.extend(Self::door_cut(d, holder.source));
             }
         }
         if let Some(ip) = by_ip {
@@ -202,20 +202,17 @@ impl Daemon {
         grants.inherit(&self.grants);
         // Grants of doors that are gone end now (best effort: the kernel
         // expires them anyway).
-        let gone: Vec<(String, IpAddr)> = self
+        let gone: Vec<Holder> = self
             .grants
             .list()
             .into_iter()
             .filter(|g| !config.doors.contains_key(&g.door))
-            .map(|g| (g.door.clone(), g.source))
+            .map(Grant::holder)
             .collect();
-        for (door, source) in gone {
+        for holder in gone {
             // The door is gone from the new file: its close hook is the
             // running configuration's.
-            if let Ok(Some(grant)) =
-                self.grants
-                    .close(self.kernel.as_mut(), &door, source, now.mono)
-            {
+            if let Ok(Some(grant)) = self.grants.close(self.kernel.as_mut(), &holder, now.mono) {
                 self.hook_ended(&grant);
             }
         }

@@ -19,6 +19,7 @@ use crate::{
     cut,
     devices::{Devices, test_key as key},
     events::SeenKnock,
+    grants::Holder,
     hooks::HookEvent,
     kernel::Fake,
     maps::Proto,
@@ -158,10 +159,15 @@ impl World {
         self.daemon.tally().get(what).copied().unwrap_or(0)
     }
 
-    /// The port of `source`'s grant on ssh.
+    /// The port of laptop's grant on ssh at `source`.
     fn port(&self, source: &str) -> Option<u16> {
-        let ip: IpAddr = source.parse::<SocketAddr>().unwrap().ip();
-        self.daemon.grants.get("ssh", ip).map(|g| g.port)
+        self.port_of("laptop", source)
+    }
+
+    /// The port of `device`'s grant on ssh at `source`.
+    fn port_of(&self, device: &str, source: &str) -> Option<u16> {
+        let holder = Holder::new("ssh", ip(source), Some(device));
+        self.daemon.grants.get(&holder).map(|g| g.port)
     }
 }
 
@@ -322,6 +328,40 @@ fn revoking_a_device_ends_its_grant_and_cuts_its_connections() {
     assert_eq!(w.kernel().cuts.len(), 1);
 }
 
+/// Two devices behind one address (a NAT): a grant and a port each; one's
+/// close, heartbeat or revoke acts on its own grant alone, and a revoke of
+/// the address ends both.
+#[test]
+fn devices_behind_one_address_each_hold_their_own_grant() {
+    let mut w = World::new("", "");
+    w.knock("laptop", Kind::Open, CLIENT);
+    w.knock("phone", Kind::Open, CLIENT);
+    let laptop = w.port_of("laptop", CLIENT).unwrap();
+    let phone = w.port_of("phone", CLIENT).unwrap();
+    assert_ne!(laptop, phone);
+    assert_eq!(w.kernel().replies.len(), 2, "a reply each");
+    w.knock("phone", Kind::Heartbeat, CLIENT);
+    w.knock("laptop", Kind::Close, CLIENT);
+    assert!(w.port_of("laptop", CLIENT).is_none());
+    assert!(!w.kernel().admits("ssh", ip(CLIENT), laptop));
+    assert_eq!(w.port_of("phone", CLIENT), Some(phone));
+    assert!(w.kernel().admits("ssh", ip(CLIENT), phone));
+    // A revoke of the laptop finds nothing of the phone's to end.
+    w.knock("laptop", Kind::Open, CLIENT);
+    let answer = w.request(Command::Revoke {
+        target: "laptop".into(),
+    });
+    assert_eq!(answer.data.unwrap()["revoked"], 1);
+    assert_eq!(w.port_of("phone", CLIENT), Some(phone));
+    // A revoke of the address ends every device's grant behind it.
+    w.knock("laptop", Kind::Open, CLIENT);
+    let answer = w.request(Command::Revoke {
+        target: ip(CLIENT).to_string(),
+    });
+    assert_eq!(answer.data.unwrap()["revoked"], 2);
+    assert!(w.daemon.grants.list().is_empty());
+}
+
 #[test]
 fn revoking_an_unknown_name_changes_nothing() {
     let mut w = World::new("", "");
@@ -466,7 +506,7 @@ impl FleetWorld {
         self.w.daemon.on_fleet(event, now).unwrap();
     }
 
-    fn synced(&mut self, grants: Vec<(String, IpAddr, GrantRecord, i64)>) {
+    fn synced(&mut self, grants: Vec<(Holder, GrantRecord, i64)>) {
         self.event(Event::Synced {
             revision: 10,
             devices: Vec::new(),
@@ -523,8 +563,8 @@ fn record(port: u16, node: &str, now: Now, opened_at_ms: u64) -> GrantRecord {
     }
 }
 
-fn key_of() -> (String, IpAddr) {
-    ("ssh".to_owned(), ip(CLIENT))
+fn key_of() -> Holder {
+    Holder::new("ssh", ip(CLIENT), Some("laptop"))
 }
 
 #[test]
@@ -539,8 +579,8 @@ fn fleet_a_knock_waits_for_etcd_then_its_grant_is_published_pending_then_written
     let port = f.w.port(CLIENT).unwrap();
     assert_eq!(f.w.count("accepted"), 1);
     match f.sent().as_slice() {
-        [Request::PutGrant { door, record, .. }] => {
-            assert_eq!((door.as_str(), record.port), ("ssh", port));
+        [Request::PutGrant { holder, record }] => {
+            assert_eq!((holder, record.port), (&key_of(), port));
             assert_eq!(record.node, "n1");
         }
         other => panic!("{other:?}"),
@@ -551,8 +591,7 @@ fn fleet_a_knock_waits_for_etcd_then_its_grant_is_published_pending_then_written
         Some(crate::cluster::replication::State::Pending)
     );
     f.event(Event::GrantWritten {
-        door: "ssh".into(),
-        source: ip(CLIENT),
+        holder: key_of(),
         revision: 12,
     });
     let replication = &f.w.daemon.fleet.as_ref().unwrap().replication;
@@ -619,23 +658,17 @@ fn fleet_a_refused_delete_is_carried_out_at_the_resync() {
     assert!(f.w.port(CLIENT).is_none());
     assert!(matches!(f.sent().as_slice(), [Request::DeleteGrant { .. }]));
     f.event(Event::WithdrawFailed {
-        door: "ssh".into(),
-        source: ip(CLIENT),
+        holder: key_of(),
         why: "etcd timed out".into(),
     });
     // etcd still lists it at the next sync: deleted again, not reopened.
     let now = f.w.now;
-    f.synced(vec![(
-        "ssh".into(),
-        ip(CLIENT),
-        record(port, "n1", now, T0),
-        11,
-    )]);
+    f.synced(vec![(key_of(), record(port, "n1", now, T0), 11)]);
     assert!(f.w.port(CLIENT).is_none(), "not installed again");
     assert!(
         f.sent()
             .iter()
-            .any(|r| matches!(r, Request::DeleteGrant { door, .. } if door == "ssh"))
+            .any(|r| matches!(r, Request::DeleteGrant { holder } if holder.door == "ssh"))
     );
 }
 
@@ -645,23 +678,20 @@ fn fleet_another_nodes_grant_is_installed_and_withdrawn_by_a_newer_delete_only()
     f.synced(Vec::new());
     let now = f.w.now;
     f.event(Event::Grant {
-        door: "ssh".into(),
-        source: ip(CLIENT),
+        holder: key_of(),
         record: Some(record(40042, "n2", now, T0)),
         revision: 20,
     });
     assert_eq!(f.w.port(CLIENT), Some(40042), "the same port on every node");
     assert!(f.w.kernel().admits("ssh", ip(CLIENT), 40042));
     f.event(Event::Grant {
-        door: "ssh".into(),
-        source: ip(CLIENT),
+        holder: key_of(),
         record: None,
         revision: 19,
     });
     assert_eq!(f.w.port(CLIENT), Some(40042), "an older delete is ignored");
     f.event(Event::Grant {
-        door: "ssh".into(),
-        source: ip(CLIENT),
+        holder: key_of(),
         record: None,
         revision: 21,
     });
@@ -689,8 +719,7 @@ fn fleet_a_grant_opened_before_a_known_revoke_is_refused() {
         )],
     });
     f.event(Event::Grant {
-        door: "ssh".into(),
-        source: ip(CLIENT),
+        holder: key_of(),
         record: Some(record(40042, "n2", now, now.unix_ms - 5_000)),
         revision: 20,
     });
@@ -703,8 +732,7 @@ fn fleet_a_grant_opened_before_a_known_revoke_is_refused() {
     );
     // One opened after the revoke is a new grant.
     f.event(Event::Grant {
-        door: "ssh".into(),
-        source: ip(CLIENT),
+        holder: key_of(),
         record: Some(record(40043, "n2", now, now.unix_ms)),
         revision: 21,
     });
