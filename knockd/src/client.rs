@@ -38,6 +38,11 @@ pub enum Error {
         "a reply came but did not verify ({0}): the server does not hold this key, or it was altered"
     )]
     BadReply(ReplyError),
+    #[error("door {door:?}: {source}")]
+    Door {
+        door: String,
+        source: proto::DoorNameTooLong,
+    },
     #[error("socket")]
     Io(#[from] std::io::Error),
 }
@@ -77,7 +82,10 @@ pub fn knock_from(
     kind: Kind,
     timeout: Duration,
 ) -> Result<Answer, Error> {
-    let keys = DoorKeys::derive(&target.key, &target.door);
+    let keys = DoorKeys::try_derive(&target.key, &target.door).map_err(|source| Error::Door {
+        door: target.door.clone(),
+        source,
+    })?;
     let start = Instant::now();
     let mut attempts = 0;
     let mut bad_reply = None;

@@ -146,7 +146,7 @@ pub fn load_secret(path: &Path, required_uid: u32) -> Result<String, Error> {
 pub fn load_key(path: &Path, required_uid: u32) -> Result<DeviceKey, Error> {
     DeviceKey::from_hex(&load_secret(path, required_uid)?).map_err(|reason| Error::KeyFile {
         path: path.to_owned(),
-        reason,
+        reason: reason.to_string(),
     })
 }
 

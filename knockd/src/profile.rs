@@ -172,7 +172,7 @@ impl Serialize for PortRange {
 impl Profile {
     /// The key, parsed.
     pub fn device_key(&self) -> Result<DeviceKey, String> {
-        DeviceKey::from_hex(&self.key)
+        DeviceKey::from_hex(&self.key).map_err(|e| e.to_string())
     }
 
     /// The door's parameters, defaults filled in.

@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
+mod mcu;
 mod vm;
 #[path = "../../knockd/xdp_stamp.rs"]
 mod xdp_stamp;
@@ -98,6 +99,8 @@ const APT_PACKAGES: &[(&str, Need)] = &[
     // The kernel suite: Debian 12's own kernel booted in a VM (qemu, TCG or
     // KVM) from a tiny initramfs (busybox, modprobe from kmod, cpio).
     ("qemu-system-x86", Need::Rig),
+    // The protocol crate's vectors on an emulated Cortex-M4F (mcu/).
+    ("qemu-system-arm", Need::Rig),
     ("busybox-static", Need::Rig),
     ("kmod", Need::Rig),
     ("cpio", Need::Rig),
@@ -142,6 +145,10 @@ enum Task {
     /// `xtask/src/vm.rs` (Debian 12's current kernel first), and the
     /// verifier's count on each (part of `test`).
     Kernels,
+    /// The protocol on microcontrollers alone: knockd-proto built for a
+    /// Cortex-M4F and an ESP32-C3, and the vectors, the time of a knock and
+    /// the footprint on QEMU's Cortex-M4F (part of `test`).
+    Mcu,
     /// Run knockd between two network namespaces and show it working;
     /// `demo cluster`: a fleet of three nodes on a real 3-member etcd.
     Demo {
@@ -193,6 +200,16 @@ fn main() -> Result<()> {
         Task::Setup { build: false } => setup(),
         Task::Xdp => xdp(),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Mcu => {
+            setup()?;
+            let failed = mcu::build_targets();
+            ensure!(
+                failed.is_empty(),
+                "knockd-proto does not build for {failed:?}"
+            );
+            println!("{}", mcu::run()?.line());
+            Ok(())
+        }
         Task::Kernels => {
             setup()?;
             let outcomes = kernel_suite()?;
@@ -266,7 +283,7 @@ fn setup() -> Result<()> {
     step("apt packages", || apt_install(|_| true))?;
     step("build files", build_files)?;
     step("nightly rust-src", nightly_rust_src)?;
-    step("client targets", client_targets)?;
+    step("rust targets", rust_targets)?;
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
     step("cargo-fuzz", cargo_fuzz)?;
@@ -428,11 +445,14 @@ fn nightly_rust_src() -> Result<&'static str> {
 /// the crate alone (`--no-default-features`).
 const CLIENT_TARGETS: &[&str] = &["x86_64-apple-darwin", "aarch64-apple-darwin"];
 
-fn client_targets() -> Result<&'static str> {
+/// The client's other targets, and the microcontrollers' of the protocol
+/// crate.
+fn rust_targets() -> Result<&'static str> {
     let installed =
         output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
     let missing: Vec<&str> = CLIENT_TARGETS
         .iter()
+        .chain(mcu::TARGETS)
         .copied()
         .filter(|t| !installed.lines().any(|l| l.trim() == *t))
         .collect();
@@ -809,6 +829,11 @@ fn test(filter: Option<&str>) -> Result<()> {
     }
 
     let client_failed = check_client_targets();
+    let mcu_failed = mcu::build_targets();
+    let mcu = mcu::run();
+    if let Err(e) = &mcu {
+        eprintln!("the microcontroller run failed: {e:#}");
+    }
 
     println!("test: protocol vectors, recomputed by an independent implementation");
     // Debian's interpreter, which is the one python3-cryptography serves.
@@ -831,16 +856,21 @@ fn test(filter: Option<&str>) -> Result<()> {
         Err(_) => (0, 1),
     };
     let client_targets = (CLIENT_TARGETS.len() - client_failed.len()) as u64;
+    let mcu_targets = (mcu::TARGETS.len() - mcu_failed.len()) as u64;
     let passed = unit_tally.passed
         + privileged_tally.passed
         + kernels_passed
         + client_targets
+        + mcu_targets
+        + u64::from(mcu.is_ok())
         + u64::from(vectors_ok)
         + fuzz_smoke.as_ref().map_or(0, |runs| runs.len() as u64);
     let failed = unit_tally.failed
         + privileged_tally.failed
         + kernels_failed
         + client_failed.len() as u64
+        + mcu_failed.len() as u64
+        + u64::from(mcu.is_err())
         + u64::from(!vectors_ok)
         + u64::from(!fuzz_ok);
     println!();
@@ -862,8 +892,21 @@ fn test(filter: Option<&str>) -> Result<()> {
         CLIENT_TARGETS.len(),
         CLIENT_TARGETS.join(", ")
     );
+    println!(
+        "knockd-proto: builds for {mcu_targets} of {} bare-metal targets ({})",
+        mcu::TARGETS.len(),
+        mcu::TARGETS.join(", ")
+    );
+    if let Ok(report) = &mcu {
+        println!("{}", report.line());
+    }
     println!("{passed} passed, {failed} failed");
     ensure!(unit_status.success(), "unit tests failed");
+    ensure!(
+        mcu_failed.is_empty(),
+        "knockd-proto does not build for {mcu_failed:?}"
+    );
+    ensure!(mcu.is_ok(), "the vectors failed on the emulated Cortex-M4F");
     ensure!(
         client_failed.is_empty(),
         "knockctl does not type-check for {client_failed:?}"

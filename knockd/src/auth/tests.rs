@@ -58,6 +58,7 @@ impl World {
             [nonce; 16],
             None,
         )
+        .to_vec()
     }
 
     fn send(&mut self, from: &str, knock: &(u16, [u8; 68]), now_ms: u64) -> Verdict {

@@ -661,7 +661,7 @@ fn send(
         let code = match e {
             client::Error::Timeout { .. } => 2,
             client::Error::BadReply(_) => 3,
-            client::Error::Io(_) => 1,
+            client::Error::Io(_) | client::Error::Door { .. } => 1,
         };
         let hint = match code {
             2 => " (are the key and the profile's knock_ports, knocks and step_secs the door's, is UDP to it allowed, and is this clock right? `knockctl status` on the server counts such knocks as knock_unmatched)",

@@ -133,6 +133,7 @@ impl World {
             [nonce; 16],
             None,
         )
+        .to_vec()
     }
 
     fn send(&mut self, from: &str, port: u16, payload: &[u8]) {
