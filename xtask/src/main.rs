@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
+mod clib;
 mod mcu;
 mod vm;
 #[path = "../../knockd/xdp_stamp.rs"]
@@ -145,10 +146,14 @@ enum Task {
     /// `xtask/src/vm.rs` (Debian 12's current kernel first), and the
     /// verifier's count on each (part of `test`).
     Kernels,
-    /// The protocol on microcontrollers alone: knockd-proto built for a
-    /// Cortex-M4F and an ESP32-C3, and the vectors, the time of a knock and
-    /// the footprint on QEMU's Cortex-M4F (part of `test`).
+    /// The protocol on devices alone: knockd-proto and the C library built
+    /// for a Cortex-M4F and an ESP32-C3; the vectors, the time of a knock
+    /// and the footprint on QEMU's Cortex-M4F; the C example against the
+    /// vectors (part of `test`).
     Mcu,
+    /// Regenerate knockd-proto-c/include/knockd.h (cbindgen) after the C
+    /// library's interface changed.
+    Header,
     /// Run knockd between two network namespaces and show it working;
     /// `demo cluster`: a fleet of three nodes on a real 3-member etcd.
     Demo {
@@ -200,6 +205,7 @@ fn main() -> Result<()> {
         Task::Setup { build: false } => setup(),
         Task::Xdp => xdp(),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Header => clib::write_header(),
         Task::Mcu => {
             setup()?;
             let failed = mcu::build_targets();
@@ -208,6 +214,8 @@ fn main() -> Result<()> {
                 "knockd-proto does not build for {failed:?}"
             );
             println!("{}", mcu::run()?.line());
+            let vectors = clib::test()?;
+            println!("c: the example in C passes {vectors} vectors");
             Ok(())
         }
         Task::Kernels => {
@@ -834,6 +842,10 @@ fn test(filter: Option<&str>) -> Result<()> {
     if let Err(e) = &mcu {
         eprintln!("the microcontroller run failed: {e:#}");
     }
+    let clib = clib::test();
+    if let Err(e) = &clib {
+        eprintln!("the C library failed: {e:#}");
+    }
 
     println!("test: protocol vectors, recomputed by an independent implementation");
     // Debian's interpreter, which is the one python3-cryptography serves.
@@ -863,6 +875,7 @@ fn test(filter: Option<&str>) -> Result<()> {
         + client_targets
         + mcu_targets
         + u64::from(mcu.is_ok())
+        + u64::from(clib.is_ok())
         + u64::from(vectors_ok)
         + fuzz_smoke.as_ref().map_or(0, |runs| runs.len() as u64);
     let failed = unit_tally.failed
@@ -871,6 +884,7 @@ fn test(filter: Option<&str>) -> Result<()> {
         + client_failed.len() as u64
         + mcu_failed.len() as u64
         + u64::from(mcu.is_err())
+        + u64::from(clib.is_err())
         + u64::from(!vectors_ok)
         + u64::from(!fuzz_ok);
     println!();
@@ -900,6 +914,11 @@ fn test(filter: Option<&str>) -> Result<()> {
     if let Ok(report) = &mcu {
         println!("{}", report.line());
     }
+    if let Ok(vectors) = &clib {
+        println!(
+            "c: the example in C, built with cc against libknockd_proto_c.a, passes {vectors} vectors"
+        );
+    }
     println!("{passed} passed, {failed} failed");
     ensure!(unit_status.success(), "unit tests failed");
     ensure!(
@@ -907,6 +926,7 @@ fn test(filter: Option<&str>) -> Result<()> {
         "knockd-proto does not build for {mcu_failed:?}"
     );
     ensure!(mcu.is_ok(), "the vectors failed on the emulated Cortex-M4F");
+    ensure!(clib.is_ok(), "the C library's test failed");
     ensure!(
         client_failed.is_empty(),
         "knockctl does not type-check for {client_failed:?}"

@@ -17,19 +17,23 @@ pub const TARGETS: &[&str] = &["thumbv7em-none-eabihf", "riscv32imc-unknown-none
 /// Most a run of the firmware may take (it takes about a second).
 const QEMU_TIMEOUT_SECS: u32 = 120;
 
-/// `cargo build` of the protocol crate, no_std, for each of [`TARGETS`];
-/// the targets that fail.
+/// `cargo build` of the protocol crate and the C library, no_std, for
+/// each of [`TARGETS`]; the targets that fail.
 pub fn build_targets() -> Vec<&'static str> {
     TARGETS
         .iter()
         .copied()
         .filter(|target| {
-            println!("test: knockd-proto builds (no_std, no allocator) for {target}");
+            println!(
+                "test: knockd-proto and the C library build (no_std, no allocator) for {target}"
+            );
             crate::run(cargo().args([
                 "build",
                 "--release",
                 "-p",
                 "knockd-proto",
+                "-p",
+                "knockd-proto-c",
                 "--target",
                 target,
             ]))
