@@ -8,7 +8,6 @@
 use std::{
     collections::BTreeMap,
     io::Read as _,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -133,7 +132,9 @@ pub fn load_secret(path: &Path, required_uid: u32) -> Result<String, Error> {
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
     }
-    if let Some(problem) = key_file_problem(meta.uid(), meta.mode(), required_uid) {
+    if let Some((uid, mode)) = crate::platform::owner_and_mode(&meta)
+        && let Some(problem) = key_file_problem(uid, mode, required_uid)
+    {
         return Err(bad(format!(
             "{problem} (fix: chown root:root {0} && chmod 600 {0})",
             path.display()

@@ -13,10 +13,7 @@ pub fn kernel_release() -> String {
 
 /// The index of interface `name`, if the host has it.
 pub fn interface_index(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a NUL-terminated name; the call only reads it.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
+    crate::platform::interface_index(name)
 }
 
 /// The oldest kernel the XDP program is written for, and what sets it:

@@ -57,6 +57,7 @@ pub mod lockout;
 pub mod maps;
 #[cfg(feature = "daemon")]
 pub mod nft;
+pub mod platform;
 #[cfg(feature = "daemon")]
 pub mod policy;
 pub mod profile;

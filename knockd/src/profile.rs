@@ -79,14 +79,15 @@ pub enum Error {
 /// `knockctl device add` printed), refused when group or others may read
 /// it: it holds device keys, as an ssh private key does.
 pub fn read_private(path: &Path) -> Result<String, Error> {
-    use std::os::unix::fs::PermissionsExt as _;
     let read = |source| Error::Read {
         path: path.to_owned(),
         source,
     };
     let file = std::fs::File::open(path).map_err(read)?;
-    let mode = file.metadata().map_err(read)?.permissions().mode();
-    if mode & 0o077 != 0 {
+    let meta = file.metadata().map_err(read)?;
+    if let Some((_, mode)) = crate::platform::owner_and_mode(&meta)
+        && mode & 0o077 != 0
+    {
         return Err(Error::ExposedSource {
             path: path.to_owned(),
             mode: mode & 0o7777,
@@ -99,6 +100,13 @@ pub fn read_private(path: &Path) -> Result<String, Error> {
 /// read (`knockctl device add ... > laptop.yaml` under a 0022 umask), is
 /// made 0600 before anyone else reads the profile in it. Returns what the
 /// operator should know, if anything.
+#[cfg(not(unix))]
+pub fn protect_stdout() -> Option<String> {
+    None
+}
+
+/// See the other system's [`protect_stdout`].
+#[cfg(unix)]
 pub fn protect_stdout() -> Option<String> {
     use std::os::{fd::AsFd as _, unix::fs::PermissionsExt as _};
     let file = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().ok()?);
@@ -295,10 +303,7 @@ impl Profiles {
     /// Writes the file atomically (a 0600 temporary file renamed over it),
     /// creating its directory (0700) if needed.
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        use std::{
-            io::Write as _,
-            os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
-        };
+        use std::io::Write as _;
         let write_err = |source| Error::Write {
             path: path.to_owned(),
             source,
@@ -307,22 +312,13 @@ impl Profiles {
         if let Some(dir) = dir
             && !dir.exists()
         {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(write_err)?;
+            crate::platform::create_private_dir(dir).map_err(write_err)?;
         }
         let mut temp = path.as_os_str().to_owned();
         temp.push(".tmp");
         let temp = PathBuf::from(temp);
         let _ = std::fs::remove_file(&temp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(write_err)?;
+        let mut file = crate::platform::create_private_file(&temp).map_err(write_err)?;
         file.write_all(self.to_yaml().as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(write_err)?;

@@ -28,7 +28,6 @@
 use std::{
     fs::File,
     io::Write as _,
-    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
 
@@ -85,12 +84,7 @@ pub struct StateFile {
 impl StateFile {
     /// Uses `dir`, creating it (mode 0700) if needed.
     pub fn open(dir: &Path) -> Result<StateFile, Error> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
+        crate::platform::create_private_dir(dir).map_err(io(dir))?;
         Ok(StateFile {
             dir: dir.to_owned(),
             log: None,
@@ -172,8 +166,7 @@ impl StateFile {
             self.dirty = false;
         }
         self.dirty = true;
-        log.write_all_at(&text, self.log_len)
-            .map_err(io(&log_path))?;
+        crate::platform::write_all_at(log, &text, self.log_len).map_err(io(&log_path))?;
         crash_point("after_append");
         log.sync_data().map_err(io(&log_path))?;
         crash_point("after_sync");
@@ -299,8 +292,7 @@ fn parse_log(text: &[u8]) -> Result<(Vec<Consumed>, usize), String> {
 /// Release builds ignore the variable.
 pub fn crash_point(name: &str) {
     if cfg!(debug_assertions) && std::env::var_os("KNOCKD_CRASH_AT").is_some_and(|v| v == name) {
-        // SAFETY: raise(2) on ourselves; SIGKILL cannot be caught.
-        unsafe { libc::raise(libc::SIGKILL) };
+        crate::platform::die();
     }
 }
 

@@ -342,6 +342,37 @@ pub fn control_raw(socket: &Path, request: &[u8]) -> Value {
     serde_json::from_str(&line).unwrap()
 }
 
+/// knockctl as `cargo xtask test` builds it for another system `target`
+/// (`target/TARGET/debug/knockctl`, `.exe` for Windows), when it is there.
+/// Missing: under `CI=true` this panics (a CI run that skips proves
+/// nothing); elsewhere it says the test is skipped and returns None.
+pub fn foreign_knockctl(target: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().unwrap();
+    let target_dir = exe
+        .ancestors()
+        .find(|d| d.file_name().is_some_and(|n| n == "target"))
+        .expect("tests run from under target/")
+        .to_owned();
+    let name = if target.contains("windows") {
+        "knockctl.exe"
+    } else {
+        "knockctl"
+    };
+    let bin = target_dir.join(target).join("debug").join(name);
+    if bin.exists() {
+        return Some(bin);
+    }
+    let why = format!(
+        "{} is missing: `cargo xtask test` builds it (or `cargo build -p knockd --no-default-features --bin knockctl --target {target}`)",
+        bin.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why} (CI=true forbids skipping)");
+    }
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
 fn workspace_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> or target/<profile>/<bench> →
     // target/<profile>/<name>

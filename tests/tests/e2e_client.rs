@@ -201,6 +201,148 @@ fn print_port_exec_and_close_v6() {
     print_port_exec_and_close(true);
 }
 
+/// Runs `cmd`, killing it after `limit`: a hung emulator fails the test
+/// instead of stalling the suite.
+fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still running after {limit:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// knockctl built for another system, run there (emulated) from the
+/// client namespace: `runner` starts it with `args`. It knocks the door
+/// open, the port it prints answers, and its close shuts it.
+fn foreign_knockctl_opens_and_closes(
+    runner: &[&str],
+    env: &[(&str, &Path)],
+    profiles: impl Fn(&Path) -> String,
+    setup: &Setup,
+) {
+    let _daemon = setup.start();
+    let run = |args: &[&str]| {
+        let mut cmd = setup.testbed.client.command(runner[0]);
+        cmd.args(&runner[1..])
+            .args(["knock", "--profiles", &profiles(&setup.profiles)])
+            .args(args);
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        output_within(cmd, Duration::from_secs(120))
+    };
+    let out = run(&["laptop", "--print-port"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port: u16 = stdout(&out).parse().unwrap();
+    assert!((40000..=40999).contains(&port));
+    assert_eq!(setup.connect(port), Outcome::Answered);
+    let out = run(&["laptop", "--close"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).starts_with("closed"), "{}", stdout(&out));
+    assert_eq!(setup.connect(port), Outcome::Silent);
+}
+
+/// A Wine prefix of its own, its wineserver ended when the test ends
+/// (panic included): that server creates Wine's sockets, so it must start
+/// inside the client namespace, from this test.
+struct WinePrefix(tempfile::TempDir);
+
+impl Drop for WinePrefix {
+    fn drop(&mut self) {
+        let _ = Command::new("/usr/lib/wine/wineserver")
+            .arg("-k")
+            .env("WINEPREFIX", self.0.path())
+            .status();
+    }
+}
+
+/// knockctl.exe for Windows (x86_64-pc-windows-gnu, mingw-w64) under
+/// Debian's Wine: the laptop an operator knocks from. Its profiles path is
+/// given as Windows sees it (Wine's Z: is the host's root).
+#[test]
+fn knockctl_for_windows_opens_a_grant_under_wine() {
+    require_privileges!();
+    let Some(exe) = knockd_tests::foreign_knockctl("x86_64-pc-windows-gnu") else {
+        return;
+    };
+    let setup = Setup::new(false, true);
+    let prefix = WinePrefix(tempfile::tempdir().unwrap());
+    let exe = exe.to_str().unwrap().to_owned();
+    let wine_debug = Path::new("-all");
+    foreign_knockctl_opens_and_closes(
+        &["/usr/lib/wine/wine64", &exe],
+        &[("WINEPREFIX", prefix.0.path()), ("WINEDEBUG", wine_debug)],
+        |p| format!("Z:{}", p.display()).replace('/', "\\"),
+        &setup,
+    );
+}
+
+/// knockctl for 64-bit ARM Linux (a Raspberry Pi gateway), under
+/// qemu-user with Debian's arm64 libraries.
+#[test]
+fn knockctl_for_aarch64_linux_opens_a_grant_under_qemu_user() {
+    require_privileges!();
+    let Some(bin) = knockd_tests::foreign_knockctl("aarch64-unknown-linux-gnu") else {
+        return;
+    };
+    let setup = Setup::new(false, true);
+    foreign_knockctl_opens_and_closes(
+        &[
+            "qemu-aarch64",
+            "-L",
+            "/usr/aarch64-linux-gnu",
+            bin.to_str().unwrap(),
+        ],
+        &[],
+        |p| p.display().to_string(),
+        &setup,
+    );
+}
+
+/// knockctl for 32-bit ARM Linux (armv7, hard float), under qemu-user.
+#[test]
+fn knockctl_for_armv7_linux_opens_a_grant_under_qemu_user() {
+    require_privileges!();
+    let Some(bin) = knockd_tests::foreign_knockctl("armv7-unknown-linux-gnueabihf") else {
+        return;
+    };
+    let setup = Setup::new(false, true);
+    foreign_knockctl_opens_and_closes(
+        &[
+            "qemu-arm",
+            "-L",
+            "/usr/arm-linux-gnueabihf",
+            bin.to_str().unwrap(),
+        ],
+        &[],
+        |p| p.display().to_string(),
+        &setup,
+    );
+}
+
 #[test]
 fn errors_are_clear_and_have_exit_codes() {
     require_privileges!();

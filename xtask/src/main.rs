@@ -20,6 +20,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
 mod clib;
+mod clients;
 mod mcu;
 mod vm;
 #[path = "../../knockd/xdp_stamp.rs"]
@@ -102,6 +103,16 @@ const APT_PACKAGES: &[(&str, Need)] = &[
     ("qemu-system-x86", Need::Rig),
     // The protocol crate's vectors on an emulated Cortex-M4F (mcu/).
     ("qemu-system-arm", Need::Rig),
+    // knockctl for Windows (mingw-w64, run under Wine) and ARM Linux
+    // (Debian's cross compilers, run under qemu-user), each against a live
+    // daemon in the privileged tests.
+    ("gcc-mingw-w64-x86-64", Need::Rig),
+    ("wine64", Need::Rig),
+    ("gcc-aarch64-linux-gnu", Need::Rig),
+    ("libc6-dev-arm64-cross", Need::Rig),
+    ("gcc-arm-linux-gnueabihf", Need::Rig),
+    ("libc6-dev-armhf-cross", Need::Rig),
+    ("qemu-user", Need::Rig),
     ("busybox-static", Need::Rig),
     ("kmod", Need::Rig),
     ("cpio", Need::Rig),
@@ -461,6 +472,7 @@ fn rust_targets() -> Result<&'static str> {
     let missing: Vec<&str> = CLIENT_TARGETS
         .iter()
         .chain(mcu::TARGETS)
+        .chain(clients::TARGETS)
         .copied()
         .filter(|t| !installed.lines().any(|l| l.trim() == *t))
         .collect();
@@ -790,6 +802,9 @@ fn test(filter: Option<&str>) -> Result<()> {
     // (no `cluster`, so no fleet mode) over target/debug/knockd; the
     // privileged tests run that file, so it is built again as they need it.
     run(cargo().args(["build", "-p", "knockd", "--bins", "--features", "cluster"]))?;
+    // knockctl for Windows and ARM Linux, which e2e_client runs under Wine
+    // and qemu-user.
+    clients::build()?;
     let mut privileged = cargo();
     // One at a time: each test attaches XDP programs and creates namespaces,
     // and timing-sensitive checks ("silent for 1.2 s") want a quiet machine.

@@ -11,7 +11,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, TcpStream, ToSocketAddrs as _},
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -23,7 +22,7 @@ use knockd::{
     client::{self, Answer, Target},
     config::PortRange,
     control::{
-        Command as Request, Response,
+        Command as Request,
         wire::{
             ClusterDevice, ClusterStatus, DeviceChanged, GrantView, Reloaded, Secret, StatusReport,
         },
@@ -254,12 +253,20 @@ enum ProfileCommand {
     },
 }
 
+/// `$XDG_CONFIG_HOME/knockctl/profiles.yaml` (`~/.config/…`) on Unix;
+/// `%APPDATA%\knockctl\profiles.yaml` on Windows, the user's roaming
+/// profile, whose ACL keeps other users out (see knockd::platform).
 fn default_profiles() -> PathBuf {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("knockctl/profiles.yaml")
+    let base = if cfg!(windows) {
+        std::env::var_os("APPDATA").map(PathBuf::from)
+    } else {
+        std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+    };
+    base.unwrap_or_else(|| PathBuf::from("."))
+        .join("knockctl")
+        .join("profiles.yaml")
 }
 
 /// An error with the exit code it maps to.
@@ -294,7 +301,10 @@ fn main() -> ExitCode {
     // end quietly instead, as cat and ls do.
     // SAFETY: restoring a signal's default disposition at start-up, before
     // any other thread exists.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL)
+    };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Knock(args) => knock(&args),
@@ -365,6 +375,16 @@ fn main() -> ExitCode {
 
 /// Sends one request to the control socket and reads the reply as `T`;
 /// the daemon's error is ours.
+#[cfg(not(unix))]
+fn control<T: serde::de::DeserializeOwned>(path: &Path, _: &Request) -> anyhow::Result<T> {
+    bail!(
+        "{} is knockd's control socket, a Unix socket on the server: run this command there (over ssh), not on this system",
+        path.display()
+    )
+}
+
+/// See the Unix [`control`].
+#[cfg(unix)]
 fn control<T: serde::de::DeserializeOwned>(path: &Path, request: &Request) -> anyhow::Result<T> {
     let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
         format!(
@@ -376,7 +396,7 @@ fn control<T: serde::de::DeserializeOwned>(path: &Path, request: &Request) -> an
     writeln!(stream, "{}", request.line())?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line)?;
-    let response: Response = serde_json::from_str(&line).with_context(|| {
+    let response: knockd::control::Response = serde_json::from_str(&line).with_context(|| {
         format!(
             "a reply that is not the control protocol: {:?}",
             line.chars().take(200).collect::<String>()
@@ -417,17 +437,12 @@ fn devices_dir_of(explicit: Option<PathBuf>, server: Option<&knockd::config::Con
 fn write_profile(profiles: &Profiles, output: Option<&Path>) -> anyhow::Result<()> {
     let yaml = profiles.to_yaml();
     if let Some(path) = output {
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| {
-                format!(
-                    "creating {} (an existing file is never overwritten)",
-                    path.display()
-                )
-            })?;
+        let mut out = knockd::platform::create_private_file(path).with_context(|| {
+            format!(
+                "creating {} (an existing file is never overwritten)",
+                path.display()
+            )
+        })?;
         out.write_all(yaml.as_bytes())?;
         eprintln!("wrote the profile to {} (0600)", path.display());
         return Ok(());
@@ -896,11 +911,7 @@ fn import_classic(file: &Path, output: Option<&Path>) -> anyhow::Result<()> {
         .context("the imported configuration does not validate (a bug: please report it)")?;
     match output {
         Some(path) => {
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
+            let mut out = knockd::platform::create_private_file(path)
                 .with_context(|| format!("creating {}", path.display()))?;
             out.write_all(imported.yaml.as_bytes())?;
             eprintln!(
@@ -1022,11 +1033,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("creating {}", devices_dir.display()))?;
             let key = DeviceKey::generate();
             // Created 0600 from the start: the key is never readable by others.
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&key_path)
+            let mut out = knockd::platform::create_private_file(&key_path)
                 .with_context(|| format!("creating {}", key_path.display()))?;
             writeln!(out, "{}", key.to_hex())?;
             std::fs::write(&yaml_path, serde_yaml::to_string(&file)?)
@@ -1072,7 +1079,12 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
             let devices_dir = devices_dir_of(devices_dir, server.as_ref());
             for (path, file) in knockd::devices::read_device_files(&devices_dir)? {
                 let mode = std::fs::metadata(devices_dir.join(&file.key_file))
-                    .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
+                    .map(|m| {
+                        knockd::platform::owner_and_mode(&m).map_or_else(
+                            || "-".into(),
+                            |(_, mode)| format!("{:04o}", mode & 0o7777),
+                        )
+                    })
                     .unwrap_or_else(|_| "missing".into());
                 println!(
                     "{}\tgroups: {}\tkey: {} ({mode})\t{}",

@@ -789,12 +789,13 @@ impl Config {
             .find(|(_, d)| d.hooks.is_some())
             .map(|(n, _)| n)
         {
-            use std::os::unix::fs::MetadataExt as _;
             let meta = std::fs::metadata(path).map_err(|source| Error::Read {
                 path: path.to_owned(),
                 source,
             })?;
-            if let Some(problem) = hooks_file_problem(meta.uid(), meta.mode()) {
+            if let Some((uid, mode)) = crate::platform::owner_and_mode(&meta)
+                && let Some(problem) = hooks_file_problem(uid, mode)
+            {
                 return Err(Error::invalid(
                     format!("doors.{name}.hooks"),
                     format!(
