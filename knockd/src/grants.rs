@@ -19,7 +19,7 @@
 //! new ones).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     ops::RangeInclusive,
     time::{Duration, Instant},
@@ -254,6 +254,12 @@ pub struct Grants {
     /// from the configuration, so a flushed table can be put back.
     table: nft::TableRules,
     held: HashMap<Holder, Grant>,
+    /// The holders of each address and of each device: what a revoke or a
+    /// device's close ends, found without walking every grant. Kept by
+    /// [`put`](Self::put) and [`take`](Self::take), rebuilt after the bulk
+    /// changes (install, reload).
+    by_source: HashMap<IpAddr, HashSet<Holder>>,
+    by_device: HashMap<String, HashSet<Holder>>,
     /// By port: whether some grant (current or retired) may be using it.
     /// Set as a port is handed out, rebuilt from `held` each tick and
     /// after an install or a reload, so an open does not walk every grant
@@ -347,7 +353,69 @@ impl Grants {
             doors,
             table,
             held: HashMap::new(),
+            by_source: HashMap::new(),
+            by_device: HashMap::new(),
             taken: vec![false; usize::from(u16::MAX) + 1],
+        }
+    }
+
+    /// Keeps `grant` under `holder`, in the indexes too.
+    fn put(&mut self, holder: Holder, grant: Grant) {
+        if let Some(old) = self.held.remove(&holder) {
+            self.unindex(&holder, &old);
+        }
+        self.by_source
+            .entry(grant.source)
+            .or_default()
+            .insert(holder.clone());
+        if let Some(device) = &grant.device {
+            self.by_device
+                .entry(device.clone())
+                .or_default()
+                .insert(holder.clone());
+        }
+        self.held.insert(holder, grant);
+    }
+
+    /// Forgets the grant of `holder`, in the indexes too.
+    fn take(&mut self, holder: &Holder) -> Option<Grant> {
+        let grant = self.held.remove(holder)?;
+        self.unindex(holder, &grant);
+        Some(grant)
+    }
+
+    fn unindex(&mut self, holder: &Holder, grant: &Grant) {
+        if let Some(set) = self.by_source.get_mut(&grant.source) {
+            set.remove(holder);
+            if set.is_empty() {
+                self.by_source.remove(&grant.source);
+            }
+        }
+        if let Some(device) = &grant.device
+            && let Some(set) = self.by_device.get_mut(device)
+        {
+            set.remove(holder);
+            if set.is_empty() {
+                self.by_device.remove(device);
+            }
+        }
+    }
+
+    /// Rebuilds the indexes from the grants held.
+    fn reindex(&mut self) {
+        self.by_source.clear();
+        self.by_device.clear();
+        for (holder, grant) in &self.held {
+            self.by_source
+                .entry(grant.source)
+                .or_default()
+                .insert(holder.clone());
+            if let Some(device) = &grant.device {
+                self.by_device
+                    .entry(device.clone())
+                    .or_default()
+                    .insert(holder.clone());
+            }
         }
     }
 
@@ -403,6 +471,7 @@ impl Grants {
                 device: element.device.clone(),
             };
             match self.held.get_mut(&key) {
+                // (Indexes are rebuilt below.)
                 // Several elements for one holder: the longest-lived is the
                 // grant, the others ports a probe rotation retired.
                 Some(grant) => {
@@ -439,6 +508,7 @@ impl Grants {
                 }
             }
         }
+        self.reindex();
         self.refresh_taken();
         kernel.adopt_sessions();
         Ok(existing.len())
@@ -567,9 +637,9 @@ impl Grants {
     /// Keeps `grant` under `holder`, retiring the key it was found under.
     fn keep(&mut self, holder: Holder, grant: &Grant, retire: Option<Holder>) {
         if let Some(old) = retire {
-            self.held.remove(&old);
+            self.take(&old);
         }
-        self.held.insert(holder, grant.clone());
+        self.put(holder, grant.clone());
     }
 
     /// Opens `door` for `device` at `source`: a fresh random port, or the
@@ -664,7 +734,7 @@ impl Grants {
         holder: &Holder,
         now: Instant,
     ) -> Result<Option<Grant>, Error> {
-        let Some(grant) = self.held.remove(holder) else {
+        let Some(grant) = self.take(holder) else {
             return Ok(None);
         };
         // Elements may have just expired; their absence is the goal, so
@@ -708,12 +778,10 @@ impl Grants {
     ) -> Result<Vec<Grant>, Error> {
         let unknown = Holder::new(door, source, None);
         let holders: Vec<Holder> = self
-            .held
-            .iter()
-            .filter(|(h, g)| {
-                h.door == door && (g.device.as_deref() == Some(device) || **h == unknown)
-            })
-            .map(|(h, _)| h.clone())
+            .of_device(device)
+            .map(Grant::holder)
+            .filter(|h| h.door == door)
+            .chain(self.held.contains_key(&unknown).then_some(unknown))
             .collect();
         let mut ended = Vec::new();
         for holder in holders {
@@ -731,10 +799,7 @@ impl Grants {
             .filter(|(_, g)| g.expires <= now)
             .map(|(k, _)| k.clone())
             .collect();
-        let expired = expired
-            .into_iter()
-            .filter_map(|k| self.held.remove(&k))
-            .collect();
+        let expired = expired.into_iter().filter_map(|k| self.take(&k)).collect();
         self.refresh_taken();
         expired
     }
@@ -747,7 +812,15 @@ impl Grants {
         kernel: &mut dyn Kernel,
         now: Instant,
     ) -> Result<Vec<(Grant, Grant)>, Error> {
-        self.held.retain(|_, g| g.expires > now);
+        let expired: Vec<Holder> = self
+            .held
+            .iter()
+            .filter(|(_, g)| g.expires <= now)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for holder in &expired {
+            self.take(holder);
+        }
         // The kernel closed retired ports at their deadline already.
         for grant in self.held.values_mut() {
             grant.retired.retain(|&(_, expires)| expires > now);
@@ -799,7 +872,7 @@ impl Grants {
                 self.enforce(kernel, &grant, None, now)?;
             }
         }
-        self.held.insert(old.holder(), grant.clone());
+        self.put(old.holder(), grant.clone());
         Ok(grant)
     }
 
@@ -873,6 +946,8 @@ impl Grants {
                 self.held.insert(key.clone(), grant.clone());
             }
         }
+        // Devices were learnt above.
+        self.reindex();
         self.refresh_taken();
     }
 
@@ -927,7 +1002,7 @@ impl Grants {
         }
         self.enforce(kernel, &grant, existing.as_ref(), now)?;
         self.taken[usize::from(grant.port)] = true;
-        self.held.insert(holder.clone(), grant.clone());
+        self.put(holder.clone(), grant.clone());
         Ok(grant)
     }
 
@@ -954,6 +1029,26 @@ impl Grants {
             .values()
             .filter(|g| g.kind == GrantKind::Redirect)
             .map(|g| g.port)
+    }
+
+    /// The grants at `source` (every device's behind it), in no order,
+    /// from the index: no walk of every grant.
+    pub fn at(&self, source: IpAddr) -> impl Iterator<Item = &Grant> + '_ {
+        self.by_source
+            .get(&source)
+            .into_iter()
+            .flatten()
+            .filter_map(|h| self.held.get(h))
+    }
+
+    /// The grants `device` holds, from every address, in no order, from
+    /// the index.
+    pub fn of_device<'a>(&'a self, device: &str) -> impl Iterator<Item = &'a Grant> + 'a {
+        self.by_device
+            .get(device)
+            .into_iter()
+            .flatten()
+            .filter_map(|h| self.held.get(h))
     }
 
     /// Every live grant.
@@ -1220,6 +1315,63 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    /// The indexes hold exactly the grants: each under its address and its
+    /// device, nothing else.
+    fn assert_indexed(grants: &Grants) {
+        let all = grants.list();
+        let mut sources: Vec<IpAddr> = all.iter().map(|g| g.source).collect();
+        sources.sort();
+        sources.dedup();
+        let indexed: usize = sources.iter().map(|&s| grants.at(s).count()).sum();
+        assert_eq!(indexed, all.len(), "by address");
+        assert_eq!(grants.by_source.len(), sources.len(), "no empty address");
+        for g in &all {
+            assert!(grants.at(g.source).any(|x| x.holder() == g.holder()));
+            if let Some(d) = &g.device {
+                assert!(grants.of_device(d).any(|x| x.holder() == g.holder()));
+            }
+        }
+        let with_device = all.iter().filter(|g| g.device.is_some()).count();
+        let by_device: usize = grants.by_device.values().map(HashSet::len).sum();
+        assert_eq!(by_device, with_device, "by device");
+    }
+
+    /// Opens, heartbeats, rotations, closes, expiry, a restart and a
+    /// reload keep the indexes exact.
+    #[test]
+    fn the_indexes_follow_every_change() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let (a, b) = (ip("198.18.0.2"), ip("2001:db8::2"));
+        grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        grants.open(&mut k, "ssh", a, Some("sensor"), t0).unwrap();
+        grants.open(&mut k, "ssh", b, Some("laptop"), t0).unwrap();
+        grants.open(&mut k, "legacy", a, None, t0).unwrap();
+        assert_indexed(&grants);
+        assert_eq!(grants.at(a).count(), 3);
+        assert_eq!(grants.of_device("laptop").count(), 2);
+        grants
+            .heartbeat(&mut k, "ssh", a, Some("sensor"), t0)
+            .unwrap()
+            .unwrap();
+        grants.tick(&mut k, t0 + SECS(301)).unwrap();
+        assert_indexed(&grants);
+        grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        grants.close_device(&mut k, "ssh", a, "laptop", t0).unwrap();
+        assert_indexed(&grants);
+        assert_eq!(grants.of_device("laptop").count(), 0);
+        grants.open(&mut k, "ssh", b, Some("laptop"), t0).unwrap();
+        let mut restarted = super::tests::grants();
+        restarted.install(&mut k, t0).unwrap();
+        assert_indexed(&restarted);
+        restarted.inherit(&grants);
+        assert_indexed(&restarted);
+        assert!(restarted.of_device("laptop").any(|g| g.source == b));
+        let expired = restarted.expire(t0 + SECS(1000));
+        assert!(!expired.is_empty());
+        assert_indexed(&restarted);
+        assert!(restarted.at(b).next().is_none());
     }
 
     /// Devices behind one address (a NAT) each hold their own grant: their

@@ -71,17 +71,24 @@ impl Daemon {
     /// [`grants_of`](Self::grants_of), only those opened at or before
     /// `at_ms` (Unix ms): what a revoke issued then ends.
     pub(super) fn grants_of_before(&self, target: &str, at_ms: u64) -> Vec<Holder> {
-        let by_ip: Option<IpAddr> = target.parse().ok();
-        self.grants
-            .list()
-            .into_iter()
-            .filter(|g| match by_ip {
-                Some(ip) => g.source == ip,
-                None => g.device.as_deref() == Some(target),
-            })
-            .filter(|g| g.opened_at_ms <= at_ms)
-            .map(Grant::holder)
-            .collect()
+        // From the grants' indexes: a revoke never walks every grant.
+        let mut holders: Vec<Holder> = match target.parse::<IpAddr>() {
+            Ok(ip) => self
+                .grants
+                .at(ip)
+                .filter(|g| g.opened_at_ms <= at_ms)
+                .map(Grant::holder)
+                .collect(),
+            Err(_) => self
+                .grants
+                .of_device(target)
+                .filter(|g| g.opened_at_ms <= at_ms)
+                .map(Grant::holder)
+                .collect(),
+        };
+        // In a stable order, for the log and the hooks.
+        holders.sort();
+        holders
     }
 
     /// Ends every grant of an address, or of a device (by id), and cuts the

@@ -199,13 +199,29 @@ pub fn run() -> Vec<Figure> {
         ),
         json: serde_json::json!({"listed": listed, "bytes": out.stdout.len(), "p50_us": listed_in.as_secs_f64() * 1e6, "n": 1}),
     });
+    // A revoke among them: it finds the grants of its address through
+    // the grants' index, not by walking (and sorting) all of them.
+    let sources = client_sources(&testbed, 16);
+    let mut trial = 0;
+    let mut took = revoke_trials(&testbed, &daemon, &keys, &sources, &mut trial);
+    took.sort();
+    let (p50, p99) = (percentile(&took, 0.5), percentile(&took, 0.99));
+    figures.push(Figure {
+        key: "revoke_100k_grants",
+        what: format!("revoke cutting one connection, with {GRANTS} grants"),
+        value: format!(
+            "p50 {:.2} ms, p99 {:.2} ms ({} revokes)",
+            ms(p50),
+            ms(p99),
+            took.len()
+        ),
+        json: serde_json::json!({"p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6, "n": took.len(), "grants": GRANTS}),
+    });
     drop(daemon);
     testbed.server.run(|| nft::uninstall().unwrap());
 
     // Revoke, with an empty conntrack table and a full one.
     let (daemon, keys, _dir) = bench_daemon(&testbed);
-    let sources = client_sources(&testbed, 16);
-    let mut trial = 0;
     for flows in [0, FLOWS] {
         if flows > 0 {
             testbed.server.run(|| fill_conntrack(server, flows));
