@@ -88,6 +88,9 @@ const APT_PACKAGES: &[(&str, Need)] = &[
     ("tcpreplay", Need::Rig),
     // The benchmarks read veth's per-queue counters and turn GRO on.
     ("ethtool", Need::Rig),
+    // xdp-filter: what operators run to drop by port at XDP, the drop
+    // bench's peer.
+    ("xdp-tools", Need::Rig),
     // Fleet mode: the etcd-client crate generates its gRPC code with
     // protoc; the fleet tests, demo and benchmark run a real etcd cluster
     // (etcdctl sets up users and roles; openssl makes the TLS material).

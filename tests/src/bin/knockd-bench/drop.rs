@@ -28,6 +28,11 @@
 //!   service port, a SYN to the granted port from a stranger, and a UDP
 //!   datagram to a knock port not valid now;
 //! - a bare XDP_DROP;
+//! - xdp-tools' `xdp-filter` (Debian's `xdp-tools`), the program operators
+//!   already run to drop by port at XDP: loaded native with its defaults
+//!   (every feature, policy allow), dropping TCP to the service port. Its
+//!   port list is an array indexed by port, so one port costs a lookup as
+//!   the guard's set of ranges would;
 //! - an nftables `inet` input drop, and a `netdev` ingress drop (GRO on, so
 //!   the veth hands frames to the stack from NAPI).
 
@@ -66,16 +71,18 @@ enum Variant {
     GuardStranger,
     GuardKnock,
     BareDrop,
+    XdpFilter,
     NftInput,
     NftIngress,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 7] = [
         Variant::GuardService,
         Variant::GuardStranger,
         Variant::GuardKnock,
         Variant::BareDrop,
+        Variant::XdpFilter,
         Variant::NftInput,
         Variant::NftIngress,
     ];
@@ -86,6 +93,7 @@ impl Variant {
             Variant::GuardStranger => "guard: SYN to a granted port, stranger",
             Variant::GuardKnock => "guard: UDP to a knock port not valid now",
             Variant::BareDrop => "bare XDP_DROP",
+            Variant::XdpFilter => "xdp-filter (xdp-tools, ports mode): SYN to the service port",
             Variant::NftInput => "nftables inet input drop",
             Variant::NftIngress => "nftables netdev ingress drop",
         }
@@ -97,6 +105,7 @@ impl Variant {
             Variant::GuardStranger => "guard_syn_granted_stranger",
             Variant::GuardKnock => "guard_udp_knock_not_valid",
             Variant::BareDrop => "bare_xdp_drop",
+            Variant::XdpFilter => "xdp_filter_syn_service",
             Variant::NftInput => "nft_inet_input_drop",
             Variant::NftIngress => "nft_netdev_ingress_drop",
         }
@@ -350,6 +359,48 @@ fn guard_stand() -> (Stand, Daemon, Vec<(Variant, Vec<u8>)>, tempfile::TempDir) 
     (Stand::with_napi(testbed, None), daemon, frames, dir)
 }
 
+/// xdp-filter loaded on a stand's server veth; unloaded (its pinned maps
+/// removed with it) when dropped, before the stand's namespaces go, panic
+/// included.
+struct XdpFilter {
+    testbed_ns: String,
+    dev: String,
+}
+
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.testbed_ns,
+                "xdp-filter",
+                "unload",
+                &self.dev,
+            ])
+            .status();
+    }
+}
+
+/// A stand whose server veth runs xdp-filter, dropping TCP to `port`.
+fn xdp_filter_stand(port: u16) -> (Stand, XdpFilter) {
+    let testbed = Testbed::new();
+    let dev = testbed.server_if.clone();
+    // `ip netns exec`: xdp-filter reads the interface through /sys too.
+    let xdp_filter = |args: &[&str]| {
+        sh(Command::new("ip")
+            .args(["netns", "exec", testbed.server.name(), "xdp-filter"])
+            .args(args));
+    };
+    xdp_filter(&["load", "--mode", "native", &dev]);
+    let loaded = XdpFilter {
+        testbed_ns: testbed.server.name().to_owned(),
+        dev,
+    };
+    xdp_filter(&["port", "--proto", "tcp", "--mode", "dst", &port.to_string()]);
+    (Stand::new(testbed, None), loaded)
+}
+
 pub fn run() -> Vec<Measured> {
     println!(
         "\n== drop cost: live XDP frames into a veth, {FRAMES} per call, {ROUNDS} rounds per \
@@ -368,6 +419,9 @@ pub fn run() -> Vec<Measured> {
         });
         Stand::new(testbed, Some(link))
     };
+    // Declared after the others so it drops first: xdp-filter is unloaded
+    // while its namespace still exists.
+    let (xdp_filter, _xdp_filter_loaded) = xdp_filter_stand(SSH);
     let nft = |ruleset: &dyn Fn(&str) -> String| {
         let testbed = Testbed::new();
         Stand::gro_on(&testbed);
@@ -414,6 +468,7 @@ pub fn run() -> Vec<Measured> {
                 }
                 let (stand, frame) = match variant {
                     Variant::BareDrop => (&bare, &syn),
+                    Variant::XdpFilter => (&xdp_filter, &syn),
                     Variant::NftInput => (&input, &syn),
                     Variant::NftIngress => (&ingress, &syn),
                     guard_variant => (
@@ -441,8 +496,8 @@ pub fn run() -> Vec<Measured> {
     results
 }
 
-/// The drop-cost table, with ratios to a bare XDP_DROP and to nft input in
-/// the same placement.
+/// The drop-cost table, with ratios to a bare XDP_DROP, to xdp-filter and
+/// to nft input in the same placement.
 pub fn table(results: &[Measured]) -> String {
     let results: Vec<&Measured> = results.iter().filter(|m| !m.ns.is_empty()).collect();
     let ns_of = |placement: &str, key: &str| {
@@ -452,17 +507,18 @@ pub fn table(results: &[Measured]) -> String {
             .map_or(f64::NAN, |m| median(&m.ns))
     };
     let mut md = String::from(
-        "| drop | generator | Mpps (median, min-max) | ns/packet (median, min-max) | ÷ bare XDP_DROP | nft input ÷ this |\n\
-         |---|---|---|---|---|---|\n",
+        "| drop | generator | Mpps (median, min-max) | ns/packet (median, min-max) | ÷ bare XDP_DROP | ÷ xdp-filter | nft input ÷ this |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     for m in &results {
         let bare = ns_of(m.placement, Variant::BareDrop.key());
         let input = ns_of(m.placement, Variant::NftInput.key());
+        let xdp_filter = ns_of(m.placement, Variant::XdpFilter.key());
         let (mpps_lo, mpps_hi) = spread(&m.mpps);
         let (ns_lo, ns_hi) = spread(&m.ns);
         let ns = median(&m.ns);
         md.push_str(&format!(
-            "| {} | {} | {:.2} ({:.2}-{:.2}) | {:.0} ({:.0}-{:.0}) | {:.2}× | {:.2}× |\n",
+            "| {} | {} | {:.2} ({:.2}-{:.2}) | {:.0} ({:.0}-{:.0}) | {:.2}× | {:.2}× | {:.2}× |\n",
             m.name,
             m.placement,
             median(&m.mpps),
@@ -472,6 +528,7 @@ pub fn table(results: &[Measured]) -> String {
             ns_lo,
             ns_hi,
             ns / bare,
+            ns / xdp_filter,
             input / ns,
         ));
     }
