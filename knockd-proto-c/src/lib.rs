@@ -19,8 +19,8 @@ use core::{
 };
 
 use knockd_proto::{
-    DeviceKey, DoorKeys, DoorParams, KNOCK_LEN, Kind, Knock, NONCE_LEN, REPLY_LEN, Reply,
-    ReplyError, Status, count_of, step_of,
+    DeviceKey, DoorKeys, DoorParams, KNOCK_LEN, Kind, NONCE_LEN, REPLY_LEN, Reply, ReplyError,
+    Status, count_of,
 };
 
 /// Bytes a [`KnockdDoorKeys`] holds: room for the derived keys, whatever
@@ -228,10 +228,6 @@ pub unsafe extern "C" fn knockd_knock(
     let (Some(params), Some(kind)) = (params(door), kind_from_raw(kind)) else {
         return KnockdResult::KnockdErrArgument;
     };
-    let count = count_of(kind, &params);
-    if index >= count {
-        return KnockdResult::KnockdErrArgument;
-    }
     // SAFETY: `keys` holds a DoorKeys that knockd_door_keys_derive wrote.
     let keys = unsafe { &*keys.cast::<DoorKeys>() };
     // SAFETY: 16 readable bytes at `nonce`, and at `bind` unless NULL.
@@ -240,20 +236,14 @@ pub unsafe extern "C" fn knockd_knock(
         let octets = unsafe { ptr::read_unaligned(bind.cast::<[u8; 16]>()) };
         IpAddr::V6(Ipv6Addr::from(octets)).to_canonical()
     });
-    let step = step_of(now_ms, params.step_secs);
-    let knock = Knock {
-        kind,
-        index,
-        count,
-        step,
-        time_ms: now_ms,
-        nonce,
-        bind,
+    let Some((port, payload)) =
+        knockd_proto::knock(keys, &params, kind, now_ms, nonce, bind, index)
+    else {
+        return KnockdResult::KnockdErrArgument;
     };
-    let payload = knock.encode(keys);
     // SAFETY: the caller promises a writable u16 and 68 writable bytes.
     unsafe {
-        port_out.write_unaligned(keys.port(step, index, &params.knock_ports));
+        port_out.write_unaligned(port);
         ptr::copy_nonoverlapping(payload.as_ptr(), payload_out, KNOCK_LEN);
     }
     KnockdResult::KnockdOk

@@ -523,6 +523,40 @@ pub fn count_of(kind: Kind, params: &DoorParams) -> u8 {
     }
 }
 
+/// Knock `index` of the sequence of `kind` at the time `now_ms` (Unix
+/// ms) with the sequence's `nonce`: the UDP port it goes to and its
+/// payload; `None` past the sequence's last knock. A device short of RAM
+/// builds one knock at a time with this (68 bytes) instead of
+/// [`sequence`] (1,120).
+pub fn knock(
+    keys: &DoorKeys,
+    params: &DoorParams,
+    kind: Kind,
+    now_ms: u64,
+    nonce: [u8; NONCE_LEN],
+    bind: Option<IpAddr>,
+    index: u8,
+) -> Option<(u16, [u8; KNOCK_LEN])> {
+    let count = count_of(kind, params);
+    if index >= count {
+        return None;
+    }
+    let step = step_of(now_ms, params.step_secs);
+    let knock = Knock {
+        kind,
+        index,
+        count,
+        step,
+        time_ms: now_ms,
+        nonce,
+        bind,
+    };
+    Some((
+        keys.port(step, index, &params.knock_ports),
+        knock.encode(keys),
+    ))
+}
+
 /// The knocks of one sequence of `kind` at the time `now_ms` (Unix ms),
 /// with the caller's fresh random `nonce`.
 pub fn sequence(
@@ -533,26 +567,13 @@ pub fn sequence(
     nonce: [u8; NONCE_LEN],
     bind: Option<IpAddr>,
 ) -> Sequence {
-    let count = count_of(kind, params);
-    let step = step_of(now_ms, params.step_secs);
     let mut sequence = Sequence {
         knocks: [(0, [0; KNOCK_LEN]); MAX_KNOCKS as usize],
-        len: count,
+        len: 0,
     };
-    for index in 0..count {
-        let knock = Knock {
-            kind,
-            index,
-            count,
-            step,
-            time_ms: now_ms,
-            nonce,
-            bind,
-        };
-        sequence.knocks[usize::from(index)] = (
-            keys.port(step, index, &params.knock_ports),
-            knock.encode(keys),
-        );
+    while let Some(next) = knock(keys, params, kind, now_ms, nonce, bind, sequence.len) {
+        sequence.knocks[usize::from(sequence.len)] = next;
+        sequence.len += 1;
     }
     sequence
 }

@@ -225,3 +225,23 @@ fn steps() {
     assert_eq!(step_of(30_000, 30), 1);
     assert_eq!(step_of(1_740_000_000_000, 30), 58_000_000);
 }
+
+/// One knock at a time is the sequence, knock by knock, and nothing past it.
+#[test]
+fn knocks_one_at_a_time_are_the_sequence() {
+    let keys = DoorKeys::derive(&key(), "ssh");
+    let params = DoorParams {
+        knock_ports: 7000..=7999,
+        knocks: 4,
+        step_secs: 30,
+    };
+    for kind in [Kind::Open, Kind::Close, Kind::Heartbeat] {
+        let whole = sequence(&keys, &params, kind, 1_740_000_000_000, [3; 16], None);
+        for (i, expected) in (0u8..).zip(whole.iter()) {
+            let one = knock(&keys, &params, kind, 1_740_000_000_000, [3; 16], None, i);
+            assert_eq!(one.as_ref(), Some(expected));
+        }
+        let past = u8::try_from(whole.len()).unwrap();
+        assert!(knock(&keys, &params, kind, 1_740_000_000_000, [3; 16], None, past).is_none());
+    }
+}

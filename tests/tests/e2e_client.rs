@@ -300,46 +300,40 @@ fn knockctl_for_windows_opens_a_grant_under_wine() {
     );
 }
 
-/// knockctl for 64-bit ARM Linux (a Raspberry Pi gateway), under
-/// qemu-user with Debian's arm64 libraries.
-#[test]
-fn knockctl_for_aarch64_linux_opens_a_grant_under_qemu_user() {
-    require_privileges!();
-    let Some(bin) = knockd_tests::foreign_knockctl("aarch64-unknown-linux-gnu") else {
+/// knockctl for Linux on `target`, under `qemu` with Debian's libraries
+/// for it in `sysroot`.
+fn knockctl_under_qemu_user(target: &str, qemu: &str, sysroot: &str) {
+    let Some(bin) = knockd_tests::foreign_knockctl(target) else {
         return;
     };
     let setup = Setup::new(false, true);
     foreign_knockctl_opens_and_closes(
-        &[
-            "qemu-aarch64",
-            "-L",
-            "/usr/aarch64-linux-gnu",
-            bin.to_str().unwrap(),
-        ],
+        &[qemu, "-L", sysroot, bin.to_str().unwrap()],
         &[],
         |p| p.display().to_string(),
         &setup,
     );
 }
 
-/// knockctl for 32-bit ARM Linux (armv7, hard float), under qemu-user.
+/// knockctl for 64-bit ARM Linux (a Raspberry Pi gateway).
+#[test]
+fn knockctl_for_aarch64_linux_opens_a_grant_under_qemu_user() {
+    require_privileges!();
+    knockctl_under_qemu_user(
+        "aarch64-unknown-linux-gnu",
+        "qemu-aarch64",
+        "/usr/aarch64-linux-gnu",
+    );
+}
+
+/// knockctl for 32-bit ARM Linux (armv7, hard float).
 #[test]
 fn knockctl_for_armv7_linux_opens_a_grant_under_qemu_user() {
     require_privileges!();
-    let Some(bin) = knockd_tests::foreign_knockctl("armv7-unknown-linux-gnueabihf") else {
-        return;
-    };
-    let setup = Setup::new(false, true);
-    foreign_knockctl_opens_and_closes(
-        &[
-            "qemu-arm",
-            "-L",
-            "/usr/arm-linux-gnueabihf",
-            bin.to_str().unwrap(),
-        ],
-        &[],
-        |p| p.display().to_string(),
-        &setup,
+    knockctl_under_qemu_user(
+        "armv7-unknown-linux-gnueabihf",
+        "qemu-arm",
+        "/usr/arm-linux-gnueabihf",
     );
 }
 

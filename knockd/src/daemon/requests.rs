@@ -72,20 +72,14 @@ impl Daemon {
     /// `at_ms` (Unix ms): what a revoke issued then ends.
     pub(super) fn grants_of_before(&self, target: &str, at_ms: u64) -> Vec<Holder> {
         // From the grants' indexes: a revoke never walks every grant.
-        let mut holders: Vec<Holder> = match target.parse::<IpAddr>() {
-            Ok(ip) => self
-                .grants
-                .at(ip)
-                .filter(|g| g.opened_at_ms <= at_ms)
-                .map(Grant::holder)
-                .collect(),
-            Err(_) => self
-                .grants
-                .of_device(target)
-                .filter(|g| g.opened_at_ms <= at_ms)
-                .map(Grant::holder)
-                .collect(),
+        let grants: Box<dyn Iterator<Item = &Grant>> = match target.parse::<IpAddr>() {
+            Ok(ip) => Box::new(self.grants.at(ip)),
+            Err(_) => Box::new(self.grants.of_device(target)),
         };
+        let mut holders: Vec<Holder> = grants
+            .filter(|g| g.opened_at_ms <= at_ms)
+            .map(Grant::holder)
+            .collect();
         // In a stable order, for the log and the hooks.
         holders.sort();
         holders
