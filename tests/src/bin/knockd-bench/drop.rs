@@ -363,21 +363,16 @@ fn guard_stand() -> (Stand, Daemon, Vec<(Variant, Vec<u8>)>, tempfile::TempDir) 
 /// removed with it) when dropped, before the stand's namespaces go, panic
 /// included.
 struct XdpFilter {
-    testbed_ns: String,
+    /// The server namespace's file, for nsenter.
+    netns: std::path::PathBuf,
     dev: String,
 }
 
 impl Drop for XdpFilter {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.testbed_ns,
-                "xdp-filter",
-                "unload",
-                &self.dev,
-            ])
+        let _ = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .args(["--", "xdp-filter", "unload", &self.dev])
             .status();
     }
 }
@@ -386,15 +381,14 @@ impl Drop for XdpFilter {
 fn xdp_filter_stand(port: u16) -> (Stand, XdpFilter) {
     let testbed = Testbed::new();
     let dev = testbed.server_if.clone();
-    // `ip netns exec`: xdp-filter reads the interface through /sys too.
+    // nsenter (not `ip netns exec`, whose fresh /sys has no bpffs, where
+    // xdp-filter pins its maps).
     let xdp_filter = |args: &[&str]| {
-        sh(Command::new("ip")
-            .args(["netns", "exec", testbed.server.name(), "xdp-filter"])
-            .args(args));
+        sh(testbed.server.command("xdp-filter").args(args));
     };
     xdp_filter(&["load", "--mode", "native", &dev]);
     let loaded = XdpFilter {
-        testbed_ns: testbed.server.name().to_owned(),
+        netns: testbed.server.path(),
         dev,
     };
     xdp_filter(&["port", "--proto", "tcp", "--mode", "dst", &port.to_string()]);
