@@ -43,8 +43,15 @@ pub enum Error {
     Nft(#[from] nft::Error),
     #[error(transparent)]
     Maps(#[from] maps::Error),
-    #[error("door {door}: no free port left in {start}-{end}")]
-    Exhausted { door: String, start: u16, end: u16 },
+    #[error(
+        "door {door}: no free port left in {start}-{end} for {address} (each is granted to it already, or bound on this host)"
+    )]
+    Exhausted {
+        door: String,
+        start: u16,
+        end: u16,
+        address: IpAddr,
+    },
 }
 
 /// Which port a door grants.
@@ -265,13 +272,6 @@ pub struct Grants {
     /// changes (install, reload).
     by_source: HashMap<IpAddr, HashSet<Arc<Holder>>>,
     by_device: HashMap<String, HashSet<Arc<Holder>>>,
-    /// By port: whether some grant (current or retired) may be using it.
-    /// Set as a port is handed out, rebuilt from `held` each tick and
-    /// after an install or a reload, so an open does not walk every grant
-    /// (with 100,000 grants that walk cost a millisecond per open; `cargo
-    /// xtask bench footprint`). A port freed meanwhile stays marked until
-    /// the next tick, which only keeps it out of the draw a moment longer.
-    taken: Vec<bool>,
 }
 
 /// A random port of `range` that `free` accepts (no grant uses it, nothing
@@ -360,7 +360,6 @@ impl Grants {
             held: HashMap::new(),
             by_source: HashMap::new(),
             by_device: HashMap::new(),
-            taken: vec![false; usize::from(u16::MAX) + 1],
         }
     }
 
@@ -428,19 +427,6 @@ impl Grants {
             if let Some(device) = device {
                 self.by_device.entry(device).or_default().insert(holder);
             }
-        }
-    }
-
-    /// Rebuilds `taken` from the grants held.
-    fn refresh_taken(&mut self) {
-        self.taken.fill(false);
-        for port in self
-            .held
-            .values()
-            .filter(|g| g.kind == GrantKind::Redirect)
-            .flat_map(Grant::ports)
-        {
-            self.taken[usize::from(port)] = true;
         }
     }
 
@@ -521,7 +507,6 @@ impl Grants {
             }
         }
         self.reindex();
-        self.refresh_taken();
         kernel.adopt_sessions();
         Ok(existing.len())
     }
@@ -557,18 +542,26 @@ impl Grants {
         Ok(())
     }
 
-    /// A random free port for a new grant on `door`.
-    fn fresh_port(&mut self, kernel: &dyn Kernel, door: &str) -> Result<u16, Error> {
+    /// A random port of `door`'s range for a new grant to `source`: one no
+    /// grant of `source` uses (current or retired, on any door: the allow
+    /// map is keyed by address and port) and nothing on this host is bound
+    /// to. Other addresses' grants do not count: a port is granted to an
+    /// address, never to everyone, so one port serves many addresses and
+    /// a door's grants are bounded by memory, not by its range. A stranger
+    /// learns no more from a port than before: its SYN meets no allow
+    /// entry of its own. Only `source`'s grants are read (the index), not
+    /// every grant.
+    fn fresh_port(&self, kernel: &dyn Kernel, door: &str, source: IpAddr) -> Result<u16, Error> {
         let range = &self.doors[door].range;
-        let taken = &self.taken;
-        let port = pick_port(range, |p| !taken[usize::from(p)] && kernel.port_unbound(p))
-            .ok_or_else(|| Error::Exhausted {
+        let used: HashSet<u16> = self.at(source).flat_map(Grant::ports).collect();
+        pick_port(range, |p| !used.contains(&p) && kernel.port_unbound(p)).ok_or_else(|| {
+            Error::Exhausted {
                 door: door.to_owned(),
                 start: *range.start(),
                 end: *range.end(),
-            })?;
-        self.taken[usize::from(port)] = true;
-        Ok(port)
+                address: source,
+            }
+        })
     }
 
     /// Writes a grant's current deadline to both kernel places. An element
@@ -680,7 +673,7 @@ impl Grants {
             },
             None => {
                 let port = match settings.kind {
-                    GrantKind::Redirect => self.fresh_port(kernel, door)?,
+                    GrantKind::Redirect => self.fresh_port(kernel, door, source)?,
                     GrantKind::ServicePort | GrantKind::Action => settings.service_port,
                 };
                 Grant {
@@ -811,9 +804,7 @@ impl Grants {
             .filter(|(_, g)| g.expires <= now)
             .map(|(k, _)| Arc::clone(k))
             .collect();
-        let expired = expired.into_iter().filter_map(|k| self.take(&k)).collect();
-        self.refresh_taken();
-        expired
+        expired.into_iter().filter_map(|k| self.take(&k)).collect()
     }
 
     /// Forgets expired grants (the kernel already dropped them) and moves
@@ -850,7 +841,6 @@ impl Grants {
                 self.rotate(kernel, old, Rotation::Scheduled, now)?,
             ));
         }
-        self.refresh_taken();
         Ok(rotated)
     }
 
@@ -866,7 +856,7 @@ impl Grants {
         now: Instant,
     ) -> Result<Grant, Error> {
         let settings = self.doors[&old.door].clone();
-        let port = self.fresh_port(kernel, &old.door)?;
+        let port = self.fresh_port(kernel, &old.door, old.source)?;
         let mut grant = Grant {
             port,
             rotations: old.rotations + 1,
@@ -960,7 +950,6 @@ impl Grants {
         }
         // Devices were learnt above.
         self.reindex();
-        self.refresh_taken();
     }
 
     /// Fleet mode: makes this node's grant of `holder` what another node
@@ -1013,7 +1002,6 @@ impl Grants {
             }
         }
         self.enforce(kernel, &grant, existing.as_ref(), now)?;
-        self.taken[usize::from(grant.port)] = true;
         self.put(holder.clone(), grant.clone());
         Ok(grant)
     }
@@ -1214,42 +1202,63 @@ mod tests {
         assert!(grants.list().iter().all(|g| g.retired.is_empty()));
     }
 
+    /// A port is granted to an address, so addresses share a door's
+    /// ports: the range bounds the grants of one address (its devices),
+    /// not the door's. Bound ports are never given.
     #[test]
-    fn a_full_range_is_exhausted_and_bound_ports_are_never_given() {
+    fn a_range_is_exhausted_per_address_and_bound_ports_are_never_given() {
         let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
         // Bound by someone else: all but three ports of the range.
         k.bound.insert(40001);
         k.bound.extend(40004..=40015);
-        let ports: HashSet<u16> = (2..5)
-            .map(|i| {
-                grants
-                    .open(&mut k, "ssh", ip(&format!("198.18.0.{i}")), None, t0)
-                    .unwrap()
-                    .port
-            })
+        let nat = ip("198.18.0.2");
+        let devices = ["d0", "d1", "d2", "d3"];
+        let ports: HashSet<u16> = devices[..3]
+            .iter()
+            .map(|d| grants.open(&mut k, "ssh", nat, Some(d), t0).unwrap().port)
             .collect();
         assert_eq!(ports, HashSet::from([40000, 40002, 40003]));
-        let full = grants.open(&mut k, "ssh", ip("198.18.0.9"), None, t0);
+        let full = grants.open(&mut k, "ssh", nat, Some(devices[3]), t0);
         assert!(
             matches!(
                 full,
                 Err(Error::Exhausted {
                     start: 40000,
                     end: 40015,
+                    address,
                     ..
-                })
+                }) if address == nat
             ),
             "{full:?}"
         );
-        // A closed grant's port is free again at the next tick.
+        // Other addresses get the same ports: 16 of them, three ports.
+        for i in 3..19 {
+            let other = ip(&format!("198.18.0.{i}"));
+            let g = grants.open(&mut k, "ssh", other, None, t0).unwrap();
+            assert!(ports.contains(&g.port));
+            assert!(k.admits("ssh", other, g.port));
+        }
+        // One address's close ends its own (address, port) alone.
+        let shared = grants
+            .get(&Holder::new("ssh", nat, Some("d0")))
+            .unwrap()
+            .port;
         grants
-            .close(&mut k, &Holder::new("ssh", ip("198.18.0.2"), None), t0)
+            .close(&mut k, &Holder::new("ssh", nat, Some("d0")), t0)
             .unwrap()
             .unwrap();
-        grants.tick(&mut k, t0).unwrap();
+        assert!(!k.admits("ssh", nat, shared));
         assert!(
             grants
-                .open(&mut k, "ssh", ip("198.18.0.9"), None, t0)
+                .list()
+                .iter()
+                .filter(|g| g.port == shared)
+                .all(|g| k.admits("ssh", g.source, g.port))
+        );
+        // The port is free again for that address.
+        assert!(
+            grants
+                .open(&mut k, "ssh", nat, Some(devices[3]), t0)
                 .is_ok()
         );
     }

@@ -496,14 +496,12 @@ fn a_session_is_cut_at_its_cap_v6() {
     a_session_is_cut_at_its_cap(true);
 }
 
-/// Two devices behind one address (a NAT, here one client address): each
-/// gets a grant and a port of its own; one's close ends its grant alone,
-/// the other's heartbeat keeps its own port, and a restart adopts both
-/// grants with their devices.
-#[test]
-fn devices_behind_one_address_hold_a_grant_each() {
-    require_privileges!();
-    let bed = Bed::new(false);
+/// The bed's daemon (its door with `door_extra`) with a second device,
+/// `sensor`, beside the bed's `laptop`; returns the sensor's key.
+fn start_with_sensor(
+    bed: &Bed,
+    door_extra: &str,
+) -> (knockd_tests::Daemon, knockd::proto::DeviceKey) {
     let sensor_key = knockd::proto::DeviceKey::generate();
     let sensor_path = bed.dir.path().join("sensor.key");
     std::fs::write(&sensor_path, sensor_key.to_hex()).unwrap();
@@ -512,7 +510,7 @@ fn devices_behind_one_address_hold_a_grant_each() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let config = bed.config("").replace(
+    let config = bed.config(door_extra).replace(
         "devices: { ",
         &format!(
             "devices: {{ sensor: {{ key_file: {}, groups: [admins] }}, ",
@@ -520,7 +518,21 @@ fn devices_behind_one_address_hold_a_grant_each() {
         ),
     );
     assert!(config.contains("sensor:"), "{config}");
-    let daemon = knockd_tests::Daemon::start(&bed.testbed.server, &config);
+    (
+        knockd_tests::Daemon::start(&bed.testbed.server, &config),
+        sensor_key,
+    )
+}
+
+/// Two devices behind one address (a NAT, here one client address): each
+/// gets a grant and a port of its own; one's close ends its grant alone,
+/// the other's heartbeat keeps its own port, and a restart adopts both
+/// grants with their devices.
+#[test]
+fn devices_behind_one_address_hold_a_grant_each() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let (daemon, sensor_key) = start_with_sensor(&bed, "");
     let knock = |key: &knockd::proto::DeviceKey, kind: Kind| {
         knockd::client::knock_from(
             &bed.socket(),
@@ -571,4 +583,69 @@ fn devices_behind_one_address_hold_a_grant_each() {
     assert_eq!(again.port, laptop.port, "the laptop's own grant renewed");
     let beat = knock(&sensor_key, Kind::Heartbeat).reply;
     assert_eq!((beat.status, beat.port), (Status::Granted, sensor.port));
+}
+
+/// Addresses share a door's ports: a port is granted to an address, never
+/// to everyone. With the smallest range (16 ports), 17 addresses each get a
+/// grant (the old one-grant-per-port rule refused the 17th), so some port
+/// serves two of them; each connects through its own grant, while an
+/// address with no grant meets silence on that port. Two devices knock, as
+/// one may complete 16 sequences a step.
+#[test]
+fn addresses_share_a_doors_ports() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let (_daemon, sensor_key) = start_with_sensor(&bed, ", grant_ports: \"40000-40015\"");
+    let (server, _, _) = addrs::family(false);
+    let address = |i: u8| std::net::IpAddr::from([198, 18, 0, 100 + i]);
+    for i in 0..=17 {
+        bed.testbed.client.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", address(i)),
+            "dev",
+            &bed.testbed.client_if,
+        ]);
+    }
+    let stranger = address(17);
+    let open_from = |from: std::net::IpAddr, key: &knockd::proto::DeviceKey| {
+        let socket = bed
+            .testbed
+            .client
+            .run(move || std::net::UdpSocket::bind(SocketAddr::new(from, 0)).unwrap());
+        knockd::client::knock_from(
+            &socket,
+            &bed.target(key.clone()),
+            Kind::Open,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .reply
+    };
+    let connect_from = |from: std::net::IpAddr, port: u16| {
+        let to = SocketAddr::new(server, port);
+        bed.testbed
+            .client
+            .run(move || probe::tcp_connect(Some(from), to, SILENCE).0)
+    };
+    let mut by_port: std::collections::BTreeMap<u16, Vec<std::net::IpAddr>> =
+        std::collections::BTreeMap::new();
+    for i in 0..17 {
+        let key = if i % 2 == 0 { &bed.key } else { &sensor_key };
+        let reply = open_from(address(i), key);
+        assert_eq!(reply.status, Status::Granted, "address {i}");
+        by_port.entry(reply.port).or_default().push(address(i));
+    }
+    let (&shared, holders) = by_port
+        .iter()
+        .find(|(_, h)| h.len() > 1)
+        .expect("17 grants on 16 ports share one");
+    for &from in holders {
+        assert_eq!(connect_from(from, shared), Outcome::Answered, "{from}");
+    }
+    assert_eq!(connect_from(stranger, shared), Outcome::Silent);
+    let table = bed.table().unwrap();
+    for from in holders {
+        assert!(table.contains(&format!("{from} . {shared}")), "{table}");
+    }
 }

@@ -26,10 +26,9 @@ use crate::{
     fill_conntrack, percentile, revoke_trials, synthetic_grants,
 };
 
-/// A second door that holds the 100,000 grants. A door holds at most one
-/// grant per port of its range (a port is never shared), so they are
-/// adopted ten to a port over 10,000 ports, which fresh opens never do;
-/// the opens measured use the bench door, whose range stays free.
+/// A second door that holds the 100,000 grants, adopted ten addresses to
+/// a port over 10,000 ports (addresses share ports); the opens measured
+/// use the bench door.
 const FLEET_DOOR: &str = ", fleet: { service_port: 2300, allow: { groups: [bench] }, \
      grant_ports: \"20000-29999\", knock_ports: \"8000-8999\" }";
 
