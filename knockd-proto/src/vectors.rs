@@ -38,23 +38,26 @@ impl fmt::Display for Failure<'_> {
 
 /// One vector block: `name value` lines.
 #[derive(Clone, Copy)]
-struct Block<'a> {
+pub struct Block<'a> {
     text: &'a str,
-    name: &'a str,
+    /// The vector's name (`open`, `close`, …).
+    pub name: &'a str,
 }
 
 impl<'a> Block<'a> {
+    /// Its `name value` lines, in order (the first is `vector NAME`).
+    pub fn fields(&self) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.text.lines().filter_map(|line| line.split_once(' '))
+    }
+
     fn get(&self, field: &str) -> Option<&'a str> {
-        self.text.lines().find_map(|line| {
-            let (name, value) = line.split_once(' ')?;
-            (name == field).then_some(value)
-        })
+        self.fields()
+            .find_map(|(name, value)| (name == field).then_some(value))
     }
 
     /// `port.N` or `knock.N`.
     fn indexed(&self, field: &str, index: u8) -> Option<&'a str> {
-        self.text.lines().find_map(|line| {
-            let (name, value) = line.split_once(' ')?;
+        self.fields().find_map(|(name, value)| {
             let (base, n) = name.split_once('.')?;
             (base == field && n.parse::<u8>().ok()? == index).then_some(value)
         })
@@ -71,7 +74,7 @@ impl<'a> Block<'a> {
 
 /// The vector blocks of `doc`: each ```` ```text ```` block that starts
 /// with `vector NAME`.
-fn blocks(doc: &str) -> impl Iterator<Item = Block<'_>> {
+pub fn blocks(doc: &str) -> impl Iterator<Item = Block<'_>> {
     doc.split("```text\n")
         .skip(1)
         .filter_map(|block| block.split("```").next())

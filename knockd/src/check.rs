@@ -38,7 +38,7 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
     let config = Config::load(path)?;
     let devices = Devices::load(&config, path)?;
     for (i, name) in config.interfaces.iter().enumerate() {
-        if crate::host::interface_index(name).is_none() {
+        if crate::platform::interface_index(name).is_none() {
             return Err(CheckError::NoInterface {
                 key: format!("interfaces[{i}]"),
                 name: name.clone(),

@@ -11,11 +11,6 @@ pub fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
-/// The index of interface `name`, if the host has it.
-pub fn interface_index(name: &str) -> Option<u32> {
-    crate::platform::interface_index(name)
-}
-
 /// The oldest kernel the XDP program is written for, and what sets it:
 /// `bpf_xdp_load_bytes` (5.18), which copies a knock's payload; the ring
 /// buffer (5.8) and XDP links (5.9) come before it.

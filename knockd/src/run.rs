@@ -258,7 +258,7 @@ pub async fn run(
     for interface in &config.interfaces {
         // A missing interface is the configuration's error, and nftables
         // could not guard it either.
-        let Some(ifindex) = crate::host::interface_index(interface) else {
+        let Some(ifindex) = crate::platform::interface_index(interface) else {
             return Err(Error::NoInterface(interface.clone()));
         };
         let why = match &refused {

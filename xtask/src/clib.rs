@@ -54,18 +54,9 @@ pub fn write_header() -> Result<()> {
 
 /// The vectors' inputs and what a device derives from them, as
 /// `name value` maps.
-fn vectors() -> Vec<BTreeMap<String, String>> {
-    knockd_proto::vectors::PROTOCOL_MD
-        .split("```text\n")
-        .skip(1)
-        .filter_map(|b| b.split("```").next())
-        .filter(|b| b.starts_with("vector "))
-        .map(|b| {
-            b.lines()
-                .filter_map(|l| l.split_once(' '))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect()
-        })
+fn vectors() -> Vec<BTreeMap<&'static str, &'static str>> {
+    knockd_proto::vectors::blocks(knockd_proto::vectors::PROTOCOL_MD)
+        .map(|b| b.fields().collect())
         .collect()
 }
 
@@ -111,21 +102,21 @@ pub fn test() -> Result<usize> {
     )?;
     let mut passed = 0;
     for v in vectors() {
-        let name = &v["vector"];
+        let name = v["vector"];
         let (first, last) = v["knock_ports"].split_once('-').context("knock_ports")?;
         let out = Command::new(&example)
             .args([
-                &v["key"],
-                &v["door"],
+                v["key"],
+                v["door"],
                 first,
                 last,
-                &v["count"],
-                &v["step_secs"],
-                &v["kind"],
-                &v["time_ms"],
-                &v["nonce"],
-                &bind_hex(&v["bind"])?,
-                &v["reply"],
+                v["count"],
+                v["step_secs"],
+                v["kind"],
+                v["time_ms"],
+                v["nonce"],
+                &bind_hex(v["bind"])?,
+                v["reply"],
             ])
             .output()
             .with_context(|| format!("running {}", example.display()))?;
@@ -139,7 +130,7 @@ pub fn test() -> Result<usize> {
         for line in text.lines() {
             let (field, value) = line.split_once(' ').context("a `name value` line")?;
             ensure!(
-                v.get(field).map(String::as_str) == Some(value),
+                v.get(field) == Some(&value),
                 "vector {name}: the C example says {field} {value}, the vector {:?}",
                 v.get(field)
             );

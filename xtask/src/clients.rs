@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{cargo, workspace_root};
+use crate::workspace_root;
 
 /// Targets knockctl is built and run for, besides this machine's.
 pub const TARGETS: &[&str] = &[
@@ -23,16 +23,7 @@ pub const TARGETS: &[&str] = &[
 pub fn build() -> Result<()> {
     for target in TARGETS {
         println!("test: knockctl for {target}");
-        crate::run(cargo().args([
-            "build",
-            "-p",
-            "knockd",
-            "--no-default-features",
-            "--bin",
-            "knockctl",
-            "--target",
-            target,
-        ]))?;
+        crate::run(&mut crate::knockctl_for("build", target))?;
     }
     let dir = workspace_root().join("target/x86_64-pc-windows-gnu/debug");
     crate::run(

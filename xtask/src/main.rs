@@ -488,6 +488,23 @@ fn rust_targets() -> Result<&'static str> {
     Ok("installed")
 }
 
+/// `cargo VERB` (check, build) of knockctl alone, the client side of the
+/// crate (`--no-default-features`), for `target`.
+fn knockctl_for(verb: &str, target: &str) -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        verb,
+        "-p",
+        "knockd",
+        "--no-default-features",
+        "--bin",
+        "knockctl",
+        "--target",
+        target,
+    ]);
+    cmd
+}
+
 /// `cargo check` of knockctl for each of [`CLIENT_TARGETS`]; the targets
 /// that fail.
 fn check_client_targets() -> Vec<&'static str> {
@@ -496,17 +513,7 @@ fn check_client_targets() -> Vec<&'static str> {
         .copied()
         .filter(|target| {
             println!("test: knockctl type-checks for {target}");
-            run(cargo().args([
-                "check",
-                "-p",
-                "knockd",
-                "--no-default-features",
-                "--bin",
-                "knockctl",
-                "--target",
-                target,
-            ]))
-            .is_err()
+            run(&mut knockctl_for("check", target)).is_err()
         })
         .collect()
 }
