@@ -55,6 +55,10 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
         crate::host::ephemeral_ports().unwrap_or(crate::host::DEFAULT_EPHEMERAL),
     );
     #[cfg(feature = "daemon")]
+    let memory = memory_warning(config.max_grants, crate::host::memory_total());
+    #[cfg(not(feature = "daemon"))]
+    let memory: Option<String> = None;
+    #[cfg(feature = "daemon")]
     let conflicts = match crate::kernel::conflicts_on_host(&config) {
         Ok(found) => found,
         Err(e) => vec![format!(
@@ -70,10 +74,13 @@ pub fn check_config(path: &Path) -> Result<String, CheckError> {
         .chain(&crate::lockout::check(&config, &devices))
         .chain(&kernel)
         .chain(&ephemeral)
+        .chain(&memory)
         .chain(&conflicts)
     {
         report.push_str(&format!("warning: {warning}\n"));
     }
+    #[cfg(feature = "daemon")]
+    report.push_str(&memory_line(config.max_grants));
     report.push_str(&format!(
         "{}: ok (doors: {}, devices: {}{})",
         path.display(),
@@ -102,4 +109,70 @@ fn check_cluster_files(cluster: &crate::config::Cluster) -> Result<(), CheckErro
         })?;
     }
     Ok(())
+}
+
+/// What `max_grants` costs, in bytes: the allow map's kernel memory
+/// (reserved when knockd starts) and the daemon's own at that many grants.
+#[cfg(feature = "daemon")]
+fn memory_cost(max_grants: u32) -> (u32, u64, u64) {
+    let entries = crate::maps::allow_entries(max_grants);
+    let kernel = crate::maps::allow_map_bytes(entries);
+    let daemon = u64::from(max_grants) * crate::grants::DAEMON_BYTES_PER_GRANT;
+    (entries, kernel, daemon)
+}
+
+#[cfg(feature = "daemon")]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+/// The line of the report that gives `max_grants`' memory cost.
+#[cfg(feature = "daemon")]
+fn memory_line(max_grants: u32) -> String {
+    let (entries, kernel, daemon) = memory_cost(max_grants);
+    format!(
+        "max_grants {max_grants}: the XDP allow map holds {entries} entries, {:.1} MiB of \
+         kernel memory reserved at start; the daemon itself needs about {:.1} MiB more \
+         when that many grants are live\n",
+        mib(kernel),
+        mib(daemon),
+    )
+}
+
+/// A warning when `max_grants` would take more than half of the host's
+/// memory (`total`, bytes; `None` when unknown).
+#[cfg(feature = "daemon")]
+fn memory_warning(max_grants: u32, total: Option<u64>) -> Option<String> {
+    let (_, kernel, daemon) = memory_cost(max_grants);
+    let total = total?;
+    (kernel + daemon > total / 2).then(|| {
+        format!(
+            "max_grants: {max_grants} grants would take {:.0} MiB, more than half of this \
+             host's {:.0} MiB of memory",
+            mib(kernel + daemon),
+            mib(total)
+        )
+    })
+}
+
+#[cfg(all(test, feature = "daemon"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cost_of_max_grants_is_stated_and_warned_of_past_half_the_memory() {
+        let line = memory_line(200_000);
+        assert!(
+            line.starts_with("max_grants 200000: the XDP allow map holds 250000 entries, 23.1 MiB"),
+            "{line}"
+        );
+        let gib = 1 << 30;
+        assert_eq!(memory_warning(1_000_000, Some(8 * gib)), None);
+        let warned = memory_warning(8_000_000, Some(2 * gib)).unwrap();
+        assert!(
+            warned.starts_with("max_grants: 8000000 grants would take"),
+            "{warned}"
+        );
+        assert_eq!(memory_warning(8_000_000, None), None);
+    }
 }

@@ -52,7 +52,19 @@ pub enum Error {
         end: u16,
         address: IpAddr,
     },
+    /// The host holds `max_grants` grants already; the allow map is sized
+    /// for no more.
+    #[error(
+        "this host holds max_grants ({max_grants}) grants already; raise max_grants in the configuration (it takes effect on restart) for more"
+    )]
+    Full { max_grants: u32 },
 }
+
+/// What the daemon's memory grows by for each live grant, in bytes, as
+/// measured: `cargo xtask bench footprint` ((RSS with its grants − idle
+/// RSS) ÷ grants, rounded up). `check-config` states the cost of
+/// `max_grants` with it.
+pub const DAEMON_BYTES_PER_GRANT: u64 = 800;
 
 /// Which port a door grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -238,6 +250,13 @@ impl Grant {
         }
     }
 
+    /// Whether its ports have allow entries in the XDP map: TCP grants
+    /// do; a UDP door's (nftables alone admits) and an action door's
+    /// (nothing is admitted) do not.
+    fn has_allow_entry(&self) -> bool {
+        self.kind != GrantKind::Action && !self.udp
+    }
+
     /// The current port and the retired ones.
     fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         std::iter::once(self.port).chain(self.retired.iter().map(|&(port, _)| port))
@@ -272,6 +291,13 @@ pub struct Grants {
     /// changes (install, reload).
     by_source: HashMap<IpAddr, HashSet<Arc<Holder>>>,
     by_device: HashMap<String, HashSet<Arc<Holder>>>,
+    /// The most grants held at once (`max_grants`), and the allow map's
+    /// entries ([`maps::allow_entries`]), which retired ports share.
+    max_grants: u32,
+    allow_capacity: usize,
+    /// Retired ports over every grant (kept with the indexes), so whether
+    /// the allow map has room is known without a walk.
+    retired: usize,
 }
 
 /// A random port of `range` that `free` accepts (no grant uses it, nothing
@@ -360,7 +386,27 @@ impl Grants {
             held: HashMap::new(),
             by_source: HashMap::new(),
             by_device: HashMap::new(),
+            max_grants: config.max_grants,
+            allow_capacity: maps::allow_entries(config.max_grants) as usize,
+            retired: 0,
         }
+    }
+
+    /// Allow-map entries the grants use: a current port each, and the
+    /// retired ones (counted for every grant kind: an upper bound).
+    fn allow_used(&self) -> usize {
+        self.held.len() + self.retired
+    }
+
+    /// Refuses a grant for a holder that has none when the host holds
+    /// `max_grants` already.
+    fn room_for_one(&self) -> Result<(), Error> {
+        if self.held.len() >= self.max_grants as usize {
+            return Err(Error::Full {
+                max_grants: self.max_grants,
+            });
+        }
+        Ok(())
     }
 
     /// Keeps `grant` under `holder`, in the indexes too.
@@ -374,6 +420,7 @@ impl Grants {
     }
 
     fn index(&mut self, holder: &Arc<Holder>, grant: &Grant) {
+        self.retired += grant.retired.len();
         self.by_source
             .entry(grant.source)
             .or_default()
@@ -394,6 +441,7 @@ impl Grants {
     }
 
     fn unindex(&mut self, holder: &Holder, grant: &Grant) {
+        self.retired -= grant.retired.len();
         if let Some(set) = self.by_source.get_mut(&grant.source) {
             set.remove(holder);
             if set.is_empty() {
@@ -414,6 +462,7 @@ impl Grants {
     fn reindex(&mut self) {
         self.by_source.clear();
         self.by_device.clear();
+        self.retired = self.held.values().map(|g| g.retired.len()).sum();
         let held: Vec<(Arc<Holder>, IpAddr, Option<String>)> = self
             .held
             .iter()
@@ -672,6 +721,9 @@ impl Grants {
                 ..old.clone()
             },
             None => {
+                if retire.is_none() {
+                    self.room_for_one()?;
+                }
                 let port = match settings.kind {
                     GrantKind::Redirect => self.fresh_port(kernel, door, source)?,
                     GrantKind::ServicePort | GrantKind::Action => settings.service_port,
@@ -795,45 +847,70 @@ impl Grants {
         Ok(ended)
     }
 
-    /// Forgets the grants past their deadline (the kernel closed them at
-    /// it already) and returns them, for their doors' close hooks.
-    pub fn expire(&mut self, now: Instant) -> Vec<Grant> {
+    /// Forgets the grants past their deadline and returns them, for their
+    /// doors' close hooks, with the first kernel error met (the walk goes
+    /// on past one). The kernel stopped admitting at the deadline already
+    /// (nftables' timeouts, the allow entries' own deadlines); their allow
+    /// entries are deleted here, or the map would fill with dead ones until
+    /// no new grant fits in it.
+    pub fn expire(&mut self, kernel: &mut dyn Kernel, now: Instant) -> (Vec<Grant>, Option<Error>) {
         let expired: Vec<Arc<Holder>> = self
             .held
             .iter()
             .filter(|(_, g)| g.expires <= now)
             .map(|(k, _)| Arc::clone(k))
             .collect();
-        expired.into_iter().filter_map(|k| self.take(&k)).collect()
+        let grants: Vec<Grant> = expired.iter().filter_map(|k| self.take(k)).collect();
+        let mut failed = None;
+        for grant in grants.iter().filter(|g| g.has_allow_entry()) {
+            for port in grant.ports() {
+                if let Err(e) = self.release(kernel, grant.source, port) {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        (grants, failed)
     }
 
-    /// Forgets expired grants (the kernel already dropped them) and moves
-    /// leases whose rotation is due to fresh ports. Returns the rotations
-    /// made, as (old, new) grants.
+    /// Deletes the allow entry of `source` and `port`, unless a live grant
+    /// of `source` has that port (then the entry is its).
+    fn release(&self, kernel: &mut dyn Kernel, source: IpAddr, port: u16) -> Result<(), Error> {
+        if self.at(source).any(|g| g.ports().any(|p| p == port)) {
+            return Ok(());
+        }
+        Ok(kernel.revoke(source, port)?)
+    }
+
+    /// Forgets retired ports past their deadline (deleting their allow
+    /// entries) and moves leases whose rotation is due to fresh ports, in
+    /// one walk of the grants. Expiry is [`expire`](Self::expire)'s.
+    /// Returns the rotations made, as (old, new) grants.
     pub fn tick(
         &mut self,
         kernel: &mut dyn Kernel,
         now: Instant,
     ) -> Result<Vec<(Grant, Grant)>, Error> {
-        let expired: Vec<Arc<Holder>> = self
-            .held
-            .iter()
-            .filter(|(_, g)| g.expires <= now)
-            .map(|(h, _)| Arc::clone(h))
-            .collect();
-        for holder in &expired {
-            self.take(holder);
-        }
-        // The kernel closed retired ports at their deadline already.
+        let mut ended = Vec::new();
+        let mut due = Vec::new();
         for grant in self.held.values_mut() {
-            grant.retired.retain(|&(_, expires)| expires > now);
+            if grant.retired.iter().any(|&(_, expires)| expires <= now) {
+                let before = grant.retired.len();
+                let source = grant.source;
+                grant.retired.retain(|&(port, expires)| {
+                    if expires <= now {
+                        ended.push((source, port));
+                    }
+                    expires > now
+                });
+                self.retired -= before - grant.retired.len();
+            }
+            if !grant.remote && grant.next_rotation.is_some_and(|at| at <= now) {
+                due.push(grant.clone());
+            }
         }
-        let due: Vec<Grant> = self
-            .held
-            .values()
-            .filter(|g| !g.remote && g.next_rotation.is_some_and(|at| at <= now))
-            .cloned()
-            .collect();
+        for (source, port) in ended {
+            self.release(kernel, source, port)?;
+        }
         let mut rotated = Vec::new();
         for old in due {
             rotated.push((
@@ -910,6 +987,11 @@ impl Grants {
         }
         let mut rotated = Vec::new();
         for old in due {
+            // The port it leaves keeps an allow entry: with the map full,
+            // probes no longer move leases (as with RETIRED_MAX).
+            if self.allow_used() >= self.allow_capacity {
+                break;
+            }
             rotated.push((
                 old.clone(),
                 self.rotate(kernel, old, Rotation::Probed, now)?,
@@ -965,6 +1047,9 @@ impl Grants {
     ) -> Result<Grant, Error> {
         let (door, source) = (holder.door.as_str(), holder.source);
         let existing = self.held.get(holder).cloned();
+        if existing.is_none() {
+            self.room_for_one()?;
+        }
         let rotate_every = self.doors.get(door).and_then(|d| d.rotate_every);
         let grant = Grant {
             kind: GrantKind::Redirect,
@@ -1071,17 +1156,32 @@ mod tests {
     /// Door "ssh": grants from 40000-40015, open 30 s, leases idle out
     /// after 90 s and move every 300 s or after 10 probes.
     fn grants() -> Grants {
+        grants_with("")
+    }
+
+    /// [`grants`], with `extra` (top-level YAML lines) in the configuration.
+    fn grants_with(extra: &str) -> Grants {
         let config = Config::parse(
-            "interfaces: [eth0]\n\
+            &(String::from(
+                "interfaces: [eth0]\n\
              devices: { laptop: { key_file: /k/laptop, groups: [admins] } }\n\
              doors:\n\
              \x20 ssh: { service_port: 22, allow: { groups: [admins] }, grant_ports: \"40000-40015\",\
              \x20 open_for_secs: 30, lease_idle_secs: 90, rotate_every_secs: 300, rotate_on_probes: 10 }\n\
              \x20 legacy: { service_port: 2222, mode: static, open_for_secs: 20, sequence: [\"6000:udp\", \"6001:udp\"] }\n",
+            ) + extra),
             Path::new("t.yaml"),
         )
         .unwrap();
         Grants::new(&config)
+    }
+
+    /// What the daemon's tick does with the grants: expiry, then
+    /// retired ports and rotations.
+    fn step(grants: &mut Grants, k: &mut Fake, now: Instant) -> Result<Vec<(Grant, Grant)>, Error> {
+        let (_, failed) = grants.expire(k, now);
+        assert!(failed.is_none());
+        grants.tick(k, now)
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -1128,7 +1228,7 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
-        let rotated = grants.tick(&mut k, t0 + SECS(300)).unwrap();
+        let rotated = step(&mut grants, &mut k, t0 + SECS(300)).unwrap();
         assert_eq!(rotated.len(), 1, "only the lease moves");
         let (old, new) = &rotated[0];
         assert_eq!((old.port, new.rotations), (opened.port, 1));
@@ -1147,9 +1247,9 @@ mod tests {
         grants
             .heartbeat(&mut k, "ssh", a, Some("laptop"), t0)
             .unwrap();
-        grants.tick(&mut k, t0 + SECS(89)).unwrap();
+        step(&mut grants, &mut k, t0 + SECS(89)).unwrap();
         assert_eq!(grants.list().len(), 1);
-        grants.tick(&mut k, t0 + SECS(91)).unwrap();
+        step(&mut grants, &mut k, t0 + SECS(91)).unwrap();
         assert!(grants.list().is_empty(), "idle past lease_idle");
         assert!(
             grants
@@ -1198,7 +1298,7 @@ mod tests {
             plain.port
         );
         // Retired ports close at their deadline.
-        grants.tick(&mut k, t0 + SECS(91)).unwrap();
+        step(&mut grants, &mut k, t0 + SECS(91)).unwrap();
         assert!(grants.list().iter().all(|g| g.retired.is_empty()));
     }
 
@@ -1298,7 +1398,7 @@ mod tests {
         assert!(!k.elements.contains_key(&("static".into(), a, 2222)));
         // Expired, it is forgotten at the next tick.
         grants.open(&mut k, "legacy", a, None, t0).unwrap();
-        grants.tick(&mut k, t0 + SECS(21)).unwrap();
+        step(&mut grants, &mut k, t0 + SECS(21)).unwrap();
         assert!(!grants.list().iter().any(|g| g.door == "legacy"));
     }
 
@@ -1357,6 +1457,81 @@ mod tests {
         let with_device = all.iter().filter(|g| g.device.is_some()).count();
         let by_device: usize = grants.by_device.values().map(HashSet::len).sum();
         assert_eq!(by_device, with_device, "by device");
+        let retired: usize = all.iter().map(|g| g.retired.len()).sum();
+        assert_eq!(grants.retired, retired, "retired ports counted");
+    }
+
+    /// A grant's allow entries go when it ends by itself, as when it is
+    /// closed: before, expiry left them, and the map (sized for the live
+    /// grants) filled with dead entries until no new grant fitted.
+    #[test]
+    fn expired_grants_and_retired_ports_leave_no_allow_entry() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        let (a, b) = (ip("198.18.0.2"), ip("198.18.0.3"));
+        let first = grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        grants
+            .heartbeat(&mut k, "ssh", a, Some("laptop"), t0)
+            .unwrap();
+        let plain = grants.open(&mut k, "ssh", b, None, t0).unwrap();
+        grants.open(&mut k, "legacy", b, None, t0).unwrap();
+        k.probes = vec![(first.port, 10)];
+        let moved = grants.rotate_probed(&mut k, t0).unwrap();
+        let new = moved[0].1.port;
+        assert_indexed(&grants);
+        assert_eq!(
+            k.allowed.len(),
+            4,
+            "a's two ports, b's grant and b's static door"
+        );
+        // b's grants end (20 s and 30 s); a's lease lives on heartbeats.
+        step(&mut grants, &mut k, t0 + SECS(31)).unwrap();
+        assert!(!k.allowed.contains_key(&(b, plain.port)));
+        assert!(!k.allowed.contains_key(&(b, 2222)));
+        grants
+            .heartbeat(&mut k, "ssh", a, Some("laptop"), t0 + SECS(60))
+            .unwrap();
+        // The retired port ends at its deadline (90 s), the lease's port
+        // stays.
+        step(&mut grants, &mut k, t0 + SECS(91)).unwrap();
+        assert_indexed(&grants);
+        assert!(!k.allowed.contains_key(&(a, first.port)));
+        assert!(k.allowed.contains_key(&(a, new)));
+        step(&mut grants, &mut k, t0 + SECS(200)).unwrap();
+        assert!(k.allowed.is_empty(), "left: {:?}", k.allowed);
+        assert_indexed(&grants);
+    }
+
+    /// `max_grants` bounds the grants held: one more is refused, naming
+    /// it, and changes nothing in the kernel; a renewal still goes through,
+    /// and a grant that ends makes room.
+    #[test]
+    fn past_max_grants_a_new_grant_is_refused_and_nothing_changes() {
+        let (mut grants, mut k, t0) = (
+            grants_with("max_grants: 2\n"),
+            Fake::default(),
+            Instant::now(),
+        );
+        let (a, b, c) = (ip("198.18.0.2"), ip("198.18.0.3"), ip("2001:db8::4"));
+        grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
+        grants.open(&mut k, "legacy", b, None, t0).unwrap();
+        let (elements, allowed) = (k.elements.clone(), k.allowed.clone());
+        let refused = grants.open(&mut k, "ssh", c, Some("laptop"), t0);
+        assert!(
+            matches!(refused, Err(Error::Full { max_grants: 2 })),
+            "{refused:?}"
+        );
+        assert!(refused.unwrap_err().to_string().contains("max_grants (2)"));
+        assert_eq!((k.elements.clone(), k.allowed.clone()), (elements, allowed));
+        assert_eq!(grants.list().len(), 2);
+        grants
+            .open(&mut k, "ssh", a, Some("laptop"), t0 + SECS(5))
+            .expect("a renewal is no new grant");
+        // The static grant ends at 20 s: room for one.
+        step(&mut grants, &mut k, t0 + SECS(21)).unwrap();
+        grants
+            .open(&mut k, "ssh", c, Some("laptop"), t0 + SECS(21))
+            .unwrap();
+        assert_indexed(&grants);
     }
 
     /// Opens, heartbeats, rotations, closes, expiry, a restart and a
@@ -1376,7 +1551,7 @@ mod tests {
             .heartbeat(&mut k, "ssh", a, Some("sensor"), t0)
             .unwrap()
             .unwrap();
-        grants.tick(&mut k, t0 + SECS(301)).unwrap();
+        step(&mut grants, &mut k, t0 + SECS(301)).unwrap();
         assert_indexed(&grants);
         grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
         grants.close_device(&mut k, "ssh", a, "laptop", t0).unwrap();
@@ -1389,7 +1564,8 @@ mod tests {
         restarted.inherit(&grants);
         assert_indexed(&restarted);
         assert!(restarted.of_device("laptop").any(|g| g.source == b));
-        let expired = restarted.expire(t0 + SECS(1000));
+        let (expired, failed) = restarted.expire(&mut k, t0 + SECS(1000));
+        assert!(failed.is_none());
         assert!(!expired.is_empty());
         assert_indexed(&restarted);
         assert!(restarted.at(b).next().is_none());

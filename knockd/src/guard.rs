@@ -149,10 +149,21 @@ impl Guard {
     /// keeps its maps (and so its grants and port policy) even when the
     /// kernel refuses the program, and runs on nftables alone then.
     pub fn open(level: KernelLogLevel) -> Result<(Guard, Option<KernelLogger>), Error> {
+        Guard::open_with(level, knockd_common::ALLOW_MAX_ENTRIES)
+    }
+
+    /// [`open`](Self::open), with an allow map of `allow_entries` (see
+    /// [`crate::maps::allow_entries`]): the kernel reserves its memory
+    /// now, so a full table costs nothing more later.
+    pub fn open_with(
+        level: KernelLogLevel,
+        allow_entries: u32,
+    ) -> Result<(Guard, Option<KernelLogger>), Error> {
         bump_memlock_rlimit();
         let level = level as u8;
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &level, false)
+            .map_max_entries(knockd_common::map_names::ALLOW, allow_entries)
             .load(XDP_OBJECT)
             .map_err(Error::Load)?;
         let logger = match EbpfLogger::init(&mut ebpf) {

@@ -135,6 +135,14 @@ pub fn sequence_range(ephemeral: PortRange) -> PortRange {
     }
 }
 
+/// The host's memory in bytes (`MemTotal` in /proc/meminfo), if readable.
+pub fn memory_total() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

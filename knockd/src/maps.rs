@@ -106,6 +106,29 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Allow-map entries for `max_grants` grants: one for each grant's port,
+/// and a quarter more for the ports probe rotations retire (each still
+/// open to its holder until its deadline). Past that, probes stop moving
+/// leases, as they do when one lease has retired its most ports.
+pub fn allow_entries(max_grants: u32) -> u32 {
+    max_grants.saturating_add(max_grants / 4)
+}
+
+/// Kernel memory an allow map of `entries` takes, in bytes: Linux
+/// preallocates a hash map's elements (`struct htab_elem`, 48 bytes, then
+/// the key and value, each rounded up to 8) and one 16-byte bucket for
+/// each entry rounded up to a power of two. It is what the kernel reports
+/// as the map's `memlock` in `/proc/PID/fdinfo` (Linux 6.4 and later count
+/// it this way; the e2e test `the_allow_map_is_sized_from_max_grants`
+/// compares the two), less a few elements per CPU.
+pub fn allow_map_bytes(entries: u32) -> u64 {
+    const ELEMENT: u64 = 48;
+    const BUCKET: u64 = 16;
+    let round8 = |n: usize| (n as u64).div_ceil(8) * 8;
+    let element = ELEMENT + round8(size_of::<AllowKey>()) + round8(size_of::<AllowValue>());
+    u64::from(entries) * element + u64::from(entries.max(1)).next_power_of_two() * BUCKET
+}
+
 /// The desired content of the port-policy array, computed from the config.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PortPolicy(Vec<u8>);

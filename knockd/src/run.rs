@@ -203,7 +203,11 @@ pub async fn run(
     let (config, opened) = crate::lockout::prepare(config, &devices);
     raise_nofile_limit();
     let state = StateFile::open(&config.state_dir)?;
-    let (mut guard, logger) = Guard::open(options.kernel_log_level).map_err(|e| {
+    let (mut guard, logger) = Guard::open_with(
+        options.kernel_log_level,
+        maps::allow_entries(config.max_grants),
+    )
+    .map_err(|e| {
         Error::Unprotected(format!(
             "the kernel could not create the XDP guard's maps, so knockd cannot run ({})",
             daemon::chain(&e)

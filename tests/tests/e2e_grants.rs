@@ -649,3 +649,86 @@ fn addresses_share_a_doors_ports() {
         assert!(table.contains(&format!("{from} . {shared}")), "{table}");
     }
 }
+
+/// The allow map `/proc/PID/fdinfo` shows for the daemon: its entries and
+/// the kernel memory it takes (`memlock`).
+fn allow_map(pid: u32) -> (u32, u64) {
+    let field = |info: &str, name: &str| -> Option<u64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    let key_size = std::mem::size_of::<knockd_common::AllowKey>() as u64;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        // A hash map (type 1) with the allow map's key.
+        if field(&info, "map_type:") == Some(1) && field(&info, "key_size:") == Some(key_size) {
+            let entries = field(&info, "max_entries:").unwrap() as u32;
+            return (entries, field(&info, "memlock:").unwrap());
+        }
+    }
+    panic!("knockd (pid {pid}) holds no allow map")
+}
+
+/// `max_grants` sizes the XDP allow map at start, at the kernel memory
+/// check-config states; a knock for a new grant past it is refused, names
+/// max_grants, and leaves the table as it was, while the grant held works
+/// on.
+#[test]
+fn max_grants_sizes_the_allow_map_and_a_grant_past_it_is_refused() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let config = |max: u32| format!("{}max_grants: {max}\n", bed.config(""));
+    let daemon = knockd_tests::Daemon::start(&bed.testbed.server, &config(400_000));
+    let (entries, memlock) = allow_map(daemon.pid());
+    assert_eq!(entries, knockd::maps::allow_entries(400_000));
+    assert_eq!(entries, 500_000);
+    let stated = knockd::maps::allow_map_bytes(entries);
+    let off = (memlock as f64 - stated as f64).abs() / memlock as f64;
+    assert!(
+        off < 0.01,
+        "the kernel counts {memlock} bytes, check-config states {stated}"
+    );
+    drop(daemon);
+
+    let daemon = knockd_tests::Daemon::start(&bed.testbed.server, &config(1));
+    assert_eq!(allow_map(daemon.pid()).0, 1);
+    let socket = bed.socket();
+    let granted = bed.knock(&socket, Kind::Open).reply;
+    assert_eq!(granted.status, Status::Granted);
+    // Another address: a new grant, one past max_grants.
+    let other = std::net::IpAddr::from([198, 18, 0, 120]);
+    bed.testbed.client.ip(&[
+        "addr",
+        "add",
+        &format!("{other}/24"),
+        "dev",
+        &bed.testbed.client_if,
+    ]);
+    let socket = bed
+        .testbed
+        .client
+        .run(move || std::net::UdpSocket::bind(SocketAddr::new(other, 0)).unwrap());
+    let refused = knockd::client::knock_from(
+        &socket,
+        &bed.target(bed.key.clone()),
+        Kind::Open,
+        Duration::from_secs(2),
+    );
+    assert!(refused.is_err(), "no reply: {refused:?}");
+    let status = knockd_tests::knockctl_json(&daemon.control_socket(), &["status"]);
+    let error = status["recent_errors"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("max_grants (1)"),
+        "status names max_grants: {status}"
+    );
+    let table = bed.table().unwrap();
+    assert!(
+        !table.contains(&other.to_string()),
+        "no element for it: {table}"
+    );
+    assert_eq!(bed.connect(granted.port).0, Outcome::Answered);
+}

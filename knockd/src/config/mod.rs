@@ -33,6 +33,11 @@ const IFNAME_MAX: usize = 15;
 /// Upper bound on the per-source knock rate and burst: beyond this the limit
 /// is no limit, and the token arithmetic in the kernel stays far from overflow.
 const KNOCK_RATE_MAX: u32 = 1_000_000;
+/// Live grants a host holds unless the config says otherwise.
+pub const DEFAULT_MAX_GRANTS: u32 = 200_000;
+/// The most `max_grants` may be: the allow map it sizes costs about 100 MiB
+/// of kernel memory a million grants (`knockd check-config` prints it).
+pub const MAX_GRANTS_LIMIT: u32 = 8_000_000;
 
 /// A configuration error, always naming its source: the file, or the dotted
 /// key inside it.
@@ -194,6 +199,16 @@ pub struct Config<D = Door> {
     /// island, as before.
     #[serde(default)]
     pub cluster: Option<Cluster>,
+    /// The most grants this host holds at once (every door, every address
+    /// and device). It sizes the XDP allow map when knockd starts, so the
+    /// kernel memory is reserved up front; a knock past it is refused,
+    /// naming it, and changes nothing. A restart applies a new value.
+    #[serde(default = "default_max_grants")]
+    pub max_grants: u32,
+}
+
+fn default_max_grants() -> u32 {
+    DEFAULT_MAX_GRANTS
 }
 
 /// The `cluster:` section: where etcd is and who this node is.
@@ -657,6 +672,7 @@ impl Config<RawDoor> {
             control_group: self.control_group,
             metrics: self.metrics,
             cluster: self.cluster,
+            max_grants: self.max_grants,
         }
     }
 }

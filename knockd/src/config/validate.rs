@@ -44,6 +44,12 @@ impl Config<RawDoor> {
                 ));
             }
         }
+        if !(1..=MAX_GRANTS_LIMIT).contains(&self.max_grants) {
+            return Err(Error::invalid(
+                "max_grants",
+                format!("{} is not in 1-{MAX_GRANTS_LIMIT}", self.max_grants),
+            ));
+        }
         for (key, path) in [
             ("bpffs_dir", Some(&self.bpffs_dir)),
             ("state_dir", Some(&self.state_dir)),

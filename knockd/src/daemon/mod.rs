@@ -273,7 +273,14 @@ impl Daemon {
                 chain(&e)
             ));
         }
-        for grant in self.grants.expire(now.mono) {
+        let (expired, failed) = self.grants.expire(self.kernel.as_mut(), now.mono);
+        if let Some(e) = failed {
+            self.record_error(format!(
+                "deleting an expired grant's allow entry failed: {}",
+                chain(&e)
+            ));
+        }
+        for grant in expired {
             self.hook_ended(&grant);
         }
         let rotated = self.grants.tick(self.kernel.as_mut(), now.mono);

@@ -181,12 +181,16 @@ impl Daemon {
         if loaded.cluster != self.config.cluster {
             kept.push("the cluster section changes only on restart");
         }
+        if loaded.max_grants != self.config.max_grants {
+            kept.push("max_grants (the allow map's size) changes only on restart");
+        }
         let merged = Config {
             interfaces: self.config.interfaces.clone(),
             xdp_mode: self.config.xdp_mode,
             without_xdp: self.config.without_xdp,
             bpffs_dir: self.config.bpffs_dir.clone(),
             cluster: self.config.cluster.clone(),
+            max_grants: self.config.max_grants,
             ..loaded
         };
         let sessions = self.kernel.inbound_sessions();
