@@ -99,8 +99,6 @@ const STATIC_UDP_SET_ID4: u32 = 0x4000_0003;
 const STATIC_UDP_SET_ID6: u32 = 0x4000_0004;
 /// Most grant elements per netlink message (each is under 100 bytes).
 const ELEMS_PER_MSG: usize = 256;
-/// Capacity hint for the grant sets.
-const SET_SIZE: u32 = 262_144;
 
 // Registers and data types not in the safe API.
 const NFT_REG32_00: u32 = 8;
@@ -329,7 +327,9 @@ unsafe impl NlMsg for GrantSet {
                 sys::NFTNL_SET_FLAGS as u16,
                 libc::NFT_SET_TIMEOUT as u32,
             );
-            sys::nftnl_set_set_u32(set, sys::NFTNL_SET_DESC_SIZE as u16, SET_SIZE);
+            // No size: a sized set refuses elements past it (ENFILE), and
+            // the daemon already bounds the grants (`max_grants`). An
+            // unsized set with timeouts is a resizable hash in the kernel.
             let header = sys::nftnl_nlmsg_build_hdr(
                 buf.cast(),
                 msg as u16,
