@@ -19,8 +19,10 @@
 //! new ones).
 
 use std::{
-    collections::{HashMap, HashSet},
+    cmp::Ordering,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    ops::Bound,
     ops::RangeInclusive,
     sync::Arc,
     time::{Duration, Instant},
@@ -161,11 +163,25 @@ pub struct Published {
 /// heartbeat acts on its own alone. A static or action door's grant has no
 /// device in its holder: it is the service port for an address, which the
 /// kernel cannot tell devices apart on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Holder {
     pub door: String,
     pub source: IpAddr,
     pub device: Option<String>,
+}
+
+/// Holders sort by address first, then door and device: an address's
+/// grants are one range of the held grants ([`Grants::at`]).
+impl Ord for Holder {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.source, &self.door, &self.device).cmp(&(other.source, &other.door, &other.device))
+    }
+}
+
+impl PartialOrd for Holder {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl Holder {
@@ -250,6 +266,17 @@ impl Grant {
         }
     }
 
+    /// When the tick next has something to do with it: its end, its
+    /// rotation (unless another node rotates it) or a retired port's end.
+    fn next_event(&self) -> Instant {
+        let rotation = self.next_rotation.filter(|_| !self.remote);
+        self.retired
+            .iter()
+            .map(|&(_, ends)| ends)
+            .chain(rotation)
+            .fold(self.expires, Instant::min)
+    }
+
     /// Whether its ports have allow entries in the XDP map: TCP grants
     /// do; a UDP door's (nftables alone admits) and an action door's
     /// (nothing is admitted) do not.
@@ -280,24 +307,89 @@ pub struct Grants {
     /// The table's rules beyond the doors (interfaces, protected ports),
     /// from the configuration, so a flushed table can be put back.
     table: nft::TableRules,
-    /// Keyed by a shared holder, which the indexes point to too: an index
-    /// entry costs a pointer, not a copy of the door's and device's names
-    /// (at 100,000 grants, copies cost 37 MiB; `cargo xtask bench
-    /// footprint`).
-    held: HashMap<Arc<Holder>, Grant>,
-    /// The holders of each address and of each device: what a revoke or a
-    /// device's close ends, found without walking every grant. Kept by
-    /// [`put`](Self::put) and [`take`](Self::take), rebuilt after the bulk
-    /// changes (install, reload).
-    by_source: HashMap<IpAddr, HashSet<Arc<Holder>>>,
-    by_device: HashMap<String, HashSet<Arc<Holder>>>,
+    /// In holder order (address, door, device), so an address's grants
+    /// are one range and a page of the list follows on from a holder
+    /// without a sort. A B-tree, not a hash table: at a million grants a
+    /// hash table rounds up to two million slots of a whole grant each,
+    /// while B-tree nodes stay mostly full (`cargo xtask bench
+    /// footprint`). Keyed by a shared holder, which the indexes point to
+    /// too: an index entry costs a pointer, not a copy of the names.
+    held: BTreeMap<Arc<Holder>, Grant>,
+    /// Kept by [`put`](Self::put) and [`take`](Self::take), rebuilt after
+    /// the bulk changes (install, reload).
+    index: Index,
     /// The most grants held at once (`max_grants`), and the allow map's
     /// entries ([`maps::allow_entries`]), which retired ports share.
     max_grants: u32,
     allow_capacity: usize,
-    /// Retired ports over every grant (kept with the indexes), so whether
-    /// the allow map has room is known without a walk.
+}
+
+/// What is found from the grants without walking them all.
+struct Index {
+    /// The holders of each device: what a device's close or revoke ends.
+    by_device: HashMap<String, HashSet<Arc<Holder>>>,
+    /// Each grant's [`Grant::next_event`]: the tick visits the grants due,
+    /// not every grant (a walk of a million takes tens of milliseconds,
+    /// every second, and knocks wait behind it).
+    timeline: BTreeSet<(Instant, Arc<Holder>)>,
+    /// How many one-time grants have each TCP port as their current one:
+    /// the port policy's granted ports, without a walk.
+    on_port: Box<[u32]>,
+    /// Retired ports over every grant: whether the allow map has room.
     retired: usize,
+}
+
+impl Index {
+    fn new() -> Index {
+        Index {
+            by_device: HashMap::new(),
+            timeline: BTreeSet::new(),
+            on_port: vec![0; usize::from(u16::MAX) + 1].into_boxed_slice(),
+            retired: 0,
+        }
+    }
+
+    fn add(&mut self, holder: &Arc<Holder>, grant: &Grant) {
+        self.retired += grant.retired.len();
+        self.timeline
+            .insert((grant.next_event(), Arc::clone(holder)));
+        if grant.kind == GrantKind::Redirect {
+            self.on_port[usize::from(grant.port)] += 1;
+        }
+        if let Some(device) = &grant.device {
+            self.by_device
+                .entry(device.clone())
+                .or_default()
+                .insert(Arc::clone(holder));
+        }
+    }
+
+    /// Undoes [`add`](Self::add) of `grant` as it was then.
+    fn remove(&mut self, holder: &Arc<Holder>, grant: &Grant) {
+        self.retired -= grant.retired.len();
+        self.timeline
+            .remove(&(grant.next_event(), Arc::clone(holder)));
+        if grant.kind == GrantKind::Redirect {
+            self.on_port[usize::from(grant.port)] -= 1;
+        }
+        if let Some(device) = &grant.device
+            && let Some(set) = self.by_device.get_mut(device)
+        {
+            set.remove(holder);
+            if set.is_empty() {
+                self.by_device.remove(device);
+            }
+        }
+    }
+}
+
+/// What a tick did: grants that ended (for their close hooks), leases it
+/// moved, and the first kernel error met (the tick goes on past one).
+#[derive(Debug, Default)]
+pub struct Ticked {
+    pub expired: Vec<Grant>,
+    pub rotated: Vec<(Grant, Grant)>,
+    pub failed: Option<Error>,
 }
 
 /// A random port of `range` that `free` accepts (no grant uses it, nothing
@@ -383,19 +475,17 @@ impl Grants {
         Grants {
             doors,
             table,
-            held: HashMap::new(),
-            by_source: HashMap::new(),
-            by_device: HashMap::new(),
+            held: BTreeMap::new(),
+            index: Index::new(),
             max_grants: config.max_grants,
             allow_capacity: maps::allow_entries(config.max_grants) as usize,
-            retired: 0,
         }
     }
 
     /// Allow-map entries the grants use: a current port each, and the
     /// retired ones (counted for every grant kind: an upper bound).
     fn allow_used(&self) -> usize {
-        self.held.len() + self.retired
+        self.held.len() + self.index.retired
     }
 
     /// Refuses a grant for a holder that has none when the host holds
@@ -411,72 +501,31 @@ impl Grants {
 
     /// Keeps `grant` under `holder`, in the indexes too.
     fn put(&mut self, holder: Holder, grant: Grant) {
-        if let Some(old) = self.held.remove(&holder) {
-            self.unindex(&holder, &old);
-        }
-        let holder = Arc::new(holder);
-        self.index(&holder, &grant);
+        let holder = match self.held.remove_entry(&holder) {
+            Some((shared, old)) => {
+                self.index.remove(&shared, &old);
+                shared
+            }
+            None => Arc::new(holder),
+        };
+        self.index.add(&holder, &grant);
         self.held.insert(holder, grant);
-    }
-
-    fn index(&mut self, holder: &Arc<Holder>, grant: &Grant) {
-        self.retired += grant.retired.len();
-        self.by_source
-            .entry(grant.source)
-            .or_default()
-            .insert(Arc::clone(holder));
-        if let Some(device) = &grant.device {
-            self.by_device
-                .entry(device.clone())
-                .or_default()
-                .insert(Arc::clone(holder));
-        }
     }
 
     /// Forgets the grant of `holder`, in the indexes too.
     fn take(&mut self, holder: &Holder) -> Option<Grant> {
-        let grant = self.held.remove(holder)?;
-        self.unindex(holder, &grant);
+        let (shared, grant) = self.held.remove_entry(holder)?;
+        self.index.remove(&shared, &grant);
         Some(grant)
-    }
-
-    fn unindex(&mut self, holder: &Holder, grant: &Grant) {
-        self.retired -= grant.retired.len();
-        if let Some(set) = self.by_source.get_mut(&grant.source) {
-            set.remove(holder);
-            if set.is_empty() {
-                self.by_source.remove(&grant.source);
-            }
-        }
-        if let Some(device) = &grant.device
-            && let Some(set) = self.by_device.get_mut(device)
-        {
-            set.remove(holder);
-            if set.is_empty() {
-                self.by_device.remove(device);
-            }
-        }
     }
 
     /// Rebuilds the indexes from the grants held.
     fn reindex(&mut self) {
-        self.by_source.clear();
-        self.by_device.clear();
-        self.retired = self.held.values().map(|g| g.retired.len()).sum();
-        let held: Vec<(Arc<Holder>, IpAddr, Option<String>)> = self
-            .held
-            .iter()
-            .map(|(h, g)| (Arc::clone(h), g.source, g.device.clone()))
-            .collect();
-        for (holder, source, device) in held {
-            self.by_source
-                .entry(source)
-                .or_default()
-                .insert(Arc::clone(&holder));
-            if let Some(device) = device {
-                self.by_device.entry(device).or_default().insert(holder);
-            }
+        let mut index = Index::new();
+        for (holder, grant) in &self.held {
+            index.add(holder, grant);
         }
+        self.index = index;
     }
 
     /// The nftables table for these doors and the configuration's guard.
@@ -847,29 +896,66 @@ impl Grants {
         Ok(ended)
     }
 
-    /// Forgets the grants past their deadline and returns them, for their
-    /// doors' close hooks, with the first kernel error met (the walk goes
-    /// on past one). The kernel stopped admitting at the deadline already
-    /// (nftables' timeouts, the allow entries' own deadlines); their allow
-    /// entries are deleted here, or the map would fill with dead ones until
-    /// no new grant fits in it.
-    pub fn expire(&mut self, kernel: &mut dyn Kernel, now: Instant) -> (Vec<Grant>, Option<Error>) {
-        let expired: Vec<Arc<Holder>> = self
-            .held
+    /// Does what is due: forgets the grants past their deadline (for
+    /// their close hooks), forgets retired ports past theirs, and moves
+    /// leases whose rotation is due to fresh ports. Only the grants due
+    /// are visited (the timeline), never all of them.
+    ///
+    /// The kernel stopped admitting at each deadline already (nftables'
+    /// timeouts, the allow entries' own deadlines); the allow entries are
+    /// deleted here, or the map would fill with dead ones until no new
+    /// grant fits in it.
+    pub fn tick(&mut self, kernel: &mut dyn Kernel, now: Instant) -> Ticked {
+        let due: Vec<Arc<Holder>> = self
+            .index
+            .timeline
             .iter()
-            .filter(|(_, g)| g.expires <= now)
-            .map(|(k, _)| Arc::clone(k))
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, holder)| Arc::clone(holder))
             .collect();
-        let grants: Vec<Grant> = expired.iter().filter_map(|k| self.take(k)).collect();
-        let mut failed = None;
-        for grant in grants.iter().filter(|g| g.has_allow_entry()) {
-            for port in grant.ports() {
-                if let Err(e) = self.release(kernel, grant.source, port) {
-                    failed.get_or_insert(e);
+        let mut ticked = Ticked::default();
+        let mut failed = |e: Error| {
+            ticked.failed.get_or_insert(e);
+        };
+        let mut expired = Vec::new();
+        let mut rotated = Vec::new();
+        for holder in due {
+            let Some(mut grant) = self.take(&holder) else {
+                continue;
+            };
+            if grant.expires <= now {
+                if grant.has_allow_entry() {
+                    for port in grant.ports() {
+                        self.release(kernel, grant.source, port)
+                            .unwrap_or_else(&mut failed);
+                    }
+                }
+                expired.push(grant);
+                continue;
+            }
+            let mut ended = Vec::new();
+            grant.retired.retain(|&(port, ends)| {
+                if ends <= now {
+                    ended.push(port);
+                }
+                ends > now
+            });
+            let rotate = !grant.remote && grant.next_rotation.is_some_and(|at| at <= now);
+            self.put((*holder).clone(), grant.clone());
+            for port in ended {
+                self.release(kernel, grant.source, port)
+                    .unwrap_or_else(&mut failed);
+            }
+            if rotate {
+                match self.rotate(kernel, grant.clone(), Rotation::Scheduled, now) {
+                    Ok(new) => rotated.push((grant, new)),
+                    Err(e) => failed(e),
                 }
             }
         }
-        (grants, failed)
+        ticked.expired = expired;
+        ticked.rotated = rotated;
+        ticked
     }
 
     /// Deletes the allow entry of `source` and `port`, unless a live grant
@@ -879,46 +965,6 @@ impl Grants {
             return Ok(());
         }
         Ok(kernel.revoke(source, port)?)
-    }
-
-    /// Forgets retired ports past their deadline (deleting their allow
-    /// entries) and moves leases whose rotation is due to fresh ports, in
-    /// one walk of the grants. Expiry is [`expire`](Self::expire)'s.
-    /// Returns the rotations made, as (old, new) grants.
-    pub fn tick(
-        &mut self,
-        kernel: &mut dyn Kernel,
-        now: Instant,
-    ) -> Result<Vec<(Grant, Grant)>, Error> {
-        let mut ended = Vec::new();
-        let mut due = Vec::new();
-        for grant in self.held.values_mut() {
-            if grant.retired.iter().any(|&(_, expires)| expires <= now) {
-                let before = grant.retired.len();
-                let source = grant.source;
-                grant.retired.retain(|&(port, expires)| {
-                    if expires <= now {
-                        ended.push((source, port));
-                    }
-                    expires > now
-                });
-                self.retired -= before - grant.retired.len();
-            }
-            if !grant.remote && grant.next_rotation.is_some_and(|at| at <= now) {
-                due.push(grant.clone());
-            }
-        }
-        for (source, port) in ended {
-            self.release(kernel, source, port)?;
-        }
-        let mut rotated = Vec::new();
-        for old in due {
-            rotated.push((
-                old.clone(),
-                self.rotate(kernel, old, Rotation::Scheduled, now)?,
-            ));
-        }
-        Ok(rotated)
     }
 
     /// Moves a lease to a fresh port. On its schedule the old port closes
@@ -969,10 +1015,18 @@ impl Grants {
         kernel: &mut dyn Kernel,
         now: Instant,
     ) -> Result<Vec<(Grant, Grant)>, Error> {
-        let probes = kernel.drain_probes()?;
+        let mut probes: HashMap<u16, u64> = HashMap::new();
+        for (port, count) in kernel.drain_probes()? {
+            *probes.entry(port).or_default() += count;
+        }
         let mut due = Vec::new();
-        for (port, count) in &probes {
-            for grant in self.held.values_mut().filter(|g| g.port == *port) {
+        // One walk for every probed port (ports are shared by addresses,
+        // and only probed ones are drained: rarely any).
+        if !probes.is_empty() {
+            for grant in self.held.values_mut() {
+                let Some(count) = probes.get(&grant.port) else {
+                    continue;
+                };
                 grant.probes += count;
                 let threshold = self.doors[&grant.door].rotate_on_probes;
                 if grant.leased
@@ -1110,37 +1164,65 @@ impl Grants {
     /// The random ports grants use now (not retired ones, not static
     /// doors' service ports), in no order: the ports probes are counted on.
     pub fn current_ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.held
-            .values()
-            .filter(|g| g.kind == GrantKind::Redirect)
-            .map(|g| g.port)
+        self.index
+            .on_port
+            .iter()
+            .enumerate()
+            .filter(|&(_, &grants)| grants > 0)
+            .map(|(port, _)| port as u16)
     }
 
     /// The grants at `source` (every device's behind it), in no order,
     /// from the index: no walk of every grant.
     pub fn at(&self, source: IpAddr) -> impl Iterator<Item = &Grant> + '_ {
-        self.by_source
-            .get(&source)
-            .into_iter()
-            .flatten()
-            .filter_map(|h| self.held.get(h))
+        // The least holder of `source`: no door name sorts before "".
+        let first = Holder {
+            door: String::new(),
+            source,
+            device: None,
+        };
+        self.held
+            .range::<Holder, _>(&first..)
+            .take_while(move |(holder, _)| holder.source == source)
+            .map(|(_, grant)| grant)
     }
 
     /// The grants `device` holds, from every address, in no order, from
     /// the index.
     pub fn of_device<'a>(&'a self, device: &str) -> impl Iterator<Item = &'a Grant> + 'a {
-        self.by_device
+        self.index
+            .by_device
             .get(device)
             .into_iter()
             .flatten()
             .filter_map(|h| self.held.get(h))
     }
 
-    /// Every live grant.
+    /// Every live grant, in holder order (address, door, device).
     pub fn list(&self) -> Vec<&Grant> {
-        let mut grants: Vec<&Grant> = self.held.values().collect();
-        grants.sort_by_key(|g| (&g.door, g.source, &g.device));
-        grants
+        self.held.values().collect()
+    }
+
+    /// How many grants are live.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether no grant is live.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Up to `limit` grants in holder order, from the one after `after`
+    /// (from the first without it): a page of the list, found in the
+    /// tree, not by sorting every grant.
+    pub fn page(&self, after: Option<&Holder>, limit: usize) -> Vec<&Grant> {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.held
+            .range::<Holder, _>((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, grant)| grant)
+            .collect()
     }
 }
 
@@ -1179,9 +1261,11 @@ mod tests {
     /// What the daemon's tick does with the grants: expiry, then
     /// retired ports and rotations.
     fn step(grants: &mut Grants, k: &mut Fake, now: Instant) -> Result<Vec<(Grant, Grant)>, Error> {
-        let (_, failed) = grants.expire(k, now);
-        assert!(failed.is_none());
-        grants.tick(k, now)
+        let ticked = grants.tick(k, now);
+        match ticked.failed {
+            Some(e) => Err(e),
+            None => Ok(ticked.rotated),
+        }
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -1447,7 +1531,6 @@ mod tests {
         sources.dedup();
         let indexed: usize = sources.iter().map(|&s| grants.at(s).count()).sum();
         assert_eq!(indexed, all.len(), "by address");
-        assert_eq!(grants.by_source.len(), sources.len(), "no empty address");
         for g in &all {
             assert!(grants.at(g.source).any(|x| x.holder() == g.holder()));
             if let Some(d) = &g.device {
@@ -1455,10 +1538,72 @@ mod tests {
             }
         }
         let with_device = all.iter().filter(|g| g.device.is_some()).count();
-        let by_device: usize = grants.by_device.values().map(HashSet::len).sum();
+        let by_device: usize = grants.index.by_device.values().map(HashSet::len).sum();
         assert_eq!(by_device, with_device, "by device");
         let retired: usize = all.iter().map(|g| g.retired.len()).sum();
-        assert_eq!(grants.retired, retired, "retired ports counted");
+        assert_eq!(grants.index.retired, retired, "retired ports counted");
+        // The timeline has each grant once, at its next event.
+        let mut timeline: Vec<(Instant, Holder)> = grants
+            .index
+            .timeline
+            .iter()
+            .map(|(at, h)| (*at, (**h).clone()))
+            .collect();
+        let mut wanted: Vec<(Instant, Holder)> = grants
+            .held
+            .iter()
+            .map(|(h, g)| (g.next_event(), (**h).clone()))
+            .collect();
+        timeline.sort();
+        wanted.sort();
+        assert_eq!(timeline, wanted, "timeline");
+        let mut ports: Vec<u16> = all
+            .iter()
+            .filter(|g| g.kind == GrantKind::Redirect)
+            .map(|g| g.port)
+            .collect();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(grants.current_ports().collect::<Vec<_>>(), ports, "ports");
+        let from_tree: Vec<&Grant> = grants.page(None, usize::MAX);
+        assert_eq!(from_tree.len(), all.len());
+    }
+
+    /// Pages follow on from a holder, in address order, and together are
+    /// the whole list.
+    #[test]
+    fn pages_follow_on_from_a_holder_in_address_order() {
+        let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
+        for a in ["198.18.0.9", "2001:db8::2", "198.18.0.2", "198.18.0.10"] {
+            grants
+                .open(&mut k, "ssh", ip(a), Some("laptop"), t0)
+                .unwrap();
+        }
+        grants
+            .open(&mut k, "legacy", ip("198.18.0.9"), None, t0)
+            .unwrap();
+        let order: Vec<(IpAddr, String)> = grants
+            .list()
+            .iter()
+            .map(|g| (g.source, g.door.clone()))
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "address, then door");
+        assert_eq!(order[0].0, ip("198.18.0.2"));
+        let mut paged = Vec::new();
+        let mut after: Option<Holder> = None;
+        loop {
+            let page = grants.page(after.as_ref(), 2);
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 2);
+            after = page.last().map(|g| g.holder());
+            paged.extend(page.iter().map(|g| (g.source, g.door.clone())));
+        }
+        assert_eq!(paged, order);
+        assert_eq!(grants.len(), 5);
     }
 
     /// A grant's allow entries go when it ends by itself, as when it is
@@ -1564,8 +1709,9 @@ mod tests {
         restarted.inherit(&grants);
         assert_indexed(&restarted);
         assert!(restarted.of_device("laptop").any(|g| g.source == b));
-        let (expired, failed) = restarted.expire(&mut k, t0 + SECS(1000));
-        assert!(failed.is_none());
+        let ticked = restarted.tick(&mut k, t0 + SECS(1000));
+        assert!(ticked.failed.is_none());
+        let expired = ticked.expired;
         assert!(!expired.is_empty());
         assert_indexed(&restarted);
         assert!(restarted.at(b).next().is_none());

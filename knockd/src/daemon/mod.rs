@@ -273,18 +273,17 @@ impl Daemon {
                 chain(&e)
             ));
         }
-        let (expired, failed) = self.grants.expire(self.kernel.as_mut(), now.mono);
-        if let Some(e) = failed {
+        let ticked = self.grants.tick(self.kernel.as_mut(), now.mono);
+        if let Some(e) = ticked.failed {
             self.record_error(format!(
-                "deleting an expired grant's allow entry failed: {}",
+                "ending or rotating grants on the tick: {}",
                 chain(&e)
             ));
         }
-        for grant in expired {
-            self.hook_ended(&grant);
+        for grant in &ticked.expired {
+            self.hook_ended(grant);
         }
-        let rotated = self.grants.tick(self.kernel.as_mut(), now.mono);
-        self.log_rotations(rotated, false);
+        self.log_rotations(Ok(ticked.rotated), false);
         let probed = self.grants.rotate_probed(self.kernel.as_mut(), now.mono);
         self.log_rotations(probed, true);
         // Knock ports turn with the time step; granted ports with grants.
