@@ -93,6 +93,76 @@ fn status_and_grants_show_the_daemon() {
     assert_eq!(grants.as_array().unwrap().len(), 1);
 }
 
+/// `grants_page` pages through the grants in address order, each page
+/// starting after the last one's holder; `knockctl grants --json` prints
+/// the same list, and `status` counts them all beside `max_grants`.
+#[test]
+fn grants_pages_follow_on_and_status_counts_every_grant() {
+    require_privileges!();
+    let bed = Bed::new(false);
+    let daemon = bed.start("");
+    let socket = daemon.control_socket();
+    let mut sources = vec![bed.client];
+    for i in 0..2u8 {
+        let address = IpAddr::from([198, 18, 0, 130 + i]);
+        bed.testbed.client.ip(&[
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            &bed.testbed.client_if,
+        ]);
+        sources.push(address);
+    }
+    for &from in &sources {
+        let udp = bed
+            .testbed
+            .client
+            .run(move || UdpSocket::bind(SocketAddr::new(from, 0)).unwrap());
+        assert_eq!(
+            bed.knock(&udp, Kind::Open).reply.status,
+            knockd::proto::Status::Granted
+        );
+    }
+    sources.sort();
+    let mut paged = Vec::new();
+    let mut after = serde_json::Value::Null;
+    for _ in 0..10 {
+        let request = serde_json::json!({
+            "version": 1, "command": "grants_page", "after": after, "limit": 1
+        });
+        let reply = control_raw(&socket, format!("{request}\n").as_bytes());
+        assert_eq!(reply["ok"], true, "{reply}");
+        let page = &reply["data"];
+        assert_eq!(page["total"], 3);
+        let grants = page["grants"].as_array().unwrap();
+        assert!(grants.len() <= 1, "{page}");
+        paged.extend(
+            grants
+                .iter()
+                .map(|g| g["source"].as_str().unwrap().to_owned()),
+        );
+        after = page["next"].clone();
+        if after.is_null() {
+            break;
+        }
+    }
+    let wanted: Vec<String> = sources.iter().map(ToString::to_string).collect();
+    assert_eq!(paged, wanted, "every grant once, in address order");
+    let listed = json(&knockctl(&socket, &["grants", "--json"]));
+    let listed: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["source"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, wanted);
+    let status = json(&knockctl(&socket, &["status", "--json"]));
+    assert_eq!(status["grants_total"], 3);
+    assert_eq!(status["max_grants"], 200_000);
+    assert_eq!(status["grants"].as_array().unwrap().len(), 3);
+}
+
 #[test]
 fn revoke_ends_grants_by_device_and_by_address() {
     require_privileges!();

@@ -24,7 +24,8 @@ use knockd::{
     control::{
         Command as Request,
         wire::{
-            ClusterDevice, ClusterStatus, DeviceChanged, GrantView, Reloaded, Secret, StatusReport,
+            ClusterDevice, ClusterStatus, DeviceChanged, GrantPage, GrantView, Reloaded, Secret,
+            StatusReport,
         },
     },
     devices::DeviceFile,
@@ -319,7 +320,7 @@ fn main() -> ExitCode {
             cluster: true,
         } => show(&socket, Request::ClusterStatus, json, print_cluster),
         Command::Status { socket, json, .. } => show(&socket, Request::Status, json, print_status),
-        Command::Grants { socket, json } => show(&socket, Request::Grants, json, print_grants),
+        Command::Grants { socket, json } => list_grants(&socket, json),
         Command::Revoke { target, socket } => {
             control::<RevokeReply>(&socket.socket, &Request::Revoke { target })
                 .map_err(Failure::from)
@@ -538,27 +539,92 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_grants(grants: &Vec<GrantView>) {
-    println!(
+/// `knockctl grants`: the grants page by page (`grants_page`), each page
+/// printed as it comes, so a million grants are never one reply nor held
+/// here at once. `--json` prints one JSON array, a grant a line. A daemon
+/// from before `grants_page` is asked for all of them at once.
+fn list_grants(socket: &SocketArg, json: bool) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut after = None;
+    let mut first = true;
+    if json {
+        writeln!(out, "[")?;
+    } else {
+        print_grants_header(&mut out)?;
+    }
+    loop {
+        let request = Request::GrantsPage {
+            after: after.take(),
+            limit: None,
+        };
+        let page: GrantPage = match control(&socket.socket, &request) {
+            Ok(page) => page,
+            Err(e) if first && format!("{e:#}").contains("grants_page") => {
+                let grants: Vec<GrantView> = control(&socket.socket, &Request::Grants)?;
+                GrantPage {
+                    total: grants.len() as u64,
+                    grants,
+                    next: None,
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for g in &page.grants {
+            if json {
+                let comma = if first { "" } else { "," };
+                writeln!(out, "{comma}{}", serde_json::to_string(g)?)?;
+            } else {
+                print_grant_row(&mut out, g)?;
+            }
+            first = false;
+        }
+        first = false;
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    if json {
+        writeln!(out, "]")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn print_grants_header(out: &mut impl std::io::Write) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{:<12} {:<12} {:<28} {:>6} {:>6} {:>9} {:>8}",
         "door", "device", "source", "port", "lease", "time left", "rotated"
-    );
+    )
+}
+
+fn print_grant_row(out: &mut impl std::io::Write, g: &GrantView) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<12} {:<12} {:<28} {:>6} {:>6} {:>8}s {:>8}",
+        g.door,
+        g.device.as_deref().unwrap_or("-"),
+        g.source.to_string(),
+        // An action door's grant opens no port.
+        if g.port == 0 {
+            "-".to_owned()
+        } else {
+            g.port.to_string()
+        },
+        if g.lease { "yes" } else { "no" },
+        g.secs_left,
+        g.rotations
+    )
+}
+
+fn print_grants(grants: &[GrantView]) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout ends knockctl (SIGPIPE); nothing else fails here.
+    let _ = print_grants_header(&mut out);
     for g in grants {
-        println!(
-            "{:<12} {:<12} {:<28} {:>6} {:>6} {:>8}s {:>8}",
-            g.door,
-            g.device.as_deref().unwrap_or("-"),
-            g.source.to_string(),
-            // An action door's grant opens no port.
-            if g.port == 0 {
-                "-".to_owned()
-            } else {
-                g.port.to_string()
-            },
-            if g.lease { "yes" } else { "no" },
-            g.secs_left,
-            g.rotations
-        );
+        let _ = print_grant_row(&mut out, g);
     }
 }
 
@@ -604,7 +670,16 @@ fn print_status(s: &StatusReport) {
     for hint in &s.hints {
         println!("\nhint: {hint}");
     }
-    println!("\ngrants:");
+    if s.grants_total > s.grants.len() as u64 {
+        println!(
+            "\ngrants: {} live (max_grants {}), the first {} here; `knockctl grants` lists them all:",
+            s.grants_total,
+            s.max_grants,
+            s.grants.len()
+        );
+    } else {
+        println!("\ngrants:");
+    }
     print_grants(&s.grants);
     println!("\nsessions (connections grants let in):");
     println!(

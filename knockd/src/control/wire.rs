@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub const VERSION: u32 = 1;
 /// Largest request accepted, in bytes.
 pub const REQUEST_MAX: usize = 4096;
+/// Grants a `status` lists (it counts them all in `grants_total`).
+pub const STATUS_GRANTS: usize = 1000;
+/// Most grants one `grants_page` reply holds, and the page a request that
+/// names no `limit` gets.
+pub const PAGE_MAX: u32 = 10_000;
 
 /// Text that must never reach a log: `Debug` shows `<redacted>`.
 #[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -33,7 +38,18 @@ impl std::fmt::Debug for Secret {
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     Status,
+    /// Every grant in one reply (kept for existing clients; knockctl reads
+    /// `grants_page`, which a million grants do not make into one reply).
     Grants,
+    /// Up to `limit` grants ([`PAGE_MAX`] at most, and without a limit) in
+    /// holder order (address, door, device), from the one after `after`
+    /// (from the first without it).
+    GrantsPage {
+        #[serde(default)]
+        after: Option<GrantCursor>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     Revoke {
         target: String,
     },
@@ -106,6 +122,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         .ok_or("missing field `command`")?;
     let allowed: &[&str] = match name {
         "revoke" => &["command", "target"],
+        "grants_page" => &["command", "after", "limit"],
         "device_add" => &["command", "id", "groups", "doors", "key"],
         "device_remove" | "device_sign" => &["command", "id"],
         _ => &["command"],
@@ -171,7 +188,15 @@ pub struct StatusReport {
     pub rates_per_sec: Option<BTreeMap<String, f64>>,
     /// Knock decisions by outcome or reason code.
     pub decisions: BTreeMap<String, u64>,
+    /// The first [`STATUS_GRANTS`] grants in holder order (address, door,
+    /// device); `grants_page` lists them all.
     pub grants: Vec<GrantView>,
+    /// Grants live now.
+    #[serde(default)]
+    pub grants_total: u64,
+    /// The most grants the host holds (`max_grants`).
+    #[serde(default)]
+    pub max_grants: u32,
     /// Connections in progress that a grant let in, with their caps.
     #[serde(default)]
     pub sessions: Vec<SessionView>,
@@ -231,6 +256,26 @@ pub struct InterfaceView {
     /// Why XDP is not there, with `nftables-only`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// Where a page of grants starts: after this holder (the `next` of the
+/// page before).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantCursor {
+    pub source: IpAddr,
+    pub door: String,
+    pub device: Option<String>,
+}
+
+/// `grants_page`: a page of the grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantPage {
+    pub grants: Vec<GrantView>,
+    /// Grants live now, on every page.
+    pub total: u64,
+    /// Where the next page starts; `null` after the last.
+    pub next: Option<GrantCursor>,
 }
 
 /// One live grant (`grants`, and in `status`).
@@ -458,6 +503,18 @@ mod tests {
             },
             Command::Reload,
             Command::Metrics,
+            Command::GrantsPage {
+                after: None,
+                limit: None,
+            },
+            Command::GrantsPage {
+                after: Some(GrantCursor {
+                    source: "2001:db8::2".parse().unwrap(),
+                    door: "ssh".into(),
+                    device: Some("laptop".into()),
+                }),
+                limit: Some(500),
+            },
         ] {
             assert_eq!(parse(&command.line()), Ok(command));
         }
@@ -493,6 +550,8 @@ mod tests {
             rates_per_sec: None,
             decisions: [("accepted".to_owned(), 1)].into(),
             grants: vec![grant.clone()],
+            grants_total: 1,
+            max_grants: 200_000,
             sessions: vec![SessionView {
                 door: "ssh".into(),
                 client: "198.18.0.2:50000".parse().unwrap(),
@@ -528,6 +587,8 @@ mod tests {
             "\"sequences_in_progress\"",
             "\"static\":[",
             "\"recent_errors\"",
+            "\"grants_total\":1",
+            "\"max_grants\":200000",
         ] {
             assert!(line.contains(name), "{name} in {line}");
         }

@@ -17,6 +17,7 @@ impl Daemon {
         let answer = match command {
             Command::Status => Response::ok(self.status()),
             Command::Grants => Response::ok(self.grant_views()),
+            Command::GrantsPage { after, limit } => Response::ok(self.grant_page(after, limit)),
             Command::Metrics => Response::ok(self.metrics()),
             Command::Reload => self.reload_answer(),
             Command::Revoke { target } if self.fleet.is_some() => {

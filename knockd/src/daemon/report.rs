@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use super::{Daemon, RECENT_ERRORS};
 use crate::{
     control::wire::{
-        ConfigInfo, GrantView, InterfaceView, RecentError, SequencesInProgress, StaticProgress,
-        StatusReport,
+        ConfigInfo, GrantCursor, GrantPage, GrantView, InterfaceView, PAGE_MAX, RecentError,
+        STATUS_GRANTS, SequencesInProgress, StaticProgress, StatusReport,
     },
     maps,
 };
@@ -208,21 +208,50 @@ impl Daemon {
     }
 
     pub(super) fn grant_views(&self) -> Vec<GrantView> {
-        let now = self.now.mono;
         self.grants
             .list()
             .into_iter()
-            .map(|g| GrantView {
-                door: g.door.clone(),
-                device: g.device.clone(),
-                source: g.source,
-                port: g.port,
-                lease: g.leased,
-                secs_left: u64::from(g.secs_left(now)),
-                rotations: g.rotations,
-                probes: g.probes,
-            })
+            .map(|g| self.grant_view(g))
             .collect()
+    }
+
+    fn grant_view(&self, g: &crate::grants::Grant) -> GrantView {
+        GrantView {
+            door: g.door.clone(),
+            device: g.device.clone(),
+            source: g.source,
+            port: g.port,
+            lease: g.leased,
+            secs_left: u64::from(g.secs_left(self.now.mono)),
+            rotations: g.rotations,
+            probes: g.probes,
+        }
+    }
+
+    /// A page of the grants: up to `limit` (at most [`PAGE_MAX`]) from the
+    /// one after `after`.
+    pub(super) fn grant_page(&self, after: Option<GrantCursor>, limit: Option<u32>) -> GrantPage {
+        let limit = limit.unwrap_or(PAGE_MAX).clamp(1, PAGE_MAX) as usize;
+        let after = after.map(|c| crate::grants::Holder {
+            door: c.door,
+            source: c.source,
+            device: c.device,
+        });
+        let page = self.grants.page(after.as_ref(), limit);
+        // A full page may have more after it; the next request says.
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|g| g.holder()))
+            .flatten()
+            .map(|h| GrantCursor {
+                source: h.source,
+                door: h.door,
+                device: h.device,
+            });
+        GrantPage {
+            grants: page.into_iter().map(|g| self.grant_view(g)).collect(),
+            total: self.grants.len() as u64,
+            next,
+        }
     }
 
     pub(super) fn status(&mut self) -> StatusReport {
@@ -272,7 +301,14 @@ impl Daemon {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
-            grants: self.grant_views(),
+            grants: self
+                .grants
+                .page(None, STATUS_GRANTS)
+                .into_iter()
+                .map(|g| self.grant_view(g))
+                .collect(),
+            grants_total: self.grants.len() as u64,
+            max_grants: self.config.max_grants,
             sessions: self.session_views(),
             hints: counters.as_ref().map(|c| self.hints(c)).unwrap_or_default(),
             sequences_in_progress: SequencesInProgress {
