@@ -326,8 +326,10 @@ pub struct Grants {
 
 /// What is found from the grants without walking them all.
 struct Index {
-    /// The holders of each device: what a device's close or revoke ends.
-    by_device: HashMap<String, HashSet<Arc<Holder>>>,
+    /// The holders that name a device, in device order: a device's grants
+    /// (what its close or revoke ends) are one range. A pointer a grant:
+    /// a map of device names to sets cost a name and a set a device.
+    by_device: BTreeSet<ByDevice>,
     /// Each grant's [`Grant::next_event`]: the tick visits the grants due,
     /// not every grant (a walk of a million takes tens of milliseconds,
     /// every second, and knocks wait behind it).
@@ -342,7 +344,7 @@ struct Index {
 impl Index {
     fn new() -> Index {
         Index {
-            by_device: HashMap::new(),
+            by_device: BTreeSet::new(),
             timeline: BTreeSet::new(),
             on_port: vec![0; usize::from(u16::MAX) + 1].into_boxed_slice(),
             retired: 0,
@@ -356,11 +358,8 @@ impl Index {
         if grant.kind == GrantKind::Redirect {
             self.on_port[usize::from(grant.port)] += 1;
         }
-        if let Some(device) = &grant.device {
-            self.by_device
-                .entry(device.clone())
-                .or_default()
-                .insert(Arc::clone(holder));
+        if holder.device.is_some() {
+            self.by_device.insert(ByDevice(Arc::clone(holder)));
         }
     }
 
@@ -372,14 +371,27 @@ impl Index {
         if grant.kind == GrantKind::Redirect {
             self.on_port[usize::from(grant.port)] -= 1;
         }
-        if let Some(device) = &grant.device
-            && let Some(set) = self.by_device.get_mut(device)
-        {
-            set.remove(holder);
-            if set.is_empty() {
-                self.by_device.remove(device);
-            }
+        if holder.device.is_some() {
+            self.by_device.remove(&ByDevice(Arc::clone(holder)));
         }
+    }
+}
+
+/// A holder ordered by device, then address and door (see
+/// [`Index::by_device`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ByDevice(Arc<Holder>);
+
+impl Ord for ByDevice {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let (a, b) = (&*self.0, &*other.0);
+        (&a.device, a.source, &a.door).cmp(&(&b.device, b.source, &b.door))
+    }
+}
+
+impl PartialOrd for ByDevice {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -1190,12 +1202,19 @@ impl Grants {
     /// The grants `device` holds, from every address, in no order, from
     /// the index.
     pub fn of_device<'a>(&'a self, device: &str) -> impl Iterator<Item = &'a Grant> + 'a {
+        // The least holder of `device`: no address sorts before 0.0.0.0,
+        // and no door before "".
+        let first = ByDevice(Arc::new(Holder {
+            door: String::new(),
+            source: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            device: Some(device.to_owned()),
+        }));
+        let device = first.0.device.clone();
         self.index
             .by_device
-            .get(device)
-            .into_iter()
-            .flatten()
-            .filter_map(|h| self.held.get(h))
+            .range(first..)
+            .take_while(move |h| h.0.device == device)
+            .filter_map(|h| self.held.get(&*h.0))
     }
 
     /// Every live grant, in holder order (address, door, device).
@@ -1538,7 +1557,7 @@ mod tests {
             }
         }
         let with_device = all.iter().filter(|g| g.device.is_some()).count();
-        let by_device: usize = grants.index.by_device.values().map(HashSet::len).sum();
+        let by_device = grants.index.by_device.len();
         assert_eq!(by_device, with_device, "by device");
         let retired: usize = all.iter().map(|g| g.retired.len()).sum();
         assert_eq!(grants.index.retired, retired, "retired ports counted");

@@ -445,13 +445,23 @@ impl Daemon {
 
     /// Starts the daemon again with the same config, pins and state, as a
     /// restart would (stop or kill it first).
-    pub fn restart(mut self, ns: &NetNs) -> Daemon {
+    pub fn restart(self, ns: &NetNs) -> Daemon {
+        self.restart_within(ns, READY_TIMEOUT)
+    }
+
+    /// [`restart`](Self::restart), waiting up to `timeout` for "ready" (a
+    /// benchmark's daemon adopting a million grants).
+    pub fn restart_within(mut self, ns: &NetNs, timeout: Duration) -> Daemon {
         assert!(
             self.child.is_none(),
             "stop or kill the daemon before restarting it"
         );
         self.owns_pins = false;
-        Daemon::spawn(ns, Arc::clone(&self.dir), self.bpffs_dir.clone(), &[])
+        let mut daemon =
+            Daemon::spawn_child(ns, Arc::clone(&self.dir), self.bpffs_dir.clone(), &[]);
+        daemon.wait_for("ready", timeout, |_| true);
+        daemon.assert_running();
+        daemon
     }
 
     /// Starts the daemon again with `KNOCKD_CRASH_AT=point` (honoured by

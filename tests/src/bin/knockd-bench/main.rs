@@ -109,10 +109,18 @@ fn connects(testbed: &Testbed, from: IpAddr, to: SocketAddr) -> Vec<Duration> {
     })
 }
 
-/// The `n`th synthetic grant source: distinct addresses in 198.18.0.0/15.
+/// The `n`th synthetic grant source: distinct addresses, the first
+/// 110,000 in 198.18.0.0/15 (from 198.18.16.0), the rest in
+/// 2001:db8:1::/64, so a million stay inside the test ranges.
 fn source(n: u32) -> IpAddr {
-    let base = u32::from(Ipv4Addr::new(198, 18, 16, 0));
-    IpAddr::V4(Ipv4Addr::from(base + n))
+    const V4: u32 = 110_000;
+    if n < V4 {
+        let base = u32::from(Ipv4Addr::new(198, 18, 16, 0));
+        IpAddr::V4(Ipv4Addr::from(base + n))
+    } else {
+        let base = u128::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0));
+        IpAddr::V6(std::net::Ipv6Addr::from(base + u128::from(n - V4)))
+    }
 }
 
 /// Grants `first..first + n` of door `door`: source [`source`]`(i)`, port
@@ -133,7 +141,9 @@ fn synthetic_grants(
                 port: base + (i % span) as u16,
             },
             timeout: ttl,
-            device: None,
+            // A device each, as a fleet of sensors would hold them: the
+            // daemon indexes them by device too.
+            device: Some(format!("sensor-{i}")),
         })
         .collect()
 }
@@ -334,6 +344,16 @@ fn bench_daemon_with(
     testbed: &Testbed,
     more_doors: &str,
 ) -> (Daemon, Vec<DeviceKey>, tempfile::TempDir) {
+    bench_daemon_config(testbed, more_doors, "")
+}
+
+/// [`bench_daemon_with`], with `top` (top-level YAML lines) in its
+/// configuration.
+fn bench_daemon_config(
+    testbed: &Testbed,
+    more_doors: &str,
+    top: &str,
+) -> (Daemon, Vec<DeviceKey>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let keys: Vec<DeviceKey> = (0..16).map(|_| DeviceKey::generate()).collect();
     let mut devices = String::new();
@@ -348,7 +368,7 @@ fn bench_daemon_with(
     }
     let config = format!(
         "interfaces: [{}]\nxdp_mode: native\ndevices:\n{devices}\
-         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }}{more_doors} }}\n",
+         doors: {{ ssh: {{ service_port: {SSH}, allow: {{ groups: [bench] }} }}{more_doors} }}\n{top}",
         testbed.server_if
     );
     (Daemon::start(&testbed.server, &config), keys, dir)
