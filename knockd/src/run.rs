@@ -240,6 +240,7 @@ pub async fn run(
     let kernel = Box::new(crate::kernel::Real::new(maps));
     let mut daemon = Daemon::new(config.clone(), &devices, kernel, state, Now::read())?;
     daemon.set_lockout_open(opened);
+    crate::platform::release_free_memory();
     let mut fleet_events = match fleet {
         Some(settings) => {
             let book = crate::state::load_revokes(&config.state_dir)?;
