@@ -84,6 +84,8 @@ pub enum GrantKind {
 /// A door's grant settings.
 #[derive(Debug, Clone)]
 struct DoorGrants {
+    /// The door's name, which each of its grants and holders shares.
+    name: Arc<str>,
     kind: GrantKind,
     range: RangeInclusive<u16>,
     /// 0 for an action door, which has none.
@@ -102,11 +104,13 @@ struct DoorGrants {
 #[derive(Debug, Clone, Serialize)]
 pub struct Grant {
     pub kind: GrantKind,
-    pub door: String,
+    /// Shared with its holder (and the door's name with every grant of
+    /// the door): a million grants do not keep a million copies of names.
+    pub door: Arc<str>,
     pub source: IpAddr,
     /// The device that opened it, when known (grants adopted after a
     /// restart have none until the device's next heartbeat).
-    pub device: Option<String>,
+    pub device: Option<Arc<str>>,
     /// The port it admits to: a random one, or a static door's service
     /// port; 0 for an action door's grant, which admits nothing.
     pub port: u16,
@@ -165,9 +169,9 @@ pub struct Published {
 /// kernel cannot tell devices apart on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Holder {
-    pub door: String,
+    pub door: Arc<str>,
     pub source: IpAddr,
-    pub device: Option<String>,
+    pub device: Option<Arc<str>>,
 }
 
 /// Holders sort by address first, then door and device: an address's
@@ -187,9 +191,9 @@ impl PartialOrd for Holder {
 impl Holder {
     pub fn new(door: &str, source: IpAddr, device: Option<&str>) -> Holder {
         Holder {
-            door: door.to_owned(),
+            door: door.into(),
             source,
-            device: device.map(str::to_owned),
+            device: device.map(Arc::from),
         }
     }
 }
@@ -256,13 +260,13 @@ impl Grant {
 
     fn element_for(&self, port: u16, expires: Instant, now: Instant) -> Element {
         Element {
-            door: self.door.clone(),
+            door: self.door.to_string(),
             key: GrantKey {
                 source: self.source,
                 port,
             },
             timeout: expires.saturating_duration_since(now),
-            device: self.device.clone(),
+            device: self.device.as_deref().map(str::to_owned),
         }
     }
 
@@ -434,6 +438,7 @@ impl Grants {
                 let secs = |s: u32| Duration::from_secs(u64::from(s));
                 let settings = match &d.kind {
                     DoorKind::OneTime(o) => DoorGrants {
+                        name: Arc::from(name.as_str()),
                         kind: GrantKind::Redirect,
                         range: d.grant_ports(),
                         service_port: d.service_port.unwrap_or_default(),
@@ -444,6 +449,7 @@ impl Grants {
                         rotate_on_probes: u64::from(o.rotate_on_probes),
                     },
                     DoorKind::Static(_) => DoorGrants {
+                        name: Arc::from(name.as_str()),
                         kind: if d.service_port.is_some() {
                             GrantKind::ServicePort
                         } else {
@@ -511,6 +517,13 @@ impl Grants {
         Ok(())
     }
 
+    /// The shared name of `door` (a new one for a door not configured).
+    fn door_name(&self, door: &str) -> Arc<str> {
+        self.doors
+            .get(door)
+            .map_or_else(|| Arc::from(door), |d| d.name.clone())
+    }
+
     /// Keeps `grant` under `holder`, in the indexes too.
     fn put(&mut self, holder: Holder, grant: Grant) {
         let holder = match self.held.remove_entry(&holder) {
@@ -573,10 +586,11 @@ impl Grants {
         for element in &existing {
             kernel.allow(element.key.source, element.key.port, Some(element.timeout))?;
             let (port, expires) = (element.key.port, now + element.timeout);
+            let device: Option<Arc<str>> = element.device.as_deref().map(Arc::from);
             let key = Holder {
-                door: element.door.clone(),
+                door: self.door_name(&element.door),
                 source: element.key.source,
-                device: element.device.clone(),
+                device: device.clone(),
             };
             match self.held.get_mut(&key) {
                 // (Indexes are rebuilt below.)
@@ -592,14 +606,15 @@ impl Grants {
                     grant.retired.push(retire);
                 }
                 None => {
+                    let door = key.door.clone();
                     self.held.insert(
                         Arc::new(key),
                         Grant {
                             kind: GrantKind::Redirect,
-                            door: element.door.clone(),
+                            door,
                             source: element.key.source,
                             // Kept in the element's comment across restarts.
-                            device: element.device.clone(),
+                            device,
                             port,
                             leased: false,
                             rotations: 0,
@@ -735,8 +750,13 @@ impl Grants {
         source: IpAddr,
         device: Option<&str>,
     ) -> (Holder, Option<Grant>, Option<Holder>) {
-        let per_device = self.doors[door].kind == GrantKind::Redirect;
-        let holder = Holder::new(door, source, device.filter(|_| per_device));
+        let settings = &self.doors[door];
+        let per_device = settings.kind == GrantKind::Redirect;
+        let holder = Holder {
+            door: settings.name.clone(),
+            source,
+            device: device.filter(|_| per_device).map(Arc::from),
+        };
         if let Some(grant) = self.held.get(&holder) {
             return (holder, Some(grant.clone()), None);
         }
@@ -771,7 +791,7 @@ impl Grants {
         let (holder, existing, retire) = self.find(door, source, device);
         let grant = match &existing {
             Some(old) => Grant {
-                device: device.map(str::to_owned).or(old.device.clone()),
+                device: holder.device.clone().or(old.device.clone()),
                 remote: false,
                 expires: now
                     + if old.leased {
@@ -791,9 +811,9 @@ impl Grants {
                 };
                 Grant {
                     kind: settings.kind,
-                    door: door.to_owned(),
+                    door: holder.door.clone(),
                     source,
-                    device: device.map(str::to_owned),
+                    device: holder.device.clone().or_else(|| device.map(Arc::from)),
                     port,
                     leased: false,
                     rotations: 0,
@@ -831,7 +851,7 @@ impl Grants {
             return Ok(None);
         }
         let grant = Grant {
-            device: device.map(str::to_owned),
+            device: holder.device.clone().or_else(|| device.map(Arc::from)),
             leased: true,
             remote: false,
             expires: now + settings.lease_idle,
@@ -898,7 +918,7 @@ impl Grants {
         let holders: Vec<Holder> = self
             .of_device(device)
             .map(Grant::holder)
-            .filter(|h| h.door == door)
+            .filter(|h| &*h.door == door)
             .chain(self.held.contains_key(&unknown).then_some(unknown))
             .collect();
         let mut ended = Vec::new();
@@ -990,7 +1010,7 @@ impl Grants {
         why: Rotation,
         now: Instant,
     ) -> Result<Grant, Error> {
-        let settings = self.doors[&old.door].clone();
+        let settings = self.doors[&*old.door].clone();
         let port = self.fresh_port(kernel, &old.door, old.source)?;
         let mut grant = Grant {
             port,
@@ -1040,7 +1060,7 @@ impl Grants {
                     continue;
                 };
                 grant.probes += count;
-                let threshold = self.doors[&grant.door].rotate_on_probes;
+                let threshold = self.doors[&*grant.door].rotate_on_probes;
                 if grant.leased
                     && !grant.remote
                     && threshold > 0
@@ -1089,7 +1109,7 @@ impl Grants {
         // those of doors that remain as they were carry over.
         for (key, grant) in &old.held {
             if grant.kind != GrantKind::Redirect
-                && self.doors.get(&key.door).is_some_and(|d| {
+                && self.doors.get(&*key.door).is_some_and(|d| {
                     d.kind == grant.kind && d.service_port == grant.port && d.udp == grant.udp
                 })
             {
@@ -1111,7 +1131,7 @@ impl Grants {
         published: Published,
         now: Instant,
     ) -> Result<Grant, Error> {
-        let (door, source) = (holder.door.as_str(), holder.source);
+        let (door, source) = (&*holder.door, holder.source);
         let existing = self.held.get(holder).cloned();
         if existing.is_none() {
             self.room_for_one()?;
@@ -1119,7 +1139,7 @@ impl Grants {
         let rotate_every = self.doors.get(door).and_then(|d| d.rotate_every);
         let grant = Grant {
             kind: GrantKind::Redirect,
-            door: door.to_owned(),
+            door: holder.door.clone(),
             source,
             device: holder.device.clone(),
             port: published.port,
@@ -1189,7 +1209,7 @@ impl Grants {
     pub fn at(&self, source: IpAddr) -> impl Iterator<Item = &Grant> + '_ {
         // The least holder of `source`: no door name sorts before "".
         let first = Holder {
-            door: String::new(),
+            door: "".into(),
             source,
             device: None,
         };
@@ -1205,9 +1225,9 @@ impl Grants {
         // The least holder of `device`: no address sorts before 0.0.0.0,
         // and no door before "".
         let first = ByDevice(Arc::new(Holder {
-            door: String::new(),
+            door: "".into(),
             source: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            device: Some(device.to_owned()),
+            device: Some(device.into()),
         }));
         let device = first.0.device.clone();
         self.index
@@ -1493,7 +1513,7 @@ mod tests {
         assert!(!grants.current_ports().any(|p| p == 2222));
         let mut reloaded = self::grants();
         reloaded.inherit(&grants);
-        assert!(reloaded.list().iter().any(|g| g.door == "legacy"));
+        assert!(reloaded.list().iter().any(|g| &*g.door == "legacy"));
         grants
             .close(&mut k, &Holder::new("legacy", a, None), t0 + SECS(11))
             .unwrap();
@@ -1502,7 +1522,7 @@ mod tests {
         // Expired, it is forgotten at the next tick.
         grants.open(&mut k, "legacy", a, None, t0).unwrap();
         step(&mut grants, &mut k, t0 + SECS(21)).unwrap();
-        assert!(!grants.list().iter().any(|g| g.door == "legacy"));
+        assert!(!grants.list().iter().any(|g| &*g.door == "legacy"));
     }
 
     /// A device's close ends its grants from both families; another
@@ -1601,7 +1621,7 @@ mod tests {
         grants
             .open(&mut k, "legacy", ip("198.18.0.9"), None, t0)
             .unwrap();
-        let order: Vec<(IpAddr, String)> = grants
+        let order: Vec<(IpAddr, Arc<str>)> = grants
             .list()
             .iter()
             .map(|g| (g.source, g.door.clone()))

@@ -411,7 +411,7 @@ pub fn check_grant(
     if !verify(cluster_key, &keys.grant(holder), &record) {
         return Err(Refused::Unsigned);
     }
-    if record.device != holder.device {
+    if record.device.as_deref() != holder.device.as_deref() {
         return Err(Refused::WrongId(record.device.unwrap_or_default()));
     }
     Ok(record)

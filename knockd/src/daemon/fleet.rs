@@ -272,7 +272,7 @@ impl Daemon {
             mac: String::new(),
             version: RECORD_VERSION,
             port: g.port,
-            device: g.device.clone(),
+            device: g.device.as_deref().map(str::to_owned),
             node: String::new(),
             expires_at_ms: now.unix_ms
                 + g.expires.saturating_duration_since(now.mono).as_millis() as u64,
@@ -658,7 +658,7 @@ impl Daemon {
 
     /// Installs a grant another node published (or ours, after a restart).
     fn apply_grant(&mut self, holder: &Holder, record: GrantRecord, revision: i64) {
-        let (door, source) = (holder.door.as_str(), holder.source);
+        let (door, source) = (&*holder.door, holder.source);
         if !self.cluster_scoped(door) {
             tracing::warn!(door, %source, "fleet: a grant for a door that is not scope: cluster here; ignored (do all nodes share the configuration?)");
             return;

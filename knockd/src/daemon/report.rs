@@ -115,7 +115,7 @@ impl Daemon {
             leases.get_or_create(&vec![("door", door.clone())]).set(0);
         }
         for grant in self.grants.list() {
-            let door = vec![("door", grant.door.clone())];
+            let door = vec![("door", grant.door.to_string())];
             grants.get_or_create(&door).inc();
             if grant.leased {
                 leases.get_or_create(&door).inc();
@@ -217,8 +217,8 @@ impl Daemon {
 
     fn grant_view(&self, g: &crate::grants::Grant) -> GrantView {
         GrantView {
-            door: g.door.clone(),
-            device: g.device.clone(),
+            door: g.door.to_string(),
+            device: g.device.as_deref().map(str::to_owned),
             source: g.source,
             port: g.port,
             lease: g.leased,
@@ -233,9 +233,9 @@ impl Daemon {
     pub(super) fn grant_page(&self, after: Option<GrantCursor>, limit: Option<u32>) -> GrantPage {
         let limit = limit.unwrap_or(PAGE_MAX).clamp(1, PAGE_MAX) as usize;
         let after = after.map(|c| crate::grants::Holder {
-            door: c.door,
+            door: c.door.into(),
             source: c.source,
-            device: c.device,
+            device: c.device.map(Into::into),
         });
         let page = self.grants.page(after.as_ref(), limit);
         // A full page may have more after it; the next request says.
@@ -244,8 +244,8 @@ impl Daemon {
             .flatten()
             .map(|h| GrantCursor {
                 source: h.source,
-                door: h.door,
-                device: h.device,
+                door: h.door.to_string(),
+                device: h.device.as_deref().map(str::to_owned),
             });
         GrantPage {
             grants: page.into_iter().map(|g| self.grant_view(g)).collect(),

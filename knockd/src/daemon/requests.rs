@@ -107,7 +107,7 @@ impl Daemon {
                 self.hook_ended(&grant);
             }
             if by_ip.is_none()
-                && let Some(d) = self.config.doors.get(&holder.door)
+                && let Some(d) = self.config.doors.get(&*holder.door)
             {
                 cuts.extend(Self::door_cut(d, holder.source));
             }
@@ -211,7 +211,7 @@ impl Daemon {
             .grants
             .list()
             .into_iter()
-            .filter(|g| !config.doors.contains_key(&g.door))
+            .filter(|g| !config.doors.contains_key(&*g.door))
             .map(Grant::holder)
             .collect();
         for holder in gone {

@@ -669,7 +669,7 @@ fn fleet_a_refused_delete_is_carried_out_at_the_resync() {
     assert!(
         f.sent()
             .iter()
-            .any(|r| matches!(r, Request::DeleteGrant { holder } if holder.door == "ssh"))
+            .any(|r| matches!(r, Request::DeleteGrant { holder } if &*holder.door == "ssh"))
     );
 }
 
