@@ -66,7 +66,7 @@ pub enum Error {
 /// measured: `cargo xtask bench footprint` ((RSS with its grants − idle
 /// RSS) ÷ grants, rounded up). `check-config` states the cost of
 /// `max_grants` with it.
-pub const DAEMON_BYTES_PER_GRANT: u64 = 800;
+pub const DAEMON_BYTES_PER_GRANT: u64 = 420;
 
 /// Which port a door grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -7,8 +7,9 @@
 //! - 1,000,000 live grants: written into knockd's nftables table while the
 //!   daemon is stopped (on a second door, see `FLEET_DOOR`), then adopted
 //!   by a restart (its start → ready and RSS with them), a one-time open's
-//!   knock → connect with them, and `knockctl grants --json` (all of
-//!   them, its size and time);
+//!   knock → connect with them, a heartbeat's knock → reply, a `status`
+//!   request, and `knockctl grants --json` (all of them, its size and
+//!   time);
 //! - revoke: a revoke that cuts one connection, with 0 and with 100,000
 //!   unrelated conntrack entries.
 

@@ -17,8 +17,9 @@
 //!   socket.
 //! - `drop`: what a dropped packet costs the guard, beside a bare XDP_DROP
 //!   and nftables drops, with live XDP frames (see `drop.rs`);
-//! - `footprint`: start → ready, RSS, opens and listing with 100,000
-//!   grants, revoke with 100,000 other flows (see `footprint.rs`);
+//! - `footprint`: start → ready, RSS, opens, heartbeats, status and
+//!   listing with 1,000,000 grants (`KNOCKD_BENCH_GRANTS` for another
+//!   count), revoke with 100,000 other flows (see `footprint.rs`);
 //! - `peers`: knock-to-open side by side with Debian's knockd and fwknopd,
 //!   then knock under floods, drop cost and footprint, all written to
 //!   target/bench/peers.{json,md,svg} (see `peers.rs`).
