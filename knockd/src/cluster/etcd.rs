@@ -4,6 +4,7 @@
 //! [`Event`](super::Event)s out.
 
 use std::{
+    collections::BTreeMap,
     path::Path,
     time::{Duration, Instant},
 };
@@ -42,6 +43,12 @@ const STALE_MS: u64 = 2500;
 const REVOKE_TTL_SECS: i64 = 86_400;
 /// Waits between connection attempts, growing to the last.
 const BACKOFF: [u64; 4] = [200, 500, 1000, 2000];
+/// Grant records whose deadlines fall in one bucket of this many seconds
+/// share one etcd lease, which ends with the bucket (and 2 s more): a grant
+/// costs one write (its put), not two (a lease and a put). A record may so
+/// outlive its deadline by up to a bucket; nodes ignore a record past its
+/// `expires_at_ms` anyway.
+const GRANT_LEASE_BUCKET_SECS: u64 = 10;
 
 pub(super) struct Task {
     config: Cluster,
@@ -356,6 +363,8 @@ impl Task {
         // When the last heartbeat was written, by its report's at_ms.
         let mut sent: Option<(u64, Instant)> = None;
         let mut consume_lease: Option<(i64, Instant, u64)> = None;
+        // Bucket end (Unix seconds) → its lease, for grant records.
+        let mut grant_leases: BTreeMap<u64, i64> = BTreeMap::new();
         loop {
             tokio::select! {
                 message = watch.message() => {
@@ -444,7 +453,28 @@ impl Task {
                             }
                         }
                     }
-                    let lease = consume_lease.map(|(id, _, _)| id);
+                    let mut lease = consume_lease.map(|(id, _, _)| id);
+                    if let Request::PutGrant { record, .. } = &request {
+                        let now_s = unix_ms() / 1000;
+                        // Buckets that ended are gone from etcd too.
+                        grant_leases = grant_leases.split_off(&(now_s + 1));
+                        let bucket = grant_bucket(record.expires_at_ms);
+                        lease = match grant_leases.get(&bucket) {
+                            Some(&id) => Some(id),
+                            None => {
+                                let ttl = (bucket + 2).saturating_sub(now_s) as i64;
+                                match timed(timeout, client.lease_grant(ttl, None)).await {
+                                    Ok(r) => {
+                                        grant_leases.insert(bucket, r.id());
+                                        Some(r.id())
+                                    }
+                                    // The put grants its own lease then,
+                                    // and reports what fails.
+                                    Err(_) => None,
+                                }
+                            }
+                        };
+                    }
                     self.serve(&client, request, lease);
                 }
             }
@@ -453,7 +483,9 @@ impl Task {
 
     /// Starts a request on its own task, so a slow write holds up neither
     /// the watch nor other requests.
-    fn serve(&mut self, client: &Client, request: Request, consume_lease: Option<i64>) {
+    /// `lease`: the lease the request's key goes under, when the loop chose
+    /// one (a consumed record's, or a grant's bucket).
+    fn serve(&mut self, client: &Client, request: Request, lease: Option<i64>) {
         let mut client = client.clone();
         let events = self.events.clone();
         let keys = self.keys.clone();
@@ -467,7 +499,7 @@ impl Task {
             } => {
                 tokio::spawn(async move {
                     let key = keys.consumed(&consumed);
-                    let options = consume_lease.map(|id| PutOptions::new().with_lease(id));
+                    let options = lease.map(|id| PutOptions::new().with_lease(id));
                     let txn = Txn::new()
                         .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
                         .and_then([TxnOp::put(key, name, options)]);
@@ -483,19 +515,32 @@ impl Task {
                     let ttl = (record.expires_at_ms.saturating_sub(unix_ms()) / 1000 + 2) as i64;
                     let mut record = record;
                     model::sign(&cluster_key, &keys.grant(&holder), &mut record);
+                    let value = serde_json::to_vec(&record).expect("records serialize");
+                    let key = keys.grant(&holder);
+                    let put = |lease: i64| {
+                        let mut client = client.clone();
+                        let (key, value) = (key.clone(), value.clone());
+                        async move {
+                            timed(
+                                timeout,
+                                client.put(key, value, Some(PutOptions::new().with_lease(lease))),
+                            )
+                            .await
+                            .map(|put| put.header().map_or(0, |h| h.revision()))
+                        }
+                    };
+                    let mut leases = client.clone();
                     let written = async {
-                        let lease = timed(timeout, client.lease_grant(ttl, None)).await?.id();
-                        let value = serde_json::to_vec(&record).expect("records serialize");
-                        let put = timed(
-                            timeout,
-                            client.put(
-                                keys.grant(&holder),
-                                value,
-                                Some(PutOptions::new().with_lease(lease)),
-                            ),
-                        )
-                        .await?;
-                        Ok::<_, String>(put.header().map_or(0, |h| h.revision()))
+                        // A shared lease that etcd no longer has (it can
+                        // lose one only with its data) costs one retry
+                        // under a lease of the grant's own.
+                        if let Some(shared) = lease
+                            && let Ok(revision) = put(shared).await
+                        {
+                            return Ok(revision);
+                        }
+                        let own = timed(timeout, leases.lease_grant(ttl, None)).await?.id();
+                        Ok::<_, String>(put(own).await?)
                     };
                     let _ = events.send(match written.await {
                         Ok(revision) => Event::GrantWritten { holder, revision },
@@ -971,9 +1016,36 @@ async fn cluster_status(
     })
 }
 
+/// The end (Unix seconds) of the lease bucket a grant record ending at
+/// `expires_at_ms` goes in: the first bucket boundary at or after its
+/// deadline, so the lease never ends before the record does.
+fn grant_bucket(expires_at_ms: u64) -> u64 {
+    expires_at_ms
+        .div_ceil(1000)
+        .div_ceil(GRANT_LEASE_BUCKET_SECS)
+        * GRANT_LEASE_BUCKET_SECS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A grant's lease bucket ends at or after its deadline, within one
+    /// bucket of it: the shared lease never drops a live record.
+    #[test]
+    fn a_grant_lease_bucket_ends_at_or_after_the_grant() {
+        for ms in [1, 999, 1000, 1001, 9_999, 10_000, 10_001, 1_765_000_123_456] {
+            let end = grant_bucket(ms);
+            assert!(end * 1000 >= ms, "{ms} → {end}");
+            assert!(
+                end * 1000 < ms + (GRANT_LEASE_BUCKET_SECS + 1) * 1000,
+                "{ms} → {end}"
+            );
+            assert_eq!(end % GRANT_LEASE_BUCKET_SECS, 0);
+        }
+        assert_eq!(grant_bucket(10_000), 10);
+        assert_eq!(grant_bucket(10_001), 20);
+    }
 
     #[test]
     fn etcd_errors_the_operator_must_fix_are_told_from_the_network() {
