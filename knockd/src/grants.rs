@@ -1392,15 +1392,21 @@ mod tests {
         );
     }
 
+    /// A lease of laptop's at 198.18.0.2 (opened, then a heartbeat) and a
+    /// plain grant at 198.18.0.3, both opened at `t0`.
+    fn lease_and_plain(grants: &mut Grants, k: &mut Fake, t0: Instant) -> (Grant, Grant) {
+        let (a, b) = (ip("198.18.0.2"), ip("198.18.0.3"));
+        let first = grants.open(k, "ssh", a, Some("laptop"), t0).unwrap();
+        grants.heartbeat(k, "ssh", a, Some("laptop"), t0).unwrap();
+        let plain = grants.open(k, "ssh", b, None, t0).unwrap();
+        (first, plain)
+    }
+
     #[test]
     fn probes_move_a_lease_and_keep_its_old_port_for_the_holder() {
         let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
         let (a, b) = (ip("198.18.0.2"), ip("198.18.0.3"));
-        let first = grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
-        grants
-            .heartbeat(&mut k, "ssh", a, Some("laptop"), t0)
-            .unwrap();
-        let plain = grants.open(&mut k, "ssh", b, None, t0).unwrap();
+        let (first, plain) = lease_and_plain(&mut grants, &mut k, t0);
         // Nine probes do nothing; the tenth moves the lease, never the
         // plain grant, however probed.
         k.probes = vec![(first.port, 9), (plain.port, 50)];
@@ -1652,11 +1658,7 @@ mod tests {
     fn expired_grants_and_retired_ports_leave_no_allow_entry() {
         let (mut grants, mut k, t0) = (grants(), Fake::default(), Instant::now());
         let (a, b) = (ip("198.18.0.2"), ip("198.18.0.3"));
-        let first = grants.open(&mut k, "ssh", a, Some("laptop"), t0).unwrap();
-        grants
-            .heartbeat(&mut k, "ssh", a, Some("laptop"), t0)
-            .unwrap();
-        let plain = grants.open(&mut k, "ssh", b, None, t0).unwrap();
+        let (first, plain) = lease_and_plain(&mut grants, &mut k, t0);
         grants.open(&mut k, "legacy", b, None, t0).unwrap();
         k.probes = vec![(first.port, 10)];
         let moved = grants.rotate_probed(&mut k, t0).unwrap();

@@ -69,41 +69,13 @@ fn rss_kib(daemon: &Daemon) -> u64 {
     crate::rss_kib(daemon.pid(), "VmRSS:")
 }
 
-/// `OPENS` one-time opens from `sources`: knock → first connect.
-fn opens(testbed: &Testbed, keys: &[knockd::proto::DeviceKey], daemon: &Daemon) -> Vec<Duration> {
-    let (server, _, _) = addrs::family(false);
-    let sources = client_sources(testbed, 32);
-    let control = daemon.control_socket();
-    (0..OPENS)
-        .map(|i| {
-            let from = sources[i % sources.len()];
-            let target = bench_target(server, &keys[i % keys.len()]);
-            let took = testbed.client.run(|| {
-                let socket = UdpSocket::bind(SocketAddr::new(from, 0)).unwrap();
-                let start = Instant::now();
-                let answer =
-                    client::knock_from(&socket, &target, Kind::Open, Duration::from_secs(10))
-                        .unwrap();
-                let to = SocketAddr::new(server, answer.reply.port);
-                let (outcome, _) = probe::tcp_connect(Some(from), to, Duration::from_secs(2));
-                assert_eq!(outcome, probe::Outcome::Answered);
-                start.elapsed()
-            });
-            crate::control(
-                &control,
-                serde_json::json!({"command": "revoke", "target": from.to_string()}),
-            );
-            took
-        })
-        .collect()
-}
-
-/// `OPENS` heartbeats, each from an address whose device opened a grant
-/// just before (untimed): knock → reply.
-fn heartbeats(
+/// `OPENS` trials from the client's addresses in turn, each with a device
+/// of `keys`, then a revoke of that address (untimed): what `trial` times.
+fn trials(
     testbed: &Testbed,
     keys: &[knockd::proto::DeviceKey],
     daemon: &Daemon,
+    trial: fn(&UdpSocket, &knockd::client::Target, SocketAddr) -> Duration,
 ) -> Vec<Duration> {
     let (server, _, _) = addrs::family(false);
     let sources = client_sources(testbed, 32);
@@ -114,13 +86,7 @@ fn heartbeats(
             let target = bench_target(server, &keys[i % keys.len()]);
             let took = testbed.client.run(|| {
                 let socket = UdpSocket::bind(SocketAddr::new(from, 0)).unwrap();
-                let wait = Duration::from_secs(10);
-                client::knock_from(&socket, &target, Kind::Open, wait).unwrap();
-                let start = Instant::now();
-                let answer = client::knock_from(&socket, &target, Kind::Heartbeat, wait).unwrap();
-                let took = start.elapsed();
-                assert_eq!(answer.reply.status, knockd::proto::Status::Granted);
-                took
+                trial(&socket, &target, SocketAddr::new(server, 0))
             });
             crate::control(
                 &control,
@@ -129,6 +95,29 @@ fn heartbeats(
             took
         })
         .collect()
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A one-time open: knock → first connect through the port.
+fn open(socket: &UdpSocket, target: &knockd::client::Target, server: SocketAddr) -> Duration {
+    let start = Instant::now();
+    let answer = client::knock_from(socket, target, Kind::Open, WAIT).unwrap();
+    let from = socket.local_addr().unwrap().ip();
+    let to = SocketAddr::new(server.ip(), answer.reply.port);
+    let (outcome, _) = probe::tcp_connect(Some(from), to, Duration::from_secs(2));
+    assert_eq!(outcome, probe::Outcome::Answered);
+    start.elapsed()
+}
+
+/// A heartbeat after an open (untimed): knock → reply.
+fn heartbeat(socket: &UdpSocket, target: &knockd::client::Target, _: SocketAddr) -> Duration {
+    client::knock_from(socket, target, Kind::Open, WAIT).unwrap();
+    let start = Instant::now();
+    let answer = client::knock_from(socket, target, Kind::Heartbeat, WAIT).unwrap();
+    let took = start.elapsed();
+    assert_eq!(answer.reply.status, knockd::proto::Status::Granted);
+    took
 }
 
 fn p50_p99(mut took: Vec<Duration>) -> (Duration, Duration) {
@@ -207,7 +196,7 @@ pub fn run() -> Vec<Figure> {
         json: serde_json::json!({"rss_kib": full_rss, "grants": grants}),
     });
 
-    let mut took = opens(&testbed, &keys, &daemon);
+    let mut took = trials(&testbed, &keys, &daemon, open);
     took.sort();
     let (p50, p99) = (percentile(&took, 0.5), percentile(&took, 0.99));
     figures.push(Figure {
@@ -217,7 +206,7 @@ pub fn run() -> Vec<Figure> {
         json: serde_json::json!({"p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6, "n": OPENS, "ok": OPENS}),
     });
 
-    let (p50, p99) = p50_p99(heartbeats(&testbed, &keys, &daemon));
+    let (p50, p99) = p50_p99(trials(&testbed, &keys, &daemon, heartbeat));
     figures.push(Figure {
         key: "heartbeat_full",
         what: format!("one-time heartbeat, knock → reply, with {grants} grants"),
